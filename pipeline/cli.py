@@ -1,0 +1,197 @@
+"""The `moeforge` command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.config import ConfigError, MoeforgeConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Distil a teacher LLM into a DeepSeek-V3-style MoE student on Ray, tracked in MLflow.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
+app.add_typer(config_app, name="config")
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name (configs/NAME.yaml) or YAML file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.max_steps=50.")]
+
+
+def _load(config: str, overrides: Optional[list[str]]) -> MoeforgeConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        err.print(f"[red]config error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.1f}m"
+
+
+@app.command()
+def run(
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STAGE even if cached.")] = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
+    until: Annotated[Optional[str], typer.Option("--until", help="Stop after STAGE.")] = None,
+) -> None:
+    """Run the pipeline (or resume it: finished stages with the same inputs and config are reused)."""
+    from pipeline.dag import DagError
+    from pipeline.runner import StageFailed, run_pipeline
+
+    cfg = _load(config, set_)
+    started = time.perf_counter()
+
+    def report(event: str, stage: str, info: dict) -> None:
+        if event == "cached":
+            console.print(f"[green]✓[/green] {stage:<10} cached (from run {info['from']})")
+        elif event == "start":
+            console.print(f"[cyan]▶[/cyan] {stage:<10} running (run {info['run_id']})")
+        elif event == "done":
+            console.print(f"[green]✓[/green] {stage:<10} done in {_duration(info['seconds'])}")
+        elif event == "failed":
+            console.print(f"[red]✗[/red] {stage:<10} failed (run {info['run_id']})")
+
+    console.print(f"moeforge run [bold]{cfg.name}[/bold] (config {cfg.hash()[:12]})")
+    try:
+        result = run_pipeline(cfg, force=force or (), from_stage=from_stage, until=until, report=report)
+    except (DagError, StageFailed) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+    if not result.stages:
+        console.print("[yellow]no stages are built yet: the DAG is empty[/yellow]")
+    hits = sum(s.cache_hit for s in result.stages)
+    console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
+                  f"{len(result.stages)} stages, {hits} cached; tracking {result.tracking_uri}")
+
+
+@app.command()
+def status(
+    run_id: Annotated[Optional[str], typer.Argument(help="Pipeline run id; default: the latest.")] = None,
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+) -> None:
+    """A table of a pipeline run's stages: state, duration, cache hit, key metrics."""
+    from pipeline.runner import default_stages
+    from pipeline.tracking import P, Tracker
+
+    tracker = Tracker(_load(config, set_).tracking)
+    if run_id is None:
+        runs = tracker.pipeline_runs(max_results=1)
+        if not runs:
+            err.print(f"no pipeline runs in experiment {tracker.cfg.experiment!r} at {tracker.uri}")
+            raise typer.Exit(1)
+        parent = runs[0]
+    else:
+        parent = tracker.client.get_run(run_id)
+    key_metrics = {s.name: s.key_metrics for s in default_stages()}
+    info = parent.info
+    console.print(f"pipeline run {info.run_id} ({info.run_name}): {info.status}, "
+                  f"code {parent.data.tags.get(P + 'code_version', '?')}, "
+                  f"config {parent.data.tags.get(P + 'config_hash', '?')[:12]}")
+    if err_msg := parent.data.tags.get(P + "error"):
+        console.print(f"[red]error:[/red] {err_msg}")
+    table = Table("stage", "state", "duration", "cache", "key metrics", "run")
+    for child in tracker.stage_runs(info.run_id):
+        tags = child.data.tags
+        hit = tags.get(P + "cache_hit") == "true"
+        source = tracker.client.get_run(tags[P + "cached_from"]) if hit and tags.get(P + "cached_from") else child
+        end = child.info.end_time
+        duration = (end - child.info.start_time) / 1000 if end else None
+        stage = tags.get(P + "stage", child.info.run_name)
+        names = key_metrics.get(stage) or sorted(source.data.metrics)[:3]
+        metrics = ", ".join(f"{m}={source.data.metrics[m]:.4g}" for m in names if m in source.data.metrics)
+        state = {"FINISHED": "[green]finished[/green]", "FAILED": "[red]failed[/red]",
+                 "KILLED": "[red]killed[/red]", "RUNNING": "[cyan]running[/cyan]"}.get(child.info.status,
+                                                                                      child.info.status)
+        table.add_row(stage, state, _duration(duration),
+                      f"hit ← {source.info.run_id[:8]}" if hit else "miss", metrics or "-", child.info.run_id[:8])
+    console.print(table)
+
+
+@app.command()
+def stages() -> None:
+    """The stage DAG: each stage's inputs, outputs and config slice, in execution order."""
+    from pipeline.dag import Dag
+    from pipeline.runner import default_stages
+
+    dag = Dag(default_stages())
+    if not dag.order:
+        console.print("no stages are built yet: the DAG is empty")
+        return
+    table = Table("#", "stage", "after", "inputs", "outputs", "config")
+    for i, s in enumerate(dag.order, 1):
+        table.add_row(str(i), s.name, ", ".join(dag.upstream(s.name)) or "-", ", ".join(s.inputs) or "-",
+                      ", ".join(f"{o.name} ({o.kind})" for o in s.outputs) or "-", ", ".join(s.config_sections))
+    console.print(table)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = "tiny", set_: SetOpt = None) -> None:
+    """Print the resolved, validated configuration as YAML."""
+    cfg = _load(config, set_)
+    sys.stdout.write(f"# config hash {cfg.hash()}\n{cfg.to_yaml()}")
+
+
+def _ray_dashboard_url() -> str | None:
+    """The dashboard of a running Ray cluster ($RAY_ADDRESS or a local `ray start`), if any."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith("http"):
+        return address
+    try:
+        ctx = ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError):
+        return None
+    try:
+        url = ctx.dashboard_url
+        return f"http://{url}" if url and not url.startswith("http") else url
+    finally:
+        ray.shutdown()
+
+
+@app.command()
+def ui(
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI (loopback only).")] = 5000,
+) -> None:
+    """Start the MLflow UI on loopback for this config's tracking store; print its URL and Ray's dashboard."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = _load(config, set_)
+    uri = resolve_tracking_uri(cfg.tracking)
+    dashboard = _ray_dashboard_url()
+    console.print(f"Ray dashboard: {dashboard or 'no Ray cluster running (a local run starts its own; or `ray start --head`)'}")
+    if uri.startswith(("http://", "https://")):
+        console.print(f"MLflow UI: {uri} (tracking server)")
+        return
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    console.print(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

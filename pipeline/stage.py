@@ -1,0 +1,223 @@
+"""What a stage is, and the context its work runs in.
+
+A stage declares the artifacts it consumes and produces and the config sections it reads; its identity for the
+cache is (code version, stage version, that config slice, its input hashes). `Stage.run(ctx)` executes inside a
+Ray task (see `runner.py`), never in the driver: it reads verified inputs from `ctx`, fans work out to actors,
+fills `ctx.output_dir(name)` and logs metrics; the runner commits and uploads the outputs only after `run`
+returns, so a stage that raises leaves nothing committed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+
+from pipeline import artifacts
+from pipeline.artifacts import ArtifactError, ArtifactRef, ArtifactSpec
+from pipeline.config import MoeforgeConfig
+
+
+class Stage:
+    """Base class of pipeline stages. Subclasses set the class attributes and implement `run`.
+
+    Attributes:
+        name: unique stage name, also the name of its MLflow run.
+        inputs: names of artifacts produced by upstream stages.
+        outputs: specs of the artifacts this stage produces.
+        config_sections: the config sections it reads (its slice: params of its run, part of its cache key).
+        version: bump when the stage's behaviour changes in a way its config and code version do not capture.
+        key_metrics: metrics `moeforge status` shows for it.
+    """
+
+    name: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]] = ()
+    outputs: ClassVar[tuple[ArtifactSpec, ...]] = ()
+    config_sections: ClassVar[tuple[str, ...]] = ()
+    version: ClassVar[str] = "1"
+    key_metrics: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def enabled(self, config: MoeforgeConfig) -> bool:
+        """Optional stages (e.g. `serve`) say here whether this run includes them."""
+        return True
+
+    def run(self, ctx: StageContext) -> None:
+        raise NotImplementedError(f"stage {type(self).__name__} does not implement run()")
+
+    def output_spec(self, name: str) -> ArtifactSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"stage {self.name!r} declares no output {name!r}")
+
+
+class ConfigView:
+    """The config as a stage sees it: only the sections it declared, so its cache key covers all it reads."""
+
+    def __init__(self, config: MoeforgeConfig, sections: tuple[str, ...], stage: str):
+        self._config, self._sections, self._stage = config, sections, stage
+
+    def __getattr__(self, section: str) -> Any:
+        if section.startswith("_"):
+            raise AttributeError(section)
+        if section not in self._sections:
+            raise AttributeError(
+                f"stage {self._stage!r} reads config section {section!r} but does not declare it in "
+                f"config_sections {self._sections}: it would not be part of its cache key"
+            )
+        return getattr(self._config, section)
+
+
+@dataclass
+class StageCall:
+    """Everything a Ray task needs to run one stage (picklable)."""
+
+    stage: Stage
+    config: MoeforgeConfig
+    run_id: str
+    tracking_uri: str
+    inputs: dict[str, ArtifactRef]
+    workdir: str
+    key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StageContext:
+    """The API a stage's `run` uses: inputs, outputs, scratch space, metrics, progress."""
+
+    def __init__(self, call: StageCall):
+        from mlflow import MlflowClient
+
+        self.call = call
+        self.stage = call.stage
+        self.run_id = call.run_id
+        self.config = ConfigView(call.config, call.stage.config_sections, call.stage.name)
+        self.client = MlflowClient(call.tracking_uri)
+        self.workdir = Path(call.workdir)
+        self._staging = self.workdir / "staging" / f"{call.stage.name}-{uuid.uuid4().hex[:8]}"
+        # Survives a failed attempt (same cache key), so a stage may continue from its own partial work.
+        self.scratch_dir = self.workdir / "scratch" / f"{call.stage.name}-{call.key[:16]}"
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def input_path(self, name: str) -> Path:
+        """A local, verified copy of input artifact `name` (read in place when the store is local)."""
+        if name not in self.call.inputs:
+            raise KeyError(f"stage {self.stage.name!r} has no input {name!r}; it declares {self.stage.inputs}")
+        return fetch(self.call.inputs[name], self.call.tracking_uri, self.workdir)
+
+    def read_table(self, name: str, spec: ArtifactSpec) -> pa.Table:
+        ref = self.call.inputs[name]
+        return artifacts.read_table(self.input_path(name), spec, ref.hash)
+
+    # ------------------------------------------------------------------------------------------------ outputs
+
+    def output_dir(self, name: str) -> Path:
+        """The staging folder to fill with output `name`; committed by the runner after `run` returns."""
+        self.stage.output_spec(name)
+        path = self._staging / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def write_table(self, name: str, table: pa.Table, part: str = "data") -> Path:
+        """Write a Parquet part of dataset output `name` (checked against its declared schema)."""
+        path = self.output_dir(name) / f"{part}.parquet"
+        artifacts.write_table(path, table, self.stage.output_spec(name))
+        return path
+
+    def commit_outputs(self) -> dict[str, ArtifactRef]:
+        """Validate, hash and upload every declared output; all must be present or none is uploaded."""
+        missing = [s.name for s in self.stage.outputs if not (self._staging / s.name).is_dir()]
+        if missing:
+            raise ArtifactError(f"stage {self.stage.name!r} did not write its declared outputs: {', '.join(missing)}")
+        hashes = {s.name: artifacts.commit(self._staging / s.name, s) for s in self.stage.outputs}
+        base = self.client.get_run(self.run_id).info.artifact_uri.rstrip("/")
+        refs = {}
+        for spec in self.stage.outputs:
+            self.client.log_artifacts(self.run_id, str(self._staging / spec.name), f"outputs/{spec.name}")
+            refs[spec.name] = ArtifactRef(spec.name, f"{base}/outputs/{spec.name}", hashes[spec.name])
+        return refs
+
+    def cleanup(self, succeeded: bool) -> None:
+        shutil.rmtree(self._staging, ignore_errors=True)
+        if succeeded:
+            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------ tracking
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A side artifact of the run (a table, a plot), not a stage output."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None):
+        """A progress bar that Ray relays to the driver's terminal."""
+        from ray.experimental.tqdm_ray import tqdm
+
+        return tqdm(iterable, total=total, desc=desc or self.stage.name)
+
+
+def local_path(uri: str) -> Path | None:
+    """The folder behind a `file:` URI or a plain path; None for remote stores."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] == ":\\"):
+        return Path(uri)
+    return None
+
+
+def fetch(ref: ArtifactRef, tracking_uri: str, workdir: Path) -> Path:
+    """Make artifact `ref` readable locally and verify it against its content hash.
+
+    Local stores are read in place; remote ones (mlflow-artifacts:, s3:, …) are downloaded once into a cache
+    folder keyed by the content hash, so any node can read any artifact.
+    """
+    import mlflow.artifacts
+
+    path = local_path(ref.uri)
+    if path is not None:
+        if not path.is_dir():
+            raise ArtifactError(f"artifact {ref.name!r}: {ref.uri} does not exist (deleted from the store?)")
+        artifacts.verify(path, ref.name, ref.hash)
+        return path
+    cached = Path(workdir) / "cache" / "artifacts" / ref.hash
+    if cached.is_dir():
+        try:
+            artifacts.verify(cached, ref.name, ref.hash)
+            return cached
+        except ArtifactError:
+            shutil.rmtree(cached, ignore_errors=True)
+    with artifacts.atomic_path(cached) as tmp:
+        tmp.mkdir(parents=True)
+        try:
+            downloaded = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=ref.uri, dst_path=str(tmp), tracking_uri=tracking_uri))
+        except Exception as e:  # noqa: BLE001 - any store error becomes an artifact error naming the artifact
+            raise ArtifactError(f"artifact {ref.name!r}: cannot download {ref.uri}: {e}") from e
+        artifacts.verify(downloaded, ref.name, ref.hash)
+        for child in downloaded.iterdir():
+            child.rename(tmp / child.name)
+        downloaded.rmdir()
+    return cached

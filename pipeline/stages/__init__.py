@@ -1,0 +1,11 @@
+"""The product's stages, in pipeline order: generate → distill → train → evaluate → register (→ serve).
+
+Each stage lives in its own module here and is listed in STAGES once it is built; a stage that is not built yet
+is simply absent, and the DAG is whatever is listed.
+"""
+
+from __future__ import annotations
+
+from pipeline.stage import Stage
+
+STAGES: list[type[Stage]] = []

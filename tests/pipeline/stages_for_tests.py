@@ -1,0 +1,110 @@
+"""Small stages used only by the orchestrator's tests: real Parquet in, real Parquet out, through real Ray and
+MLflow. Each reads one config section, so tests can change one section and see exactly what re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.artifacts import ArtifactSpec
+from pipeline.stage import Stage, StageContext
+
+NUMBERS = ArtifactSpec("numbers", "dataset", pa.schema([("i", pa.int64()), ("x", pa.int64())]), "0..n-1")
+SCALED = ArtifactSpec("scaled", "dataset", pa.schema([("i", pa.int64()), ("x", pa.int64())]), "x * top_k")
+SUMMARY = ArtifactSpec("summary", "files", None, "sum as JSON")
+
+
+def _log_call(path: str | None, name: str) -> None:
+    """Append the stage name to a file, so tests can count real executions across processes."""
+    if path:
+        with open(path, "a") as f:
+            f.write(name + "\n")
+
+
+class Numbers(Stage):
+    name = "numbers"
+    outputs = (NUMBERS,)
+    config_sections = ("data",)
+    key_metrics = ("rows",)
+
+    def __init__(self, calls: str | None = None):
+        self.calls = calls
+
+    def run(self, ctx: StageContext) -> None:
+        _log_call(self.calls, self.name)
+        n = ctx.config.data.num_train_prompts
+        ctx.write_table("numbers", pa.table({"i": pa.array(range(n), pa.int64()),
+                                              "x": pa.array(range(n), pa.int64())}))
+        ctx.log_metrics({"rows": n})
+
+
+class Scale(Stage):
+    """Processes rows one by one, remembering progress in its scratch folder so a failed attempt resumes.
+
+    `fail_after` rows, it raises once (a marker file makes the failure happen only on the first attempt).
+    """
+
+    name = "scale"
+    inputs = ("numbers",)
+    outputs = (SCALED,)
+    config_sections = ("distill",)
+    key_metrics = ("rows_done", "resumed_at")
+
+    def __init__(self, calls: str | None = None, fail_after: int | None = None, fail_marker: str | None = None):
+        self.calls, self.fail_after, self.fail_marker = calls, fail_after, fail_marker
+
+    def run(self, ctx: StageContext) -> None:
+        _log_call(self.calls, self.name)
+        table = ctx.read_table("numbers", NUMBERS)
+        progress = ctx.scratch_dir / "done.jsonl"
+        done = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
+        ctx.log_metrics({"resumed_at": len(done)})
+        k = ctx.config.distill.top_k
+        out_dir = ctx.output_dir("scaled")
+        (out_dir / "partial.txt").write_text("half-written")  # a half-written output that must never be committed
+        with open(progress, "a") as f:
+            for row in table.to_pylist()[len(done):]:
+                if self.fail_after is not None and len(done) == self.fail_after and not Path(self.fail_marker).exists():
+                    Path(self.fail_marker).touch()
+                    raise RuntimeError(f"injected failure after {len(done)} rows")
+                done.append({"i": row["i"], "x": row["x"] * k})
+                f.write(json.dumps(done[-1]) + "\n")
+                f.flush()
+        (out_dir / "partial.txt").unlink()
+        ctx.write_table("scaled", pa.Table.from_pylist(done, schema=SCALED.schema))
+        ctx.log_metrics({"rows_done": len(done)})
+
+
+class Summarize(Stage):
+    name = "summarize"
+    inputs = ("scaled",)
+    outputs = (SUMMARY,)
+    config_sections = ("evaluate",)
+
+    def __init__(self, calls: str | None = None):
+        self.calls = calls
+
+    def run(self, ctx: StageContext) -> None:
+        _log_call(self.calls, self.name)
+        total = pc.sum(ctx.read_table("scaled", SCALED)["x"]).as_py() or 0
+        bonus = ctx.config.evaluate.batch_size
+        (ctx.output_dir("summary") / "summary.json").write_text(json.dumps({"sum": total, "bonus": bonus}))
+        ctx.log_metrics({"sum": total})
+
+
+class ReadsUndeclared(Stage):
+    """Reads a section it did not declare: must be refused, since the cache key would not cover it."""
+
+    name = "sneaky"
+    outputs = (ArtifactSpec("sneaky", "files"),)
+    config_sections = ("data",)
+
+    def run(self, ctx: StageContext) -> None:
+        ctx.config.train.max_steps  # noqa: B018
+
+
+def chain(calls: str | None = None, **scale_kwargs) -> list[Stage]:
+    return [Numbers(calls), Scale(calls, **scale_kwargs), Summarize(calls)]
