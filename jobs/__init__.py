@@ -1,0 +1,1 @@
+"""`python -m jobs.<name>` entrypoints for `ray job submit`."""

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
 app.add_typer(config_app, name="config")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name (configs/NAME.yaml) or YAML file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.max_steps=50.")]

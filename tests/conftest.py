@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    artifacts: Path  # the folder behind --artifacts-destination, for tests that damage stored files
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on loopback with a SQLite store and proxied artifacts; yields its URI."""
+    """A real `mlflow server` on loopback with a SQLite store and proxied artifacts."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(root / "server.log", "w")
@@ -68,7 +75,7 @@ def mlflow_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", timeout=120, proc=proc)
-        yield uri
+        yield MlflowServer(uri, root / "artifacts")
     finally:
         proc.terminate()
         try:

@@ -4,6 +4,7 @@ MLflow. Each reads one config section, so tests can change one section and see e
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,7 +45,8 @@ class Numbers(Stage):
 class Scale(Stage):
     """Processes rows one by one, remembering progress in its scratch folder so a failed attempt resumes.
 
-    `fail_after` rows, it raises once (a marker file makes the failure happen only on the first attempt).
+    After `fail_after` rows it raises once, or with `hang` stalls (for a test to kill the driver); a marker
+    file makes this happen on the first attempt only.
     """
 
     name = "scale"
@@ -53,8 +55,9 @@ class Scale(Stage):
     config_sections = ("distill",)
     key_metrics = ("rows_done", "resumed_at")
 
-    def __init__(self, calls: str | None = None, fail_after: int | None = None, fail_marker: str | None = None):
-        self.calls, self.fail_after, self.fail_marker = calls, fail_after, fail_marker
+    def __init__(self, calls: str | None = None, fail_after: int | None = None, fail_marker: str | None = None,
+                 hang: bool = False):
+        self.calls, self.fail_after, self.fail_marker, self.hang = calls, fail_after, fail_marker, hang
 
     def run(self, ctx: StageContext) -> None:
         _log_call(self.calls, self.name)
@@ -69,6 +72,8 @@ class Scale(Stage):
             for row in table.to_pylist()[len(done):]:
                 if self.fail_after is not None and len(done) == self.fail_after and not Path(self.fail_marker).exists():
                     Path(self.fail_marker).touch()
+                    if self.hang:
+                        time.sleep(600)
                     raise RuntimeError(f"injected failure after {len(done)} rows")
                 done.append({"i": row["i"], "x": row["x"] * k})
                 f.write(json.dumps(done[-1]) + "\n")
