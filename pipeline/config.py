@@ -375,7 +375,22 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def expand_model_preset(data: dict[str, Any]) -> None:
+    """`model: {preset: small, dim: 640}` -> the `small` size with `dim` overridden."""
+    from pipeline.model.presets import MODEL_PRESETS
+
+    model = data.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return
+    name = model.pop("preset")
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"invalid configuration:\n  model.preset: unknown size preset {name!r}; "
+                          f"available: {', '.join(MODEL_PRESETS)}")
+    data["model"] = {**MODEL_PRESETS[name], **model}
+
+
 def validate(data: dict[str, Any]) -> MoeforgeConfig:
+    expand_model_preset(data)
     try:
         return MoeforgeConfig.model_validate(data)
     except ValidationError as e:

@@ -1,0 +1,139 @@
+"""Batched generation on the latent KV cache: prefill, decode steps, per-row sampling.
+
+`prefill` and `decode` work on cache slots, so a server can add a sequence (allocate + prefill) or drop one
+(free) between any two decode steps; `generate` is the simple all-at-once loop built from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.model.mla import CacheView, LatentKVCache
+from pipeline.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence sampling settings. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_new_tokens)
+
+
+@torch.no_grad()
+def prefill(model: Transformer, cache: LatentKVCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+    """Write the prompts into their (fresh) slots in one right-padded batch; return each one's last logits (B, V)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: a sequence needs at least one token")
+    device = cache.lengths.device
+    lens_B = torch.tensor([len(p) for p in prompts], device=device)
+    if int(lens_B.max()) > cache.max_len:
+        raise ValueError(f"prompt of {int(lens_B.max())} tokens exceeds the cache length {cache.max_len}")
+    tokens_BS = torch.zeros(len(prompts), int(lens_B.max()), dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens_BS[b, : len(p)] = torch.tensor(p, device=device)
+    slots_B = torch.tensor(slots, device=device)
+    logits_BSV = model(tokens_BS, CacheView(cache, slots_B, torch.zeros_like(slots_B)))
+    cache.lengths[slots_B] = lens_B  # padding written past each length is masked and later overwritten
+    return logits_BSV[torch.arange(len(prompts), device=device), lens_B - 1]
+
+
+@torch.no_grad()
+def decode(model: Transformer, cache: LatentKVCache, slots: list[int], tokens: list[int]) -> torch.Tensor:
+    """Append one token to each given slot; return the next-token logits (B, V)."""
+    device = cache.lengths.device
+    slots_B = torch.tensor(slots, device=device)
+    start_B = cache.lengths[slots_B]
+    if int(start_B.max()) >= cache.max_len:
+        raise ValueError(f"a sequence reached the cache length {cache.max_len}")
+    logits_B1V = model(torch.tensor(tokens, device=device)[:, None], CacheView(cache, slots_B, start_B))
+    cache.lengths[slots_B] = start_B + 1
+    return logits_B1V[:, 0]
+
+
+def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row, each row with its own temperature / top-k / top-p and random stream."""
+    logits_BV = logits_BV.float()
+    out = logits_BV.argmax(dim=-1).tolist()
+    for b, p in enumerate(params):
+        if p.temperature == 0:
+            continue
+        scaled_V = logits_BV[b] / p.temperature
+        sorted_V, idx_V = scaled_V.sort(descending=True)
+        if p.top_k:
+            sorted_V[p.top_k:] = float("-inf")
+        if p.top_p < 1:
+            probs_V = sorted_V.softmax(-1)
+            drop_V = probs_V.cumsum(-1) - probs_V > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_V = sorted_V.masked_fill(drop_V, float("-inf"))
+        choice = torch.multinomial(sorted_V.softmax(-1), 1, generator=generators[b])
+        out[b] = int(idx_V[choice])
+    return out
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed(seed) if str(device) == "cpu" else \
+        torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]],
+             params: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Completion]:
+    """Complete a batch of ragged prompts; rows stop independently (stop token or max_new_tokens)."""
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+    was_training = model.training
+    model.eval()
+    try:
+        longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params))
+        cache = model.new_cache(len(prompts), max_len=min(longest, model.cfg.max_seq_len))
+        slots = [cache.allocate() for _ in prompts]
+        generators = [make_generator(s.seed) for s in params]  # sampling happens on the CPU
+        logits_BV = prefill(model, cache, slots, prompts)
+        results = [Completion() for _ in prompts]
+        active = list(range(len(prompts)))
+        while active:
+            tokens = sample(logits_BV.cpu(), [params[i] for i in active], [generators[i] for i in active])
+            still = []
+            for i, tok in zip(active, tokens):
+                results[i].tokens.append(tok)
+                if tok in params[i].stop_token_ids:
+                    results[i].finish_reason = "stop"
+                elif len(results[i].tokens) >= params[i].max_new_tokens or \
+                        int(cache.lengths[slots[i]]) + 1 >= cache.max_len:
+                    results[i].finish_reason = "length"
+                else:
+                    still.append(i)
+            active = still
+            if active:
+                logits_BV = decode(model, cache, [slots[i] for i in active],
+                                   [results[i].tokens[-1] for i in active])
+        return results
+    finally:
+        model.train(was_training)

@@ -1,0 +1,218 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) with a latent KV cache.
+
+Leaves first: RMSNorm, rotary embedding, the cache, then the attention module. Shape suffixes: B batch,
+S query positions, T key positions, H heads, D model dim, C kv_lora_rank (the latent), R qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
+
+MLA compresses keys and values into one latent vector per token (`kv_lora_rank` wide) plus a small rotary key
+shared by all heads; only those two are cached. Two ways to attend over the cache:
+
+- `naive`: expand every cached latent to full per-head keys and values with `wkv_b`, then ordinary attention.
+  Simple and obviously right; kept as the oracle.
+- `absorb`: fold `wkv_b`'s key half into the query and its value half into the output, so attention runs
+  directly against the latents. Per decoded token this costs O(T·H·(C+R)) instead of O(T·C·H·(N+V)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+# ---------------------------------------------------------------------------------------------------- rotary
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [0, max_len), one angle per channel pair: two (max_len, head_dim // 2) tables."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs (x0, x1), (x2, x3), … of x (..., R) by per-position angles.
+
+    cos/sin broadcast against x[..., ::2]. The result is laid out de-interleaved ([evens | odds] rotated), a fixed
+    permutation applied to queries and keys alike, so dot products are exactly those of the interleaved rotation.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+class LatentKVCache:
+    """Per layer, per slot: the normalised KV latent (C) and the rotated shared rope key (R) of each token.
+
+    Slots let a server add and remove sequences between decode steps: `allocate()` a slot for a new sequence,
+    prefill it, decode any subset of slots together, `free()` it when the sequence ends. `lengths[slot]` is how
+    many tokens the slot holds.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, max_batch: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_batch, self.max_len = max_batch, max_len
+        self.kv_LBTC = torch.zeros(n_layers, max_batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        self.pe_LBTR = torch.zeros(n_layers, max_batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self._free = list(range(max_batch))
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"latent KV cache is full ({self.max_batch} sequences)")
+        slot = self._free.pop(0)
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is not in use")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort()
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        return (self.kv_LBTC.shape[-1] + self.pe_LBTR.shape[-1]) * self.kv_LBTC.element_size()
+
+
+class CacheView:
+    """What one forward call needs of the cache: which slots, where each row's new tokens start."""
+
+    def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor):
+        self.cache, self.slots_B, self.start_B = cache, slots_B, start_B
+
+    def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's latents; return every row's cached latents up to the longest row's end."""
+        S = kv_BSC.shape[1]
+        pos_BS = self.start_B[:, None] + torch.arange(S, device=kv_BSC.device)
+        rows_BS = self.slots_B[:, None].expand_as(pos_BS)
+        self.cache.kv_LBTC[layer][rows_BS, pos_BS] = kv_BSC.to(self.cache.kv_LBTC.dtype)
+        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSR.to(self.cache.pe_LBTR.dtype)
+        T = int((self.start_B + S).max())
+        return self.cache.kv_LBTC[layer][self.slots_B, :T], self.cache.pe_LBTR[layer][self.slots_B, :T]
+
+    def mask(self, S: int, T: int) -> torch.Tensor:
+        """(B, 1, S, T) boolean: query s of row b sees cached key t iff t <= start_b + s."""
+        q_pos_BS = self.start_B[:, None] + torch.arange(S, device=self.start_B.device)
+        return (torch.arange(T, device=self.start_B.device)[None, None, :] <= q_pos_BS[:, :, None])[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention.
+
+    Args:
+        cfg: the model config (`n_heads`, `q_lora_rank`, `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`,
+            `v_head_dim`, `attn_impl`).
+        layer_id: index of this layer in the cache.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.impl = cfg.n_heads, cfg.attn_impl
+        self.nope, self.rope, self.v_dim, self.kv_rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                                           cfg.v_head_dim, cfg.kv_lora_rank)
+        qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, self.n_heads * qk_dim, bias=False)
+        else:  # low-rank query path, as in DeepSeek-V3
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_rank)
+        self.wkv_b = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
+        self.scale = qk_dim ** -0.5
+
+    def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        return q.view(*x_BSD.shape[:2], self.n_heads, self.nope + self.rope)  # (B, S, H, N+R)
+
+    def forward(self, x_BSD: torch.Tensor, cos_BS: torch.Tensor, sin_BS: torch.Tensor,
+                cache: CacheView | None = None) -> torch.Tensor:
+        """Attend causally. Without a cache: a whole sequence (training). With one: new tokens after cached ones.
+
+        Args:
+            x_BSD: the normalised hidden states of the new tokens.
+            cos_BS, sin_BS: rotary tables at each new token's position, (B, S, R/2).
+            cache: where to store this call's latents and read earlier ones.
+        """
+        B, S, _ = x_BSD.shape
+        q_BSHK = self._queries(x_BSD)
+        q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope, self.rope], dim=-1)
+        q_pe_BSHR = apply_rope(q_pe_BSHR, cos_BS[:, :, None], sin_BS[:, :, None])
+
+        kv_BSX = self.wkv_a(x_BSD)
+        kv_BSC, k_pe_BSR = kv_BSX.split([self.kv_rank, self.rope], dim=-1)
+        kv_BSC = self.kv_norm(kv_BSC)
+        k_pe_BSR = apply_rope(k_pe_BSR, cos_BS, sin_BS)
+
+        if cache is None:
+            mask = None
+            kv_BTC, pe_BTR = kv_BSC, k_pe_BSR
+        else:
+            kv_BTC, pe_BTR = cache.write(self.layer_id, kv_BSC, k_pe_BSR)
+            mask = cache.mask(S, kv_BTC.shape[1])
+
+        if self.impl == "naive" or cache is None:
+            out_BSHV = self._attend_naive(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask)
+        else:
+            out_BSHV = self._attend_absorb(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask)
+        return self.wo(out_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+
+    def _attend_naive(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask) -> torch.Tensor:
+        """Expand latents to per-head K and V, then standard scaled-dot-product attention."""
+        B, T, _ = kv_BTC.shape
+        kv_BTHX = self.wkv_b(kv_BTC).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope, self.v_dim], dim=-1)
+        k_BTHK = torch.cat([k_nope_BTHN, pe_BTR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        q_BSHK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1)
+        out_BHSV = F.scaled_dot_product_attention(
+            q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.scale,
+        )
+        return out_BHSV.transpose(1, 2)
+
+    def _attend_absorb(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask) -> torch.Tensor:
+        """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
+        w_HXC = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
+        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
+        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
+                       + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)) * self.scale
+        scores_BSHT = scores_BSHT.masked_fill(~mask.transpose(1, 2), float("-inf"))
+        probs_BSHT = scores_BSHT.softmax(dim=-1, dtype=torch.float32).to(kv_BTC.dtype)
+        out_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
+        return torch.einsum("bshc,hvc->bshv", out_lat_BSHC, w_uv_HVC)
+
+
+def init_linear(module: nn.Module, std: float = 0.02) -> None:
+    """GPT-style init: normal(0, std) weights for every Linear and Embedding below `module`."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+
+
+def mha_cache_bytes_per_token(n_heads: int, head_dim: int, element_size: int = 4) -> int:
+    """Bytes a standard multi-head attention layer caches per token: full K and V for every head."""
+    return 2 * n_heads * head_dim * element_size
+

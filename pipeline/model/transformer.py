@@ -1,0 +1,172 @@
+"""The student: a DeepSeek-V3-style decoder (MLA attention; dense SwiGLU in the first blocks, DeepSeekMoE after).
+
+Single-device and Ray-free; training, distribution and serving wrap a built model from elsewhere. Shape suffixes:
+B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear, rope_tables
+from pipeline.model.moe import MLP, Experts, Gate, MoE
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then + FFN(norm(x)) where FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = MLA(cfg, layer_id)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x_BSD, cos_BS, sin_BS, cache: CacheView | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_BS, sin_BS, cache)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+class MTP(nn.Module):
+    """One multi-token-prediction depth: from the trunk's state at i and the embedding of token i+1, predict i+2.
+
+    Shares the embedding and output head with the trunk; used for training only.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h_norm, self.e_norm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, layer_id=cfg.n_layers)  # an MoE block when the trunk has any
+        self.norm = RMSNorm(cfg.dim)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, S, V)
+    balance_loss: torch.Tensor  # sum of the MoE layers' sequence-wise balance losses (0 outside training)
+    mtp_logits: torch.Tensor | None  # (B, S-1, V): position i predicts token i+2; None without MTP
+
+
+class Transformer(nn.Module):
+    """The MoE student.
+
+    Args:
+        cfg: a validated `ModelConfig` with `vocab_size` set (take it from the tokenizer the student is paired
+            with: `cfg.model_copy(update={"vocab_size": len(tokenizer)})`).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: take it from the tokenizer the student is paired with")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = MTP(cfg) if cfg.mtp_depth else None
+        cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init_linear(self)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            elif isinstance(m, Gate):
+                nn.init.normal_(m.weight, std=0.02)
+                m.bias.zero_()
+            elif isinstance(m, Experts):
+                nn.init.normal_(m.w13, std=0.02)
+                nn.init.normal_(m.w2, std=0.02)
+
+    def forward(self, tokens_BS: torch.Tensor, cache: CacheView | None = None,
+                return_aux: bool = False) -> torch.Tensor | Output:
+        """Logits for every position.
+
+        Args:
+            tokens_BS: token ids. Without a cache: whole sequences from position 0 (training, scoring).
+            cache: with a cache view, these tokens continue each row's cached sequence at `cache.start_B`.
+            return_aux: return an `Output` with the balance loss and MTP logits besides the logits.
+        """
+        B, S = tokens_BS.shape
+        start_B = cache.start_B if cache is not None else torch.zeros(B, dtype=torch.long, device=tokens_BS.device)
+        pos_BS = start_B[:, None] + torch.arange(S, device=tokens_BS.device)
+        if int(pos_BS.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
+        cos_BS, sin_BS = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
+        h_BSD = self.embed(tokens_BS)
+        for layer in self.layers:
+            h_BSD = layer(h_BSD, cos_BS, sin_BS, cache)
+        logits_BSV = self.head(self.norm(h_BSD))
+        if not return_aux:
+            return logits_BSV
+        mtp_logits = None
+        if self.mtp is not None and cache is None and S > 1:
+            m = self.mtp
+            e_BSD = self.embed(tokens_BS[:, 1:])
+            x_BSD = m.proj(torch.cat([m.h_norm(h_BSD[:, :-1]), m.e_norm(e_BSD)], dim=-1))
+            x_BSD = m.block(x_BSD, cos_BS[:, :-1], sin_BS[:, :-1])
+            mtp_logits = self.head(m.norm(x_BSD))
+        return Output(logits_BSV, self.balance_loss(), mtp_logits)
+
+    def balance_loss(self) -> torch.Tensor:
+        losses = [m.balance_loss for m in self.modules() if isinstance(m, MoE) and self.training]
+        return torch.stack(losses).sum() if losses else self.head.weight.new_zeros(())
+
+    def new_cache(self, max_batch: int, max_len: int | None = None) -> LatentKVCache:
+        p = self.head.weight
+        return LatentKVCache(self.cfg, self.cfg.n_layers, max_batch, max_len or self.cfg.max_seq_len,
+                             device=p.device, dtype=p.dtype)
+
+    # ------------------------------------------------------------------------------------------------ sizes
+
+    def num_params(self) -> dict[str, int]:
+        """Total parameters, and the active ones per token (shared experts + top-k routed; no MTP)."""
+        total = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("mtp."))
+        inactive = 0
+        for m in self.layers.modules():
+            if isinstance(m, Experts):
+                per_expert = (m.w13.numel() + m.w2.numel()) // m.w13.shape[0]
+                inactive += per_expert * (m.w13.shape[0] - self.cfg.n_activated_experts)
+        return {"total": total, "active": total - inactive,
+                "mtp": sum(p.numel() for name, p in self.named_parameters() if name.startswith("mtp."))}
+
+    # ------------------------------------------------------------------------------------------------ I/O
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """safetensors weights (router biases included) + the JSON config; each file written atomically."""
+        from pipeline.artifacts import write_checkpoint
+
+        write_checkpoint(Path(directory), dict(self.state_dict()), self.cfg.model_dump(mode="json"), WEIGHTS)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+        from safetensors.torch import load_file
+
+        from pipeline.config import ConfigError, format_validation_error
+
+        directory = Path(directory)
+        for name in (CONFIG, WEIGHTS):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory} is not a saved student: {name} is missing")
+        try:
+            cfg = ModelConfig.model_validate(json.loads((directory / CONFIG).read_text()))
+        except ValueError as e:
+            msg = format_validation_error(e) if hasattr(e, "errors") else str(e)
+            raise ConfigError(f"{directory / CONFIG}: {msg}") from None
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(map_location)))
+        return model.to(map_location)
