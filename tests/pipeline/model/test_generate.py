@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.model.generate import SamplingParams, generate
+from pipeline.model.presets import model_preset
+from pipeline.model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(model_preset("tiny", vocab_size=200)).eval()
+
+
+def test_ragged_batch_equals_one_at_a_time(model):
+    prompts = [[1, 2, 3], [10, 11, 12, 13, 14, 15, 16], [99]]
+    batched = generate(model, prompts, SamplingParams(max_new_tokens=12))
+    for p, b in zip(prompts, batched):
+        assert generate(model, [p], SamplingParams(max_new_tokens=12))[0].tokens == b.tokens
+        assert len(b.tokens) == 12 and b.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_per_row(model):
+    hot = SamplingParams(max_new_tokens=16, temperature=1.5, seed=7)
+    a = generate(model, [[1, 2], [3]], [hot, SamplingParams(max_new_tokens=16, temperature=1.5, seed=8)])
+    b = generate(model, [[1, 2]], hot)
+    assert a[0].tokens == b[0].tokens  # a row's stream does not depend on its batch-mates
+    c = generate(model, [[1, 2]], SamplingParams(max_new_tokens=16, temperature=1.5, seed=9))
+    assert c[0].tokens != a[0].tokens
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = generate(model, [[5, 6]], SamplingParams(max_new_tokens=8))[0].tokens
+    assert generate(model, [[5, 6]], SamplingParams(max_new_tokens=8, temperature=2.0, top_k=1, seed=1))[0].tokens == greedy
+    assert generate(model, [[5, 6]], SamplingParams(max_new_tokens=8, temperature=2.0, top_p=1e-6, seed=1))[0].tokens == greedy
+
+
+def test_stop_tokens_end_a_row_early(model):
+    greedy = generate(model, [[5, 6]], SamplingParams(max_new_tokens=8))[0].tokens
+    stop = greedy[3]
+    first = greedy.index(stop)
+    out = generate(model, [[5, 6], [7]], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))
+    assert out[0].tokens == greedy[: first + 1] and out[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-2), "top_k must be >= 0"),
+])
+def test_bad_sampling_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
