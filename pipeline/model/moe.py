@@ -66,62 +66,73 @@ class Gate(nn.Module):
 # ---------------------------------------------------------------------------------------------------- experts
 
 
-class _GroupedSwiGLU(torch.autograd.Function):
-    """Every expert's SwiGLU over its contiguous segment of expert-sorted rows, with a hand-written backward.
+def _segment_mm(a_PX: torch.Tensor, w_EYX: torch.Tensor, counts: list[int], out_PY: torch.Tensor,
+                transpose: bool = True, accumulate: bool = False) -> torch.Tensor:
+    """out[seg_e] (+)= a[seg_e] @ w[e]^T (or @ w[e]) for each expert's contiguous segment of rows."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            a, w, o = a_PX[start:start + n], (w_EYX[e].t() if transpose else w_EYX[e]), out_PY[start:start + n]
+            torch.addmm(o, a, w, out=o) if accumulate else torch.mm(a, w, out=o)
+        start += n
+    return out_PY
 
-    One autograd node for all experts instead of a dozen per expert: the elementwise work runs once over all
-    rows, and only the GEMMs are per segment, written into preallocated buffers.
+
+def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], out_EYX: torch.Tensor) -> torch.Tensor:
+    """out[e] = g[seg_e]^T @ a[seg_e]: each expert's weight gradient (zero for an expert with no tokens)."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(g_PY[start:start + n].t(), a_PX[start:start + n], out=out_EYX[e])
+        else:
+            out_EYX[e].zero_()
+        start += n
+    return out_EYX
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """Gather -> per-expert SwiGLU -> weighted scatter-add, as one autograd node with a hand-written backward.
+
+    Rows are token-expert pairs sorted by expert (`tok_P` says which token each row came from). Why by hand:
+    one node for all experts instead of a dozen per expert; elementwise work runs once over all rows on
+    contiguous buffers (gate and up halves get GEMMs of their own for that); only the GEMMs are per segment, into
+    preallocated buffers; the routing weight scales the activation (F wide) rather than the output (D wide).
     """
 
     @staticmethod
-    def forward(ctx, x_PD: torch.Tensor, w13_E2FD: torch.Tensor, w2_EDF: torch.Tensor, counts: list[int]):
-        P, F2 = x_PD.shape[0], w13_E2FD.shape[1]
-        h_P2F = x_PD.new_empty(P, F2)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x_PD[start:start + n], w13_E2FD[e].t(), out=h_P2F[start:start + n])
-            start += n
-        gate_PF, up_PF = h_P2F.chunk(2, dim=-1)
-        act_PF = F.silu(gate_PF) * up_PF
-        y_PD = x_PD.new_empty(P, w2_EDF.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(act_PF[start:start + n], w2_EDF[e].t(), out=y_PD[start:start + n])
-            start += n
-        ctx.save_for_backward(x_PD, h_P2F, w13_E2FD, w2_EDF)
-        ctx.counts = counts
-        return y_PD
+    def forward(ctx, x_TD, w_P, tok_P, w13_E2FD, w2_EDF, counts: list[int]):
+        P, F_ = tok_P.shape[0], w2_EDF.shape[2]
+        w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
+        x_PD = x_TD.index_select(0, tok_P)
+        gate_PF = _segment_mm(x_PD, w1_EFD, counts, x_PD.new_empty(P, F_))
+        up_PF = _segment_mm(x_PD, w3_EFD, counts, x_PD.new_empty(P, F_))
+        silu_PF = F.silu(gate_PF)
+        act_PF = silu_PF * up_PF
+        act_w_PF = act_PF * w_P[:, None]
+        y_PD = _segment_mm(act_w_PF, w2_EDF, counts, x_PD.new_empty(P, x_TD.shape[1]))
+        ctx.save_for_backward(x_PD, gate_PF, up_PF, silu_PF, act_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF)
+        ctx.counts, ctx.T = counts, x_TD.shape[0]
+        return torch.zeros_like(x_TD).index_add_(0, tok_P, y_PD)
 
     @staticmethod
-    def backward(ctx, gy_PD: torch.Tensor):
-        x_PD, h_P2F, w13_E2FD, w2_EDF = ctx.saved_tensors
-        gate_PF, up_PF = h_P2F.chunk(2, dim=-1)
-        sig_PF = torch.sigmoid(gate_PF)
-        silu_PF = gate_PF * sig_PF
-        act_PF = silu_PF * up_PF
-        gy_PD = gy_PD.contiguous()
-        g_act_PF = torch.empty_like(act_PF)
-        g_w2_EDF = torch.zeros_like(w2_EDF)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                s = slice(start, start + n)
-                torch.mm(gy_PD[s], w2_EDF[e], out=g_act_PF[s])
-                torch.mm(gy_PD[s].t(), act_PF[s], out=g_w2_EDF[e])
-            start += n
-        g_h_P2F = torch.cat([g_act_PF * up_PF * sig_PF * (1 + gate_PF * (1 - sig_PF)), g_act_PF * silu_PF], dim=-1)
-        g_x_PD = torch.empty_like(x_PD)
-        g_w13_E2FD = torch.zeros_like(w13_E2FD)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                s = slice(start, start + n)
-                torch.mm(g_h_P2F[s], w13_E2FD[e], out=g_x_PD[s])
-                torch.mm(g_h_P2F[s].t(), x_PD[s], out=g_w13_E2FD[e])
-            start += n
-        return g_x_PD, g_w13_E2FD, g_w2_EDF, None
+    def backward(ctx, g_out_TD):
+        x_PD, gate_PF, up_PF, silu_PF, act_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF = ctx.saved_tensors
+        counts, F_ = ctx.counts, act_PF.shape[1]
+        g_y_PD = g_out_TD.index_select(0, tok_P)
+        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, torch.empty_like(act_PF), transpose=False)
+        g_w2_EDF = _segment_wgrad(g_y_PD, act_w_PF, counts, torch.empty_like(w2_EDF))
+        g_w_P = torch.linalg.vecdot(g_act_w_PF, act_PF)
+        g_act_PF = g_act_w_PF.mul_(w_P[:, None])
+        g_gate_PF = torch.ops.aten.silu_backward(g_act_PF * up_PF, gate_PF)
+        g_up_PF = g_act_PF.mul_(silu_PF)
+        w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
+        g_x_PD = _segment_mm(g_gate_PF, w1_EFD, counts, torch.empty_like(x_PD), transpose=False)
+        _segment_mm(g_up_PF, w3_EFD, counts, g_x_PD, transpose=False, accumulate=True)
+        g_w13_E2FD = torch.empty_like(w13_E2FD)
+        _segment_wgrad(g_gate_PF, x_PD, counts, g_w13_E2FD[:, :F_])
+        _segment_wgrad(g_up_PF, x_PD, counts, g_w13_E2FD[:, F_:])
+        g_x_TD = g_out_TD.new_zeros(ctx.T, x_PD.shape[1]).index_add_(0, tok_P, g_x_PD)
+        return g_x_TD, g_w_P, None, g_w13_E2FD, g_w2_EDF, None
 
 
 class Experts(nn.Module):
@@ -151,15 +162,13 @@ class Experts(nn.Module):
         return out_TD
 
     def forward_batched(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
-        """Dropless: sort token-expert pairs by expert, one GEMM pair per expert segment, weighted combine."""
-        T, K = ids_TK.shape
-        order_P = ids_TK.flatten().argsort(stable=True)  # pair p = t*K + k, grouped by expert
-        counts = torch.bincount(ids_TK.flatten(), minlength=self.w13.shape[0]).tolist()  # the one host sync
-        x_PD = x_TD.index_select(0, order_P // K)
-        y_PD = _GroupedSwiGLU.apply(x_PD, self.w13, self.w2, counts)
-        # back to (token, k) order, then each token's weighted sum over its K experts as one batched matmul
-        y_TKD = torch.empty_like(y_PD).index_copy(0, order_P, y_PD).view(T, K, -1)
-        return torch.bmm(weights_TK.to(y_TKD.dtype)[:, None, :], y_TKD).squeeze(1)
+        """Dropless: sort token-expert pairs by expert, one GEMM pair per expert segment, weighted scatter-add."""
+        K = ids_TK.shape[1]
+        ids_P = ids_TK.flatten()  # pair p = t*K + k
+        order_P = ids_P.argsort(stable=True)
+        counts = torch.bincount(ids_P, minlength=self.w13.shape[0]).tolist()  # the one host sync
+        w_P = weights_TK.flatten().index_select(0, order_P).to(x_TD.dtype)
+        return _RoutedExperts.apply(x_TD, w_P, order_P // K, self.w13, self.w2, counts)
 
 
 class MoE(nn.Module):

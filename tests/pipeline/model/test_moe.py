@@ -29,11 +29,11 @@ def test_batched_dispatch_equals_loop_reference(groups):
     x1 = torch.randn(3, 37, batched.gate.weight.shape[1], requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)
     y1, y2 = batched(x1), loop(x2)
-    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y1)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
     for (name, p1), p2 in zip(batched.named_parameters(), loop.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)  # grads reach ~40
 
@@ -78,7 +78,7 @@ def test_router_and_layer_match_transformers_deepseek_v3(groups):
     order, hf_order = ids.argsort(-1), hf_ids.argsort(-1)
     assert torch.equal(ids.gather(1, order), hf_ids.gather(1, hf_order))
     torch.testing.assert_close(weights.gather(1, order), hf_weights.gather(1, hf_order))
-    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), hf(x), rtol=1e-5, atol=1e-5)
 
 
 def _skewed(seed=0):
