@@ -1,27 +1,41 @@
-"""Shared timing helpers for the benchmarks (each benchmark runs ours and the peer in one process)."""
+"""Shared timing helpers. Each benchmark runs ours and the peer in one process, interleaved round by round so
+that drift in the machine's speed (a shared 2-core box) hits both alike; medians are reported."""
 
 from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # runnable as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
 
-def timeit(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> float:
-    """Median seconds per call."""
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn each round."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def describe() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
             f"python {platform.python_version()}")
+
+
+def result(**figures: float | str) -> None:
+    """The benchmark's last line: `RESULT key=value ...`."""
+    print("RESULT " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()))

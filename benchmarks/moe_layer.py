@@ -1,22 +1,19 @@
 """MoE layer forward+backward tokens/s: ours (batched dispatch) vs transformers' DeepseekV3MoE, identical weights.
 
-    python benchmarks/moe_layer.py [--tokens 4096 --dim 256 --experts 16 --topk 4 --inter 128 --shared 1]
+    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096 --dim 256 --experts 16 --topk 4 --inter 128 --shared 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
+import logging
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks._common import describe, timeit  # noqa: E402
-from pipeline.model.moe import MoE  # noqa: E402
-from pipeline.model.presets import model_preset  # noqa: E402
-from tests.pipeline.model.test_moe import _hf_moe, copy_to_hf  # noqa: E402
+from _common import describe, interleaved, result
+from pipeline.model.hf_compat import copy_moe_to_hf, hf_moe
+from pipeline.model.moe import MoE
+from pipeline.model.presets import model_preset
 
 
 def main() -> None:
@@ -27,8 +24,9 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--inter", type=int, default=128)
     ap.add_argument("--shared", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
     torch.manual_seed(0)
     cfg = model_preset("tiny", dim=args.dim, n_routed_experts=args.experts, n_activated_experts=args.topk,
@@ -38,11 +36,11 @@ def main() -> None:
         torch.nn.init.normal_(p, std=0.05)
     loop = MoE(cfg.model_copy(update={"moe_impl": "loop"})).train()
     loop.load_state_dict(ours.state_dict())
-    hf = _hf_moe(cfg).train()
-    copy_to_hf(ours, hf)
+    hf = hf_moe(cfg).train()
+    copy_moe_to_hf(ours, hf)
     x = torch.randn(1, args.tokens, args.dim)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)  # same function before we time it
+        torch.testing.assert_close(ours(x), hf(x), rtol=1e-4, atol=1e-5)  # the same function, before timing
 
     def step(module):
         def run():
@@ -50,15 +48,13 @@ def main() -> None:
             module(xi).sum().backward()
         return run
 
-    results = {}
-    for name, module in (("transformers", hf), ("ours", ours), ("ours_loop", loop)):
-        seconds = timeit(step(module), repeat=args.repeat)
-        results[name] = args.tokens / seconds
-        print(f"{name:>13}: {seconds * 1e3:7.1f} ms/fwd+bwd  {results[name]:9.0f} tokens/s")
-    print(describe())
-    speedup = results["ours"] / results["transformers"]
-    print(f"RESULT speedup_vs_transformers={speedup:.2f} ours_tok_s={results['ours']:.0f} "
-          f"transformers_tok_s={results['transformers']:.0f} loop_speedup={results['ours_loop'] / results['transformers']:.2f}")
+    sec = interleaved({"transformers": step(hf), "ours": step(ours), "ours_loop": step(loop)}, rounds=args.rounds)
+    for name, s in sec.items():
+        print(f"{name:>13}: {s * 1e3:7.1f} ms per forward+backward, {args.tokens / s:8.0f} tokens/s")
+    print(f"config: {args.tokens} tokens, dim {args.dim}, {args.experts} routed experts, top-{args.topk}, "
+          f"expert width {args.inter}, {args.shared} shared; {describe()}")
+    result(speedup_vs_transformers=sec["transformers"] / sec["ours"], ours_tok_s=args.tokens / sec["ours"],
+           transformers_tok_s=args.tokens / sec["transformers"], loop_vs_transformers=sec["transformers"] / sec["ours_loop"])
 
 
 if __name__ == "__main__":

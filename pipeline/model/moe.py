@@ -107,21 +107,20 @@ class _RoutedExperts(torch.autograd.Function):
         gate_PF = _segment_mm(x_PD, w1_EFD, counts, x_PD.new_empty(P, F_))
         up_PF = _segment_mm(x_PD, w3_EFD, counts, x_PD.new_empty(P, F_))
         silu_PF = F.silu(gate_PF)
-        act_PF = silu_PF * up_PF
-        act_w_PF = act_PF * w_P[:, None]
+        act_w_PF = silu_PF * up_PF * w_P[:, None]
         y_PD = _segment_mm(act_w_PF, w2_EDF, counts, x_PD.new_empty(P, x_TD.shape[1]))
-        ctx.save_for_backward(x_PD, gate_PF, up_PF, silu_PF, act_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF)
+        ctx.save_for_backward(x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF)
         ctx.counts, ctx.T = counts, x_TD.shape[0]
         return torch.zeros_like(x_TD).index_add_(0, tok_P, y_PD)
 
     @staticmethod
     def backward(ctx, g_out_TD):
-        x_PD, gate_PF, up_PF, silu_PF, act_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF = ctx.saved_tensors
-        counts, F_ = ctx.counts, act_PF.shape[1]
+        x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF = ctx.saved_tensors
+        counts, F_ = ctx.counts, silu_PF.shape[1]
         g_y_PD = g_out_TD.index_select(0, tok_P)
-        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, torch.empty_like(act_PF), transpose=False)
+        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, torch.empty_like(silu_PF), transpose=False)
         g_w2_EDF = _segment_wgrad(g_y_PD, act_w_PF, counts, torch.empty_like(w2_EDF))
-        g_w_P = torch.linalg.vecdot(g_act_w_PF, act_PF)
+        g_w_P = torch.linalg.vecdot(g_act_w_PF, silu_PF * up_PF)  # recomputed: cheaper than keeping it
         g_act_PF = g_act_w_PF.mul_(w_P[:, None])
         g_gate_PF = torch.ops.aten.silu_backward(g_act_PF * up_PF, gate_PF)
         g_up_PF = g_act_PF.mul_(silu_PF)

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.model.hf_compat import copy_moe_to_hf, hf_moe
 from pipeline.model.moe import MoE, load_imbalance, update_router_biases
 from pipeline.model.presets import model_preset
 
@@ -38,39 +39,14 @@ def test_batched_dispatch_equals_loop_reference(groups):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)  # grads reach ~40
 
 
-def _hf_moe(cfg):
-    from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    hf_cfg = DeepseekV3Config(
-        hidden_size=cfg.dim, moe_intermediate_size=cfg.moe_inter_dim, n_routed_experts=cfg.n_routed_experts,
-        n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_group,
-        topk_group=cfg.topk_group, routed_scaling_factor=cfg.route_scale, norm_topk_prob=True, hidden_act="silu",
-    )
-    return DeepseekV3MoE(hf_cfg)
-
-
-def copy_to_hf(ours: MoE, hf) -> None:
-    """Our weights into transformers' DeepseekV3MoE (same layouts; the shared MLP's fused w13 splits in two)."""
-    with torch.no_grad():
-        hf.gate.weight.copy_(ours.gate.weight)
-        hf.gate.e_score_correction_bias.copy_(ours.gate.bias)
-        hf.experts.gate_up_proj.copy_(ours.experts.w13)
-        hf.experts.down_proj.copy_(ours.experts.w2)
-        gate, up = ours.shared.w13.weight.chunk(2, dim=0)
-        hf.shared_experts.gate_proj.weight.copy_(gate)
-        hf.shared_experts.up_proj.weight.copy_(up)
-        hf.shared_experts.down_proj.weight.copy_(ours.shared.w2.weight)
-
-
 @pytest.mark.parametrize("groups", [dict(n_routed_experts=16, n_activated_experts=4),
                                     dict(n_routed_experts=16, n_activated_experts=4, n_group=4, topk_group=2)])
 def test_router_and_layer_match_transformers_deepseek_v3(groups):
     ours = _moe(route_scale=2.5, **groups)
     with torch.no_grad():
         ours.gate.bias.copy_(torch.randn_like(ours.gate.bias) * 0.05)  # a trained-looking correction bias
-    hf = _hf_moe(ours.gate and model_preset("tiny", route_scale=2.5, **groups))
-    copy_to_hf(ours, hf)
+    hf = hf_moe(model_preset("tiny", route_scale=2.5, **groups))
+    copy_moe_to_hf(ours, hf)
     x = torch.randn(2, 50, ours.gate.weight.shape[1])
     weights, ids, _ = ours.gate(x.view(-1, x.shape[-1]))
     _, hf_weights, hf_ids = hf.gate(x)
