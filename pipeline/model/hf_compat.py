@@ -57,3 +57,33 @@ def copy_moe_to_hf(ours: MoE, hf) -> None:
     hf.experts.down_proj.copy_(ours.experts.w2)
     if ours.shared is not None:
         _copy_mlp(ours.shared, hf.shared_experts)
+
+
+@torch.no_grad()
+def copy_model_to_hf(ours, hf) -> None:
+    """A whole `Transformer` into `DeepseekV3ForCausalLM` (built from `to_hf_config(ours.cfg)`).
+
+    Attention projections have the same layouts (query heads split [nope | rope], the KV down-projection
+    [latent | rope key], the up-projection per head [nope key | value]), and both rotate interleaved pairs.
+    """
+    hf.model.embed_tokens.weight.copy_(ours.embed.weight)
+    hf.model.norm.weight.copy_(ours.norm.weight)
+    hf.lm_head.weight.copy_(ours.head.weight)
+    for block, layer in zip(ours.layers, hf.model.layers):
+        layer.input_layernorm.weight.copy_(block.attn_norm.weight)
+        layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
+        a, h = block.attn, layer.self_attn
+        if hasattr(a, "wq"):
+            h.q_proj.weight.copy_(a.wq.weight)
+        else:
+            h.q_a_proj.weight.copy_(a.wq_a.weight)
+            h.q_a_layernorm.weight.copy_(a.q_norm.weight)
+            h.q_b_proj.weight.copy_(a.wq_b.weight)
+        h.kv_a_proj_with_mqa.weight.copy_(a.wkv_a.weight)
+        h.kv_a_layernorm.weight.copy_(a.kv_norm.weight)
+        h.kv_b_proj.weight.copy_(a.wkv_b.weight)
+        h.o_proj.weight.copy_(a.wo.weight)
+        if isinstance(block.ffn, MoE):
+            copy_moe_to_hf(block.ffn, layer.mlp)
+        else:
+            _copy_mlp(block.ffn, layer.mlp)

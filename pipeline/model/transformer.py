@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear, rope_tables
+from pipeline.model.loss import linear_cross_entropy
 from pipeline.model.moe import MLP, Experts, Gate, MoE
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -47,6 +48,14 @@ class MTP(nn.Module):
         self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = Block(cfg, layer_id=cfg.n_layers)  # an MoE block when the trunk has any
         self.norm = RMSNorm(cfg.dim)
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    ce: torch.Tensor
+    balance: torch.Tensor
+    mtp: torch.Tensor | None
 
 
 @dataclass
@@ -92,6 +101,29 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.w13, std=0.02)
                 nn.init.normal_(m.w2, std=0.02)
 
+    def trunk(self, tokens_BS: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
+        """Hidden states after the last block, before the final norm: (B, S, D)."""
+        B, S = tokens_BS.shape
+        start_B = cache.start_B if cache is not None else torch.zeros(B, dtype=torch.long, device=tokens_BS.device)
+        pos_BS = start_B[:, None] + torch.arange(S, device=tokens_BS.device)
+        if int(pos_BS.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
+        cos_BS, sin_BS = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
+        for m in self.modules():  # balance terms describe this forward only (the MTP block may not run)
+            if isinstance(m, MoE):
+                m.balance_loss = torch.zeros((), device=tokens_BS.device)
+        h_BSD = self.embed(tokens_BS)
+        for layer in self.layers:
+            h_BSD = layer(h_BSD, cos_BS, sin_BS, cache)
+        return h_BSD
+
+    def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Tensor:
+        """MTP states (B, S-1, D), normed: position i combines trunk state i with the embedding of token i+1."""
+        m, S = self.mtp, tokens_BS.shape[1]
+        x_BSD = m.proj(torch.cat([m.h_norm(h_BSD[:, :-1]), m.e_norm(self.embed(tokens_BS[:, 1:]))], dim=-1))
+        pos = torch.arange(S - 1, device=tokens_BS.device)
+        return m.norm(m.block(x_BSD, self.rope_cos[pos][None], self.rope_sin[pos][None]))
+
     def forward(self, tokens_BS: torch.Tensor, cache: CacheView | None = None,
                 return_aux: bool = False) -> torch.Tensor | Output:
         """Logits for every position.
@@ -101,26 +133,31 @@ class Transformer(nn.Module):
             cache: with a cache view, these tokens continue each row's cached sequence at `cache.start_B`.
             return_aux: return an `Output` with the balance loss and MTP logits besides the logits.
         """
-        B, S = tokens_BS.shape
-        start_B = cache.start_B if cache is not None else torch.zeros(B, dtype=torch.long, device=tokens_BS.device)
-        pos_BS = start_B[:, None] + torch.arange(S, device=tokens_BS.device)
-        if int(pos_BS.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
-        cos_BS, sin_BS = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
-        h_BSD = self.embed(tokens_BS)
-        for layer in self.layers:
-            h_BSD = layer(h_BSD, cos_BS, sin_BS, cache)
+        h_BSD = self.trunk(tokens_BS, cache)
         logits_BSV = self.head(self.norm(h_BSD))
         if not return_aux:
             return logits_BSV
         mtp_logits = None
-        if self.mtp is not None and cache is None and S > 1:
-            m = self.mtp
-            e_BSD = self.embed(tokens_BS[:, 1:])
-            x_BSD = m.proj(torch.cat([m.h_norm(h_BSD[:, :-1]), m.e_norm(e_BSD)], dim=-1))
-            x_BSD = m.block(x_BSD, cos_BS[:, :-1], sin_BS[:, :-1])
-            mtp_logits = self.head(m.norm(x_BSD))
+        if self.mtp is not None and cache is None and tokens_BS.shape[1] > 1:
+            mtp_logits = self.head(self.mtp_hidden(h_BSD, tokens_BS))
         return Output(logits_BSV, self.balance_loss(), mtp_logits)
+
+    def loss(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, ignore_index: int = -100) -> Losses:
+        """Next-token training loss without materialising the logits (fused, chunked head + cross-entropy).
+
+        total = CE + balance + mtp_lambda * MTP-CE, where MTP at position i predicts targets[i + 1].
+        """
+        h_BSD = self.trunk(tokens_BS)
+        D = h_BSD.shape[-1]
+        ce = linear_cross_entropy(self.norm(h_BSD).reshape(-1, D), self.head.weight, targets_BS.reshape(-1),
+                                  ignore_index)
+        mtp = None
+        if self.mtp is not None and tokens_BS.shape[1] > 1:
+            mtp = linear_cross_entropy(self.mtp_hidden(h_BSD, tokens_BS).reshape(-1, D), self.head.weight,
+                                       targets_BS[:, 1:].reshape(-1), ignore_index)
+        balance = self.balance_loss()  # after the MTP block, whose MoE adds its own term
+        total = ce + balance + (self.cfg.mtp_lambda * mtp if mtp is not None else 0)
+        return Losses(total, ce, balance, mtp)
 
     def balance_loss(self) -> torch.Tensor:
         losses = [m.balance_loss for m in self.modules() if isinstance(m, MoE) and self.training]

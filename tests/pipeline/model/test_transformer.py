@@ -86,3 +86,25 @@ def test_gradients_reach_every_parameter():
     (out.logits.mean() + out.mtp_logits.mean() + out.balance_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+def test_whole_model_matches_transformers_deepseek_v3(q_lora_rank):
+    """litgpt-style parity: identical weights give the same logits as transformers' DeepseekV3ForCausalLM."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from pipeline.model.hf_compat import copy_model_to_hf, to_hf_config
+
+    torch.manual_seed(0)
+    cfg = model_preset("tiny", vocab_size=120, q_lora_rank=q_lora_rank, n_routed_experts=8, n_activated_experts=2,
+                       n_group=2, topk_group=1, route_scale=2.5)
+    ours = Transformer(cfg).eval()
+    for gate in (m for m in ours.modules() if isinstance(m, Gate)):
+        gate.bias.normal_(std=0.01)
+    hf_cfg = to_hf_config(cfg)
+    hf_cfg._attn_implementation = "eager"
+    hf = DeepseekV3ForCausalLM(hf_cfg).eval()
+    copy_model_to_hf(ours, hf)
+    tokens = torch.randint(0, 120, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)

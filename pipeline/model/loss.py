@@ -1,0 +1,61 @@
+"""Fused output projection + cross-entropy, computed in row chunks.
+
+With a 49,152-token vocabulary the logits of one 2k-token batch are 400 MB; materialising them, their
+log-softmax and their gradient costs more than the projection's arithmetic on a CPU, mostly in page faults on
+fresh buffers. Here each chunk's logits live in one reused buffer, are turned into softmax in place, and the
+gradients for the hidden states and the projection weight are produced in the same pass (as Liger-Kernel's fused
+linear cross-entropy does), so backward only rescales them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, targets_N, ignore_index: int, chunk: int):
+        N = h_ND.shape[0]
+        valid_N = targets_N != ignore_index
+        n_valid = int(valid_N.sum())
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_h_ND = torch.zeros_like(h_ND, dtype=torch.float32) if need_grad else None
+        g_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        if n_valid:
+            buf_CV = h_ND.new_empty(min(chunk, N), w_VD.shape[0], dtype=torch.float32)
+            for s in range(0, N, chunk):
+                h_cD, t_c, v_c = h_ND[s:s + chunk].float(), targets_N[s:s + chunk], valid_N[s:s + chunk]
+                c = h_cD.shape[0]
+                rows = torch.arange(c, device=h_ND.device)
+                logits_cV = torch.mm(h_cD, w_VD.float().t(), out=buf_CV[:c])
+                probs_cV = torch.ops.aten._softmax.out(logits_cV, -1, False, out=logits_cV)  # in place
+                p_target_c = probs_cV[rows, t_c.clamp_min(0)]
+                total += -(p_target_c.clamp_min(torch.finfo(torch.float32).tiny).log() * v_c).sum()
+                if need_grad:  # d(mean CE)/d(logits) = (softmax - onehot) / n_valid, masked rows 0
+                    probs_cV[rows, t_c.clamp_min(0)] -= 1
+                    probs_cV.mul_((v_c.float() / n_valid)[:, None])
+                    torch.mm(probs_cV, w_VD.float(), out=g_h_ND[s:s + c])
+                    g_w_VD.addmm_(probs_cV.t(), h_cD)
+        if need_grad:
+            g_h_ND, g_w_VD = g_h_ND.to(h_ND.dtype), g_w_VD.to(w_VD.dtype)
+        ctx.save_for_backward(g_h_ND, g_w_VD)
+        return total / max(n_valid, 1)
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        g_h_ND, g_w_VD = ctx.saved_tensors
+        return g_h_ND * g_loss, g_w_VD * g_loss, None, None, None
+
+
+def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
+                         ignore_index: int = -100, chunk: int = 512) -> torch.Tensor:
+    """mean over non-ignored rows of cross_entropy(h @ w^T, targets), without materialising all logits.
+
+    Args:
+        h_ND: final hidden states, one row per position.
+        w_VD: the output projection's weight.
+        targets_N: target token ids; `ignore_index` rows count for nothing (all ignored: the loss is 0).
+        chunk: rows per chunk; the working buffer is chunk x V floats.
+    """
+    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, ignore_index, chunk)
