@@ -37,8 +37,9 @@ def main() -> None:
     copy_model_to_hf(ours, hf)
     batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
     inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4),
-            "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
+    # the same optimizer for both: PyTorch's fused AdamW (what transformers' Trainer picks by default when present)
+    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True),
+            "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)}
 
     def ours_step():
         ours.loss(inputs, targets).total.backward()
