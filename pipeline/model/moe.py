@@ -7,6 +7,7 @@ D model dim, F expert width, E routed experts, K experts per token, P = T·K tok
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -90,6 +91,29 @@ def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], ou
     return out_EYX
 
 
+class _Scratch(threading.local):
+    """Reusable buffers for temporaries that die within one call (backward's, the forward's pre-combine output).
+
+    Fresh multi-megabyte tensors cost page faults on every call; these are allocated once per size, per thread.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (name, like.device, like.dtype)
+        buf = self.buffers.get(key)
+        n = 1
+        for d in shape:
+            n *= d
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[key] = torch.empty(n, device=like.device, dtype=like.dtype)
+        return buf[:n].view(shape)
+
+
+_scratch = _Scratch()
+
+
 class _RoutedExperts(torch.autograd.Function):
     """Gather -> per-expert SwiGLU -> weighted scatter-add, as one autograd node with a hand-written backward.
 
@@ -108,7 +132,7 @@ class _RoutedExperts(torch.autograd.Function):
         up_PF = _segment_mm(x_PD, w3_EFD, counts, x_PD.new_empty(P, F_))
         silu_PF = F.silu(gate_PF)
         act_w_PF = silu_PF * up_PF * w_P[:, None]
-        y_PD = _segment_mm(act_w_PF, w2_EDF, counts, x_PD.new_empty(P, x_TD.shape[1]))
+        y_PD = _segment_mm(act_w_PF, w2_EDF, counts, _scratch.get("y", (P, x_TD.shape[1]), x_PD))
         ctx.save_for_backward(x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF)
         ctx.counts, ctx.T = counts, x_TD.shape[0]
         return torch.zeros_like(x_TD).index_add_(0, tok_P, y_PD)
@@ -117,15 +141,17 @@ class _RoutedExperts(torch.autograd.Function):
     def backward(ctx, g_out_TD):
         x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF = ctx.saved_tensors
         counts, F_ = ctx.counts, silu_PF.shape[1]
-        g_y_PD = g_out_TD.index_select(0, tok_P)
-        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, torch.empty_like(silu_PF), transpose=False)
+        P = tok_P.shape[0]
+        g_y_PD = torch.index_select(g_out_TD, 0, tok_P, out=_scratch.get("g_y", (P, g_out_TD.shape[1]), x_PD))
+        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, _scratch.get("g_act", (P, F_), x_PD), transpose=False)
         g_w2_EDF = _segment_wgrad(g_y_PD, act_w_PF, counts, torch.empty_like(w2_EDF))
         g_w_P = torch.linalg.vecdot(g_act_w_PF, silu_PF * up_PF)  # recomputed: cheaper than keeping it
         g_act_PF = g_act_w_PF.mul_(w_P[:, None])
-        g_gate_PF = torch.ops.aten.silu_backward(g_act_PF * up_PF, gate_PF)
+        g_gate_PF = torch.mul(g_act_PF, up_PF, out=_scratch.get("g_gate", (P, F_), x_PD))
+        torch.ops.aten.silu_backward(g_gate_PF, gate_PF, grad_input=g_gate_PF)
         g_up_PF = g_act_PF.mul_(silu_PF)
         w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
-        g_x_PD = _segment_mm(g_gate_PF, w1_EFD, counts, torch.empty_like(x_PD), transpose=False)
+        g_x_PD = _segment_mm(g_gate_PF, w1_EFD, counts, _scratch.get("g_x", tuple(x_PD.shape), x_PD), transpose=False)
         _segment_mm(g_up_PF, w3_EFD, counts, g_x_PD, transpose=False, accumulate=True)
         g_w13_E2FD = torch.empty_like(w13_E2FD)
         _segment_wgrad(g_gate_PF, x_PD, counts, g_w13_E2FD[:, :F_])
