@@ -11,16 +11,7 @@ from __future__ import annotations
 
 import torch
 
-_workspace: dict[tuple, torch.Tensor] = {}
-
-
-def _buffer(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """A float32 scratch buffer kept between calls: a fresh 100 MB tensor each step costs page faults."""
-    key = (rows, cols, str(device))
-    if key not in _workspace:
-        _workspace.clear()
-        _workspace[key] = torch.empty(rows, cols, dtype=torch.float32, device=device)
-    return _workspace[key]
+from pipeline.model.scratch import scratch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -34,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         if n_valid:
-            buf_CV = _buffer(min(chunk, N), w_VD.shape[0], h_ND.device)
+            buf_CV = scratch.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
             for s in range(0, N, chunk):
                 h_cD, t_c, v_c = h_ND[s:s + chunk].float(), targets_N[s:s + chunk], valid_N[s:s + chunk]
                 c = h_cD.shape[0]

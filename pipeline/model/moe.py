@@ -7,7 +7,6 @@ D model dim, F expert width, E routed experts, K experts per token, P = T·K tok
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.scratch import scratch as _scratch
 
 
 class MLP(nn.Module):
@@ -89,29 +89,6 @@ def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], ou
             out_EYX[e].zero_()
         start += n
     return out_EYX
-
-
-class _Scratch(threading.local):
-    """Reusable buffers for temporaries that die within one call (backward's, the forward's pre-combine output).
-
-    Fresh multi-megabyte tensors cost page faults on every call; these are allocated once per size, per thread.
-    """
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.device, like.dtype)
-        buf = self.buffers.get(key)
-        n = 1
-        for d in shape:
-            n *= d
-        if buf is None or buf.numel() < n:
-            buf = self.buffers[key] = torch.empty(n, device=like.device, dtype=like.dtype)
-        return buf[:n].view(shape)
-
-
-_scratch = _Scratch()
 
 
 class _RoutedExperts(torch.autograd.Function):
