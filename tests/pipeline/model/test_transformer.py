@@ -108,3 +108,12 @@ def test_whole_model_matches_transformers_deepseek_v3(q_lora_rank):
     tokens = torch.randint(0, 120, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_model_package_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.model, pipeline.model.hf_compat; assert 'ray' not in sys.modules, 'ray imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
