@@ -96,7 +96,17 @@ def status(
             raise typer.Exit(1)
         parent = runs[0]
     else:
-        parent = tracker.client.get_run(run_id)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = tracker.client.get_run(run_id)
+        except MlflowException:
+            err.print(f"no run {run_id!r} at {tracker.uri}")
+            raise typer.Exit(1) from None
+        if parent.data.tags.get(P + "kind") != "pipeline":
+            err.print(f"run {run_id} is not a pipeline run (a stage run? its parent is "
+                      f"{parent.data.tags.get('mlflow.parentRunId', 'unknown')})")
+            raise typer.Exit(1)
     key_metrics = {s.name: s.key_metrics for s in default_stages()}
     info = parent.info
     console.print(f"pipeline run {info.run_id} ({info.run_name}): {info.status}, "

@@ -69,7 +69,7 @@ class Scale(Stage):
         out_dir = ctx.output_dir("scaled")
         (out_dir / "partial.txt").write_text("half-written")  # a half-written output that must never be committed
         with open(progress, "a") as f:
-            for row in table.to_pylist()[len(done):]:
+            for row in ctx.progress(table.to_pylist()[len(done):], desc="scale rows"):
                 if self.fail_after is not None and len(done) == self.fail_after and not Path(self.fail_marker).exists():
                     Path(self.fail_marker).touch()
                     if self.hang:

@@ -71,3 +71,34 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
     assert res.exit_code == 0 and res.output.count("hit ←") == 3
     tags = Tracker(cfg.tracking).stage_runs(second.run_id)[0].data.tags
     assert tags[P + "cache_hit"] == "true"
+
+
+def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
+    assert cli("run", "--set", f"tracking.workdir={tmp_path / 'w'}").exit_code == 0
+    res = cli("status", "0123456789abcdef", "--set", f"tracking.workdir={tmp_path / 'w'}")
+    assert res.exit_code == 1 and "no run '0123456789abcdef'" in res.output
+
+
+def test_ui_serves_the_mlflow_ui_on_loopback(tmp_path):
+    """`moeforge ui` starts a real MLflow UI on 127.0.0.1 for the configured store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port, wait_http
+
+    port = free_port()
+    moeforge = str(Path(sys.executable).parent / "moeforge")
+    proc = subprocess.Popen([moeforge, "ui", "--port", str(port), "--set", f"tracking.workdir={tmp_path / 'w'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+        import httpx
+
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert f"MLflow UI: http://127.0.0.1:{port}" in out and "Ray dashboard:" in out
