@@ -183,10 +183,22 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------------ I/O
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """safetensors weights (router biases included) + the JSON config; each file written atomically."""
+    @classmethod
+    def for_tokenizer(cls, cfg: ModelConfig, tokenizer) -> Transformer:
+        """A student whose vocabulary is the tokenizer's (`len(tokenizer)`, added tokens included)."""
+        vocab = len(tokenizer)
+        if cfg.vocab_size is not None and cfg.vocab_size != vocab:
+            raise ValueError(f"model.vocab_size is {cfg.vocab_size} but the paired tokenizer has {vocab} tokens")
+        return cls(cfg.model_copy(update={"vocab_size": vocab}))
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """safetensors weights (router biases included) + the JSON config (+ the tokenizer's files, if given)."""
         from pipeline.artifacts import write_checkpoint
 
+        if tokenizer is not None:
+            if len(tokenizer) != self.cfg.vocab_size:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary {self.cfg.vocab_size}")
+            tokenizer.save_pretrained(str(directory))
         write_checkpoint(Path(directory), dict(self.state_dict()), self.cfg.model_dump(mode="json"), WEIGHTS)
 
     @classmethod

@@ -117,3 +117,27 @@ def test_model_package_does_not_import_ray():
     code = "import sys, pipeline.model, pipeline.model.hf_compat; assert 'ray' not in sys.modules, 'ray imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "one", "two", "three", "plus", "is"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def test_vocabulary_comes_from_the_paired_tokenizer_and_travels_with_the_weights(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizer()
+    model = Transformer.for_tokenizer(model_preset("tiny"), tokenizer)
+    assert model.cfg.vocab_size == len(tokenizer) == 7
+    with pytest.raises(ValueError, match="vocab_size is 9 but the paired tokenizer has 7 tokens"):
+        Transformer.for_tokenizer(model_preset("tiny", vocab_size=9), tokenizer)
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert reloaded("one plus two")["input_ids"] == tokenizer("one plus two")["input_ids"]
+    assert Transformer.from_pretrained(tmp_path).cfg.vocab_size == len(reloaded)
