@@ -25,14 +25,14 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _at_most(field: str, other: str, value: Any, info: ValidationInfo, what: str = "") -> Any:
+def _at_most(field: str, other: str, value: Any, info: ValidationInfo) -> Any:
     """Validator helper: `field` must be <= the already-validated field `other` of the same section."""
     limit = info.data.get(other)
     if limit is not None and value is not None and value > limit:
-        raise ValueError(f"{field} ({value}) must be <= {other} ({limit}){what}")
+        raise ValueError(f"{field} ({value}) must be <= {other} ({limit})")
     return value
 
 
