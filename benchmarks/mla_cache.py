@@ -65,7 +65,7 @@ def main() -> None:
                 cache.pe_LBTR.normal_()
             caches[impl] = (cache, slots)
 
-        def run(impl):
+        def run(impl, caches=caches, ctx_len=ctx_len):  # bound now: called within this iteration
             def go():
                 cache, slots = caches[impl]
                 cache.lengths[slots] = ctx_len
