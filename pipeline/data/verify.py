@@ -1,0 +1,33 @@
+"""Scoring an extracted answer against the reference, per task.
+
+reasoning-gym tasks use the task's own `score_answer`; user datasets use math-verify when the reference parses
+as mathematics and exact match (whitespace- and case-insensitive) otherwise. Scores are in [0, 1].
+"""
+
+from __future__ import annotations
+
+from pipeline.data.sources import Prompt
+
+NUMERIC_TASKS = frozenset({"basic_arithmetic", "chain_sum", "letter_counting", "decimal_arithmetic", "gsm_symbolic",
+                           "products", "fraction_simplification", "count_bits", "gcd", "lcm", "prime_factorization"})
+
+
+def is_numeric(task: str) -> bool:
+    return task in NUMERIC_TASKS
+
+
+def score(prompt: Prompt, answer: str | None) -> float:
+    """The verifier's score for `answer` (None, a format failure, scores 0)."""
+    if answer is None:
+        return 0.0
+    entry = prompt.metadata.get("entry")
+    if entry is not None:  # a reasoning-gym task
+        import reasoning_gym
+
+        return float(reasoning_gym.get_score_answer_fn(prompt.task)(answer, entry))
+    if " ".join(answer.split()).lower() == " ".join(prompt.answer.split()).lower():
+        return 1.0
+    from math_verify import parse, verify
+
+    gold = parse(prompt.answer)
+    return 1.0 if gold and verify(gold, parse(answer)) else 0.0
