@@ -45,7 +45,7 @@ def allocate(tasks: list[TaskMix], total: int) -> dict[str, int]:
     weight = sum(t.weight for t in tasks)
     exact = [(t.name, total * t.weight / weight) for t in tasks]
     counts = {name: int(x) for name, x in exact}
-    for name, x in sorted(exact, key=lambda nx: (-(nx[1] - int(nx[1])), nx[0]))[: total - sum(counts.values())]:
+    for name, _ in sorted(exact, key=lambda nx: (-(nx[1] - int(nx[1])), nx[0]))[: total - sum(counts.values())]:
         counts[name] += 1
     return counts
 
