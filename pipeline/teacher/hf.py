@@ -99,8 +99,9 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens) or "error"
     seconds: float
+    error: str | None = None  # why a request failed (finish_reason "error"); the sample is kept, flagged
 
 
 class HFTeacher:

@@ -6,19 +6,9 @@ import time
 
 import pytest
 
-from pipeline.teacher.hf import DEFAULT_TEACHER, HFTeacher, TeacherNotFound, resolve_model_dir
+from pipeline.teacher.hf import DEFAULT_TEACHER, TeacherNotFound, resolve_model_dir
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return resolve_model_dir(DEFAULT_TEACHER, tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def teacher(teacher_dir):
-    return HFTeacher(teacher_dir)
 
 
 def test_default_teacher_is_dequantized_once_and_cached(teacher_dir):
