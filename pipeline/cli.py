@@ -199,9 +199,5 @@ def ui(
         pass
 
 
-def main() -> None:  # pragma: no cover - console-script entry
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     app()

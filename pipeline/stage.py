@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlparse
@@ -86,7 +86,6 @@ class StageCall:
     inputs: dict[str, ArtifactRef]
     workdir: str
     key: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class StageContext:
@@ -183,7 +182,7 @@ def local_path(uri: str) -> Path | None:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] == ":\\"):
+    if parsed.scheme == "":
         return Path(uri)
     return None
 

@@ -94,11 +94,9 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
     return out
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    if seed is None:
-        return None
-    return torch.Generator(device="cpu").manual_seed(seed) if str(device) == "cpu" else \
-        torch.Generator(device=device).manual_seed(seed)
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A per-sequence random stream for `sample` (which runs on the CPU), or None for the global one."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
 @torch.no_grad()

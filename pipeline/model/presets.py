@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # ~27M total / ~26M active with a 49,152-token vocabulary (embedding and head dominate); 2 CPU cores.
+    # 28.9M total / 27.1M active with a 49,152-token vocabulary (num_params(); embedding and head dominate).
     "tiny": {},
     # one GPU
     "small": dict(dim=512, n_layers=8, n_dense_layers=1, n_heads=8, q_lora_rank=192, kv_lora_rank=128,

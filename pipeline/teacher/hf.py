@@ -8,6 +8,7 @@ loads (every actor, every run) read that directory. Nothing here touches a hub.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -80,18 +81,18 @@ def resolve_model_dir(model: str, cache_dir: str | Path) -> Path:
     return target
 
 
-class _offline:
+@contextlib.contextmanager
+def _offline():
     """HF_HUB_OFFLINE=1 for the duration: a missing file must fail, never download."""
-
-    def __enter__(self):
-        self.old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-
-    def __exit__(self, *exc):
-        if self.old is None:
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = self.old
+            os.environ["HF_HUB_OFFLINE"] = old
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens) or "error"
-    seconds: float
+    seconds: float  # wall time of the whole batch (or request) this generation came from
     error: str | None = None  # why a request failed (finish_reason "error"); the sample is kept, flagged
 
 

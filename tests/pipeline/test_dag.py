@@ -5,7 +5,7 @@ import pytest
 from pipeline.artifacts import ArtifactSpec
 from pipeline.config import MoeforgeConfig
 from pipeline.dag import Dag, DagError
-from pipeline.runner import default_stages, plan
+from pipeline.runner import plan
 from pipeline.stage import Stage
 from tests.pipeline.stages_for_tests import Numbers, Scale, Summarize, chain
 
@@ -47,7 +47,3 @@ def test_plan_selection():
     assert rerun == {"numbers"}
     with pytest.raises(DagError, match="unknown stage 'nope'"):
         plan(dag, cfg, force=["nope"])
-
-
-def test_product_dag_is_valid():
-    Dag(default_stages())
