@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +63,10 @@ def _gym_dataset(task: TaskMix, seed: int, size: int):
 
 def reasoning_gym_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
     """Both splits of the configured mixture: `num_eval_prompts` held out, `num_train_prompts` disjoint from them."""
+    from pipeline.data.prompts import few_shot_questions
+
     out: dict[Split, list[Prompt]] = {"eval": [], "train": []}
+    shown = {_normalise(q) for q in few_shot_questions()}  # answered in the prompt itself: in neither split
     seen: set[str] = set()
     for split, total, base in (("eval", cfg.num_eval_prompts, cfg.seed * 2 * _SEED_STRIDE),
                                ("train", cfg.num_train_prompts, (cfg.seed * 2 + 1) * _SEED_STRIDE)):
@@ -75,7 +78,7 @@ def reasoning_gym_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
                 taken = []
                 for entry in ds:
                     key = _normalise(entry["question"])
-                    if key in seen or any(_normalise(p.question) == key for p in taken):
+                    if key in seen or key in shown or any(_normalise(p.question) == key for p in taken):
                         continue  # held-out question, or a repeat: never trained on, never counted twice
                     taken.append(Prompt(_prompt_id(task.name, entry["question"]), task.name, entry["question"],
                                         str(entry["answer"]), split, {"entry": entry}))
@@ -124,3 +127,21 @@ def file_prompts(path: str | Path, split: Split = "train") -> list[Prompt]:
         prompts.append(Prompt(_prompt_id(task, str(row["prompt"])), task, str(row["prompt"]), str(row["answer"]),
                               split))
     return prompts
+
+
+def split_file_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
+    """A user dataset split in two: `num_eval_prompts` held out (at most half the rows), then training prompts.
+
+    Rows are ordered by a seeded hash of their prompt id, so the split is deterministic and does not depend on the
+    file's row order; a question that appears twice is used once.
+    """
+    unique = list({p.prompt_id: p for p in reversed(file_prompts(cfg.path))}.values())[::-1]
+    order = sorted(unique, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p.prompt_id}".encode()).hexdigest())
+    n_eval = min(cfg.num_eval_prompts, len(order) // 2)
+    return {"eval": [replace(p, split="eval") for p in order[:n_eval]],
+            "train": [replace(p, split="train") for p in order[n_eval:n_eval + cfg.num_train_prompts]]}
+
+
+def load_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
+    """Both splits of the configured source."""
+    return reasoning_gym_prompts(cfg) if cfg.source == "reasoning_gym" else split_file_prompts(cfg)

@@ -13,8 +13,15 @@ NUMERIC_TASKS = frozenset({"basic_arithmetic", "chain_sum", "letter_counting", "
                            "products", "count_bits", "gcd", "lcm"})
 
 
-def is_numeric(task: str) -> bool:
-    return task in NUMERIC_TASKS
+def is_numeric(task: str, reference: str = "") -> bool:
+    """Whether a task's answers are single numbers (a user dataset's are when the reference answer is one)."""
+    if task in NUMERIC_TASKS:
+        return True
+    try:
+        float(reference.replace(",", ""))
+    except ValueError:
+        return False
+    return True
 
 
 def score(prompt: Prompt, answer: str | None) -> float:

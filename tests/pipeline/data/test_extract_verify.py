@@ -12,6 +12,7 @@ from pipeline.data.verify import is_numeric, score
     ("Reasoning... <answer> 42 </answer>", True, "42"),
     ("3 + 4 = 7. The final answer is 7.", True, "7"),
     ("so the final answer is: **-12**", True, "-12"),
+    ("4.5 + 10 = 14.5. The final answer is 14.5.", True, "14.5"),
     ("The final answer is \\boxed{9}.", True, "9"),
     ("I think it's 1,234 apples", True, "1234"),
     ("The final answer is ainomma.", False, "ainomma"),

@@ -65,3 +65,15 @@ def test_missing_or_unsupported_file(tmp_path):
     (tmp_path / "d.csv").write_text("prompt,answer\n")
     with pytest.raises(DataError, match="expected a .parquet or .jsonl file"):
         file_prompts(tmp_path / "d.csv")
+
+
+def test_a_user_dataset_is_split_deterministically_without_repeats(tmp_path):
+    from pipeline.data.sources import load_prompts
+
+    rows = [{"prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(20)] + [{"prompt": "3 + 1?", "answer": "4"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(source="file", path=str(tmp_path / "d.jsonl"), num_eval_prompts=5, num_train_prompts=100)
+    splits = load_prompts(cfg)
+    assert len(splits["eval"]) == 5 and len(splits["train"]) == 15  # 20 distinct questions
+    assert not {p.prompt_id for p in splits["eval"]} & {p.prompt_id for p in splits["train"]}
+    assert load_prompts(cfg) == splits and {p.split for p in splits["eval"]} == {"eval"}
