@@ -1,0 +1,167 @@
+"""A small actor group: N actors of one class, placement, bounded fan-out, and recovery from dead actors.
+
+Stages hand it keyed work items; it keeps at most `max_in_flight_per_actor` calls queued on each actor
+(backpressure: a slow pool never holds the whole dataset in flight), yields results as they finish, and when an
+actor dies (killed, OOM, node lost) it starts a replacement in the same slot and re-queues every item that actor
+held. Items are identified by key, so a stage that writes one output per key never loses or duplicates work.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+log = logging.getLogger(__name__)
+
+
+class PoolError(RuntimeError):
+    """An item failed on every attempt, or the actors cannot start; the message names the item and the cause."""
+
+
+@dataclass
+class _Slot:
+    index: int
+    actor: Any
+    generation: int = 0  # replacements so far; part of the actor's name
+    in_flight: int = 0
+
+
+@dataclass
+class _Item:
+    key: Any
+    payload: Any
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class ActorPool:
+    """N actors of `cls` built with the same arguments, named `<name>-<slot>[.r<n>]` in the job's namespace.
+
+    Args:
+        cls: the plain class to run as an actor (wrapped with `ray.remote` here).
+        args, kwargs: its constructor arguments.
+        size: number of actors.
+        name: prefix of actor names (tests and dashboards find actors by it).
+        num_cpus, num_gpus: resources of each actor.
+        scheduling_strategy: Ray scheduling strategy; "SPREAD" places actors over as many nodes as possible.
+        max_in_flight_per_actor: calls queued on one actor at a time.
+        max_replacements: actor deaths tolerated over the pool's life before giving up.
+    """
+
+    def __init__(self, cls: type, args: tuple = (), kwargs: dict | None = None, *, size: int = 1,
+                 name: str = "moeforge.actor", num_cpus: float = 1, num_gpus: float = 0,
+                 scheduling_strategy: Any = "SPREAD", max_in_flight_per_actor: int = 2, max_replacements: int = 8):
+        self._remote = ray.remote(cls)
+        self._args, self._kwargs = args, kwargs or {}
+        self.name = name
+        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy,
+                             max_restarts=0)
+        self.max_in_flight_per_actor = max_in_flight_per_actor
+        self.max_replacements = max_replacements
+        self.replacements = 0
+        self.peak_in_flight = 0  # most calls queued at once over the pool's life (backpressure is observable)
+        self.slots = [_Slot(i, self._start(i, 0)) for i in range(size)]
+        self._wait_ready([s.actor for s in self.slots])
+
+    def _actor_name(self, index: int, generation: int) -> str:
+        return f"{self.name}-{index}" + (f".r{generation}" if generation else "")
+
+    def _start(self, index: int, generation: int):
+        return self._remote.options(name=self._actor_name(index, generation), **self._options).remote(
+            *self._args, **self._kwargs)
+
+    def _wait_ready(self, actors: list) -> None:
+        """Surface constructor errors (a missing model, a bad config) once, clearly, instead of per item."""
+        try:
+            ray.get([a.__ray_ready__.remote() for a in actors])
+        except RayActorError as e:
+            for a in actors:
+                ray.kill(a, no_restart=True)
+            raise PoolError(f"{self.name}: an actor failed to start: {_cause(e)}") from None
+
+    @property
+    def actors(self) -> list:
+        return [s.actor for s in self.slots]
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        self.replacements += 1
+        if self.replacements > self.max_replacements:
+            raise PoolError(f"{self.name}: {self.replacements} actor deaths, more than max_replacements "
+                            f"{self.max_replacements}; last: {reason}")
+        log.warning("%s: actor %s died (%s); starting a replacement", self.name,
+                    self._actor_name(slot.index, slot.generation), reason)
+        ray.kill(slot.actor, no_restart=True)
+        slot.generation += 1
+        slot.actor = self._start(slot.index, slot.generation)
+        slot.in_flight = 0
+
+    def map_unordered(self, method: str, items: Iterable[tuple[Any, Any]], max_attempts: int = 3,
+                      on_retry: Callable[[Any, str], None] | None = None) -> Iterator[tuple[Any, Any]]:
+        """Call `actor.<method>(payload)` for every (key, payload); yield (key, result) as calls finish.
+
+        An item whose actor died is re-queued without counting against it only if the death was not its own
+        doing; an item that raises is retried up to `max_attempts` in all, then `PoolError` names it.
+        """
+        pending = collections.deque(_Item(k, p) for k, p in items)
+        in_flight: dict[ray.ObjectRef, tuple[_Slot, int, _Item]] = {}
+        while pending or in_flight:
+            for slot in sorted(self.slots, key=lambda s: s.in_flight):
+                while pending and slot.in_flight < self.max_in_flight_per_actor:
+                    item = pending.popleft()
+                    item.attempts += 1
+                    ref = getattr(slot.actor, method).remote(item.payload)
+                    in_flight[ref] = (slot, slot.generation, item)
+                    slot.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            slot, generation, item = in_flight.pop(ref)
+            if generation == slot.generation:
+                slot.in_flight -= 1
+            try:
+                result = ray.get(ref)
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                if generation == slot.generation:  # first news of this death: replace the actor once
+                    self._replace(slot, _cause(e))
+                item.attempts -= 1  # the actor died under it: not the item's failure
+                item.errors.append(f"actor died: {_cause(e)}")
+                if on_retry:
+                    on_retry(item.key, item.errors[-1])
+                pending.appendleft(item)
+                continue
+            except RayTaskError as e:
+                item.errors.append(_cause(e))
+                if item.attempts >= max_attempts:
+                    raise PoolError(f"{self.name}: item {item.key!r} failed {item.attempts} times; last error: "
+                                    f"{item.errors[-1]}") from e.as_instanceof_cause()
+                if on_retry:
+                    on_retry(item.key, item.errors[-1])
+                pending.append(item)
+                continue
+            yield item.key, result
+
+    def shutdown(self) -> None:
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+
+    def __enter__(self) -> ActorPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost error message of a Ray exception, on one line."""
+    if isinstance(e, RayTaskError):
+        inner = e.as_instanceof_cause()
+        text = str(getattr(inner, "cause", None) or inner)
+    else:
+        text = str(e)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(e).__name__

@@ -1,0 +1,72 @@
+"""The teacher role: one loaded teacher model per actor, generating for whole partitions of prompts.
+
+`TeacherWorker` is a plain class (tests call it without Ray); `ActorPool(TeacherWorker, ...)` runs it as actors.
+A partition is generated in fixed chunks of `batch_size` conversations with a seed derived from the partition's
+seed and the chunk's position, so a partition retried on another actor reproduces the same samples.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import TeacherConfig
+from pipeline.teacher import load_teacher
+from pipeline.teacher.base import Generation
+
+
+@dataclass
+class GenerateRequest:
+    conversations: list[list[dict[str, str]]]
+    seed: int
+
+
+@dataclass
+class GenerateResult:
+    generations: list[Generation]
+    seconds: float  # busy time of this actor on the request
+    teacher_id: str
+    worker: str  # host:pid of the actor that did it
+    node_id: str = ""
+    completion_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.completion_tokens = sum(g.completion_tokens for g in self.generations)
+
+
+class TeacherWorker:
+    """Loads the configured teacher once and generates batches with the configured sampling settings.
+
+    Args:
+        cfg: the teacher section of the run config.
+        cache_dir: where a GGUF teacher is dequantized once per node.
+        num_threads: CPU threads for torch (the actor's CPU share); None leaves torch's default.
+    """
+
+    def __init__(self, cfg: TeacherConfig, cache_dir: str | Path, num_threads: int | None = None):
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        self.cfg = cfg
+        self.teacher = load_teacher(cfg, cache_dir)
+        self.teacher_id = self.teacher.teacher_id
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def generate(self, request: GenerateRequest) -> GenerateResult:
+        t0 = time.perf_counter()
+        out: list[Generation] = []
+        size = self.cfg.batch_size
+        for chunk, start in enumerate(range(0, len(request.conversations), size)):
+            out += self.teacher.generate(request.conversations[start:start + size], self.cfg.max_new_tokens,
+                                         self.cfg.temperature, self.cfg.top_p, seed=request.seed + chunk)
+        return GenerateResult(out, time.perf_counter() - t0, self.teacher_id, self.worker, _node_id())
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""

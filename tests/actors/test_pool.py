@@ -1,0 +1,68 @@
+"""The actor group on a real local Ray cluster: fan-out, backpressure, retries, dead actors replaced."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import ray
+
+from actors.pool import ActorPool, PoolError
+
+
+class Worker:
+    """Squares numbers slowly; fails on keys listed in `fail_once` the first time (marker files), always on
+    `fail_always`."""
+
+    def __init__(self, marker_dir: str = "", fail_once: tuple = (), fail_always: tuple = (), broken: bool = False):
+        if broken:
+            raise RuntimeError("model file not found: /nowhere")
+        self.marker_dir, self.fail_once, self.fail_always = marker_dir, fail_once, fail_always
+
+    def work(self, x: int) -> tuple[int, int]:
+        time.sleep(0.2)
+        if x in self.fail_always:
+            raise ValueError(f"cannot do {x}")
+        marker = os.path.join(self.marker_dir, str(x))
+        if x in self.fail_once and not os.path.exists(marker):
+            open(marker, "w").close()
+            raise ValueError(f"flaky {x}")
+        return x * x, os.getpid()
+
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def test_every_item_once_with_bounded_in_flight():
+    with ActorPool(Worker, size=2, name="t-pool", num_cpus=0, max_in_flight_per_actor=1) as pool:
+        out = dict(pool.map_unordered("work", [(i, i) for i in range(10)]))
+        assert pool.peak_in_flight == 2
+    assert {k: v[0] for k, v in out.items()} == {i: i * i for i in range(10)}
+    assert len({pid for _, pid in out.values()}) == 2  # both actors worked
+
+
+def test_a_flaky_item_is_retried_and_a_failing_one_is_named(tmp_path):
+    with ActorPool(Worker, (str(tmp_path), (3,)), size=1, name="t-flaky", num_cpus=0) as pool:
+        retried = []
+        out = dict(pool.map_unordered("work", [(i, i) for i in range(5)], on_retry=lambda k, e: retried.append(k)))
+    assert sorted(out) == list(range(5)) and retried == [3]
+    with ActorPool(Worker, (str(tmp_path), (), (2,)), size=1, name="t-failing", num_cpus=0) as pool:
+        with pytest.raises(PoolError, match=r"item 2 failed 3 times; last error: .*cannot do 2"):
+            list(pool.map_unordered("work", [(i, i) for i in range(4)], max_attempts=3))
+
+
+def test_a_killed_actor_is_replaced_and_its_items_rerun():
+    with ActorPool(Worker, size=2, name="t-kill", num_cpus=0, max_in_flight_per_actor=3) as pool:
+        victim = pool.actors[0]
+        threading.Timer(0.5, lambda: ray.kill(victim, no_restart=True)).start()
+        keys = [k for k, _ in pool.map_unordered("work", [(i, i) for i in range(12)])]
+        assert pool.replacements == 1
+        assert ray.get(pool.actors[0].__ray_ready__.remote())  # the slot holds a live replacement
+    assert sorted(keys) == list(range(12))  # nothing lost, nothing twice
+
+
+def test_an_actor_that_cannot_start_is_one_clear_error():
+    with pytest.raises(PoolError, match="an actor failed to start: .*model file not found: /nowhere"):
+        ActorPool(Worker, kwargs={"broken": True}, size=2, name="t-broken", num_cpus=0)
