@@ -71,8 +71,6 @@ def run(
     except (DagError, StageFailed) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
-    if not result.stages:
-        console.print("[yellow]no stages are built yet: the DAG is empty[/yellow]")
     hits = sum(s.cache_hit for s in result.stages)
     console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
                   f"{len(result.stages)} stages, {hits} cached; tracking {result.tracking_uri}")
@@ -139,9 +137,6 @@ def stages() -> None:
     from pipeline.runner import default_stages
 
     dag = Dag(default_stages())
-    if not dag.order:
-        console.print("no stages are built yet: the DAG is empty")
-        return
     table = Table("#", "stage", "after", "inputs", "outputs", "config")
     for i, s in enumerate(dag.order, 1):
         table.add_row(str(i), s.name, ", ".join(dag.upstream(s.name)) or "-", ", ".join(s.inputs) or "-",

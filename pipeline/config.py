@@ -49,14 +49,18 @@ class TeacherConfig(Section):
     base_url: str | None = Field(None, validate_default=True)
     api_key_env: str = "OPENAI_API_KEY"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(2, ge=1)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)  # sequences per forward pass (hf) or requests in flight per actor (openai)
+    max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    samples_per_prompt: int = Field(1, ge=1)
+    # how this teacher's answers are found, in order (see pipeline/data/extract.py)
+    answer_extractors: list[Literal["tag", "phrase", "last"]] = Field(
+        default_factory=lambda: ["tag", "phrase", "last"], min_length=1)
+    request_timeout: float = Field(120.0, gt=0)  # openai: seconds per request
+    max_retries: int = Field(3, ge=0)  # openai: retries of timeouts, connection errors, 429 and 5xx
 
     @field_validator("base_url")
     @classmethod
@@ -78,14 +82,18 @@ class DataConfig(Section):
     """Where prompts come from and how many are drawn for training and held-out evaluation."""
 
     source: Literal["reasoning_gym", "file"] = "reasoning_gym"
+    # Sized to what the default 135M teacher can solve: one-digit sums and differences, short texts.
     tasks: list[TaskMix] = Field(
         default_factory=lambda: [
-            TaskMix(name="basic_arithmetic"),
-            TaskMix(name="chain_sum"),
-            TaskMix(name="letter_counting"),
+            TaskMix(name="basic_arithmetic", params=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
+                                                         operators=["+", "-"], allow_parentheses=False,
+                                                         allow_negation=False)),
+            TaskMix(name="chain_sum", params=dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1)),
+            TaskMix(name="letter_counting", params=dict(min_words=1, max_words=3)),
         ],
         min_length=1,
     )
+    prompt_style: Literal["worked_examples", "instruction"] = "worked_examples"  # see pipeline/data/prompts.py
     path: str | None = Field(None, validate_default=True)  # Parquet/JSONL with `prompt`, `answer` (optional `task`) when source == "file"
     num_train_prompts: int = Field(64, ge=1)
     num_eval_prompts: int = Field(32, ge=1)
@@ -97,6 +105,19 @@ class DataConfig(Section):
         if info.data.get("source") == "file" and not v:
             raise ValueError("path is required when source is 'file'")
         return v
+
+
+class GenerateConfig(Section):
+    """Sampling from the teacher and rejection sampling: how many samples, which are kept, how work is split."""
+
+    samples_per_prompt: int = Field(1, ge=1)
+    accept_threshold: float = Field(1.0, gt=0, le=1)  # a sample is accepted when its verifier score reaches this
+    max_accepted_per_prompt: int = Field(1, ge=1)
+    canonical_answer: bool = True  # accepted completions end in "The final answer is X." (prompts.py)
+    shard_size: int = Field(16, ge=1)  # prompts per partition: one unit of work and retry, one Parquet shard
+    max_in_flight_per_actor: int = Field(2, ge=1)  # partitions queued per actor (backpressure)
+    max_attempts: int = Field(3, ge=1)  # tries per partition (an actor that dies is replaced) before failing
+    seed: int = 0
 
 
 class DistillConfig(Section):
@@ -257,7 +278,9 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1)  # local clusters only
     namespace: str = "moeforge"
     include_dashboard: bool | None = None
-    stage_num_cpus: float = Field(1.0, ge=0)  # resources of the task that runs a stage's own work
+    # CPUs reserved by the task that runs a stage; it mostly waits on actors, so by default it takes none and
+    # leaves every core to them
+    stage_num_cpus: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(Section):
@@ -269,7 +292,7 @@ class TrackingConfig(Section):
     artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
 
 
-SECTIONS = ("teacher", "data", "distill", "model", "train", "evaluate", "serve", "ray", "tracking")
+SECTIONS = ("teacher", "data", "generate", "distill", "model", "train", "evaluate", "serve", "ray", "tracking")
 
 
 class MoeforgeConfig(Section):
@@ -278,6 +301,7 @@ class MoeforgeConfig(Section):
     name: str = "tiny"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

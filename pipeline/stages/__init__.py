@@ -7,5 +7,6 @@ is simply absent, and the DAG is whatever is listed.
 from __future__ import annotations
 
 from pipeline.stage import Stage
+from pipeline.stages.generate import Generate
 
-STAGES: list[type[Stage]] = []
+STAGES: list[type[Stage]] = [Generate]

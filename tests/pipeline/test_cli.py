@@ -38,14 +38,19 @@ def test_bad_config_exits_2_naming_the_key(cli):
 
 def test_stages_lists_the_product_dag(cli):
     res = cli("stages")
-    assert res.exit_code == 0
-    assert "DAG is empty" in res.output  # no product stage is built yet; this changes as stages land
+    assert res.exit_code == 0, res.output
+    line = next(l for l in res.output.splitlines() if " generate " in l)
+    assert "samples (dataset), eval_prompts (dataset)" in line and "teacher, data, generate" in line
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
-    for _ in range(2):
+    """The README's main command, on the real default teacher; the second run is all cache hits."""
+    for i in range(2):
         res = cli("run", "--config", "tiny")
         assert res.exit_code == 0, res.output
+        assert ("generate   cached" if i else "generate   done") in res.output
     assert (tmp_path / ".moeforge" / "mlflow.db").is_file()
     tracker = Tracker(load_config("tiny").tracking)
     runs = tracker.pipeline_runs()
@@ -73,8 +78,10 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
     assert tags[P + "cache_hit"] == "true"
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
-    assert cli("run", "--set", f"tracking.workdir={tmp_path / 'w'}").exit_code == 0
+    assert cli("run", "--set", f"tracking.workdir={tmp_path / 'w'}", "--set", "data.num_train_prompts=2",
+               "--set", "teacher.max_new_tokens=8").exit_code == 0
     res = cli("status", "0123456789abcdef", "--set", f"tracking.workdir={tmp_path / 'w'}")
     assert res.exit_code == 1 and "no run '0123456789abcdef'" in res.output
 

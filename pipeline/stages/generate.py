@@ -1,0 +1,263 @@
+"""Stage `generate`: teacher reasoning traces for the training prompts, graded by rejection sampling.
+
+Prompts come from the configured source (a reasoning-gym mixture or a user file) in two disjoint splits: the
+held-out split is written as `eval_prompts` for `evaluate`; the training split is cut into fixed partitions of
+`generate.shard_size` prompts. Each partition is one unit of work for the teacher actor pool and one Parquet shard
+named after it, written to the stage's scratch space as soon as it is graded. A partition retried after an actor
+died regenerates the same samples (its seed is fixed) and overwrites its own shard; a stage re-run after a crash
+skips partitions whose shard is already there. Every sample is kept, accepted or flagged with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import ArtifactSpec, write_table
+from pipeline.config import config_hash
+from pipeline.data.prompts import teacher_messages
+from pipeline.data.rejection import REJECT_REASONS, judge, select
+from pipeline.data.sources import Prompt, load_prompts
+from pipeline.stage import Stage, StageContext
+from pipeline.teacher.base import Generation
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),  # <prompt_id>-<sample index>
+    ("prompt_id", pa.string()),
+    ("partition", pa.int32()),
+    ("task", pa.string()),
+    ("question", pa.string()),
+    ("messages", MESSAGES),  # the conversation the teacher answered (instruction, worked examples, question)
+    ("completion", pa.string()),  # the text the student trains on (canonical answer line when accepted)
+    ("raw_completion", pa.string()),  # the teacher's text as generated
+    ("extracted_answer", pa.string()),
+    ("answer_source", pa.string()),  # the extractor that found it: tag, phrase or last
+    ("reference_answer", pa.string()),
+    ("score", pa.float64()),
+    ("accepted", pa.bool_()),
+    ("reject_reason", pa.string()),  # one of REJECT_REASONS; null when accepted
+    ("error", pa.string()),  # the teacher's error for teacher_error / bad_prompt
+    ("teacher_id", pa.string()),
+    ("sampling", pa.string()),  # JSON: temperature, top_p, max_new_tokens, seed of the partition
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("latency_s", pa.float64()),  # wall time of the batch the sample was generated in
+])
+PROMPT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("task", pa.string()),
+    ("question", pa.string()),
+    ("answer", pa.string()),
+    ("metadata", pa.string()),  # JSON: what the task's verifier needs (the reasoning-gym entry)
+])
+SAMPLES = ArtifactSpec("samples", "dataset", SAMPLE_SCHEMA,
+                       "every teacher sample of the training prompts, accepted or flagged with its reason")
+EVAL_PROMPTS = ArtifactSpec("eval_prompts", "dataset", PROMPT_SCHEMA,
+                            "held-out prompts for evaluate, disjoint from the training prompts")
+
+
+@dataclass
+class Partition:
+    index: int
+    prompts: list[Prompt]
+    seed: int
+
+
+def partitions(prompts: list[Prompt], shard_size: int, seed: int) -> list[Partition]:
+    """Fixed, seeded partitions of the training prompts: the unit of work, retry and output shard."""
+    return [Partition(i, prompts[start:start + shard_size], int(config_hash([seed, i])[:8], 16))
+            for i, start in enumerate(range(0, len(prompts), shard_size))]
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def prompts_table(prompts: list[Prompt]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"prompt_id": p.prompt_id, "task": p.task, "question": p.question, "answer": p.answer,
+         "metadata": json.dumps(p.metadata, default=str)} for p in prompts], schema=PROMPT_SCHEMA)
+
+
+def prompt_from_row(row: dict) -> Prompt:
+    """A held-out prompt read back from `eval_prompts`, ready for the verifiers."""
+    return Prompt(row["prompt_id"], row["task"], row["question"], row["answer"], "eval", json.loads(row["metadata"]))
+
+
+def conversations(part: Partition, cfg) -> tuple[list[list[dict]], list[tuple[Prompt, int]]]:
+    """The teacher conversations of a partition: `samples_per_prompt` per prompt, empty prompts left out."""
+    n, style = cfg.generate.samples_per_prompt, cfg.data.prompt_style
+    convs, slots = [], []
+    for p in part.prompts:
+        for j in range(n):
+            slots.append((p, j))
+            if p.question.strip():
+                convs.append(teacher_messages(p.task, p.question, style))
+    return convs, slots
+
+
+def grade(part: Partition, generations: list[Generation], teacher_id: str, cfg) -> pa.Table:
+    """Every sample of a partition as rows: judged one by one, then per prompt (duplicates, quota)."""
+    g, t = cfg.generate, cfg.teacher
+    _, slots = conversations(part, cfg)
+    it = iter(generations)
+    sampling = json.dumps({"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens,
+                           "seed": part.seed}, sort_keys=True)
+    rows, by_prompt = [], {}
+    for p, j in slots:
+        gen = next(it) if p.question.strip() else Generation("", 0, 0, "error", 0.0, error="empty prompt")
+        verdict = judge(p, gen, t.answer_extractors, g.accept_threshold, g.canonical_answer)
+        by_prompt.setdefault(p.prompt_id, []).append(verdict)
+        rows.append((p, j, gen, verdict))
+    for verdicts in by_prompt.values():
+        select(verdicts, g.max_accepted_per_prompt)
+    return pa.Table.from_pylist([{
+        "sample_id": f"{p.prompt_id}-{j}", "prompt_id": p.prompt_id, "partition": part.index, "task": p.task,
+        "question": p.question,
+        "messages": teacher_messages(p.task, p.question, cfg.data.prompt_style),
+        "completion": v.completion, "raw_completion": gen.text, "extracted_answer": v.answer,
+        "answer_source": v.answer_source, "reference_answer": p.answer, "score": v.score,
+        "accepted": v.accepted, "reject_reason": v.reason, "error": gen.error, "teacher_id": teacher_id,
+        "sampling": sampling, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens, "latency_s": gen.seconds,
+    } for p, j, gen, v in rows], schema=SAMPLE_SCHEMA)
+
+
+class Generate(Stage):
+    name = "generate"
+    outputs = (SAMPLES, EVAL_PROMPTS)
+    config_sections = ("teacher", "data", "generate")
+    key_metrics = ("acceptance_rate", "samples", "tokens_per_s")
+    description = "teacher traces on a Ray actor pool, verified by rejection sampling"
+
+    def run(self, ctx: StageContext) -> None:
+        from actors.pool import ActorPool
+        from actors.teacher import GenerateRequest, TeacherWorker
+
+        cfg = ctx.config
+        splits = load_prompts(cfg.data)
+        ctx.write_table("eval_prompts", prompts_table(splits["eval"]))
+        parts = partitions(splits["train"], cfg.generate.shard_size, cfg.generate.seed)
+        shards = ctx.scratch_dir / "shards"
+        shards.mkdir(exist_ok=True)
+        todo = [p for p in parts if not (shards / shard_name(p.index)).is_file()]
+        resumed = len(parts) - len(todo)
+        requests = []
+        for part in todo:
+            convs, _ = conversations(part, cfg)
+            requests.append((part.index, GenerateRequest(convs, part.seed)))
+
+        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+        cache_dir = default_cache_dir()
+        if cfg.teacher.backend == "hf":  # dequantize a GGUF once on this node, not once per actor
+            resolve_model_dir(cfg.teacher.model, cache_dir)
+        t = cfg.teacher
+        threads = max(1, int(t.num_cpus_per_actor)) if t.num_gpus_per_actor == 0 else None
+        total = sum(len(p.prompts) for p in todo) * cfg.generate.samples_per_prompt
+        bar = ctx.progress(total=total, desc="generate")
+        retries = Counter()
+        stats = _Stats()
+        if requests:
+            t_pool = time.perf_counter()
+            with ActorPool(TeacherWorker, (t, str(cache_dir), threads), size=t.num_actors,
+                           name=f"generate-{ctx.run_id[:8]}.teacher", num_cpus=t.num_cpus_per_actor,
+                           num_gpus=t.num_gpus_per_actor,
+                           max_in_flight_per_actor=cfg.generate.max_in_flight_per_actor) as pool:
+                stats = _Stats()  # throughput counts from a loaded pool; startup is its own metric
+                ctx.log_metrics({"actor_startup_s": stats.start - t_pool})
+                for index, result in pool.map_unordered("generate", requests, cfg.generate.max_attempts,
+                                                        on_retry=lambda key, _: retries.update([key])):
+                    table = grade(parts[index], result.generations, result.teacher_id, cfg)
+                    write_table(shards / shard_name(index), table, SAMPLES)
+                    stats.add(table, result)
+                    bar.update(table.num_rows)
+                    bar.set_description(f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
+                                        f"accepted {stats.accepted / max(stats.samples, 1):.0%}")
+                    ctx.log_metrics({"samples_done": stats.samples, "acceptance_rate_so_far":
+                                     stats.accepted / max(stats.samples, 1)}, step=len(stats.partitions))
+                replaced = pool.replacements
+        else:
+            replaced = 0
+        bar.close()
+
+        out = ctx.output_dir("samples")
+        for part in parts:
+            shutil.copy2(shards / shard_name(part.index), out / shard_name(part.index))
+        samples = pq.read_table(out)
+        ctx.log_metrics({**summarize(samples), **stats.throughput(), "partitions": len(parts),
+                         "resumed_partitions": resumed, "retried_partitions": len(retries),
+                         "replaced_actors": replaced, "eval_prompts": len(splits["eval"])})
+        self.log_dataset(ctx, samples)
+
+    def log_dataset(self, ctx: StageContext, samples: pa.Table) -> None:
+        """The samples as an MLflow dataset of this run (context `output`) and a preview table to eyeball."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        df = samples.drop_columns(["messages"]).to_pandas()
+        uri = ctx.client.get_run(ctx.run_id).info.artifact_uri.rstrip("/") + "/outputs/samples"
+        dataset = mlflow.data.from_pandas(df, source=uri, name="samples")
+        ctx.client.log_inputs(ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                        [InputTag("mlflow.data.context", "output")])])
+        preview = df[["sample_id", "task", "question", "completion", "extracted_answer", "reference_answer",
+                      "accepted", "reject_reason"]]
+        preview = preview.groupby("accepted", group_keys=False).head(20)
+        ctx.client.log_table(ctx.run_id, preview, "samples_preview.json")
+
+
+class _Stats:
+    """Running totals for the progress bar and the throughput metrics."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.samples = self.accepted = self.tokens = 0
+        self.partitions: list[int] = []
+        self.worker_tokens: Counter = Counter()
+        self.worker_seconds: Counter = Counter()
+
+    @property
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)
+
+    def add(self, table: pa.Table, result) -> None:
+        self.partitions.append(int(table["partition"][0].as_py()))
+        self.samples += table.num_rows
+        self.accepted += sum(table["accepted"].to_pylist())
+        self.tokens += result.completion_tokens
+        self.worker_tokens[result.worker] += result.completion_tokens
+        self.worker_seconds[result.worker] += result.seconds
+
+    def throughput(self) -> dict[str, float]:
+        if not self.partitions:
+            return {}
+        out = {"tokens_per_s": self.tokens / self.elapsed, "samples_per_s": self.samples / self.elapsed,
+               "generate_seconds": self.elapsed}
+        for i, worker in enumerate(sorted(self.worker_tokens)):
+            out[f"actor_{i}.tokens_per_s"] = self.worker_tokens[worker] / max(self.worker_seconds[worker], 1e-9)
+        return out
+
+
+def summarize(samples: pa.Table) -> dict[str, float]:
+    """Acceptance overall, per task and per reject reason; completion lengths."""
+    rows = samples.select(["task", "accepted", "reject_reason", "completion_tokens", "answer_source"]).to_pylist()
+    n = len(rows)
+    out = {"samples": n, "accepted": sum(r["accepted"] for r in rows),
+           "acceptance_rate": sum(r["accepted"] for r in rows) / max(n, 1),
+           "format_failure_rate": sum(r["reject_reason"] == "no_answer" for r in rows) / max(n, 1),
+           "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(n, 1)}
+    for task in sorted({r["task"] for r in rows}):
+        of_task = [r for r in rows if r["task"] == task]
+        out[f"acceptance_rate.{task}"] = sum(r["accepted"] for r in of_task) / len(of_task)
+    for reason in REJECT_REASONS:
+        out[f"rejected.{reason}"] = sum(r["reject_reason"] == reason for r in rows)
+    return out
