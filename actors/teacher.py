@@ -1,4 +1,5 @@
-"""The teacher role: one loaded teacher model per actor, generating for whole partitions of prompts.
+"""The teacher role: one loaded teacher model per actor, generating for partitions of prompts (`generate`) or
+scoring accepted samples for their soft targets (`distill`).
 
 `TeacherWorker` is a plain class (tests call it without Ray); `ActorPool(TeacherWorker, ...)` runs it as actors.
 A partition is generated in fixed chunks of `batch_size` conversations with a seed derived from the partition's
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import TeacherConfig
 from pipeline.teacher import load_teacher
-from pipeline.teacher.base import Generation
+from pipeline.teacher.base import Generation, SoftTargets
 
 
 @dataclass
@@ -37,6 +38,22 @@ class GenerateResult:
         self.completion_tokens = sum(g.completion_tokens for g in self.generations)
 
 
+@dataclass
+class ScoreRequest:
+    samples: list[tuple[str, str, str]]  # (sample_id, question, completion)
+    top_k: int
+    batch_size: int
+
+
+@dataclass
+class ScoreResult:
+    sequences: list[tuple[list[int], int]]  # (token ids of the training text, first completion index) per sample
+    targets: list[SoftTargets]
+    seconds: float
+    tokens: int  # tokens scored (whole sequences)
+    teacher_id: str
+
+
 class TeacherWorker:
     """Loads the configured teacher once and generates batches with the configured sampling settings.
 
@@ -56,6 +73,19 @@ class TeacherWorker:
         self.teacher_id = self.teacher.teacher_id
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
+    def score(self, request: ScoreRequest) -> ScoreResult:
+        """Soft targets for the student's training text of each sample (one forward pass per batch)."""
+        from pipeline.distill.targets import encode
+
+        t0 = time.perf_counter()
+        sequences = [encode(self.teacher.tokenizer, q, c) for _, q, c in request.samples]
+        targets: list[SoftTargets] = []
+        for start in range(0, len(sequences), request.batch_size):
+            chunk = sequences[start:start + request.batch_size]
+            targets += self.teacher.score([s for s, _ in chunk], [i for _, i in chunk], request.top_k)
+        return ScoreResult(sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in sequences),
+                           self.teacher_id)
+
     def generate(self, request: GenerateRequest) -> GenerateResult:
         t0 = time.perf_counter()
         out: list[Generation] = []
@@ -70,3 +100,20 @@ def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2):
+    """An `ActorPool` of `cfg.num_actors` teacher actors with the configured resources.
+
+    The model is resolved once on the calling node first (a GGUF is dequantized once there, not once per actor).
+    """
+    from actors.pool import ActorPool
+    from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+    cache_dir = default_cache_dir()
+    if cfg.backend == "hf":
+        resolve_model_dir(cfg.model, cache_dir)
+    threads = max(1, int(cfg.num_cpus_per_actor)) if cfg.num_gpus_per_actor == 0 else None
+    return ActorPool(TeacherWorker, (cfg, str(cache_dir), threads), size=cfg.num_actors, name=name,
+                     num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
+                     max_in_flight_per_actor=max_in_flight_per_actor)

@@ -41,6 +41,8 @@ class ArtifactSpec:
         name: the artifact's name, unique in a pipeline (a stage output and the matching downstream input).
         kind: `dataset` (Parquet files with `schema`), `checkpoint` (safetensors + config.json) or `files`.
         schema: for datasets, the exact Arrow schema every Parquet file must have.
+        variants: other exact schemas a file may have instead (a column type chosen by config, e.g. float16 or
+            float32 log-probabilities); every file of one artifact is still checked against the declared set.
         description: one line for `moeforge stages`.
     """
 
@@ -48,6 +50,10 @@ class ArtifactSpec:
     kind: Literal["dataset", "checkpoint", "files"] = "files"
     schema: pa.Schema | None = None
     description: str = ""
+    variants: tuple[pa.Schema, ...] = ()
+
+    def accepts(self, schema: pa.Schema) -> bool:
+        return any(schema.equals(s, check_metadata=False) for s in (self.schema, *self.variants) if s is not None)
 
     def __post_init__(self) -> None:
         if self.kind == "dataset" and self.schema is None:
@@ -181,7 +187,7 @@ def verify(root: Path, name: str, expected_hash: str | None = None) -> dict[str,
 
 def _check_schema(spec: ArtifactSpec, path: Path) -> None:
     schema = pq.read_schema(path)
-    if not schema.equals(spec.schema, check_metadata=False):
+    if not spec.accepts(schema):
         want = {f.name: str(f.type) for f in spec.schema}
         got = {f.name: str(f.type) for f in schema}
         diffs = [f"{k}: expected {want.get(k, 'absent')}, found {got.get(k, 'absent')}"
@@ -194,7 +200,7 @@ def _check_schema(spec: ArtifactSpec, path: Path) -> None:
 
 def write_table(path: Path, table: pa.Table, spec: ArtifactSpec) -> None:
     """Write one Parquet file of a dataset artifact atomically, after checking the declared schema."""
-    if spec.schema is not None and not table.schema.equals(spec.schema, check_metadata=False):
+    if spec.schema is not None and not spec.accepts(table.schema):
         try:
             table = table.cast(spec.schema)
         except (pa.ArrowInvalid, ValueError) as e:

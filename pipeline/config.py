@@ -125,7 +125,12 @@ class DistillConfig(Section):
 
     top_k: int = Field(20, ge=1)
     logprob_dtype: Literal["float16", "float32"] = "float16"
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # sequences per teacher forward pass
+    shard_size: int = Field(64, ge=1)  # samples per partition: one unit of work and retry, one Parquet shard
+    max_attempts: int = Field(3, ge=1)
+    # teachers that give no logits (`openai`) fall back to sequence-level distillation: the completions are
+    # tokenized with this tokenizer (a local model directory or the default teacher), which the student then uses
+    tokenizer: str = "smollm2-135m-instruct"
 
 
 class ModelConfig(Section):

@@ -7,6 +7,7 @@ is simply absent, and the DAG is whatever is listed.
 from __future__ import annotations
 
 from pipeline.stage import Stage
+from pipeline.stages.distill import Distill
 from pipeline.stages.generate import Generate
 
-STAGES: list[type[Stage]] = [Generate]
+STAGES: list[type[Stage]] = [Generate, Distill]

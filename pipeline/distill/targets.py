@@ -1,0 +1,80 @@
+"""Soft targets: what the student trains on, token by token, and how it is stored.
+
+The training text of a sample is the student's conversation (instruction + question, see `data/prompts.py`) in
+the chat template, followed by the accepted completion and the end-of-turn token. For every completion position
+the teacher's top-k next-token ids and log-probabilities are kept, plus the log of the mass outside them, so the
+KD loss can treat "everything else" as one bucket. Alignment follows the usual shift: the targets stored at
+position i describe token i + 1, and `loss_mask[i]` is true exactly where token i + 1 is a completion token.
+
+One Parquet row per sample with list columns; the teacher's tokenizer is fingerprinted, and a student whose
+tokenizer differs is refused (its token ids would mean different strings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.prompts import student_messages
+from pipeline.teacher.base import SoftTargets
+
+
+class TokenizerMismatch(ValueError):
+    """The student's tokenizer is not the one the soft targets were computed with."""
+
+
+def schema(logprob_dtype: str = "float16") -> pa.Schema:
+    lp = pa.float16() if logprob_dtype == "float16" else pa.float32()
+    return pa.schema([
+        ("sample_id", pa.string()),
+        ("task", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),  # [L] prompt + completion + end-of-turn
+        ("loss_mask", pa.list_(pa.bool_())),  # [L] true at i when token i + 1 is a completion token
+        ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [positions with loss_mask][k]; empty: no soft targets
+        ("topk_logprobs", pa.list_(pa.list_(lp))),  # [positions][k]
+        ("tail_logmass", pa.list_(pa.float32())),  # [positions] log of the mass outside the top k
+    ])
+
+
+def encode(tokenizer, question: str, completion: str) -> tuple[list[int], int]:
+    """(token ids of the training text, index of the first completion token)."""
+    prompt = tokenizer.apply_chat_template(student_messages(question), add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    answer = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt + answer, len(prompt)
+
+
+def loss_mask(length: int, start: int) -> list[bool]:
+    return [start - 1 <= i < length - 1 for i in range(length)]
+
+
+def row(sample_id: str, task: str, token_ids: list[int], start: int, targets: SoftTargets | None) -> dict:
+    """One stored row; `targets` None keeps only the sequence (sequence-level distillation, plain SFT)."""
+    return {"sample_id": sample_id, "task": task, "token_ids": token_ids, "loss_mask": loss_mask(len(token_ids), start),
+            "topk_ids": targets.topk_ids.tolist() if targets else [],
+            "topk_logprobs": targets.topk_logprobs.tolist() if targets else [],
+            "tail_logmass": targets.tail_logmass.tolist() if targets else []}
+
+
+def topk_mass(targets: SoftTargets) -> np.ndarray:
+    """Share of the teacher's probability covered by the stored top k, per position."""
+    return np.exp(targets.topk_logprobs.astype(np.float64)).sum(-1)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what token ids mean: the vocabulary (with added tokens) and the special tokens."""
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
+                       "special": tokenizer.special_tokens_map}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_tokenizer(tokenizer, fingerprint: str, where: str = "the soft targets") -> None:
+    """Refuse a student tokenizer that differs from the teacher's."""
+    mine = tokenizer_fingerprint(tokenizer)
+    if mine != fingerprint:
+        raise TokenizerMismatch(
+            f"tokenizer mismatch: {where} were computed with tokenizer {fingerprint}, the student's is {mine} "
+            f"({len(tokenizer)} tokens); the student must use the teacher's tokenizer (saved with the targets)")

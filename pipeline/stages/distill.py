@@ -1,0 +1,128 @@
+"""Stage `distill`: the teacher's soft targets for every accepted sample, as an offline KD dataset.
+
+Accepted samples from `generate` are cut into partitions of `distill.shard_size`; teacher actors (the same role
+as in `generate`, loaded once each) run one forward pass per batch over the student's training text (instruction
++ question + accepted completion, see `pipeline/distill/targets.py`) and keep the top-k next-token log-probs and
+the tail mass at every completion position. Each partition becomes one shard (retry- and resume-safe, as in
+`generate`). The teacher's tokenizer is saved beside the shards with its fingerprint: the student must use it.
+
+Teachers without logits (`openai`) fall back to sequence-level distillation: the rows hold the tokenized
+sequences and masks with empty targets (plain SFT on the completion), and the run carries a warning tag.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.artifacts import ArtifactSpec, write_json
+from pipeline.distill import targets as T
+from pipeline.stage import Stage, StageContext
+from pipeline.stages.generate import SAMPLES
+from pipeline.stages.shards import Shards
+
+SOFT_TARGETS = ArtifactSpec("soft_targets", "dataset", T.schema("float16"),
+                            "per accepted sample: token ids, loss mask, teacher top-k ids + log-probs, tail mass; "
+                            "tokenizer/ and meta.json beside", variants=(T.schema("float32"),))
+
+
+class Distill(Stage):
+    name = "distill"
+    inputs = ("samples",)
+    outputs = (SOFT_TARGETS,)
+    config_sections = ("teacher", "distill")
+    key_metrics = ("bytes_per_token", "topk_mass_mean", "score_tokens_per_s")
+    description = "teacher top-k soft targets on the accepted samples (offline KD dataset)"
+
+    def run(self, ctx: StageContext) -> None:
+        cfg = ctx.config
+        samples = ctx.read_table("samples", SAMPLES).filter(pc.field("accepted"))
+        if samples.num_rows == 0:
+            raise ValueError("no accepted samples to distill: every sample of `generate` was rejected (see its "
+                             "rejected.* metrics); loosen generate.accept_threshold or use a stronger teacher")
+        rows = samples.select(["sample_id", "task", "question", "completion"]).to_pylist()
+        size = cfg.distill.shard_size
+        parts = {i: rows[start:start + size] for i, start in enumerate(range(0, len(rows), size))}
+        shards = Shards(ctx.scratch_dir, SOFT_TARGETS)
+        dtype = T.schema(cfg.distill.logprob_dtype)
+        out = ctx.output_dir("soft_targets")
+        if cfg.teacher.backend == "openai":
+            tokenizer, teacher_id = self.sequence_level(ctx, parts, shards, dtype)
+        else:
+            tokenizer, teacher_id = self.score(ctx, parts, shards, dtype)
+        stored_bytes = shards.publish(sorted(parts), out)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        fingerprint = T.tokenizer_fingerprint(tokenizer)
+        table = shards.read(sorted(parts))
+        positions = sum(sum(m) for m in table["loss_mask"].to_pylist())
+        write_json(out / "meta.json", {"tokenizer_fingerprint": fingerprint, "teacher_id": teacher_id,
+                                       "top_k": cfg.distill.top_k, "logprob_dtype": cfg.distill.logprob_dtype,
+                                       "soft_targets": cfg.teacher.backend != "openai", "samples": table.num_rows,
+                                       "target_positions": positions})
+        ctx.set_tags({"moeforge.tokenizer_fingerprint": fingerprint})
+        ctx.log_metrics({"samples": table.num_rows, "target_positions": positions,
+                         "bytes_per_token": stored_bytes / max(positions, 1)})
+
+    def score(self, ctx: StageContext, parts: dict, shards: Shards, schema: pa.Schema):
+        from transformers import AutoTokenizer
+
+        from actors.teacher import ScoreRequest, teacher_pool
+        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+        cfg = ctx.config
+        teacher = cfg.teacher
+        if teacher.backend == "vllm":  # vLLM generates; scoring needs full logits: the same weights through hf
+            teacher = teacher.model_copy(update={"backend": "hf"})
+        masses, tokens, t0 = [], 0, None
+        todo = shards.missing(sorted(parts))
+        requests = [(i, ScoreRequest([(r["sample_id"], r["question"], r["completion"]) for r in parts[i]],
+                                     cfg.distill.top_k, cfg.distill.batch_size)) for i in todo]
+        teacher_id = None
+        if requests:
+            bar = ctx.progress(total=sum(len(parts[i]) for i in todo), desc="distill")
+            with teacher_pool(teacher, f"distill-{ctx.run_id[:8]}.teacher") as pool:
+                t0 = time.perf_counter()
+                for i, result in pool.map_unordered("score", requests, cfg.distill.max_attempts):
+                    shards.write(i, pa.Table.from_pylist([
+                        T.row(r["sample_id"], r["task"], seq, start, tg)
+                        for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets)], schema=schema))
+                    masses += [T.topk_mass(tg) for tg in result.targets]
+                    tokens += result.tokens
+                    teacher_id = result.teacher_id
+                    bar.update(len(parts[i]))
+            bar.close()
+        metrics = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}
+        if masses:
+            mass = np.concatenate(masses)
+            metrics.update(topk_mass_mean=float(mass.mean()), topk_mass_p5=float(np.percentile(mass, 5)),
+                           score_tokens_per_s=tokens / (time.perf_counter() - t0))
+        ctx.log_metrics(metrics)
+        model_dir = resolve_model_dir(teacher.model, default_cache_dir())
+        return AutoTokenizer.from_pretrained(str(model_dir)), teacher_id or f"hf:{model_dir.name}"
+
+    def sequence_level(self, ctx: StageContext, parts: dict, shards: Shards, schema: pa.Schema):
+        """No logits from this teacher: store the tokenized training text only (plain SFT), and say so."""
+        from transformers import AutoTokenizer
+
+        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+        cfg = ctx.config
+        warning = (f"teacher backend {cfg.teacher.backend!r} gives no logits: sequence-level distillation (SFT on "
+                   f"the accepted completions) with tokenizer {cfg.distill.tokenizer!r}")
+        ctx.set_tags({"moeforge.warning": warning})
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.distill.tokenizer, default_cache_dir())))
+        for i in shards.missing(sorted(parts)):
+            shards.write(i, pa.Table.from_pylist([
+                T.row(r["sample_id"], r["task"], *T.encode(tokenizer, r["question"], r["completion"]), None)
+                for r in parts[i]], schema=schema))
+        return tokenizer, f"openai:{cfg.teacher.model}@{cfg.teacher.base_url}"
+
+
+def read_meta(path) -> dict:
+    """The `meta.json` of a committed soft-targets artifact (tokenizer fingerprint, teacher, top-k)."""
+    return json.loads((Path(path) / "meta.json").read_text())

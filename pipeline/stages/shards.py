@@ -1,0 +1,47 @@
+"""Per-partition Parquet shards in a stage's scratch space: the unit of retry, resume and output.
+
+A stage that fans partitions out to actors writes each finished partition as `part-NNNNN.parquet` (atomically) in
+its scratch space. A partition retried after an actor died overwrites its own shard, so nothing is duplicated; a
+stage re-run after a crash (same cache key, same scratch space) skips the shards already written; at the end all
+shards are published into the output artifact in partition order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import artifacts
+from pipeline.artifacts import ArtifactSpec
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+class Shards:
+    def __init__(self, scratch_dir: Path, spec: ArtifactSpec):
+        self.dir = Path(scratch_dir) / "shards"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.spec = spec
+
+    def missing(self, indices: list[int]) -> list[int]:
+        return [i for i in indices if not (self.dir / shard_name(i)).is_file()]
+
+    def write(self, index: int, table: pa.Table) -> None:
+        artifacts.write_table(self.dir / shard_name(index), table, self.spec)
+
+    def publish(self, indices: list[int], out_dir: Path) -> int:
+        """Copy every shard into the output folder; return their total size in bytes."""
+        size = 0
+        for i in indices:
+            shutil.copy2(self.dir / shard_name(i), Path(out_dir) / shard_name(i))
+            size += (self.dir / shard_name(i)).stat().st_size
+        return size
+
+    def read(self, indices: list[int]) -> pa.Table:
+        """The shards of `indices` as one table, in partition order."""
+        return pa.concat_tables([pq.read_table(self.dir / shard_name(i)) for i in indices])

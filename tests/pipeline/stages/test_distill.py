@@ -1,0 +1,76 @@
+"""Stage `distill` for real: generate → distill on the default teacher through Ray and MLflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from transformers import AutoTokenizer
+
+from pipeline import artifacts
+from pipeline.config import load_config
+from pipeline.distill import targets as T
+from pipeline.runner import StageFailed, run_pipeline
+from pipeline.stage import fetch
+from pipeline.stages.distill import SOFT_TARGETS, Distill, read_meta
+from pipeline.stages.generate import SAMPLES, Generate
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
+
+
+def small(workdir, *overrides):
+    return load_config("tiny", [f"tracking.workdir={workdir}", "data.num_train_prompts=9", "data.num_eval_prompts=3",
+                                "teacher.max_new_tokens=40", "generate.shard_size=3", "distill.shard_size=2",
+                                *overrides])
+
+
+def run(cfg):
+    result = run_pipeline(cfg, [Generate(), Distill()])
+
+    def read(stage, name, spec):
+        ref = result[stage].outputs[name]
+        path = fetch(ref, result.tracking_uri, cfg.tracking.workdir)
+        return artifacts.read_table(path, spec, ref.hash).to_pylist(), path
+
+    (samples, _), (targets, path) = read("generate", "samples", SAMPLES), read("distill", "soft_targets", SOFT_TARGETS)
+    return samples, targets, path, MlflowClient(result.tracking_uri).get_run(result["distill"].run_id)
+
+
+def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_tokenizer(tmp_path):
+    samples, targets, path, mlrun = run(small(tmp_path / "w", "distill.logprob_dtype=float32", "distill.top_k=8"))
+    accepted = {s["sample_id"]: s for s in samples if s["accepted"]}
+    assert accepted and sorted(t["sample_id"] for t in targets) == sorted(accepted)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    meta = read_meta(path)
+    T.check_tokenizer(tokenizer, meta["tokenizer_fingerprint"])
+    assert meta["top_k"] == 8 and meta["soft_targets"] and meta["teacher_id"].startswith("hf:SmolLM2")
+    for t in targets:
+        s = accepted[t["sample_id"]]
+        assert (t["token_ids"], t["loss_mask"].index(True) + 1) == T.encode(tokenizer, s["question"], s["completion"])
+        assert sum(t["loss_mask"]) == len(t["topk_ids"]) == len(t["tail_logmass"]) and len(t["topk_ids"][0]) == 8
+        lp = np.array(t["topk_logprobs"])
+        assert (np.diff(lp, axis=1) <= 0).all() and (lp <= 0).all()
+        completion = [tok for tok, m in zip(t["token_ids"][1:], t["loss_mask"]) if m]
+        top1 = np.array(t["topk_ids"])[:, 0]
+        assert (top1 == np.array(completion)).mean() > 0.6  # the teacher mostly agrees with its accepted answers
+    m = mlrun.data.metrics
+    assert 0 < m["topk_mass_p5"] <= m["topk_mass_mean"] <= 1 and m["score_tokens_per_s"] > 0
+    # a few hundred bytes here, most of it Parquet footers of tiny shards; the dense fp16 distribution is 98,304
+    assert m["bytes_per_token"] < 1000
+    assert mlrun.data.tags["moeforge.tokenizer_fingerprint"] == meta["tokenizer_fingerprint"]
+
+
+def test_a_teacher_without_logits_falls_back_to_sequence_level_with_a_warning(tmp_path, openai_server):
+    url, _ = openai_server
+    samples, targets, path, mlrun = run(small(
+        tmp_path / "w", "teacher.backend=openai", f"teacher.base_url={url}", "teacher.model=smollm2",
+        "teacher.num_actors=1", "data.num_train_prompts=4", "generate.shard_size=4"))
+    assert len(targets) == sum(s["accepted"] for s in samples) > 0
+    assert all(t["topk_ids"] == [] and any(t["loss_mask"]) for t in targets)
+    assert "sequence-level distillation" in mlrun.data.tags["moeforge.warning"]
+    assert read_meta(path)["soft_targets"] is False
+
+
+def test_nothing_accepted_is_a_clear_error(tmp_path):
+    with pytest.raises(StageFailed, match="no accepted samples to distill"):
+        run_pipeline(small(tmp_path / "w", "teacher.max_new_tokens=1"), [Generate(), Distill()])
