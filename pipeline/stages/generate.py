@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -190,7 +191,9 @@ class Generate(Stage):
 
         df = samples.drop_columns(["messages"]).to_pandas()
         uri = ctx.client.get_run(ctx.run_id).info.artifact_uri.rstrip("/") + "/outputs/samples"
-        dataset = mlflow.data.from_pandas(df, source=uri, name="samples")
+        with warnings.catch_warnings():  # MLflow's hints about inferring a model signature do not apply here
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(df, source=uri, name="samples")
         ctx.client.log_inputs(ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                         [InputTag("mlflow.data.context", "output")])])
         preview = df[["sample_id", "task", "question", "completion", "extracted_answer", "reference_answer",
