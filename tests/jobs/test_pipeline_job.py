@@ -11,7 +11,7 @@ def test_job_entrypoint_runs_the_pipeline_driver(tmp_path):
     workdir = tmp_path / "w"
     proc = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "tiny", "--set",
                            f"tracking.workdir={workdir}",
-                           "--set", "data.num_train_prompts=4", "--set", "teacher.max_new_tokens=16"],
+                           "--set", "data.num_train_prompts=6", "--set", "teacher.max_new_tokens=40"],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = Tracker(load_config("tiny", [f"tracking.workdir={workdir}"]).tracking).pipeline_runs()

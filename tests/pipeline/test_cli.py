@@ -80,8 +80,8 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
-    assert cli("run", "--set", f"tracking.workdir={tmp_path / 'w'}", "--set", "data.num_train_prompts=2",
-               "--set", "teacher.max_new_tokens=8").exit_code == 0
+    assert cli("run", "--until", "generate", "--set", f"tracking.workdir={tmp_path / 'w'}", "--set",
+               "data.num_train_prompts=2", "--set", "teacher.max_new_tokens=8").exit_code == 0
     res = cli("status", "0123456789abcdef", "--set", f"tracking.workdir={tmp_path / 'w'}")
     assert res.exit_code == 1 and "no run '0123456789abcdef'" in res.output
 
