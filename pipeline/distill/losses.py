@@ -69,7 +69,8 @@ class DistillLoss:
 def distill_loss(logits_NV: torch.Tensor, targets_N: torch.Tensor, mask_N: torch.Tensor,
                  topk_ids_NK: torch.Tensor | None, topk_logprobs_NK: torch.Tensor | None,
                  tail_logmass_N: torch.Tensor | None, alpha: float = 0.5, temperature: float = 1.0,
-                 kind: Literal["forward_kl", "reverse_kl"] = "forward_kl") -> DistillLoss:
+                 kind: Literal["forward_kl", "reverse_kl"] = "forward_kl",
+                 soft_N: torch.Tensor | None = None) -> DistillLoss:
     """The training loss on completion positions: `alpha * KD + (1 - alpha) * CE`.
 
     Args:
@@ -81,12 +82,14 @@ def distill_loss(logits_NV: torch.Tensor, targets_N: torch.Tensor, mask_N: torch
         alpha: weight of the KD term.
         temperature: softening of both distributions in the KD term (scaled back by T²).
         kind: `forward_kl` (KL(p_teacher || q_student)) or `reverse_kl`.
+        soft_N: positions that have teacher targets (default: all of `mask_N`); a batch with none is pure CE.
     """
     ce = _masked_mean(F.cross_entropy(logits_NV.float(), targets_N.long(), reduction="none"), mask_N)
-    if topk_ids_NK is None:
+    soft_N = mask_N if soft_N is None else soft_N & mask_N
+    if topk_ids_NK is None or not bool(soft_N.any()):
         return DistillLoss(ce, torch.zeros_like(ce), ce)
     logq = student_buckets(logits_NV, topk_ids_NK, temperature)
     logp = teacher_buckets(topk_logprobs_NK, tail_logmass_N, temperature)
     per_position = (forward_kl if kind == "forward_kl" else reverse_kl)(logp, logq)
-    kd = _masked_mean(per_position, mask_N) * temperature ** 2
+    kd = _masked_mean(per_position, soft_N) * temperature ** 2
     return DistillLoss(alpha * kd + (1 - alpha) * ce, kd, ce)
