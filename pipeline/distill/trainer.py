@@ -1,0 +1,96 @@
+"""One replica's training state and step, checkpointable to the step (groundwork for the `train` stage).
+
+Plain PyTorch, no Ray: the Ray Train loop (to come, `actors/trainer.py`) builds a `TrainState` per worker, wraps
+the model in DDP, and reports `state_dict()` as its checkpoint. Everything a resumed run needs to continue exactly
+where it stopped is in the state: weights and router biases, AdamW moments, the LR schedule, the step, the data
+order (epoch, position) and the RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.distill.objective import StepLoss, objective, to_tensors
+from pipeline.distill.packing import PackedBatch
+from pipeline.model import Transformer, update_router_biases
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to the peak over `warmup_steps`, then cosine down to `min_lr_ratio` of it at `max_steps`."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainState:
+    """Model, optimizer, schedule, step and data position of one replica."""
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, windows: PackedBatch):
+        self.model, self.cfg, self.windows = model, cfg, windows
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step, self.epoch, self.position = 0, 0, 0
+
+    # ------------------------------------------------------------------------------------------------ data
+
+    def _order(self) -> np.ndarray:
+        """This epoch's window order: a permutation seeded by (seed, epoch), so a resumed run sees the same."""
+        return np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.windows.tokens_BT))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        order = self._order()
+        take = []
+        while len(take) < self.cfg.batch_size:
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                order = self._order()
+            take.append(order[self.position])
+            self.position += 1
+        picked = PackedBatch(*(getattr(self.windows, f)[take] for f in vars(self.windows)))
+        return to_tensors(picked, next(self.model.parameters()).device)
+
+    # ------------------------------------------------------------------------------------------------ step
+
+    def train_step(self, all_reduce: Callable[[torch.Tensor], object] | None = None,
+                   forward: Callable[[dict], StepLoss] | None = None) -> dict[str, float]:
+        """One optimizer step; `forward` lets a DDP wrapper run the objective (default: the plain model)."""
+        self.model.train()
+        loss = (forward or (lambda b: objective(self.model, b, self.cfg)))(self.next_batch())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        counts_LE = update_router_biases(self.model, self.model.cfg.bias_update_speed, all_reduce)
+        self.step += 1
+        share_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
+        return {"loss": loss.total.item(), "kd": loss.kd.item(), "ce": loss.ce.item(),
+                "balance": loss.balance.item(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                "tokens": loss.tokens, "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0}
+
+    def run(self, steps: int, **kwargs) -> Iterator[dict[str, float]]:
+        for _ in range(steps):
+            yield self.train_step(**kwargs)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "position": self.position, "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        torch.set_rng_state(state["torch_rng"])
