@@ -54,3 +54,19 @@ def objective(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainConf
     balance = model.balance_loss()
     total = losses.total + balance + (model.cfg.mtp_lambda * mtp if mtp is not None else 0)
     return StepLoss(total, losses.kd, losses.ce, balance, mtp, int(mask_BT.sum()))
+
+
+class ObjectiveModule(torch.nn.Module):
+    """The objective as a module's `forward`, so `DistributedDataParallel` can wrap it and sync gradients.
+
+    Use `DDP(ObjectiveModule(model, cfg), find_unused_parameters=True, broadcast_buffers=False)`: routed experts
+    that received no token this step have no gradient, and router biases stay in sync through the all-reduced
+    expert counts of `update_router_biases`, not by copying rank 0's.
+    """
+
+    def __init__(self, model: Transformer, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> StepLoss:
+        return objective(self.model, batch, self.cfg)
