@@ -105,8 +105,9 @@ class ActorPool:
                       on_retry: Callable[[Any, str], None] | None = None) -> Iterator[tuple[Any, Any]]:
         """Call `actor.<method>(payload)` for every (key, payload); yield (key, result) as calls finish.
 
-        An item whose actor died is re-queued without counting against it only if the death was not its own
-        doing; an item that raises is retried up to `max_attempts` in all, then `PoolError` names it.
+        An item whose actor died is re-queued at the front without counting as an attempt (deaths are bounded by
+        `max_replacements` instead); an item that raises is retried up to `max_attempts` in all, then
+        `PoolError` names it.
         """
         pending = collections.deque(_Item(k, p) for k, p in items)
         in_flight: dict[ray.ObjectRef, tuple[_Slot, int, _Item]] = {}

@@ -40,7 +40,7 @@ class GenerateResult:
 
 @dataclass
 class ScoreRequest:
-    samples: list[tuple[str, str, str]]  # (sample_id, question, completion)
+    samples: list[tuple[str, str]]  # (question, completion)
     top_k: int
     batch_size: int
 
@@ -78,7 +78,7 @@ class TeacherWorker:
         from pipeline.distill.targets import encode
 
         t0 = time.perf_counter()
-        sequences = [encode(self.teacher.tokenizer, q, c) for _, q, c in request.samples]
+        sequences = [encode(self.teacher.tokenizer, q, c) for q, c in request.samples]
         targets: list[SoftTargets] = []
         for start in range(0, len(sequences), request.batch_size):
             chunk = sequences[start:start + request.batch_size]

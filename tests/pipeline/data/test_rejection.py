@@ -19,7 +19,7 @@ def gen(text, finish="stop", error=None):
 def test_each_reject_reason():
     cases = {
         "teacher_error": gen("", "error", "HTTP 500: boom (after 4 attempts)"),
-        "bad_prompt": gen("", "error", "prompt too long: 9000 tokens + max_new_tokens 8 exceed the teacher's context"),
+        "bad_prompt": gen("", "bad_prompt", "prompt too long: 9000 tokens + max_new_tokens 8 exceed the context"),
         "truncated": gen("2 + 3 = 5. 5 + 0 = 5. 5 + 0", "length"),
         "no_answer": gen("I am not sure."),
         "wrong_answer": gen("2 + 3 = 6. The final answer is 6."),

@@ -52,7 +52,7 @@ def test_prompt_over_the_context_is_flagged_and_the_rest_of_the_batch_still_gene
     long = [{"role": "user", "content": "word " * 9000}]
     short = [{"role": "user", "content": "What is 3 + 4? Answer with a number."}]
     flagged, ok = teacher.generate([long, short], max_new_tokens=8)
-    assert flagged.finish_reason == "error" and "exceed the teacher's context of 8192" in flagged.error
+    assert flagged.finish_reason == "bad_prompt" and "exceed the teacher's context of 8192" in flagged.error
     assert ok.finish_reason in ("stop", "length") and ok.text and ok.error is None
 
 
