@@ -223,8 +223,12 @@ class TrainConfig(Section):
     kd_temperature: float = Field(1.0, gt=0)
     kd_loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
     checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)  # most recent checkpoints kept in storage
     storage_path: str | None = None  # local folder or s3://…; None: <workdir>/checkpoints
-    max_failures: int = Field(1, ge=0)
+    max_failures: int = Field(1, ge=0)  # worker-group restarts (from the latest checkpoint) before the stage fails
+    # FLOP/s one worker could reach, for the MFU estimate; None: a GPU's datasheet bf16 peak, or on CPU the fp32
+    # matmul throughput measured at start (see docs/architecture.md)
+    peak_flops_per_worker: float | None = Field(None, gt=0)
     seed: int = 0
 
     @field_validator("warmup_steps")

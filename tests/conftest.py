@@ -51,7 +51,8 @@ def ray_cluster():
     """One local Ray cluster for the session (starting one costs ~7 s here)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="moeforge-tests", log_to_driver=True)
+    # with the dashboard: Ray Train V2 and the state API query actors through it
+    ray.init(num_cpus=2, include_dashboard=True, namespace="moeforge-tests", log_to_driver=True)
     yield
     ray.shutdown()
 

@@ -39,6 +39,7 @@ class TrainState:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step, self.epoch, self.position = 0, 0, 0
+        self.last_counts = torch.zeros(0, 0)  # (MoE layers, experts) tokens routed in the last step, all replicas
 
     # ------------------------------------------------------------------------------------------------ data
 
@@ -71,11 +72,15 @@ class TrainState:
         self.optimizer.step()
         self.scheduler.step()
         counts_LE = update_router_biases(self.model, self.model.cfg.bias_update_speed, all_reduce)
+        self.last_counts = counts_LE
         self.step += 1
         share_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
-        return {"loss": loss.total.item(), "kd": loss.kd.item(), "ce": loss.ce.item(),
-                "balance": loss.balance.item(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                "tokens": loss.tokens, "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0}
+        out = {"loss": loss.total.item(), "kd": loss.kd.item(), "ce": loss.ce.item(),
+               "balance": loss.balance.item(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+               "tokens": loss.tokens, "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0}
+        if loss.mtp is not None:
+            out["mtp"] = loss.mtp.item()
+        return out
 
     def run(self, steps: int, **kwargs) -> Iterator[dict[str, float]]:
         for _ in range(steps):
