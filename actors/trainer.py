@@ -276,6 +276,8 @@ def contiguous_split(dataset, world_size: int):
                          "every worker needs at least one sample")
     cuts = [n * i // world_size for i in range(1, world_size)]
     parts = ds.split_at_indices(cuts) if cuts else [ds]
+    for part in parts:  # a worker reads its shard once; a progress bar there would linger for the whole run
+        part.context.enable_progress_bars = False
 
     class ContiguousSplit(DataConfig):
         def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
@@ -287,9 +289,7 @@ def contiguous_split(dataset, world_size: int):
 def read_shard(shard) -> list[dict]:
     """All rows of this worker's Ray Data shard, in sample-id order (a stable order for a resumed run)."""
     import pyarrow as pa
-    from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
     tables = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
     if not tables:
         return []

@@ -62,11 +62,13 @@ class ArtifactSpec:
 
 @dataclass(frozen=True)
 class ArtifactRef:
-    """A committed artifact: where it lives (an MLflow artifact URI) and its content hash."""
+    """A committed artifact: where it lives (an MLflow artifact URI), its content hash, and the stage run that
+    produced it (so a consumer can reach what that run logged beside it, e.g. the MLflow model of `train`)."""
 
     name: str
     uri: str
     hash: str
+    run_id: str = ""
 
 
 # ---------------------------------------------------------------------------------------------------- hashing

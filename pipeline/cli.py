@@ -72,8 +72,38 @@ def run(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
     hits = sum(s.cache_hit for s in result.stages)
+    _print_outcome(result, cfg)
     console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
                   f"{len(result.stages)} stages, {hits} cached; tracking {result.tracking_uri}")
+
+
+def _print_outcome(result, cfg) -> None:
+    """The evaluation (teacher vs student pass@1 per task) and the registry decision, when the run reached them."""
+    import json
+
+    from rich.table import Table
+
+    from pipeline.stage import fetch
+
+    produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
+    if "eval_report" in produced:
+        summary = json.loads((fetch(produced["eval_report"], result.tracking_uri, cfg.tracking.workdir)
+                              / "summary.json").read_text())
+        table = Table("held-out pass@1", "teacher", "student", title="evaluation")
+        tasks = sorted(summary["teacher"]["pass_at_1_by_task"])
+        for task in tasks:
+            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in ("teacher", "student")))
+        table.add_row("[bold]overall[/bold]", *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]"
+                                                for m in ("teacher", "student")))
+        table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in ("teacher", "student")))
+        table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}"
+                                                  for m in ("teacher", "student")))
+        console.print(table)
+    if "registration" in produced:
+        reg = json.loads((fetch(produced["registration"], result.tracking_uri, cfg.tracking.workdir)
+                          / "registration.json").read_text())
+        console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
+                      f"[/bold]: {reg['reason']} ({reg['model_uri']})")
 
 
 @app.command()

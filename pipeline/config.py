@@ -208,7 +208,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """Distillation training of the student on Ray Train."""
 
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=1)  # Ray Train workers, one DDP replica each
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_steps: int = Field(100, ge=1)
@@ -238,13 +238,26 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """Held-out evaluation of teacher and student, and the registry gate."""
+    """Held-out evaluation: teacher and student answer the held-out split greedily, with the student's prompt."""
 
     max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
-    registered_model_name: str = Field("moeforge-student", min_length=1)
-    # champion when student pass@1 >= gate_ratio * teacher pass@1, else challenger
+    batch_size: int = Field(8, ge=1)  # questions per decoding batch
+    partition_size: int = Field(8, ge=1)  # questions per unit of work on the actor pools
+    num_actors: int = Field(2, ge=1)  # student actors (the teacher's pool follows the teacher section)
+    num_cpus_per_actor: float = Field(1.0, ge=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+
+
+class RegistryConfig(Section):
+    """The MLflow Model Registry entry and the promotion gate.
+
+    The new version gets alias `champion` when student pass@1 >= gate_ratio x teacher pass@1 and, with
+    `must_beat_champion`, >= the current champion's pass@1; otherwise `challenger`, with the reason as a tag.
+    """
+
+    model_name: str = Field("moeforge-student", min_length=1)
     gate_ratio: float = Field(0.5, ge=0)
+    must_beat_champion: bool = True
 
 
 class AutoscalingConfig(Section):
@@ -265,7 +278,7 @@ class ServeConfig(Section):
     """The OpenAI-compatible Ray Serve application."""
 
     enabled: bool = False  # run `serve` as the last stage of a pipeline run
-    model_uri: str | None = None  # None: models:/<registered_model_name>@champion
+    model_uri: str | None = None  # None: models:/<registry.model_name>@champion
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: int = Field(1, ge=1)
@@ -301,7 +314,8 @@ class TrackingConfig(Section):
     artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
 
 
-SECTIONS = ("teacher", "data", "generate", "distill", "model", "train", "evaluate", "serve", "ray", "tracking")
+SECTIONS = ("teacher", "data", "generate", "distill", "model", "train", "evaluate", "registry", "serve", "ray",
+            "tracking")
 
 
 class MoeforgeConfig(Section):
@@ -315,6 +329,7 @@ class MoeforgeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

@@ -142,7 +142,7 @@ class StageContext:
         refs = {}
         for spec in self.stage.outputs:
             self.client.log_artifacts(self.run_id, str(self._staging / spec.name), f"outputs/{spec.name}")
-            refs[spec.name] = ArtifactRef(spec.name, f"{base}/outputs/{spec.name}", hashes[spec.name])
+            refs[spec.name] = ArtifactRef(spec.name, f"{base}/outputs/{spec.name}", hashes[spec.name], self.run_id)
         return refs
 
     def cleanup(self, succeeded: bool) -> None:

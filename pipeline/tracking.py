@@ -173,7 +173,7 @@ class Tracker:
             uri, digest = tags.get(f"{P}output.{spec.name}.uri"), tags.get(f"{P}output.{spec.name}.hash")
             if not uri or not digest:
                 return None
-            outputs[spec.name] = ArtifactRef(spec.name, uri, digest)
+            outputs[spec.name] = ArtifactRef(spec.name, uri, digest, tags.get(P + "cached_from", runs[0].info.run_id))
         return CachedStage(tags.get(P + "cached_from", runs[0].info.run_id), outputs)
 
     def pipeline_runs(self, max_results: int = 20) -> list[Run]:

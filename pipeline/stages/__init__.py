@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pipeline.stage import Stage
 from pipeline.stages.distill import Distill
+from pipeline.stages.evaluate import Evaluate
 from pipeline.stages.generate import Generate
+from pipeline.stages.register import Register
+from pipeline.stages.train import Train
 
-STAGES: list[type[Stage]] = [Generate, Distill]
+STAGES: list[type[Stage]] = [Generate, Distill, Train, Evaluate, Register]

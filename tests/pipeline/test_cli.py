@@ -43,20 +43,32 @@ def test_stages_lists_the_product_dag(cli):
     assert "samples (dataset), eval_prompts (dataset)" in line and "teacher, data, generate" in line
 
 
+# the README's command at a tenth of the work (the full-size run is benchmarks/pipeline_tiny.py)
+SMALLER = ["data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=48", "train.max_steps=4",
+           "train.batch_size=2", "evaluate.max_new_tokens=32"]
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.timeout(900)
 def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
-    """The README's main command, on the real default teacher; the second run is all cache hits."""
+    """The README's main command, on the real default teacher, every stage; the second run is all cache hits."""
+    sets = [a for s in SMALLER for a in ("--set", s)]
     for i in range(2):
-        res = cli("run", "--config", "tiny")
+        res = cli("run", "--config", "tiny", *sets)
         assert res.exit_code == 0, res.output
         assert ("generate   cached" if i else "generate   done") in res.output
+        assert "register   " + ("cached" if i else "done") in res.output
+        assert "held-out pass@1" in res.output and "overall" in res.output  # the evaluation table it prints
+        assert "registered moeforge-student version 1 as" in res.output
     assert (tmp_path / ".moeforge" / "mlflow.db").is_file()
     tracker = Tracker(load_config("tiny").tracking)
     runs = tracker.pipeline_runs()
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     res = cli("status")
     assert res.exit_code == 0 and runs[0].info.run_id in res.output and "FINISHED" in res.output
+    for stage in ("generate", "distill", "train", "evaluate", "register"):
+        assert stage in res.output
 
 
 @pytest.mark.slow

@@ -1,0 +1,77 @@
+"""Stage `train`: distil the soft targets into the MoE student on Ray Train, and log it as an MLflow model.
+
+The soft-target Parquet is read through Ray Data and split per worker (every row to exactly one worker, see
+`actors/trainer.py`); each `TorchTrainer` worker is one DDP replica over gloo (CPU) or NCCL (GPU). The Train run
+is named after the stage's cache key and stored under `train.storage_path` (default `<workdir>/checkpoints`): a
+worker that dies restarts its group from the latest checkpoint (`train.max_failures` times), and a pipeline rerun
+after a driver crash continues from it instead of step 0. The student is built with the soft targets' own
+tokenizer (its vocabulary is the teacher's), saved with it as the `student` artifact, and logged on this run as a
+pyfunc model that `register` puts in the Model Registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artifacts import ArtifactSpec
+from pipeline.stage import Stage, StageContext, local_path
+
+STUDENT = ArtifactSpec("student", "checkpoint", description="the trained MoE student: safetensors weights (router "
+                       "biases included), config.json and the teacher's tokenizer")
+
+
+class Train(Stage):
+    name = "train"
+    inputs = ("soft_targets",)
+    outputs = (STUDENT,)
+    config_sections = ("model", "train")
+    key_metrics = ("loss", "tokens_per_s", "mfu")
+    description = "distil the soft targets into the MoE student on Ray Train (DDP, checkpointed)"
+
+    def run(self, ctx: StageContext) -> None:
+        from transformers import AutoTokenizer
+
+        from actors.trainer import TrainJob, final_weights, fit
+        from pipeline.distill.targets import check_tokenizer
+        from pipeline.model import Transformer
+        from pipeline.registry import log_student
+        from pipeline.stages.distill import read_meta
+
+        cfg = ctx.config
+        source = ctx.input_path("soft_targets")
+        meta = read_meta(source)
+        tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
+        check_tokenizer(tokenizer, meta["tokenizer_fingerprint"], "the soft targets' saved tokenizer")
+        model = Transformer.for_tokenizer(cfg.model, tokenizer)  # raises on a conflicting model.vocab_size
+        sizes = model.num_params()
+        ctx.log_metrics({"params_total": sizes["total"], "params_active": sizes["active"]})
+        if not meta.get("soft_targets", True):
+            ctx.set_tags({"moeforge.warning": "no teacher logits in the soft targets: training is plain SFT (CE)"})
+
+        storage = cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
+        run_name = f"train-{ctx.call.key[:16]}"
+        ctx.set_tags({"moeforge.train.run_name": run_name, "moeforge.train.storage_path": storage})
+        job = TrainJob(model.cfg, cfg.train, meta["top_k"], ctx.run_id, ctx.call.tracking_uri)
+        result = fit(job, read_soft_targets(source), run_name, storage)
+        if result.error is not None:
+            raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {run_name} under {storage} ended without a checkpoint")
+        with result.checkpoint.as_directory() as d:
+            model.load_state_dict(final_weights(Path(d)))
+        out = ctx.output_dir("student")
+        model.save_pretrained(out, tokenizer)
+        info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
+        ctx.set_tags({"moeforge.model_uri": info.model_uri, "moeforge.train.checkpoint": result.checkpoint.path})
+
+
+def read_soft_targets(path: Path):
+    """The soft-target Parquet as a Ray Dataset; a folder only this node has is read by tasks on this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote_args = {}
+    if local_path(str(path)) is not None:
+        node = ray.get_runtime_context().get_node_id()
+        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+    return ray.data.read_parquet(str(path), file_extensions=["parquet"], ray_remote_args=remote_args)

@@ -1,0 +1,58 @@
+"""Grading held-out answers and the registry gate, without Ray (the full run is in test_train.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.sources import Prompt
+from pipeline.stages.evaluate import flatten, grade_row, summarize
+from pipeline.stages.register import gate
+from pipeline.teacher.base import Generation
+
+EXTRACTORS = ["tag", "phrase", "last"]
+
+
+def prompt(answer="7", task="basic_arithmetic"):
+    return Prompt("p1", task, "What is 3 + 4?", answer, "eval", {})
+
+
+def gen(text, finish="stop"):
+    return Generation(text, 10, len(text.split()), finish, 0.1)
+
+
+@pytest.mark.parametrize("text, finish, correct, format_ok, reason", [
+    ("3 + 4 = 7. The final answer is 7.", "stop", True, True, None),
+    ("3 + 4 = 7", "stop", True, False, None),  # right, found as the last number, but not in the taught format
+    ("The final answer is 8.", "stop", False, True, "wrong_answer"),
+    ("I am not sure.", "stop", False, False, "no_answer"),
+    ("3 + 4 = 7. The final answer is 7.", "length", False, True, "truncated"),  # cut off: never counted
+])
+def test_grading_is_the_rejection_samplers(text, finish, correct, format_ok, reason):
+    row = grade_row("student", prompt(), gen(text, finish), EXTRACTORS)
+    assert (row["correct"], row["format_ok"], row["reason"]) == (correct, format_ok, reason)
+
+
+def test_summary_per_model_and_task():
+    rows = [grade_row("teacher", prompt(), gen("The final answer is 7."), EXTRACTORS),
+            grade_row("teacher", prompt(task="chain_sum"), gen("The final answer is 7."), EXTRACTORS),
+            grade_row("student", prompt(), gen("The final answer is 7."), EXTRACTORS),
+            grade_row("student", prompt(task="chain_sum"), gen("no idea"), EXTRACTORS)]
+    s = summarize(rows)
+    assert s["teacher"]["pass_at_1"] == 1.0 and s["student"]["pass_at_1"] == 0.5
+    assert s["student"]["pass_at_1_by_task"] == {"basic_arithmetic": 1.0, "chain_sum": 0.0}
+    assert s["student"]["format_failure_rate"] == 0.5
+    flat = flatten(s)
+    assert flat["student.pass_at_1.chain_sum"] == 0.0 and flat["teacher.pass_at_1"] == 1.0
+
+
+def test_the_gate():
+    assert gate(0.0, 0.0, None, 0.5, True) == ("challenger", "student pass@1 is 0: it solved none of the held-out "
+                                               "prompts")
+    assert gate(0.4, 0.5, None, 0.5, True)[0] == "champion"
+    alias, reason = gate(0.2, 0.5, None, 0.5, True)
+    assert alias == "challenger" and "< gate_ratio 0.5 x teacher pass@1 0.500" in reason
+    alias, reason = gate(0.4, 0.5, 0.45, 0.5, True)
+    assert alias == "challenger" and "current champion's 0.450" in reason
+    assert gate(0.4, 0.5, 0.45, 0.5, False)[0] == "champion"
+    assert gate(0.5, 0.5, 0.45, 0.5, True) == ("champion", "student pass@1 0.500 >= gate_ratio 0.5 x teacher "
+                                               "pass@1 0.500 and >= current champion's 0.450")
