@@ -146,7 +146,6 @@ def test_two_workers_lower_the_loss_and_keep_identical_router_biases(tmp_path):
     assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1
     assert f"expert_share.l{CFG.n_dense_layers}.e0" in metrics and f"expert_load.l{CFG.n_dense_layers}.cv" in metrics
     assert "measured fp32 matmul" in client.get_run(run_id).data.tags["moeforge.train.mfu_peak"]
-    assert "system/cpu_utilization_percentage" in metrics  # MLflow system metrics of the rank-0 node
 
 
 @pytest.mark.slow
