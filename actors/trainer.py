@@ -184,31 +184,36 @@ class Replica:
         self.resumed_from = self.state.step
 
 
+def _gates(model: Transformer) -> list[tuple[str, str, Gate]]:
+    """(module name, layer index, router) of every MoE layer, in layer order."""
+    return [(name, name.split(".")[1], m) for name, m in model.named_modules() if isinstance(m, Gate)]
+
+
 def router_biases(model: Transformer) -> dict[str, torch.Tensor]:
-    return {f"{name}.bias": m.bias.detach().cpu().clone() for name, m in model.named_modules() if isinstance(m, Gate)}
+    return {f"{name}.bias": gate.bias.detach().cpu().clone() for name, _, gate in _gates(model)}
+
+
+def _shares(model: Transformer, counts_LE: torch.Tensor):
+    """(layer, router, share of routed tokens per expert) per MoE layer."""
+    for (_, layer, gate), counts_E in zip(_gates(model), counts_LE):
+        yield layer, gate, counts_E.double() / counts_E.sum().clamp(min=1)
 
 
 def expert_metrics(model: Transformer, counts_LE: torch.Tensor) -> dict[str, float]:
     """Per MoE layer: share of routed tokens per expert (min, max, coefficient of variation) and router-bias norm."""
     out: dict[str, float] = {}
-    gates = [(name.split(".")[1], m) for name, m in model.named_modules() if isinstance(m, Gate)]
-    for (layer, gate), counts_E in zip(gates, counts_LE):
-        share_E = counts_E.double() / counts_E.sum().clamp(min=1)
+    for layer, gate, share_E in _shares(model, counts_LE):
         out[f"expert_load.l{layer}.min"] = float(share_E.min())
         out[f"expert_load.l{layer}.max"] = float(share_E.max())
-        out[f"expert_load.l{layer}.cv"] = load_imbalance(counts_E)
+        out[f"expert_load.l{layer}.cv"] = load_imbalance(share_E)
         out[f"router_bias_norm.l{layer}"] = float(gate.bias.norm())
     return out
 
 
 def expert_shares(model: Transformer, counts_LE: torch.Tensor) -> dict[str, float]:
     """The full layer x expert share matrix as metrics (`expert_share.l<layer>.e<expert>`), for heatmaps."""
-    layers = [name.split(".")[1] for name, m in model.named_modules() if isinstance(m, Gate)]
-    out = {}
-    for layer, counts_E in zip(layers, counts_LE):
-        share_E = counts_E.double() / counts_E.sum().clamp(min=1)
-        out.update({f"expert_share.l{layer}.e{e}": float(s) for e, s in enumerate(share_E)})
-    return out
+    return {f"expert_share.l{layer}.e{e}": float(s)
+            for layer, _, share_E in _shares(model, counts_LE) for e, s in enumerate(share_E)}
 
 
 # ---------------------------------------------------------------------------------------------------- Ray Train
