@@ -288,9 +288,17 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(4, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)  # per replica (Ray actor options)
     num_gpus: float = Field(0.0, ge=0)
+    # clients must send `Authorization: Bearer <key>` when a key is found: the file (a mounted secret) if set,
+    # else this environment variable of the replica's process; neither set: no key required
     api_key_env: str = "MOEFORGE_API_KEY"
+    api_key_file: str | None = None
+    # chat requests without a system message get the instruction the student was trained and evaluated with
+    student_system_prompt: bool = True
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    keep_running: bool = False  # the `serve` stage: keep the driver (and a local cluster) up until Ctrl-C
 
 
 class RayConfig(Section):

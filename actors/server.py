@@ -1,0 +1,133 @@
+"""The serve role: the OpenAI-compatible API of `pipeline/serving/` as a Ray Serve deployment with a FastAPI ingress.
+
+`OpenAIServer` is a thin Serve wrapper around `ModelServer` (a plain class: tests and `create_app` use it without
+Ray). `build_app(args)` is the application builder: the same function is the `import_path` of a Serve config file
+(`serve deploy`, KubeRay's `serveConfigV2`)::
+
+    applications:
+      - name: moeforge
+        route_prefix: /
+        import_path: actors.server:build_app
+        args: {model: "models:/moeforge-student@champion", tracking_uri: "http://mlflow:5000", num_replicas: 2}
+
+`start(cfg)` deploys it from Python (`moeforge serve`, the `serve` stage).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+
+from pipeline.config import MoeforgeConfig, ServeConfig, format_validation_error, load_config
+from pipeline.serving.api import ModelServer, create_app
+from pipeline.serving.source import ModelSource, resolve
+
+APP_NAME = "moeforge"
+DEPLOYMENT_NAME = "OpenAIServer"
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class OpenAIServer:
+    """One replica: the model loaded once, its continuous-batching engine, the FastAPI app around them.
+
+    Args:
+        source: a resolved `ModelSource` (as a dict), pinned to one version by the builder.
+        settings: the `serve` config section (as a dict).
+        tracking_uri: MLflow store of registry sources.
+    """
+
+    def __init__(self, source: dict[str, Any], settings: dict[str, Any], tracking_uri: str | None):
+        from pipeline.teacher.hf import default_cache_dir
+
+        self.server = ModelServer(ModelSource(**source), ServeConfig.model_validate(settings), tracking_uri,
+                                  default_cache_dir())
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.server)
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose engine thread died is replaced."""
+        self.server.health()
+
+    def __del__(self):
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.engine.stop()
+
+
+class ServeArgs(BaseModel):
+    """`args` of `build_app`: which config and model, plus any `serve` section field (e.g. num_replicas)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    config: str = "tiny"  # preset name or YAML path, for the serve and registry sections
+    model: str | None = None  # default: serve.model_uri, else models:/<registry.model_name>@champion
+    tracking_uri: str | None = None  # default: tracking section / $MLFLOW_TRACKING_URI
+
+
+def deployment_options(s: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options from the `serve` section: scale, back-pressure, resources, health checks."""
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+    }
+    if s.autoscaling is not None:
+        opts["autoscaling_config"] = {"min_replicas": s.autoscaling.min_replicas,
+                                      "max_replicas": s.autoscaling.max_replicas,
+                                      "target_ongoing_requests": s.autoscaling.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = s.num_replicas
+    return opts
+
+
+def model_uri(cfg: MoeforgeConfig, model: str | None = None) -> str:
+    return model or cfg.serve.model_uri or f"models:/{cfg.registry.model_name}@champion"
+
+
+def application(cfg: MoeforgeConfig, model: str | None = None, tracking_uri: str | None = None) -> Application:
+    """The Serve application for `cfg`, its model pinned now (an alias resolves to its current version)."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    tracking_uri = tracking_uri or resolve_tracking_uri(cfg.tracking)
+    source = resolve(model_uri(cfg, model), tracking_uri)
+    deployment = OpenAIServer.options(**deployment_options(cfg.serve))
+    return deployment.bind(source.to_dict(), cfg.serve.model_dump(mode="json"), tracking_uri)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Serve's application builder (`import_path: actors.server:build_app`)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError
+
+    a = ServeArgs.model_validate(args or {})
+    cfg = load_config(a.config)
+    try:
+        serve_cfg = ServeConfig.model_validate({**cfg.serve.model_dump(), **(a.model_extra or {})})
+    except ValidationError as e:
+        raise ConfigError(f"build_app args: {format_validation_error(e)}") from None
+    return application(cfg.model_copy(update={"serve": serve_cfg}), a.model, a.tracking_uri)
+
+
+def start(cfg: MoeforgeConfig, model: str | None = None, tracking_uri: str | None = None) -> str:
+    """Deploy (or update) the application on the connected Ray cluster; return its base URL once it is up."""
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(application(cfg, model, tracking_uri), name=APP_NAME, route_prefix="/", blocking=False)
+    return url()
+
+
+def url() -> str:
+    """Base URL of the running Serve proxy (its HTTP options are fixed when Serve first starts on a cluster)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
+    return f"http://{host}:{http.port}"
