@@ -86,3 +86,45 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir():
+    """The default teacher, dequantized once into the test cache ($MOEFORGE_CACHE_DIR, set above)."""
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
+
+    return resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())
+
+
+@dataclass(frozen=True)
+class RegisteredStudent:
+    directory: Path  # the saved student (weights, config, tokenizer)
+    tracking_uri: str  # a SQLite MLflow store holding it as version 1 of `name`, alias champion
+    name: str
+
+
+@pytest.fixture(scope="session")
+def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
+    """A small randomly initialised student with the teacher's tokenizer, saved and registered as
+    `test-student` version 1 @champion (serving tests need a real registry entry, not a trained model)."""
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import Transformer
+    from pipeline.registry import log_student
+
+    root = tmp_path_factory.mktemp("student")
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    torch.manual_seed(0)
+    model = Transformer.for_tokenizer(ModelConfig(dim=64, n_layers=2, n_heads=2, inter_dim=128, moe_inter_dim=32,
+                                                  kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                                  v_head_dim=16, max_seq_len=256), tokenizer)
+    model.save_pretrained(root / "student", tokenizer)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("serve", artifact_location=str(root / "artifacts")))
+    version = log_student(root / "student", run.info.run_id, uri, "test-student")
+    client.set_registered_model_alias("test-student", "champion", version.version)
+    return RegisteredStudent(root / "student", uri, "test-student")

@@ -75,23 +75,35 @@ def decode(model: Transformer, cache: LatentKVCache, slots: list[int], tokens: l
 
 def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row, each row with its own temperature / top-k / top-p and random stream."""
+    """One token per row, each row with its own temperature / top-k / top-p and random stream.
+
+    Sampled rows draw by inverse CDF: one uniform number per row from that row's generator, located in the
+    cumulative distribution (float64, so the 50k-token tail keeps its mass). That is exact, and one random number
+    instead of a vocabulary-sized draw (multinomial / Gumbel noise cost ~2 ms a row on a CPU; this ~0.3 ms).
+    Filters sort only rows that ask for them.
+    """
     logits_BV = logits_BV.float()
-    out = logits_BV.argmax(dim=-1).tolist()
-    for b, p in enumerate(params):
-        if p.temperature == 0:
-            continue
-        scaled_V = logits_BV[b] / p.temperature
-        sorted_V, idx_V = scaled_V.sort(descending=True)
+    out_B = logits_BV.argmax(dim=-1)
+    hot = [b for b, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return out_B.tolist()
+    temps_H = torch.tensor([params[b].temperature for b in hot], dtype=logits_BV.dtype)
+    scaled_HV = logits_BV[hot] / temps_H[:, None]
+    for h, b in enumerate(hot):
+        p = params[b]
         if p.top_k:
-            sorted_V[p.top_k:] = float("-inf")
+            kth = scaled_HV[h].topk(min(p.top_k, scaled_HV.shape[-1])).values[-1]
+            scaled_HV[h] = scaled_HV[h].masked_fill(scaled_HV[h] < kth, float("-inf"))
         if p.top_p < 1:
+            sorted_V, idx_V = scaled_HV[h].sort(descending=True)
             probs_V = sorted_V.softmax(-1)
             drop_V = probs_V.cumsum(-1) - probs_V > p.top_p  # keep the smallest prefix reaching top_p
-            sorted_V = sorted_V.masked_fill(drop_V, float("-inf"))
-        choice = torch.multinomial(sorted_V.softmax(-1), 1, generator=generators[b])
-        out[b] = int(idx_V[choice])
-    return out
+            scaled_HV[h, idx_V[drop_V]] = float("-inf")
+    cdf_HV = scaled_HV.softmax(-1).double().cumsum(-1)
+    u_H = torch.cat([torch.rand(1, generator=generators[b], dtype=torch.float64) for b in hot])
+    choice_H = torch.searchsorted(cdf_HV, (u_H * cdf_HV[:, -1])[:, None])[:, 0].clamp(max=cdf_HV.shape[-1] - 1)
+    out_B[hot] = choice_H
+    return out_B.tolist()
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

@@ -81,13 +81,21 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
 
     from pipeline.artifacts import atomic_path
 
-    dest = Path(cache_dir) / "models" / _safe(source.name) / str(source.version)
-    if not (dest / "artifacts" / STUDENT_ARTIFACT / "config.json").is_file():
-        with atomic_path(dest) as tmp:
-            tmp.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=source.pinned_uri, dst_path=str(tmp),
-                                                tracking_uri=tracking_uri)
+    dest = Path(cache_dir) / "models" / _safe(source.name) / str(source.version)  # the logged model's root
     student = dest / "artifacts" / STUDENT_ARTIFACT
+    if not (student / "config.json").is_file():
+        import tempfile
+
+        from mlflow import MlflowClient
+
+        # the version's own storage location: `models:/` URIs resolve against the process-global registry URI,
+        # this one against the store we were given
+        location = MlflowClient(tracking_uri).get_model_version_download_uri(source.name, source.version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging, atomic_path(dest) as tmp:
+            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging,
+                                                             tracking_uri=tracking_uri)
+            Path(downloaded).rename(tmp)
     if not (student / "config.json").is_file():
         raise ModelSourceError(f"{source.pinned_uri} is not a moeforge student model (no artifacts/{STUDENT_ARTIFACT})")
     return student

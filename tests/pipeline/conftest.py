@@ -9,13 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.teacher.hf import DEFAULT_TEACHER, HFTeacher, default_cache_dir, resolve_model_dir
-
-
-@pytest.fixture(scope="session")
-def teacher_dir():
-    """The default teacher, dequantized once into the test cache ($MOEFORGE_CACHE_DIR, set in tests/conftest.py)."""
-    return resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())
+from pipeline.teacher.hf import HFTeacher
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,23 @@ def test_stop_tokens_end_a_row_early(model):
 def test_bad_sampling_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_sampling_follows_the_tempered_distribution_and_its_filters():
+    from pipeline.model.generate import sample
+
+    logits_BV = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+
+    def freq(**kw):
+        params = [SamplingParams(**kw)] * len(logits_BV)
+        counts = torch.bincount(torch.tensor(sample(logits_BV, params, [g] * len(logits_BV))), minlength=5)
+        return counts.float() / len(logits_BV)
+
+    torch.testing.assert_close(freq(temperature=1.0), logits_BV[0].softmax(-1), atol=0.03, rtol=0)
+    torch.testing.assert_close(freq(temperature=2.0), (logits_BV[0] / 2).softmax(-1), atol=0.03, rtol=0)
+    top2 = freq(temperature=1.0, top_k=2)
+    assert top2[:2].sum() == 0 and top2[4] == 0 and abs(top2[3] - 1 / (1 + torch.e ** -1)) < 0.03
+    # top_p 0.9: the smallest prefix of (0.64, 0.24, 0.09, ...) reaching 0.9 is the top three tokens
+    nucleus = freq(temperature=1.0, top_p=0.9)
+    assert nucleus[0] == 0 and nucleus[4] == 0 and nucleus[1] > 0
