@@ -10,7 +10,7 @@ Ray). `build_app(args)` is the application builder: the same function is the `im
         import_path: actors.server:build_app
         args: {model: "models:/moeforge-student@champion", tracking_uri: "http://mlflow:5000", num_replicas: 2}
 
-`start(cfg)` deploys it from Python (`moeforge serve`, the `serve` stage).
+`start(settings, model, tracking_uri)` deploys it from Python (`moeforge serve`, the `serve` stage).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from pipeline.config import MoeforgeConfig, ServeConfig, format_validation_error, load_config
+from pipeline.config import RegistryConfig, ServeConfig, format_validation_error, load_config
 from pipeline.serving.api import ModelServer, create_app
 from pipeline.serving.source import ModelSource, resolve
 
@@ -87,18 +87,16 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
     return opts
 
 
-def model_uri(cfg: MoeforgeConfig, model: str | None = None) -> str:
-    return model or cfg.serve.model_uri or f"models:/{cfg.registry.model_name}@champion"
+def default_model_uri(settings: ServeConfig, registry: RegistryConfig) -> str:
+    """serve.model_uri, else the registry's champion."""
+    return settings.model_uri or f"models:/{registry.model_name}@champion"
 
 
-def application(cfg: MoeforgeConfig, model: str | None = None, tracking_uri: str | None = None) -> Application:
-    """The Serve application for `cfg`, its model pinned now (an alias resolves to its current version)."""
-    from pipeline.tracking import resolve_tracking_uri
-
-    tracking_uri = tracking_uri or resolve_tracking_uri(cfg.tracking)
-    source = resolve(model_uri(cfg, model), tracking_uri)
-    deployment = OpenAIServer.options(**deployment_options(cfg.serve))
-    return deployment.bind(source.to_dict(), cfg.serve.model_dump(mode="json"), tracking_uri)
+def application(settings: ServeConfig, model: str, tracking_uri: str | None) -> Application:
+    """The Serve application for `model`, pinned now (an alias resolves to its current version)."""
+    source = resolve(model, tracking_uri)
+    deployment = OpenAIServer.options(**deployment_options(settings))
+    return deployment.bind(source.to_dict(), settings.model_dump(mode="json"), tracking_uri)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -106,21 +104,22 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     from pydantic import ValidationError
 
     from pipeline.config import ConfigError
+    from pipeline.tracking import resolve_tracking_uri
 
     a = ServeArgs.model_validate(args or {})
     cfg = load_config(a.config)
     try:
-        serve_cfg = ServeConfig.model_validate({**cfg.serve.model_dump(), **(a.model_extra or {})})
+        settings = ServeConfig.model_validate({**cfg.serve.model_dump(), **(a.model_extra or {})})
     except ValidationError as e:
         raise ConfigError(f"build_app args: {format_validation_error(e)}") from None
-    return application(cfg.model_copy(update={"serve": serve_cfg}), a.model, a.tracking_uri)
+    return application(settings, a.model or default_model_uri(settings, cfg.registry),
+                       a.tracking_uri or resolve_tracking_uri(cfg.tracking))
 
 
-def start(cfg: MoeforgeConfig, model: str | None = None, tracking_uri: str | None = None) -> str:
+def start(settings: ServeConfig, model: str, tracking_uri: str | None) -> str:
     """Deploy (or update) the application on the connected Ray cluster; return its base URL once it is up."""
-    s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(application(cfg, model, tracking_uri), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings, model, tracking_uri), name=APP_NAME, route_prefix="/", blocking=False)
     return url()
 
 

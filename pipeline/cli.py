@@ -75,20 +75,32 @@ def run(
     _print_outcome(result, cfg)
     console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
                   f"{len(result.stages)} stages, {hits} cached; tracking {result.tracking_uri}")
+    if any(s.name == "serve" for s in result.stages):
+        endpoint = _read_output(result, cfg, "endpoint", "endpoint.json")
+        console.print(f"serving {endpoint['pinned_uri']} at {endpoint['openai_base_url']}")
+        if cfg.serve.keep_running:
+            _serve_until_interrupted(endpoint["url"], detach=False)
+        else:
+            console.print("the app stops with this driver on a local cluster (serve.keep_running=true keeps it up)")
+
+
+def _read_output(result, cfg, artifact: str, filename: str) -> dict:
+    """A JSON file of an artifact the run produced (or took from the cache)."""
+    import json
+
+    from pipeline.stage import fetch
+
+    ref = next(ref for s in result.stages for name, ref in s.outputs.items() if name == artifact)
+    return json.loads((fetch(ref, result.tracking_uri, cfg.tracking.workdir) / filename).read_text())
 
 
 def _print_outcome(result, cfg) -> None:
     """The evaluation (teacher vs student pass@1 per task) and the registry decision, when the run reached them."""
-    import json
-
     from rich.table import Table
-
-    from pipeline.stage import fetch
 
     produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
     if "eval_report" in produced:
-        summary = json.loads((fetch(produced["eval_report"], result.tracking_uri, cfg.tracking.workdir)
-                              / "summary.json").read_text())
+        summary = _read_output(result, cfg, "eval_report", "summary.json")
         table = Table("held-out pass@1", "teacher", "student", title="evaluation")
         tasks = sorted(summary["teacher"]["pass_at_1_by_task"])
         for task in tasks:
@@ -100,10 +112,60 @@ def _print_outcome(result, cfg) -> None:
                                                   for m in ("teacher", "student")))
         console.print(table)
     if "registration" in produced:
-        reg = json.loads((fetch(produced["registration"], result.tracking_uri, cfg.tracking.workdir)
-                          / "registration.json").read_text())
+        reg = _read_output(result, cfg, "registration", "registration.json")
         console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
                       f"[/bold]: {reg['reason']} ({reg['model_uri']})")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved student directory; "
+             "default: serve.model_uri, else models:/<registry.model_name>@champion.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address the HTTP proxy binds (default serve.host).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port of the HTTP proxy (default serve.port).")] = None,
+    replicas: Annotated[Optional[int], typer.Option(help="Fixed number of replicas (turns autoscaling off).")] = None,
+    detach: Annotated[bool, typer.Option(help="Return once deployed (a remote cluster keeps serving); "
+                                              "default: stay until Ctrl-C.")] = False,
+) -> None:
+    """Serve a registered student behind an OpenAI-compatible API (Ray Serve) until Ctrl-C."""
+    from actors.server import default_model_uri, start
+    from pipeline.runner import ensure_ray
+    from pipeline.serving.source import ModelSourceError
+    from pipeline.tracking import resolve_tracking_uri
+
+    extra = [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("num_replicas", replicas)) if v is not None]
+    if replicas is not None:
+        extra.append("serve.autoscaling=null")
+    cfg = _load(config, [*(set_ or []), *extra])
+    ensure_ray(cfg.ray)
+    try:
+        url = start(cfg.serve, model or default_model_uri(cfg.serve, cfg.registry), resolve_tracking_uri(cfg.tracking))
+    except ModelSourceError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    _serve_until_interrupted(url, detach)
+
+
+def _serve_until_interrupted(url: str, detach: bool) -> None:
+    """Print where the app answers; keep this driver alive until Ctrl-C unless detached."""
+    import httpx
+
+    card = httpx.get(f"{url}/healthz", timeout=30).json()
+    console.print(f"serving [bold]{card['model']}[/bold] at {url}/v1 (OpenAI API; health {url}/healthz)")
+    if detach:
+        console.print("detached: the app keeps running on the cluster until `serve shutdown` (or the cluster ends)")
+        return
+    from ray import serve
+
+    console.print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 @app.command()

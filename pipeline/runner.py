@@ -151,7 +151,7 @@ def run_pipeline(
             key = stage_key(stage, config_slice, inputs, version)
             run_id = tracker.start_stage(parent, stage, key, config_slice, inputs, version)
             t0 = time.perf_counter()
-            cached = None if stage.name in rerun else tracker.find_cached(stage, key)
+            cached = None if stage.name in rerun or not stage.cacheable else tracker.find_cached(stage, key)
             if cached is not None:
                 tracker.record_cache_hit(run_id, cached)
                 outcome = StageOutcome(stage.name, run_id, True, time.perf_counter() - t0, cached.outputs)

@@ -34,6 +34,7 @@ class Stage:
         config_sections: the config sections it reads (its slice: params of its run, part of its cache key).
         version: bump when the stage's behaviour changes in a way its config and code version do not capture.
         key_metrics: metrics `moeforge status` shows for it.
+        cacheable: False for stages whose effect is outside their outputs (deploying `serve`): always run.
     """
 
     name: ClassVar[str]
@@ -43,6 +44,7 @@ class Stage:
     version: ClassVar[str] = "1"
     key_metrics: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    cacheable: ClassVar[bool] = True
 
     def enabled(self, config: MoeforgeConfig) -> bool:
         """Optional stages (e.g. `serve`) say here whether this run includes them."""

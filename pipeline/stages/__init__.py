@@ -11,6 +11,7 @@ from pipeline.stages.distill import Distill
 from pipeline.stages.evaluate import Evaluate
 from pipeline.stages.generate import Generate
 from pipeline.stages.register import Register
+from pipeline.stages.serve import Serve
 from pipeline.stages.train import Train
 
-STAGES: list[type[Stage]] = [Generate, Distill, Train, Evaluate, Register]
+STAGES: list[type[Stage]] = [Generate, Distill, Train, Evaluate, Register, Serve]

@@ -14,10 +14,9 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer
 
-from pipeline.config import MoeforgeConfig
+from pipeline.config import ServeConfig
 from pipeline.model import SamplingParams, Transformer, generate
 from tests.conftest import free_port
 
@@ -35,11 +34,11 @@ def app(ray_cluster, registered_student, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    cfg = MoeforgeConfig.model_validate({"serve": {
+    settings = ServeConfig.model_validate({
         "port": free_port(), "max_ongoing_requests": 16, "max_queued_requests": 16, "max_batch_size": 8,
         "max_tokens_limit": 200, "max_n": 3, "num_cpus": 1, "api_key_file": str(key_file),
-        "health_check_period_s": 1, "health_check_timeout_s": 10}})
-    url = start(cfg, f"models:/{MODEL}@champion", registered_student.tracking_uri)
+        "health_check_period_s": 1, "health_check_timeout_s": 10})
+    url = start(settings, f"models:/{MODEL}@champion", registered_student.tracking_uri)
     yield url
     serve.delete(APP_NAME)
     serve.shutdown()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import openai
 import pytest
 import yaml
+from ray import serve
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.tracking import P, Tracker
+from tests.conftest import free_port
 from tests.pipeline.stages_for_tests import chain
 
 
@@ -69,6 +72,28 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     assert res.exit_code == 0 and runs[0].info.run_id in res.output and "FINISHED" in res.output
     for stage in ("generate", "distill", "train", "evaluate", "register"):
         assert stage in res.output
+
+    # the optional last stage: a challenger-only registry has no champion to serve, and says what to do instead
+    port = free_port()
+    serve_sets = [*sets, "--set", "serve.enabled=true", "--set", f"serve.port={port}", "--set", "serve.num_cpus=1",
+                  "--set", "registry.gate_ratio=100"]
+    res = cli("run", "--config", "tiny", *serve_sets)
+    aliases = tracker.client.get_model_version("moeforge-student", "1").aliases
+    if "champion" not in aliases:  # gate_ratio 100 is out of reach unless the teacher solved nothing
+        assert res.exit_code == 1 and "nothing to serve" in res.output
+        assert "serve.model_uri=models:/moeforge-student@challenger" in res.output
+        res = cli("run", "--config", "tiny", *serve_sets, "--set", "serve.model_uri=models:/moeforge-student/1")
+    assert res.exit_code == 0, res.output
+    assert "serve      done" in res.output and f"at http://127.0.0.1:{port}/v1" in res.output
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        (card,) = client.models.list().data
+        assert card.id == "moeforge-student" and card.model_extra["moeforge"]["version"] == "1"
+        answer = client.chat.completions.create(model="moeforge-student", max_tokens=8,
+                                                messages=[{"role": "user", "content": "What is 2 + 2?"}])
+        assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+    finally:
+        serve.shutdown()
 
 
 @pytest.mark.slow
