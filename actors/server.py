@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from pipeline.config import RegistryConfig, ServeConfig, format_validation_error, load_config
+from pipeline.config import MoeforgeConfig, RegistryConfig, ServeConfig, format_validation_error, load_config
 from pipeline.serving.api import ModelServer, create_app
 from pipeline.serving.source import ModelSource, resolve
 
@@ -101,19 +101,26 @@ def application(settings: ServeConfig, model: str, tracking_uri: str | None) -> 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve's application builder (`import_path: actors.server:build_app`)."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    a, cfg, settings = parse_args(args)
+    return application(settings, a.model or default_model_uri(settings, cfg.registry),
+                       a.tracking_uri or resolve_tracking_uri(cfg.tracking))
+
+
+def parse_args(args: dict[str, Any] | None) -> tuple[ServeArgs, MoeforgeConfig, ServeConfig]:
+    """`build_app`'s args checked without building anything: the args, the config they name, the serve settings."""
     from pydantic import ValidationError
 
     from pipeline.config import ConfigError
-    from pipeline.tracking import resolve_tracking_uri
 
-    a = ServeArgs.model_validate(args or {})
-    cfg = load_config(a.config)
     try:
+        a = ServeArgs.model_validate(args or {})
+        cfg = load_config(a.config)
         settings = ServeConfig.model_validate({**cfg.serve.model_dump(), **(a.model_extra or {})})
     except ValidationError as e:
         raise ConfigError(f"build_app args: {format_validation_error(e)}") from None
-    return application(settings, a.model or default_model_uri(settings, cfg.registry),
-                       a.tracking_uri or resolve_tracking_uri(cfg.tracking))
+    return a, cfg, settings
 
 
 def start(settings: ServeConfig, model: str, tracking_uri: str | None) -> str:

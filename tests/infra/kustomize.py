@@ -1,0 +1,95 @@
+"""A small renderer of this repository's kustomizations, for machines without `kubectl`.
+
+It implements exactly the kustomize features `infra/k8s/` uses — `resources` (files and directories),
+`namespace`, `labels` (metadata only), `patches` (JSON 6902, inline or from a file, with a kind/name target) and
+`configMapGenerator` (files, labels, no name suffix) — and refuses any other key, so a kustomization that grows
+past it fails loudly instead of rendering differently. Where `kubectl` is present the tests check that both give
+the same objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "configMapGenerator"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "StorageClass",
+                  "PriorityClass", "PersistentVolume"}
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    directory = Path(directory)
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kust) - SUPPORTED
+    if unknown:
+        raise ValueError(f"{directory}/kustomization.yaml uses {sorted(unknown)}, which this renderer does not do")
+    objects: list[dict[str, Any]] = []
+    for entry in kust.get("resources", []):
+        path = directory / entry
+        if path.is_dir():
+            objects += render(path)
+        else:
+            objects += [o for o in yaml.safe_load_all(path.read_text()) if o]
+    for gen in kust.get("configMapGenerator", []):
+        options = gen.get("options", {})
+        if not options.get("disableNameSuffixHash"):
+            raise ValueError("configMapGenerator without disableNameSuffixHash is not supported")
+        data = {Path(f).name: (directory / f).read_text() for f in gen.get("files", [])}
+        meta = {"name": gen["name"]}
+        if options.get("labels"):
+            meta["labels"] = dict(options["labels"])
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
+    for patch in kust.get("patches", []):
+        ops = yaml.safe_load((directory / patch["path"]).read_text() if "path" in patch else patch["patch"])
+        if not isinstance(ops, list):
+            raise ValueError("only JSON 6902 patches (a list of operations) are supported")
+        target = patch["target"]
+        matched = [o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+        if not matched:
+            raise ValueError(f"patch target {target} matches nothing")
+        for obj in matched:
+            for op in ops:
+                apply_op(obj, op)
+    for group in kust.get("labels", []):
+        if group.get("includeSelectors") or group.get("includeTemplates"):
+            raise ValueError("labels with includeSelectors/includeTemplates are not supported")
+        for obj in objects:
+            obj.setdefault("metadata", {}).setdefault("labels", {}).update(group["pairs"])
+    if ns := kust.get("namespace"):
+        for obj in objects:
+            if obj["kind"] not in CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = ns
+    return objects
+
+
+def apply_op(obj: dict, op: dict) -> None:
+    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
+    node = obj
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if op["op"] == "remove":
+        del node[int(last) if isinstance(node, list) else last]
+    elif op["op"] == "replace":
+        if isinstance(node, list):
+            node[int(last)] = copy.deepcopy(op["value"])
+        else:
+            if last not in node:
+                raise KeyError(f"replace {op['path']}: no such field")
+            node[last] = copy.deepcopy(op["value"])
+    elif op["op"] == "add":
+        if isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+        else:
+            node[last] = copy.deepcopy(op["value"])
+    else:
+        raise ValueError(f"JSON patch op {op['op']!r} is not supported")
+
+
+def canonical(objects: list[dict]) -> dict[tuple[str, str, str], str]:
+    """Objects keyed by (kind, namespace, name), as sorted JSON: for comparing two renderings."""
+    return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): json.dumps(o, sort_keys=True)
+            for o in objects}
