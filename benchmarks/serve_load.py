@@ -121,7 +121,7 @@ def main() -> None:
     print(f"{describe()}; replica CPUs {args.cpus}, engine slots {args.batch}; {args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} rounds")
     print(f"{'':<14}{'tok/s':>8}{'p50 TTFT':>10}{'p99 TTFT':>10}{'p50 ITL':>9}{'p99 ITL':>9}   (ms)")
-    for name, s in ((f"c=1", s1), (f"c={args.requests}", s16)):
+    for name, s in (("c=1", s1), (f"c={args.requests}", s16)):
         print(f"{name:<14}{s['tok_s']:>8.1f}{s['p50_ttft']:>10.1f}{s['p99_ttft']:>10.1f}{s['p50_itl']:>9.1f}"
               f"{s['p99_itl']:>9.1f}")
     speedup = s16["tok_s"] / s1["tok_s"]
