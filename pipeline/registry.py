@@ -22,17 +22,20 @@ def log_student(model_dir: str | Path, run_id: str, tracking_uri: str, registere
     import pandas as pd
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from pipeline.tracking import using_tracking_uri
+
     signature = infer_signature(pd.DataFrame({"prompt": ["What is 2 + 2?"]}), ["The final answer is 4."],
                                 params={"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0})
-    with mlflow.start_run(run_id=run_id):
-        # models-from-code: the model is the source file, not a pickled object
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("student_pyfunc.py")),
-                                       artifacts={STUDENT_ARTIFACT: str(model_dir)}, signature=signature,
-                                       pip_requirements=_requirements())
-    if registered_name is None:
-        return info
-    return mlflow.register_model(info.model_uri, registered_name)
+    with using_tracking_uri(tracking_uri):
+        with mlflow.start_run(run_id=run_id):
+            # models-from-code: the model is the source file, not a pickled object
+            info = mlflow.pyfunc.log_model(name="model",
+                                           python_model=str(Path(__file__).with_name("student_pyfunc.py")),
+                                           artifacts={STUDENT_ARTIFACT: str(model_dir)}, signature=signature,
+                                           pip_requirements=_requirements())
+        if registered_name is None:
+            return info
+        return mlflow.register_model(info.model_uri, registered_name)
 
 
 def _requirements() -> list[str]:

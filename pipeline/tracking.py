@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,25 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     workdir = Path(cfg.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`start_run`, `log_model`, `register_model`) against `uri` for this block only.
+
+    `mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI for the rest of the process (and every process it
+    starts), which would silently redirect every later default to this store; the previous value is put back.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # clears the process-wide URI and the variable it set
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @dataclass(frozen=True)

@@ -272,10 +272,11 @@ class ModelServer:
         """Run to the end: each choice's whole text, and the completion tokens of all of them."""
         texts: dict[int, list[str]] = {c.index: [] for c in choices}
         final: dict[int, Event] = {}
-        async for e in self.events(choices, stops):
-            texts[e.index].append(e.text)
-            if e.finish_reason is not None:
-                final[e.index] = Event(e.index, "".join(texts[e.index]), e.finish_reason, e.completion_tokens)
+        async with contextlib.aclosing(self.events(choices, stops)) as events:
+            async for e in events:
+                texts[e.index].append(e.text)
+                if e.finish_reason is not None:
+                    final[e.index] = Event(e.index, "".join(texts[e.index]), e.finish_reason, e.completion_tokens)
         return final, sum(e.completion_tokens for e in final.values())
 
     @staticmethod
@@ -333,12 +334,14 @@ class ModelServer:
             for c in choices:
                 yield chunk(c.index, None, None, role=True)
         try:
-            async for e in self.events(choices, req.stops):
-                if e.text:
-                    yield chunk(e.index, e.text, None)
-                if e.finish_reason is not None:
-                    total += e.completion_tokens
-                    yield chunk(e.index, None, e.finish_reason)
+            # closing this generator (a client that went away) closes the events at once, freeing the slots
+            async with contextlib.aclosing(self.events(choices, req.stops)) as events:
+                async for e in events:
+                    if e.text:
+                        yield chunk(e.index, e.text, None)
+                    if e.finish_reason is not None:
+                        total += e.completion_tokens
+                        yield chunk(e.index, None, e.finish_reason)
             if req.include_usage:
                 yield sse({**head, "choices": [], "usage": self.usage(prompts, total)})
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI-compatible servers do

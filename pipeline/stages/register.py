@@ -78,6 +78,8 @@ class Register(Stage):
         """The registry version made from `train`'s logged model: reused if there is one, else created."""
         import mlflow
 
+        from pipeline.tracking import using_tracking_uri
+
         train_run = ctx.call.inputs["student"].run_id
         if not train_run:
             raise RuntimeError("the student artifact does not name the train run that logged it")
@@ -87,5 +89,5 @@ class Register(Stage):
         model_uri = ctx.client.get_run(train_run).data.tags.get("moeforge.model_uri")
         if not model_uri:
             raise RuntimeError(f"train run {train_run} logged no MLflow model (tag moeforge.model_uri is missing)")
-        mlflow.set_tracking_uri(ctx.call.tracking_uri)
-        return mlflow.register_model(model_uri, name, tags={"moeforge.train_run_id": train_run})
+        with using_tracking_uri(ctx.call.tracking_uri):
+            return mlflow.register_model(model_uri, name, tags={"moeforge.train_run_id": train_run})

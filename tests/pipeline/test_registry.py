@@ -29,3 +29,24 @@ def test_a_logged_student_loads_by_alias_in_a_fresh_process_and_generates(regist
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - the repr printed by our own child process
     assert isinstance(out, list) and len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_logging_a_student_leaves_the_process_tracking_uri_alone(registered_student, tmp_path, monkeypatch):
+    """`mlflow.set_tracking_uri` also sets $MLFLOW_TRACKING_URI process-wide: logging into one store must not
+    redirect what later code (a pipeline run resolving its default store) writes to."""
+    import os
+
+    import mlflow
+
+    from pipeline.registry import log_student
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("other", artifact_location=str(tmp_path / "a")))
+    log_student(registered_student.directory, run.info.run_id, uri, "other-student")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() != uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:5000")
+    log_student(registered_student.directory, client.create_run(run.info.experiment_id).info.run_id, uri)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://example.invalid:5000"
