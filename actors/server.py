@@ -124,9 +124,14 @@ def parse_args(args: dict[str, Any] | None) -> tuple[ServeArgs, MoeforgeConfig, 
 
 
 def start(settings: ServeConfig, model: str, tracking_uri: str | None) -> str:
-    """Deploy (or update) the application on the connected Ray cluster; return its base URL once it is up."""
+    """Deploy (or update) the application on the connected Ray cluster; return its base URL once it is up.
+
+    The model is resolved first, so a bad URI starts nothing. Serve's HTTP host and port are fixed when Serve first
+    starts on a cluster: where it already runs, the app joins it there and the URL says where that is.
+    """
+    app = application(settings, model, tracking_uri)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(application(settings, model, tracking_uri), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return url()
 
 

@@ -146,6 +146,9 @@ def serve(
     except ModelSourceError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
+    if not url.endswith(f":{cfg.serve.port}"):
+        err.print(f"[yellow]note:[/yellow] Serve already runs on this cluster at {url}; port {cfg.serve.port} is "
+                  "not used (Serve's HTTP options are fixed until `serve shutdown`)")
     _serve_until_interrupted(url, detach)
 
 

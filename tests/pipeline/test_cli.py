@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -146,3 +147,26 @@ def test_ui_serves_the_mlflow_ui_on_loopback(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert f"MLflow UI: http://127.0.0.1:{port}" in out and "Ray dashboard:" in out
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_serve_deploys_the_model_it_is_given_and_names_a_bad_one(cli, registered_student):
+    s = registered_student
+    res = cli("serve", "--model", f"models:/{s.name}@nope", "--set", f"tracking.uri={s.tracking_uri}")
+    assert res.exit_code == 2 and "has no alias 'nope'" in res.output
+    port = free_port()
+    res = cli("serve", "--model", str(s.directory), "--port", str(port), "--replicas", "1",
+              "--set", "serve.num_cpus=1", "--detach")
+    try:
+        assert res.exit_code == 0, res.output
+        assert f"serving student at http://127.0.0.1:{port}/v1" in res.output
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "student", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        # Serve's port is fixed while it runs: asking for another one says so and names where it really is
+        again = cli("serve", "--model", str(s.directory), "--port", str(free_port()), "--replicas", "1",
+                    "--set", "serve.num_cpus=1", "--detach")
+        assert again.exit_code == 0 and f"Serve already runs on this cluster at http://127.0.0.1:{port}" in again.output
+    finally:
+        serve.shutdown()
