@@ -135,6 +135,7 @@ class ModelServer:
         self.api_key = load_api_key(settings)
         self.system_prompt = INSTRUCTION if settings.student_system_prompt else None
         self.created = now()
+        self.params = self.model.num_params()  # fixed for the replica's life: counted once, not per request
         # one short generation first, so the first client does not pay for lazy initialisation
         generate(self.model, [self.tokenizer.encode("warm up") or [0]], SamplingParams(max_new_tokens=2))
         self.engine = Engine(self.model, settings.max_batch_size)
@@ -150,7 +151,7 @@ class ModelServer:
         return model in {s.name, s.uri, s.pinned_uri, f"{s.name}/{s.version}", f"{s.name}@{s.alias}"}
 
     def card(self) -> dict[str, Any]:
-        params = self.model.num_params()
+        params = self.params
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "moeforge",
                 "root": self.source.pinned_uri, "max_model_len": self.context,
                 "moeforge": {"uri": self.source.uri, "registered_name": self.source.name if self.source.version else None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ class Sequence:
         self.cached = 0  # tokens written to the cache (the last sampled token is not yet)
         self.aborted = False  # set by the caller's thread, read by the engine's
         self.finish_reason: str | None = None
-        self.submitted = time.perf_counter()
 
     def _emit(self, out: StepOutput) -> None:  # engine thread
         if out.finish_reason is not None or out.error is not None:
