@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml infra/install.sh | $(PY)
 run: $(STAMP)
 	$(VENV)/bin/moeforge run --config $(CONFIG)
 
+# the dashboard's browser test drives Debian's Chromium: tests/install_browser.sh installs it when missing
 test: $(STAMP)
+	sh tests/install_browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -130,7 +130,7 @@ def start(settings: ServeConfig, model: str, tracking_uri: str | None) -> str:
     starts on a cluster: where it already runs, the app joins it there and the URL says where that is.
     """
     app = application(settings, model, tracking_uri)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(proxy_location=settings.proxy_location, http_options={"host": settings.host, "port": settings.port})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     return url()
 

@@ -102,7 +102,7 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2):
+def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2, scheduling_strategy: str = "SPREAD"):
     """An `ActorPool` of `cfg.num_actors` teacher actors with the configured resources.
 
     The model is resolved once on the calling node first (a GGUF is dequantized once there, not once per actor).
@@ -116,4 +116,4 @@ def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2
     threads = max(1, int(cfg.num_cpus_per_actor)) if cfg.num_gpus_per_actor == 0 else None
     return ActorPool(TeacherWorker, (cfg, str(cache_dir), threads), size=cfg.num_actors, name=name,
                      num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-                     max_in_flight_per_actor=max_in_flight_per_actor)
+                     max_in_flight_per_actor=max_in_flight_per_actor, scheduling_strategy=scheduling_strategy)

@@ -49,6 +49,7 @@ class TrainJob:
     run_id: str | None = None  # MLflow run rank 0 logs step metrics to
     tracking_uri: str | None = None
     flush_every: int = 10  # steps between MLflow writes (metrics keep their own step numbers)
+    parent_run_id: str = ""  # the pipeline run: a tag of rank 0's live Ray metrics
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -327,6 +328,8 @@ def train_loop(job: TrainJob) -> None:
             metrics = replica.train_step()
             step = replica.step
             save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+            if rank == 0:
+                record_step(job, replica, metrics, step)
             if log:
                 if save:
                     metrics.update(expert_shares(replica.model, replica.state.last_counts))
@@ -342,6 +345,20 @@ def train_loop(job: TrainJob) -> None:
     finally:
         if log:
             log.close()
+
+
+def record_step(job: TrainJob, replica: Replica, metrics: dict[str, float], step: int) -> None:
+    """Rank 0's live Ray metrics of a step: loss, throughput, and the layer x expert load of the router."""
+    from pipeline.metrics import record
+
+    tags = {"run": job.parent_run_id, "stage": "train"}
+    record("moeforge_train_step", step, **tags)
+    record("moeforge_train_loss", metrics["loss"], **tags)
+    record("moeforge_train_tokens_per_second", metrics["tokens_per_s"], **tags)
+    record("moeforge_train_tokens", metrics["tokens_per_s"] * metrics["step_seconds"], **tags)
+    for layer, _, share_E in _shares(replica.model, replica.state.last_counts):
+        for e, share in enumerate(share_E.tolist()):
+            record("moeforge_expert_load", share, layer=layer, expert=e, **tags)
 
 
 def fit(job: TrainJob, dataset, run_name: str, storage_path: str):

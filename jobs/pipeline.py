@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import app
+from jobs import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(["run", *(sys.argv[1:] if argv is None else argv)], prog_name="jobs.pipeline")
+    run_command("jobs.pipeline", ["run", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

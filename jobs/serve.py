@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import app
+from jobs import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    app(["serve", "--detach", *args], prog_name="jobs.serve")
+    run_command("jobs.serve", ["serve", "--detach", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

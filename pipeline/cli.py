@@ -47,6 +47,8 @@ def run(
     force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STAGE even if cached.")] = None,
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after STAGE.")] = None,
+    only: Annotated[Optional[str], typer.Option(
+        "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")] = None,
 ) -> None:
     """Run the pipeline (or resume it: finished stages with the same inputs and config are reused)."""
     from pipeline.dag import DagError
@@ -67,7 +69,7 @@ def run(
 
     console.print(f"moeforge run [bold]{cfg.name}[/bold] (config {cfg.hash()[:12]})")
     try:
-        result = run_pipeline(cfg, force=force or (), from_stage=from_stage, until=until, report=report)
+        result = run_pipeline(cfg, force=force or (), from_stage=from_stage, until=until, only=only, report=report)
     except (DagError, StageFailed) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -171,6 +173,81 @@ def _serve_until_interrupted(url: str, detach: bool) -> None:
         serve.shutdown()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(help="pipeline, a stage (generate, distill, train, evaluate, register) "
+                                            "or serve: runs `python -m jobs.JOB`.")] = "pipeline",
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray job server (dashboard) URL; default job.address, "
+                                                        "$RAY_ADDRESS, http://127.0.0.1:8265.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends (--no-wait: submit and return).")]
+    = True,
+    submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default moeforge-JOB-TIME-RAND).")]
+    = None,
+) -> None:
+    """Submit the pipeline (or one stage, or serve) to a Ray cluster as a Ray job; arguments after the options
+    (e.g. `-- --until train`) go to the job."""
+    from pipeline import submit as sub
+    from pipeline.tracking import Tracker, run_url
+
+    overrides = [*(set_ or []), *([f"job.address={address}"] if address else [])]
+    cfg = _load(config, overrides)
+    uri = sub.tracking_uri_of_job(cfg)
+    server = sub.job_address(cfg.job)
+    if uri.startswith("sqlite:") and not any(h in server for h in ("127.0.0.1", "localhost")):
+        err.print(f"[yellow]warning:[/yellow] no tracking server configured: the job tracks to a SQLite file on the "
+                  f"head node of {server}; set MLFLOW_TRACKING_URI (or tracking.uri) to a server every node reaches")
+    try:
+        jobs, sid = sub.submit(cfg, job, config, set_ or [], list(ctx.args), submission_id)
+    except sub.SubmitError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"submitted job [bold]{sid}[/bold] to {server} (Ray dashboard: {server}/#/jobs/{sid})",
+                  soft_wrap=True)
+    if not wait:
+        console.print(f"follow it with `ray job logs -f {sid} --address {server}`; `moeforge jobs` lists jobs",
+                      soft_wrap=True)
+        return
+    final = sub.follow(jobs, sid, lambda text: sys.stdout.write(text) and sys.stdout.flush())
+    tracker = Tracker(cfg.tracking.model_copy(update={"uri": uri}))
+    for run in tracker.runs_of_job(sid):
+        link = run_url(uri, run.info.experiment_id, run.info.run_id)
+        console.print(f"MLflow run {run.info.run_id} ({run.info.status.lower()}): "
+                      f"{link or f'{uri} (`moeforge ui` opens it)'}", soft_wrap=True)
+    colour = "green" if final == "SUCCEEDED" else "red"
+    console.print(f"job {sid}: [{colour}]{final}[/{colour}]")
+    if final != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command("jobs")
+def list_jobs(
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray job server (dashboard) URL.")] = None,
+    limit: Annotated[int, typer.Option(help="How many of the most recent jobs.")] = 20,
+) -> None:
+    """Recent Ray jobs on the cluster: id, status, entrypoint, start, duration."""
+    from pipeline import submit as sub
+
+    cfg = _load(config, [*(set_ or []), *([f"job.address={address}"] if address else [])])
+    try:
+        details = sub.recent(sub.client(sub.job_address(cfg.job)), limit)
+    except sub.SubmitError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    table = Table("job", "status", "entrypoint", "started", "duration")
+    for d in details:
+        start = d.start_time / 1000 if d.start_time else None
+        end = d.end_time / 1000 if d.end_time else (time.time() if start else None)
+        table.add_row(d.submission_id or d.job_id or "-", str(d.status).split(".")[-1], d.entrypoint,
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if start else "-",
+                      _duration(end - start if start else None))
+    console.print(table)
+
+
 @app.command()
 def status(
     run_id: Annotated[Optional[str], typer.Argument(help="Pipeline run id; default: the latest.")] = None,
@@ -244,6 +321,52 @@ def config_show(config: ConfigOpt = "tiny", set_: SetOpt = None) -> None:
     """Print the resolved, validated configuration as YAML."""
     cfg = _load(config, set_)
     sys.stdout.write(f"# config hash {cfg.hash()}\n{cfg.to_yaml()}")
+
+
+@app.command()
+def dashboard(
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: the page has no login).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8270,
+    ray_dashboard: Annotated[Optional[str], typer.Option(
+        help="Ray dashboard URL (links, node metrics endpoints); default $RAY_ADDRESS if http(s), else "
+             "http://127.0.0.1:8265 when it answers.")] = None,
+    metrics_url: Annotated[Optional[list[str]], typer.Option(
+        help="Prometheus endpoint(s) of Ray nodes to read serving metrics from; default: every node's, from the "
+             "Ray dashboard.")] = None,
+) -> None:
+    """A web page per pipeline run: stage DAG, progress, acceptance, loss curve, expert load, evaluation, serving."""
+    import uvicorn
+
+    from pipeline.dag import Dag
+    from pipeline.dashboard.app import create_app
+    from pipeline.dashboard.data import RayView, RunData
+    from pipeline.runner import default_stages
+    from pipeline.tracking import Tracker
+
+    cfg = _load(config, set_)
+    tracker = Tracker(cfg.tracking)
+    ray_url = ray_dashboard or _ray_dashboard_http()
+    data = RunData(tracker, RayView(ray_url, tuple(metrics_url or ())), Dag(default_stages()))
+    console.print(f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.uri}; Ray dashboard "
+                  f"{ray_url or 'not found'})  Ctrl-C to stop")
+    uvicorn.run(create_app(data), host=host, port=port, log_level="warning")
+
+
+def _ray_dashboard_http() -> str | None:
+    """$RAY_ADDRESS when it is the dashboard's URL, else a local head's dashboard when one answers."""
+    import httpx
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    try:
+        httpx.get("http://127.0.0.1:8265/api/version", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return "http://127.0.0.1:8265"
 
 
 def _ray_dashboard_url() -> str | None:

@@ -281,6 +281,9 @@ class ServeConfig(Section):
     model_uri: str | None = None  # None: models:/<registry.model_name>@champion
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # where Serve runs HTTP proxies: one per node (a load balancer in front), or the head only (nodes that share a
+    # host and so cannot each bind the port, or a single entry point)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(16, ge=1)
@@ -311,6 +314,31 @@ class RayConfig(Section):
     # CPUs reserved by the task that runs a stage; it mostly waits on actors, so by default it takes none and
     # leaves every core to them
     stage_num_cpus: float = Field(0.0, ge=0)
+    # where a stage's actor pools go: "spread" over as many nodes as possible (Ray's SPREAD strategy: more nodes'
+    # memory bandwidth and caches), or "pack" onto as few as possible (Ray's DEFAULT: less cross-node traffic)
+    actor_placement: Literal["spread", "pack"] = "spread"
+
+    @property
+    def scheduling_strategy(self) -> str:
+        return "SPREAD" if self.actor_placement == "spread" else "DEFAULT"
+
+
+class JobConfig(Section):
+    """`moeforge submit`: where the Ray job goes and the runtime environment it gets.
+
+    `address` None: $RAY_ADDRESS when it is an http(s) URL, else the local head's job server
+    http://127.0.0.1:8265. The working dir is uploaded (honouring .gitignore, plus `excludes`); `env_vars` are set
+    in the job, and so are the `forward_env` variables that are set where `moeforge submit` runs.
+    """
+
+    address: str | None = None
+    working_dir: str = "."
+    excludes: list[str] = Field(default_factory=lambda: [".moeforge", ".venv", ".git", "test-artifacts"])
+    pip: list[str] = Field(default_factory=list)  # extra requirements installed for the job (runtime_env pip)
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    forward_env: list[str] = Field(default_factory=lambda: ["MLFLOW_TRACKING_URI", "MOEFORGE_CACHE_DIR"])
+    entrypoint_num_cpus: float = Field(0.0, ge=0)
+    entrypoint_num_gpus: float = Field(0.0, ge=0)
 
 
 class TrackingConfig(Section):
@@ -323,7 +351,7 @@ class TrackingConfig(Section):
 
 
 SECTIONS = ("teacher", "data", "generate", "distill", "model", "train", "evaluate", "registry", "serve", "ray",
-            "tracking")
+            "job", "tracking")
 
 
 class MoeforgeConfig(Section):
@@ -340,6 +368,7 @@ class MoeforgeConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    job: JobConfig = Field(default_factory=JobConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def slice(self, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -95,19 +95,26 @@ def execute_stage(call: StageCall) -> dict[str, ArtifactRef]:
 
 
 def plan(dag: Dag, cfg: MoeforgeConfig, force: Sequence[str] = (), from_stage: str | None = None,
-         until: str | None = None) -> tuple[list[Stage], set[str], set[str]]:
-    """Which stages take part, which must re-run regardless of cache, and which must come from the cache."""
-    for name in (*force, *(n for n in (from_stage, until) if n)):
+         until: str | None = None, only: str | None = None) -> tuple[list[Stage], set[str], set[str]]:
+    """Which stages take part, which must re-run regardless of cache, and which must come from the cache.
+
+    `only` is one stage alone (a stage's job entrypoint): everything upstream of it must come from the cache.
+    """
+    if only and (from_stage or until):
+        raise DagError("--only runs one stage; it does not combine with --from or --until")
+    for name in (*force, *(n for n in (from_stage, until, only) if n)):
         dag[name]  # raises DagError naming an unknown stage
-    selected = [s for s in dag.order if s.enabled(cfg)]
-    if until:
-        keep = dag.ancestors(until)
+    selected = [s for s in dag.order if s.enabled(cfg) or s.name == only]
+    if until or only:
+        keep = dag.ancestors(until or only)
         selected = [s for s in selected if s.name in keep]
     rerun = set(force)
     cached_only: set[str] = set()
     if from_stage:
         rerun |= dag.downstream([from_stage])
         cached_only = {s.name for s in selected if s.name not in rerun}
+    if only:
+        cached_only = {s.name for s in selected if s.name != only}
     return selected, rerun, cached_only
 
 
@@ -121,6 +128,7 @@ def run_pipeline(
     force: Sequence[str] = (),
     from_stage: str | None = None,
     until: str | None = None,
+    only: str | None = None,
     report: Reporter | None = None,
 ) -> PipelineResult:
     """Run (or resume) a pipeline: one MLflow parent run, one nested run per stage.
@@ -131,13 +139,14 @@ def run_pipeline(
         force: stages to re-run even when cached (downstream re-runs if their outputs change).
         from_stage: re-run this stage and everything downstream; upstream must be cached.
         until: stop after this stage (run only it and what it needs).
+        only: run this stage alone, its inputs taken from cached upstream runs.
         report: callback for progress events (`cached`, `start`, `done`, `failed`).
     """
     import ray
 
     report = report or (lambda *_: None)
     dag = Dag(default_stages() if stages is None else stages)
-    selected, rerun, cached_only = plan(dag, cfg, force, from_stage, until)
+    selected, rerun, cached_only = plan(dag, cfg, force, from_stage, until, only)
     tracker = Tracker(cfg.tracking)
     tracker.reap_dead_drivers()
     version = code_version()
@@ -157,14 +166,16 @@ def run_pipeline(
                 outcome = StageOutcome(stage.name, run_id, True, time.perf_counter() - t0, cached.outputs)
                 report("cached", stage.name, {"from": cached.run_id})
             elif stage.name in cached_only:
-                error = DagError(f"--from {from_stage}: upstream stage {stage.name!r} has no finished run with "
-                                 "this config and inputs; run the pipeline without --from first")
+                flag = f"--only {only}" if only else f"--from {from_stage}"
+                error = DagError(f"{flag}: upstream stage {stage.name!r} has no finished run with this config and "
+                                 f"inputs; run the pipeline (or `--until {stage.name}`) without {flag.split()[0]} "
+                                 "first")
                 tracker.fail(run_id, error)
                 raise error
             else:
                 report("start", stage.name, {"run_id": run_id})
                 ensure_ray(cfg.ray)
-                call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key)
+                call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
                 task = ray.remote(execute_stage).options(
                     num_cpus=cfg.ray.stage_num_cpus, name=f"moeforge.{stage.name}", retry_exceptions=False)
                 ref = task.remote(call)

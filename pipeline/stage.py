@@ -10,6 +10,7 @@ returns, so a stage that raises leaves nothing committed.
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class StageCall:
     inputs: dict[str, ArtifactRef]
     workdir: str
     key: str
+    parent_run_id: str = ""  # the pipeline run: a tag of this stage's live metrics
 
 
 class StageContext:
@@ -106,6 +108,12 @@ class StageContext:
         # Survives a failed attempt (same cache key), so a stage may continue from its own partial work.
         self.scratch_dir = self.workdir / "scratch" / f"{call.stage.name}-{call.key[:16]}"
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def scheduling_strategy(self) -> str:
+        """Ray scheduling strategy of this stage's actor pools (`ray.actor_placement`: where, not what, so it is
+        not part of the stage's config slice or cache key)."""
+        return self.call.config.ray.scheduling_strategy
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -168,15 +176,55 @@ class StageContext:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def record(self, metric: str, value: float, **tags: object) -> None:
+        """A live metric on Ray's Prometheus endpoint (`pipeline/metrics.py`), tagged with this run and stage."""
+        from pipeline.metrics import record
+
+        record(metric, value, run=self.call.parent_run_id, stage=self.stage.name, **tags)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A side artifact of the run (a table, a plot), not a stage output."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None):
-        """A progress bar that Ray relays to the driver's terminal."""
+    def progress(self, total: int, desc: str | None = None) -> Progress:
+        """A progress bar that Ray relays to the driver's terminal, also kept on the run as `progress.*` metrics.
+
+        The metrics (`progress.done`, `progress.total`, at most one write per `Progress.every_s`) are what
+        `moeforge dashboard` shows for a running stage.
+        """
+        return Progress(self, total, desc or self.stage.name)
+
+
+class Progress:
+    """A `tqdm_ray` bar whose position is also logged to the stage's MLflow run (throttled)."""
+
+    every_s = 2.0
+
+    def __init__(self, ctx: StageContext, total: int, desc: str):
         from ray.experimental.tqdm_ray import tqdm
 
-        return tqdm(iterable, total=total, desc=desc or self.stage.name)
+        self._ctx, self.total, self.done = ctx, total, 0
+        self._bar = tqdm(total=total, desc=desc)
+        self._logged_at = 0.0
+        self._log()
+
+    def _log(self) -> None:
+        self._logged_at = time.monotonic()
+        # step 0 throughout: MLflow's latest value is then the newest write (a stage may run several bars)
+        self._ctx.log_metrics({"progress.done": self.done, "progress.total": self.total})
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._bar.update(n)
+        if time.monotonic() - self._logged_at >= self.every_s:
+            self._log()
+
+    def set_description(self, desc: str) -> None:
+        self._bar.set_description(desc)
+
+    def close(self) -> None:
+        self._log()
+        self._bar.close()
 
 
 def local_path(uri: str) -> Path | None:

@@ -15,6 +15,7 @@ shared state, so any driver on any node sees the same cache.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -65,6 +66,24 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
         mlflow.set_tracking_uri(None)  # clears the process-wide URI and the variable it set
         if before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def ray_job_submission_id() -> str | None:
+    """The submission id of the Ray job this driver runs as (`ray job submit`, `moeforge submit`), if any."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run, when the store is a tracking server (the UI it serves)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,7 @@ class Tracker:
                 P + "stages": ",".join(stages),
                 P + "host": socket.gethostname(),
                 P + "pid": str(os.getpid()),
+                **({P + "ray_job": job} if (job := ray_job_submission_id()) else {}),
             },
         )
         run_id = run.info.run_id
@@ -203,6 +223,14 @@ class Tracker:
             filter_string=f"tags.`{P}kind` = 'pipeline'",
             order_by=["attributes.start_time DESC"],
             max_results=max_results,
+        )
+
+    def runs_of_job(self, submission_id: str) -> list[Run]:
+        """Pipeline runs started by a Ray job."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{P}kind` = 'pipeline' and tags.`{P}ray_job` = '{_q(submission_id)}'",
+            order_by=["attributes.start_time DESC"],
         )
 
     def stage_runs(self, parent_id: str) -> list[Run]:

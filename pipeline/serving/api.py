@@ -18,6 +18,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from pipeline.config import ServeConfig
+from pipeline.metrics import record
 from pipeline.model.generate import SamplingParams, generate
 from pipeline.serving.engine import Engine, EngineError
 from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, new_id, now
 from pipeline.serving.source import ModelSource, materialize
 
 log = logging.getLogger(__name__)
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"  # routes, and the `route` tag of their metrics
 
 
 class TextStream:
@@ -228,9 +231,23 @@ class ModelServer:
                     seed=None if req.seed is None else req.seed + index)))
         return out
 
-    async def events(self, choices: list[Choice], stops: list[str]) -> AsyncIterator[Event]:
-        """Run every choice in the engine at once; yield their progress as it comes (each ends with a finish)."""
+    @property
+    def metric_model(self) -> str:
+        """The `model` tag of this replica's live metrics: name and version (or the directory's name)."""
+        return f"{self.source.name}/{self.source.version}" if self.source.version else self.source.name
+
+    def record_load(self) -> None:
+        stats = self.engine.stats()
+        record("moeforge_serve_queue_depth", stats["waiting"], model=self.metric_model)
+        record("moeforge_serve_running", stats["running"], model=self.metric_model)
+
+    async def events(self, choices: list[Choice], stops: list[str], route: str) -> AsyncIterator[Event]:
+        """Run every choice in the engine at once; yield their progress as it comes (each ends with a finish).
+
+        Records the request's time to first token and generation latency (`route` tags them).
+        """
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        t0, first, tokens, finished = time.perf_counter(), None, 0, False
 
         async def pump(choice: Choice) -> None:
             text = TextStream(self.tokenizer, stops, {self.eos})
@@ -256,24 +273,36 @@ class ModelServer:
                 queue.put_nowait(e)
 
         tasks = [asyncio.create_task(pump(c)) for c in choices]
+        self.record_load()
         try:
             remaining = len(tasks)
             while remaining:
                 event = await queue.get()
                 if isinstance(event, BaseException):
                     raise event
-                remaining -= event.finish_reason is not None
+                if first is None and event.completion_tokens:
+                    first = time.perf_counter() - t0
+                    record("moeforge_serve_ttft_seconds", first, model=self.metric_model, route=route)
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    tokens += event.completion_tokens
                 yield event
+            finished = True
         finally:  # a disconnected client or an error: stop every choice still running
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if finished:
+                record("moeforge_serve_latency_seconds", time.perf_counter() - t0, model=self.metric_model,
+                       route=route)
+            record("moeforge_serve_generated_tokens", tokens, model=self.metric_model)
+            self.record_load()
 
-    async def complete(self, choices: list[Choice], stops: list[str]) -> tuple[dict[int, Event], int]:
+    async def complete(self, choices: list[Choice], stops: list[str], route: str) -> tuple[dict[int, Event], int]:
         """Run to the end: each choice's whole text, and the completion tokens of all of them."""
         texts: dict[int, list[str]] = {c.index: [] for c in choices}
         final: dict[int, Event] = {}
-        async with contextlib.aclosing(self.events(choices, stops)) as events:
+        async with contextlib.aclosing(self.events(choices, stops, route)) as events:
             async for e in events:
                 texts[e.index].append(e.text)
                 if e.finish_reason is not None:
@@ -295,7 +324,7 @@ class ModelServer:
         head = {"id": rid, "created": created, "model": self.model_id, "system_fingerprint": self.fingerprint}
         if req.stream:
             return self._sse(choices, req, [prompt], {**head, "object": "chat.completion.chunk"}, chat=True)
-        final, completion_tokens = await self.complete(choices, req.stops)
+        final, completion_tokens = await self.complete(choices, req.stops, CHAT)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": e.text},
                              "finish_reason": e.finish_reason, "logprobs": None} for i, e in sorted(final.items())],
@@ -308,7 +337,7 @@ class ModelServer:
                 "system_fingerprint": self.fingerprint}
         if req.stream:
             return self._sse(choices, req, prompts, {**head, "object": "text_completion"}, chat=False)
-        final, completion_tokens = await self.complete(choices, req.stops)
+        final, completion_tokens = await self.complete(choices, req.stops, COMPLETIONS)
         return {**head, "object": "text_completion",
                 "choices": [{"index": i, "text": e.text, "finish_reason": e.finish_reason, "logprobs": None}
                             for i, e in sorted(final.items())],
@@ -336,7 +365,7 @@ class ModelServer:
                 yield chunk(c.index, None, None, role=True)
         try:
             # closing this generator (a client that went away) closes the events at once, freeing the slots
-            async with contextlib.aclosing(self.events(choices, req.stops)) as events:
+            async with contextlib.aclosing(self.events(choices, req.stops, CHAT if chat else COMPLETIONS)) as events:
                 async for e in events:
                     if e.text:
                         yield chunk(e.index, e.text, None)
@@ -351,6 +380,28 @@ class ModelServer:
         yield "data: [DONE]\n\n"
 
 
+class CountRequests:
+    """ASGI middleware counting answered requests by route template and status (`moeforge_serve_requests`).
+
+    Plain ASGI rather than `BaseHTTPMiddleware`, which would buffer streams and hide client disconnects.
+    """
+
+    def __init__(self, app, model: str):
+        self.app, self.model = app, model
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                record("moeforge_serve_requests", 1, model=self.model, route=route, status=message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -358,6 +409,7 @@ def sse(payload: dict[str, Any]) -> str:
 def create_app(server: ModelServer) -> FastAPI:
     """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors."""
     app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student")
+    app.add_middleware(CountRequests, model=server.metric_model)
 
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
@@ -401,11 +453,11 @@ def create_app(server: ModelServer) -> FastAPI:
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post(CHAT, dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatCompletionRequest):
         return await respond(await server.chat(body))
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    @app.post(COMPLETIONS, dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest):
         return await respond(await server.completions(body))
 

@@ -85,7 +85,8 @@ class Distill(Stage):
         teacher_id = None
         if requests:
             bar = ctx.progress(total=sum(len(parts[i]) for i in todo), desc="distill")
-            with teacher_pool(teacher, f"distill-{ctx.run_id[:8]}.teacher") as pool:
+            with teacher_pool(teacher, f"distill-{ctx.run_id[:8]}.teacher",
+                              scheduling_strategy=ctx.scheduling_strategy) as pool:
                 t0 = time.perf_counter()
                 for i, result in pool.map_unordered("score", requests, cfg.distill.max_attempts):
                     shards.write(i, pa.Table.from_pylist([
@@ -94,6 +95,8 @@ class Distill(Stage):
                     masses += [T.topk_mass(tg) for tg in result.targets]
                     tokens += result.tokens
                     teacher_id = result.teacher_id
+                    ctx.record("moeforge_distill_tokens", result.tokens)
+                    ctx.record("moeforge_distill_tokens_per_second", tokens / (time.perf_counter() - t0))
                     bar.update(len(parts[i]))
             bar.close()
         metrics = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}

@@ -78,7 +78,8 @@ class Evaluate(Stage):
                     for i, part in parts.items()]
         out: dict[int, list[Generation]] = {}
         bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc="evaluate teacher")
-        with teacher_pool(teacher, f"evaluate-{ctx.run_id[:8]}.teacher") as pool:
+        with teacher_pool(teacher, f"evaluate-{ctx.run_id[:8]}.teacher",
+                          scheduling_strategy=ctx.scheduling_strategy) as pool:
             for i, result in pool.map_unordered("generate", requests):
                 out[i] = result.generations
                 bar.update(len(result.generations))
@@ -98,7 +99,8 @@ class Evaluate(Stage):
         bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc="evaluate student")
         with ActorPool(StudentWorker, (ctx.call.inputs["student"], ctx.call.tracking_uri, str(ctx.workdir), threads),
                        size=min(e.num_actors, len(parts)), name=f"evaluate-{ctx.run_id[:8]}.student",
-                       num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor) as pool:
+                       num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
+                       scheduling_strategy=ctx.scheduling_strategy) as pool:
             for i, result in pool.map_unordered("answer", requests):
                 out[i] = [Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason,
                                      result.seconds) for a in result.answers]

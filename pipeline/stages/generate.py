@@ -148,7 +148,7 @@ class Generate(Stage):
         if requests:
             t_pool = time.perf_counter()
             with teacher_pool(cfg.teacher, f"generate-{ctx.run_id[:8]}.teacher",
-                              cfg.generate.max_in_flight_per_actor) as pool:
+                              cfg.generate.max_in_flight_per_actor, ctx.scheduling_strategy) as pool:
                 stats = _Stats()  # throughput counts from a loaded pool; startup is its own metric
                 ctx.log_metrics({"actor_startup_s": stats.start - t_pool})
                 for index, result in pool.map_unordered("generate", requests, cfg.generate.max_attempts,
@@ -156,6 +156,7 @@ class Generate(Stage):
                     table = grade(parts[index], result.generations, result.teacher_id, cfg)
                     shards.write(index, table)
                     stats.add(table, result)
+                    record_partition(ctx, table, result.completion_tokens, stats)
                     bar.update(table.num_rows)
                     bar.set_description(f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
                                         f"accepted {stats.accepted / max(stats.samples, 1):.0%}")
@@ -183,13 +184,28 @@ class Generate(Stage):
         uri = ctx.client.get_run(ctx.run_id).info.artifact_uri.rstrip("/") + "/outputs/samples"
         with warnings.catch_warnings():  # MLflow's hints about inferring a model signature do not apply here
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(df, source=uri, name="samples")
+            dataset = mlflow.data.from_pandas(df, source=dataset_source(uri, ctx.call.tracking_uri), name="samples")
         ctx.client.log_inputs(ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(),
                                                         [InputTag("mlflow.data.context", "output")])])
         preview = df[["sample_id", "task", "question", "completion", "extracted_answer", "reference_answer",
                       "accepted", "reject_reason"]]
         preview = preview.groupby("accepted", group_keys=False).head(20)
         ctx.client.log_table(ctx.run_id, preview, "samples_preview.json")
+
+
+def dataset_source(uri: str, tracking_uri: str):
+    """The dataset's source for MLflow lineage: the artifact URI itself, or for a tracking server's proxied store
+    (`mlflow-artifacts:`, which MLflow has no dataset source for) the server's HTTP URL of the same artifact."""
+    from urllib.parse import urlparse
+
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "mlflow-artifacts":
+        base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else \
+            f"http://{parsed.netloc}"
+        return HTTPDatasetSource(f"{base}/api/2.0/mlflow-artifacts/artifacts{parsed.path}")
+    return uri
 
 
 class _Stats:
@@ -221,6 +237,26 @@ class _Stats:
         for i, worker in enumerate(sorted(self.worker_tokens)):
             out[f"actor_{i}.tokens_per_s"] = self.worker_tokens[worker] / max(self.worker_seconds[worker], 1e-9)
         return out
+
+
+def record_partition(ctx: StageContext, table: pa.Table, tokens: int, stats: _Stats) -> None:
+    """Live metrics of one graded partition: prompts and samples per task, accepted or not; throughput."""
+    by_task: dict[str, dict[str, set | int]] = {}
+    for row in table.select(["task", "prompt_id", "accepted"]).to_pylist():
+        t = by_task.setdefault(row["task"], {"prompts": set(), "accepted_prompts": set(), "samples": 0,
+                                             "accepted": 0})
+        t["prompts"].add(row["prompt_id"])
+        t["samples"] += 1
+        if row["accepted"]:
+            t["accepted_prompts"].add(row["prompt_id"])
+            t["accepted"] += 1
+    for task, t in by_task.items():
+        ctx.record("moeforge_prompts_generated", len(t["prompts"]), task=task)
+        ctx.record("moeforge_prompts_accepted", len(t["accepted_prompts"]), task=task)
+        ctx.record("moeforge_samples_generated", t["samples"], task=task)
+        ctx.record("moeforge_samples_accepted", t["accepted"], task=task)
+    ctx.record("moeforge_generate_tokens", tokens)
+    ctx.record("moeforge_generate_tokens_per_second", stats.tokens / stats.elapsed)
 
 
 def summarize(samples: pa.Table) -> dict[str, float]:

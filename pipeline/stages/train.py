@@ -51,7 +51,8 @@ class Train(Stage):
         storage = cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
         run_name = f"train-{ctx.call.key[:16]}"
         ctx.set_tags({"moeforge.train.run_name": run_name, "moeforge.train.storage_path": storage})
-        job = TrainJob(model.cfg, cfg.train, meta["top_k"], ctx.run_id, ctx.call.tracking_uri)
+        job = TrainJob(model.cfg, cfg.train, meta["top_k"], ctx.run_id, ctx.call.tracking_uri,
+                       parent_run_id=ctx.call.parent_run_id)
         result = fit(job, read_soft_targets(source), run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")

@@ -45,5 +45,9 @@ def test_plan_selection():
     assert rerun == {"scale", "summarize"} and cached_only == {"numbers"}
     _, rerun, _ = plan(dag, cfg, force=["numbers"])
     assert rerun == {"numbers"}
+    selected, rerun, cached_only = plan(dag, cfg, only="scale")
+    assert [s.name for s in selected] == ["numbers", "scale"] and cached_only == {"numbers"} and not rerun
     with pytest.raises(DagError, match="unknown stage 'nope'"):
         plan(dag, cfg, force=["nope"])
+    with pytest.raises(DagError, match="does not combine"):
+        plan(dag, cfg, only="scale", until="scale")
