@@ -186,13 +186,17 @@ class StageContext:
         """A side artifact of the run (a table, a plot), not a stage output."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def progress(self, total: int, desc: str | None = None) -> Progress:
+    def progress(self, iterable: Iterable | None = None, total: int | None = None,
+                 desc: str | None = None) -> Progress:
         """A progress bar that Ray relays to the driver's terminal, also kept on the run as `progress.*` metrics.
 
-        The metrics (`progress.done`, `progress.total`, at most one write per `Progress.every_s`) are what
-        `moeforge dashboard` shows for a running stage.
+        Iterate over it (wrapping `iterable`) or call `update(n)`. The metrics (`progress.done`, `progress.total`,
+        at most one write per `Progress.every_s`) are what `moeforge dashboard` shows for a running stage.
         """
-        return Progress(self, total, desc or self.stage.name)
+        if total is None and iterable is not None:
+            iterable = list(iterable)
+            total = len(iterable)
+        return Progress(self, total or 0, desc or self.stage.name, iterable)
 
 
 class Progress:
@@ -200,10 +204,10 @@ class Progress:
 
     every_s = 2.0
 
-    def __init__(self, ctx: StageContext, total: int, desc: str):
+    def __init__(self, ctx: StageContext, total: int, desc: str, iterable: Iterable | None = None):
         from ray.experimental.tqdm_ray import tqdm
 
-        self._ctx, self.total, self.done = ctx, total, 0
+        self._ctx, self.total, self.done, self._iterable = ctx, total, 0, iterable
         self._bar = tqdm(total=total, desc=desc)
         self._logged_at = 0.0
         self._log()
@@ -212,6 +216,12 @@ class Progress:
         self._logged_at = time.monotonic()
         # step 0 throughout: MLflow's latest value is then the newest write (a stage may run several bars)
         self._ctx.log_metrics({"progress.done": self.done, "progress.total": self.total})
+
+    def __iter__(self):
+        for item in self._iterable or ():
+            yield item
+            self.update(1)
+        self.close()
 
     def update(self, n: int = 1) -> None:
         self.done += n

@@ -1,3 +1,6 @@
+"""The job entrypoints as processes, on the errors they must report before touching a cluster. (The whole pipeline
+as a submitted Ray job, and a stage job on cached inputs: tests/jobs/test_cluster.py.)"""
+
 from __future__ import annotations
 
 import subprocess
@@ -5,26 +8,25 @@ import sys
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.tracking import P, Tracker
+from jobs import STAGE_JOBS
+from pipeline.runner import default_stages
 
 
-SMALL = [f"{k}={v}" for k, v in {"data.num_train_prompts": 6, "data.num_eval_prompts": 2, "teacher.max_new_tokens": 40,
-                                 "train.max_steps": 2, "train.batch_size": 2, "evaluate.max_new_tokens": 16}.items()]
+def test_there_is_a_job_for_every_stage():
+    assert set(STAGE_JOBS) | {"serve"} == {s.name for s in default_stages()}
 
 
-@pytest.mark.timeout(600)
-def test_job_entrypoint_runs_the_pipeline_driver(tmp_path):
-    workdir = tmp_path / "w"
-    sets = [a for s in [f"tracking.workdir={workdir}", *SMALL] for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "tiny", *sets],
-                          capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = Tracker(load_config("tiny", [f"tracking.workdir={workdir}"]).tracking).pipeline_runs()
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags[P + "config_name"] == "tiny"
-    stages = Tracker(load_config("tiny", [f"tracking.workdir={workdir}"]).tracking).stage_runs(runs[0].info.run_id)
-    assert sorted(r.info.run_name for r in stages) == ["distill", "evaluate", "generate", "register", "train"]
+@pytest.mark.timeout(300)
+def test_a_stage_job_without_cached_inputs_fails_naming_what_to_run_first(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "tiny", "--set",
+                           f"tracking.workdir={tmp_path}"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "--only train: upstream stage 'generate' has no finished run" in proc.stderr.replace("\n", " ")
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # decided before any Ray work
+
+
+@pytest.mark.timeout(300)
+def test_a_bad_config_is_reported_with_the_key(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--set", "train.max_steps=-1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train.max_steps" in bad.stderr
