@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -48,7 +49,8 @@ def run(
     from_stage: Annotated[Optional[str], typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
     until: Annotated[Optional[str], typer.Option("--until", help="Stop after STAGE.")] = None,
     only: Annotated[Optional[str], typer.Option(
-        "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")] = None,
+        "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")]
+    = None,
 ) -> None:
     """Run the pipeline (or resume it: finished stages with the same inputs and config are reused)."""
     from pipeline.dag import DagError
@@ -196,11 +198,17 @@ def submit(
     cfg = _load(config, overrides)
     uri = sub.tracking_uri_of_job(cfg)
     server = sub.job_address(cfg.job)
-    if uri.startswith("sqlite:") and not any(h in server for h in ("127.0.0.1", "localhost")):
-        err.print(f"[yellow]warning:[/yellow] no tracking server configured: the job tracks to a SQLite file on the "
-                  f"head node of {server}; set MLFLOW_TRACKING_URI (or tracking.uri) to a server every node reaches")
+    job_sets = list(set_ or [])
+    if uri.startswith("sqlite:"):
+        if any(h in server for h in ("127.0.0.1", "localhost")):
+            # a cluster on this machine: the job tracks into this workdir (not its temporary copy of the code)
+            job_sets.append(f"tracking.workdir={Path(cfg.tracking.workdir).resolve()}")
+        else:
+            err.print(f"[yellow]warning:[/yellow] no tracking server configured: the job tracks to a SQLite file on "
+                      f"the head node of {server}; set MLFLOW_TRACKING_URI (or tracking.uri) to a server every node "
+                      "reaches")
     try:
-        jobs, sid = sub.submit(cfg, job, config, set_ or [], list(ctx.args), submission_id)
+        jobs, sid = sub.submit(cfg, job, config, job_sets, list(ctx.args), submission_id)
     except sub.SubmitError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -210,7 +218,11 @@ def submit(
         console.print(f"follow it with `ray job logs -f {sid} --address {server}`; `moeforge jobs` lists jobs",
                       soft_wrap=True)
         return
-    final = sub.follow(jobs, sid, lambda text: sys.stdout.write(text) and sys.stdout.flush())
+    try:
+        final = sub.follow(jobs, sid, lambda text: sys.stdout.write(text) and sys.stdout.flush())
+    except KeyboardInterrupt:
+        console.print(f"\nstopped following; job {sid} keeps running (`ray job stop {sid}` stops it)", soft_wrap=True)
+        raise typer.Exit(130) from None
     tracker = Tracker(cfg.tracking.model_copy(update={"uri": uri}))
     for run in tracker.runs_of_job(sid):
         link = run_url(uri, run.info.experiment_id, run.info.run_id)
@@ -362,8 +374,10 @@ def _ray_dashboard_http() -> str | None:
     address = os.environ.get("RAY_ADDRESS", "")
     if address.startswith(("http://", "https://")):
         return address.rstrip("/")
+    from pipeline.dashboard.data import ray_auth_headers
+
     try:
-        httpx.get("http://127.0.0.1:8265/api/version", timeout=2).raise_for_status()
+        httpx.get("http://127.0.0.1:8265/api/version", headers=ray_auth_headers(), timeout=2).raise_for_status()
     except httpx.HTTPError:
         return None
     return "http://127.0.0.1:8265"

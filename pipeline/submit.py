@@ -22,6 +22,7 @@ from pipeline.tracking import resolve_tracking_uri
 JOB_NAMES = ("pipeline", "generate", "distill", "train", "evaluate", "register", "serve")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started head's job agent
 
 
 class SubmitError(RuntimeError):
@@ -93,13 +94,22 @@ def submit(cfg: MoeforgeConfig, job: str, config: str, overrides: list[str], ext
         raise SubmitError(f"job.working_dir {working_dir} is not a directory")
     command = entrypoint(job, config_argument(config, working_dir), overrides, extra)
     jobs = client(job_address(cfg.job))
-    sid = jobs.submit_job(
-        entrypoint=command, runtime_env=runtime_env(cfg), submission_id=submission_id or new_submission_id(job),
-        metadata={"moeforge.job": job, "moeforge.config": cfg.name, "moeforge.config_hash": cfg.hash()},
-        entrypoint_num_cpus=cfg.job.entrypoint_num_cpus or None,
-        entrypoint_num_gpus=cfg.job.entrypoint_num_gpus or None,
-    )
-    return jobs, sid
+    sid = submission_id or new_submission_id(job)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            jobs.submit_job(
+                entrypoint=command, runtime_env=runtime_env(cfg), submission_id=sid,
+                metadata={"moeforge.job": job, "moeforge.config": cfg.name, "moeforge.config_hash": cfg.hash()},
+                entrypoint_num_cpus=cfg.job.entrypoint_num_cpus or None,
+                entrypoint_num_gpus=cfg.job.entrypoint_num_gpus or None,
+            )
+            return jobs, sid
+        except RuntimeError as e:
+            # a head that just started has no job agent for a few seconds; Ray's answer is "try again later"
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise SubmitError(f"the Ray job server at {job_address(cfg.job)} refused the job: {e}") from None
+            time.sleep(2)
 
 
 def follow(jobs, submission_id: str, write: Callable[[str], None]) -> str:

@@ -1,7 +1,7 @@
 """What a run left on a cluster, seen from a driver connected to it (run by tests/jobs/test_cluster.py with the
 cluster's environment, token included).
 
-    python -m tests.jobs.inspect_run GCS_ADDRESS TRACKING_URI '{"name": [uri, hash]}' '{"head": node_id, ...}'
+    python -m tests.jobs.inspect_run GCS_ADDRESS DASHBOARD_URL TRACKING_URI '{"name": [uri, hash]}' '{"head": node_id}'
 
 Prints one JSON line: {"actors": [[name, node_id], ...] (the teacher actors, from Ray's state API),
 "reads": {node_id: {artifact: number of files read}}} where every artifact was read from a process on each node;
@@ -33,7 +33,8 @@ def read_all(tracking_uri: str, outputs: dict[str, list[str]]) -> tuple[str, dic
 
 
 def main() -> None:
-    gcs, tracking_uri, outputs, nodes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    gcs, dashboard, tracking_uri = sys.argv[1:4]
+    outputs, nodes = json.loads(sys.argv[4]), json.loads(sys.argv[5])
     ray.init(address=gcs, log_to_driver=False, namespace="read-artifacts")
     task = ray.remote(read_all)
     refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
@@ -41,8 +42,8 @@ def main() -> None:
     reads = dict(ray.get(refs))
     from ray.util.state import list_actors
 
-    actors = [[a.name, a.node_id] for a in list_actors(filters=[("class_name", "=", "TeacherWorker")], limit=1000,
-                                                       detail=True)]
+    teachers = list_actors(address=dashboard, filters=[("class_name", "=", "TeacherWorker")], limit=1000, detail=True)
+    actors = [[a.name, a.node_id] for a in teachers]
     print(json.dumps({"actors": actors, "reads": reads}))
 
 

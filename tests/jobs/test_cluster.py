@@ -142,15 +142,20 @@ def finished(cluster, mlflow_server, tmp_path_factory) -> FinishedRun:
     scraper = Scraper(cluster.metrics)
     scraper.start()
     try:
-        proc = subprocess.run(
-            [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-             "--submission-id", sid, "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "-m", "jobs.pipeline", "--config", "tiny", *(a for s in sets for a in ("--set", s))],
-            env=cluster.env, capture_output=True, text=True, timeout=1200)
-        runs = MlflowClient(mlflow_server.uri).search_runs(
-            [MlflowClient(mlflow_server.uri).get_experiment_by_name(experiment).experiment_id],
-            filter_string=f"tags.`moeforge.ray_job` = '{sid}'")
-        assert proc.returncode == 0 and len(runs) == 1, proc.stdout[-6000:] + proc.stderr[-3000:]
+        for _ in range(30):  # the head's job agent can come up some seconds after the node: Ray says retry
+            proc = subprocess.run(
+                [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+                 "--submission-id", sid, "--runtime-env-json", json.dumps(runtime_env), "--",
+                 "python", "-m", "jobs.pipeline", "--config", "tiny", *(a for s in sets for a in ("--set", s))],
+                env=cluster.env, capture_output=True, text=True, timeout=1200)
+            if "No available agent to submit job" not in proc.stderr:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, f"ray job submit failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+        client = MlflowClient(mlflow_server.uri)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                  filter_string=f"tags.`moeforge.ray_job` = '{sid}'")
+        assert len(runs) == 1, [r.info.run_id for r in runs]
         serve_url = f"http://127.0.0.1:{serve_port}"
         served = 0
         for i in range(4):  # a few real requests, so the serving metrics have something to say
@@ -191,7 +196,7 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
     assert set(outputs) == {"samples", "eval_prompts", "soft_targets", "student", "eval_report", "registration",
                             "endpoint"}
     check = subprocess.run(
-        [sys.executable, "-m", "tests.jobs.inspect_run", c.gcs, finished.tracking_uri,
+        [sys.executable, "-m", "tests.jobs.inspect_run", c.gcs, c.dashboard, finished.tracking_uri,
          json.dumps(outputs), json.dumps(c.node_ids)],
         env={**c.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
     assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-4000:]
