@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml infra/install.sh | $(PY)
 run: $(STAMP)
 	$(VENV)/bin/moeforge run --config $(CONFIG)
 
-# the dashboard's browser test drives Debian's Chromium: tests/install_browser.sh installs it when missing
+# the dashboard's browser test drives Debian's Chromium: tests/install_browser.sh installs it when missing (if it
+# cannot, the rest of the suite still runs and that test fails saying what is missing)
 test: $(STAMP)
-	sh tests/install_browser.sh
+	sh tests/install_browser.sh || echo "warning: chromium/chromedriver not installed; the dashboard browser test will fail"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
