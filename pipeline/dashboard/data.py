@@ -84,7 +84,10 @@ class RayView:
 
 
 def histogram_summary(families: list, name: str, **match: str) -> dict[str, dict[str, float]]:
-    """Per `route`: count, mean and p50/p95 (bucket upper bounds) of histogram `name`, summed over processes."""
+    """Per `route`: count, mean and p50/p95 (bucket upper bounds) of histogram `name`, summed over processes.
+
+    The mean is approximate: Ray's exporter adds each observation to `_sum` as its bucket's midpoint.
+    """
     routes: dict[str, dict[str, Any]] = {}
     for family in families:
         if family.name != name:

@@ -206,9 +206,11 @@ function drawServing(view) {
   for (const route of routes) {
     const lat = s.latency[route], ttft = s.ttft[route] || {};
     const tr = el("tr", {"data-route": route});
-    tr.append(el("td", {}, route), el("td", {}, lat.count), el("td", {}, `${fmt(lat.mean_s)}s`),
-              el("td", {}, lat.p95_s === null ? "> max" : `≤${lat.p95_s}s`), el("td", {}, `${fmt(ttft.mean_s)}s`),
-              el("td", {}, ttft.p95_s === null || ttft.p95_s === undefined ? "–" : `≤${ttft.p95_s}s`));
+    // quantiles as histogram bucket bounds: Ray exports histogram sums from bucket midpoints, so a mean would
+    // only look precise
+    const bound = (q) => q === undefined ? "–" : q === null ? "> max" : `≤ ${q}s`;
+    tr.append(el("td", {}, route), el("td", {}, lat.count), el("td", {}, bound(lat.p50_s)), el("td", {}, bound(lat.p95_s)),
+              el("td", {}, bound(ttft.p50_s)), el("td", {}, bound(ttft.p95_s)));
     body.append(tr);
   }
 }
