@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from _common import describe, result  # noqa: F401 - also puts the checkout on sys.path
 
-from actors.trainer import TrainJob, fit
+from actors.trainer import fit
+from pipeline.train.replica import TrainJob
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.distill import targets as T
 

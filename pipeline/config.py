@@ -15,25 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names each offending key path."""
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _at_most(field: str, other: str, value: Any, info: ValidationInfo) -> Any:
-    """Validator helper: `field` must be <= the already-validated field `other` of the same section."""
-    limit = info.data.get(other)
-    if limit is not None and value is not None and value > limit:
-        raise ValueError(f"{field} ({value}) must be <= {other} ({limit})")
-    return value
+from pipeline.model.config import MODEL_PRESETS, ModelConfig
+from pipeline.validation import ConfigError, Section, at_most, format_validation_error
 
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -133,78 +118,6 @@ class DistillConfig(Section):
     tokenizer: str = "smollm2-135m-instruct"
 
 
-class ModelConfig(Section):
-    """The DeepSeek-V3-style MoE student; names follow DeepSeek-V3's `ModelArgs`.
-
-    Fields are ordered so that every cross-field check only looks at fields declared above it.
-    """
-
-    vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer the student is paired with
-    dim: int = Field(256, ge=1)
-    n_layers: int = Field(4, ge=1)
-    n_dense_layers: int = Field(1, ge=0)
-    n_heads: int = Field(4, ge=1)
-    # Multi-head Latent Attention
-    q_lora_rank: int = Field(0, ge=0)  # 0: full-rank query projection
-    kv_lora_rank: int = Field(64, ge=1)
-    qk_nope_head_dim: int = Field(32, ge=1)
-    qk_rope_head_dim: int = Field(16, ge=2)
-    v_head_dim: int = Field(32, ge=1)
-    # Feed-forward: dense SwiGLU in the first blocks, DeepSeekMoE after
-    inter_dim: int = Field(768, ge=1)
-    moe_inter_dim: int = Field(128, ge=1)
-    n_routed_experts: int = Field(8, ge=1)
-    n_shared_experts: int = Field(1, ge=0)
-    n_activated_experts: int = Field(2, ge=1)  # top-k
-    n_group: int = Field(1, ge=1)
-    topk_group: int = Field(1, ge=1)
-    route_scale: float = Field(1.0, gt=0)
-    bias_update_speed: float = Field(1e-3, ge=0)
-    seq_aux_alpha: float = Field(1e-4, ge=0)
-    mtp_depth: int = Field(0, ge=0, le=1)
-    mtp_lambda: float = Field(0.3, ge=0)
-    max_seq_len: int = Field(512, ge=1)
-    rope_theta: float = Field(10000.0, gt=0)
-    attn_impl: Literal["naive", "absorb"] = "absorb"
-    moe_impl: Literal["batched", "loop"] = "batched"
-
-    @field_validator("n_dense_layers")
-    @classmethod
-    def _dense_within_layers(cls, v: int, info: ValidationInfo) -> int:
-        return _at_most("n_dense_layers", "n_layers", v, info)
-
-    @field_validator("qk_rope_head_dim")
-    @classmethod
-    def _rope_even(cls, v: int) -> int:
-        if v % 2:
-            raise ValueError(f"qk_rope_head_dim ({v}) must be even: RoPE rotates pairs of channels")
-        return v
-
-    @field_validator("n_activated_experts")
-    @classmethod
-    def _topk_within_experts(cls, v: int, info: ValidationInfo) -> int:
-        return _at_most("n_activated_experts", "n_routed_experts", v, info)
-
-    @field_validator("n_group")
-    @classmethod
-    def _groups_divide_experts(cls, v: int, info: ValidationInfo) -> int:
-        n = info.data.get("n_routed_experts")
-        if n is not None and n % v:
-            raise ValueError(f"n_group ({v}) must divide n_routed_experts ({n})")
-        return v
-
-    @field_validator("topk_group")
-    @classmethod
-    def _topk_group_fits(cls, v: int, info: ValidationInfo) -> int:
-        _at_most("topk_group", "n_group", v, info)
-        n, g, k = (info.data.get(f) for f in ("n_routed_experts", "n_group", "n_activated_experts"))
-        if None not in (n, g, k) and v * (n // g) < k:
-            raise ValueError(
-                f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})"
-            )
-        return v
-
-
 class TrainConfig(Section):
     """Distillation training of the student on Ray Train."""
 
@@ -234,7 +147,7 @@ class TrainConfig(Section):
     @field_validator("warmup_steps")
     @classmethod
     def _warmup_within_steps(cls, v: int, info: ValidationInfo) -> int:
-        return _at_most("warmup_steps", "max_steps", v, info)
+        return at_most("warmup_steps", "max_steps", v, info)
 
 
 class EvaluateConfig(Section):
@@ -446,24 +359,8 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """One line per problem: `section.key: reason (got value)`."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
-        elif e["type"] in ("value_error", "missing"):
-            lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"  {loc}: {e['msg']} (got {e['input']!r})")
-    return "invalid configuration:\n" + "\n".join(lines)
-
-
 def expand_model_preset(data: dict[str, Any]) -> None:
     """`model: {preset: small, dim: 640}` -> the `small` size with `dim` overridden."""
-    from pipeline.model.presets import MODEL_PRESETS
-
     model = data.get("model")
     if not isinstance(model, dict) or "preset" not in model:
         return

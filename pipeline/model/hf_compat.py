@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.moe import MLP, MoE
 
 

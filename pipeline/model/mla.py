@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

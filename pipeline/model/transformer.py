@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear, rope_tables
 from pipeline.model.loss import linear_cross_entropy
 from pipeline.model.moe import MLP, Experts, Gate, MoE
@@ -181,6 +181,18 @@ class Transformer(nn.Module):
         return {"total": total, "active": total - inactive,
                 "mtp": sum(p.numel() for name, p in self.named_parameters() if name.startswith("mtp."))}
 
+    def flops_per_token(self, seq_len: int) -> tuple[float, float]:
+        """Training FLOPs (forward + backward = 3x forward) per token: (trunk, output head), PaLM-style.
+
+        Trunk: 6 x the active non-embedding parameters, plus attention scores and values (6 x layers x heads x
+        (qk_head_dim + v_head_dim) x seq_len). Head: 6 x dim x vocab, counted apart because the distillation
+        objective applies it at completion positions only. Router, bias and norm FLOPs are ignored.
+        """
+        c = self.cfg
+        active = self.num_params()["active"] - self.embed.weight.numel() - self.head.weight.numel()
+        attn = 6 * c.n_layers * c.n_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * seq_len
+        return float(6 * active + attn), float(6 * c.dim * (c.vocab_size or 0))
+
     # ------------------------------------------------------------------------------------------------ I/O
 
     @classmethod
@@ -205,7 +217,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
         from safetensors.torch import load_file
 
-        from pipeline.config import ConfigError, format_validation_error
+        from pipeline.validation import ConfigError, format_validation_error
 
         directory = Path(directory)
         for name in (CONFIG, WEIGHTS):

@@ -31,7 +31,9 @@ class Train(Stage):
     def run(self, ctx: StageContext) -> None:
         from transformers import AutoTokenizer
 
-        from actors.trainer import TrainJob, final_weights, fit
+        from actors.trainer import fit
+        from pipeline.train.checkpoint import final_weights
+        from pipeline.train.replica import TrainJob
         from pipeline.distill.targets import check_tokenizer
         from pipeline.model import Transformer
         from pipeline.registry import log_student

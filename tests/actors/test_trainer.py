@@ -1,6 +1,6 @@
-"""The trainer role: a replica without Ray (checkpoint parts, metrics), then real Ray Train runs with two workers
-over gloo: the loss falls and both replicas end with identical router biases; a worker killed mid-run restarts its
-group from the latest checkpoint and the run still ends at the planned step count."""
+"""The trainer role on real Ray Train runs with two workers over gloo: the loss falls and both replicas end with
+identical router biases; a worker killed mid-run restarts its group from the latest checkpoint and the run still
+ends at the planned step count. The replica itself, without Ray, is tested in tests/pipeline/train/."""
 
 from __future__ import annotations
 
@@ -14,88 +14,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.trainer import Replica, TrainJob, expert_metrics, final_weights, fit, flops_per_step
-from pipeline.config import TrainConfig
+from actors.trainer import fit
 from pipeline.distill import targets as T
-from tests.pipeline.distill.test_objective import CFG, teacher_row
-
-
-def rows(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [{**teacher_row(rng), "sample_id": f"s{i:04d}", "task": "plus_one"} for i in range(n)]
-
-
-def job(**train) -> TrainJob:
-    base = dict(max_steps=8, warmup_steps=1, batch_size=2, seq_len=16, lr=3e-3, checkpoint_every=4)
-    return TrainJob(CFG.model_copy(update={"bias_update_speed": 0.01}), TrainConfig(**{**base, **train}), top_k=3)
-
-
-# ---------------------------------------------------------------------------------------------------- no Ray
-
-
-def test_a_replica_restored_from_its_checkpoint_continues_exactly(tmp_path):
-    data = rows(12)
-    a = Replica(job(), data)
-    for _ in range(3):
-        a.train_step()
-    a.save(tmp_path)
-    rest = [a.train_step()["loss"] for _ in range(3)]
-    b = Replica(job(), data)
-    b.restore(tmp_path)
-    assert b.resumed_from == 3
-    assert [b.train_step()["loss"] for _ in range(3)] == rest
-    for k, v in a.model.state_dict().items():
-        torch.testing.assert_close(b.model.state_dict()[k], v, rtol=0, atol=0)
-
-
-def test_restore_refuses_a_checkpoint_whose_replicas_diverged(tmp_path):
-    a = Replica(job(), rows(8))
-    a.train_step()
-    a.save(tmp_path)
-    part = torch.load(tmp_path / "data_rank0.pt", weights_only=False)
-    name = next(iter(part["router_biases"]))
-    part["router_biases"][name] += 1
-    torch.save(part, tmp_path / "data_rank0.pt")
-    with pytest.raises(RuntimeError, match="router biases diverged"):
-        Replica(job(), rows(8)).restore(tmp_path)
-
-
-def test_step_metrics_cover_losses_throughput_mfu_and_expert_load():
-    replica = Replica(job(peak_flops_per_worker=1e9), rows(8))
-    m = replica.train_step()
-    assert {"loss", "kd", "ce", "balance", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(m)
-    assert m["tokens_per_s"] > 0 and 0 < m["mfu"] < 1 and replica.peak_source == "configured"
-    moe_layers = CFG.n_layers - CFG.n_dense_layers
-    load = {k: v for k, v in m.items() if k.startswith("expert_load.")}
-    assert len(load) == 3 * moe_layers
-    for layer in range(CFG.n_dense_layers, CFG.n_layers):
-        assert 0 <= m[f"expert_load.l{layer}.min"] <= 1 / CFG.n_routed_experts <= m[f"expert_load.l{layer}.max"]
-        assert m[f"router_bias_norm.l{layer}"] > 0  # the bias update ran after the step
-
-
-def test_expert_metrics_from_known_counts():
-    replica = Replica(job(), rows(4))
-    counts_LE = torch.tensor([[30.0, 10.0, 0.0, 0.0]])  # one MoE layer in CFG
-    m = expert_metrics(replica.model, counts_LE)
-    layer = CFG.n_dense_layers
-    assert m[f"expert_load.l{layer}.max"] == 0.75 and m[f"expert_load.l{layer}.min"] == 0.0
-    assert m[f"expert_load.l{layer}.cv"] == pytest.approx(np.std([30, 10, 0, 0]) / 10)
-
-
-def test_model_flops_count_the_head_only_at_completion_positions():
-    model = Replica(job(), rows(4)).model
-    base = flops_per_step(model, trunk_tokens=100, head_tokens=0, seq_len=16)
-    with_head = flops_per_step(model, trunk_tokens=100, head_tokens=10, seq_len=16)
-    assert with_head - base == 10 * 6 * CFG.dim * CFG.vocab_size
-    assert flops_per_step(model, 200, 0, 16) == 2 * base
-
-
-def test_a_replica_without_rows_is_a_clear_error():
-    with pytest.raises(ValueError, match="fewer samples than train.num_workers"):
-        Replica(job(), [], rank=1, world=2)
-
-
-# ---------------------------------------------------------------------------------------------------- Ray Train
+from pipeline.train.checkpoint import final_weights
+from tests.pipeline.train.test_objective import CFG
+from tests.pipeline.train.test_replica import job, rows
 
 
 def dataset(n: int):

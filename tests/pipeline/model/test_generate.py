@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.model.generate import SamplingParams, generate
-from pipeline.model.presets import model_preset
+from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.model.loss import linear_cross_entropy
-from pipeline.model.presets import model_preset
+from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 
 

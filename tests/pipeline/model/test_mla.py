@@ -7,7 +7,7 @@ import torch
 
 from pipeline.model.generate import decode, prefill
 from pipeline.model.mla import mha_cache_bytes_per_token
-from pipeline.model.presets import model_preset
+from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 
 

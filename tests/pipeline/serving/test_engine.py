@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.model.generate import SamplingParams, generate
-from pipeline.model.presets import model_preset
+from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 from pipeline.serving.engine import Engine, EngineError
 

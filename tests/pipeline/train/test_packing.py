@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.distill.packing import pack
+from pipeline.train.packing import pack
 from pipeline.distill.targets import loss_mask
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.distill.packing import pack
-from pipeline.distill.trainer import TrainState, lr_factor
+from pipeline.train.packing import pack
+from pipeline.train.state import TrainState, lr_factor
 from pipeline.model import Transformer
-from tests.pipeline.distill.test_objective import CFG, teacher_row
+from tests.pipeline.train.test_objective import CFG, teacher_row
 
 
 def test_warmup_then_cosine_to_the_floor():

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.distill.objective import objective, to_tensors
-from pipeline.distill.packing import pack
+from pipeline.train.objective import objective, to_tensors
+from pipeline.train.packing import pack
 from pipeline.distill.targets import loss_mask
 from pipeline.model import Transformer
 

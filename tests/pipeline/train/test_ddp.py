@@ -20,11 +20,11 @@ def _replica(rank: int, world: int, port: int, out: str, sync_counts: bool) -> N
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pipeline.config import TrainConfig
-    from pipeline.distill.objective import ObjectiveModule
-    from pipeline.distill.packing import pack
-    from pipeline.distill.trainer import TrainState
+    from pipeline.train.objective import ObjectiveModule
+    from pipeline.train.packing import pack
+    from pipeline.train.state import TrainState
     from pipeline.model import Transformer
-    from tests.pipeline.distill.test_objective import CFG, teacher_row
+    from tests.pipeline.train.test_objective import CFG, teacher_row
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill.losses import distill_loss, student_buckets, teacher_buckets
+from pipeline.train.losses import distill_loss, student_buckets, teacher_buckets
 
 
 def _targets(teacher_logits_NV, k):

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.distill.objective import StepLoss, objective, to_tensors
-from pipeline.distill.packing import PackedBatch
+from pipeline.train.objective import StepLoss, objective, to_tensors
+from pipeline.train.packing import PackedBatch
 from pipeline.model import Transformer, update_router_biases
 
 

@@ -1,0 +1,109 @@
+"""The student's own config: its architecture as one typed, validated section, and the named sizes.
+
+Imports nothing from the application (`pipeline/config.py` imports this, never the other way) and no torch, so
+the config loader can validate and expand presets cheaply. Names follow DeepSeek-V3's `ModelArgs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from pipeline.validation import Section, at_most
+
+
+class ModelConfig(Section):
+    """The DeepSeek-V3-style MoE student; names follow DeepSeek-V3's `ModelArgs`.
+
+    Fields are ordered so that every cross-field check only looks at fields declared above it.
+    """
+
+    vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer the student is paired with
+    dim: int = Field(256, ge=1)
+    n_layers: int = Field(4, ge=1)
+    n_dense_layers: int = Field(1, ge=0)
+    n_heads: int = Field(4, ge=1)
+    # Multi-head Latent Attention
+    q_lora_rank: int = Field(0, ge=0)  # 0: full-rank query projection
+    kv_lora_rank: int = Field(64, ge=1)
+    qk_nope_head_dim: int = Field(32, ge=1)
+    qk_rope_head_dim: int = Field(16, ge=2)
+    v_head_dim: int = Field(32, ge=1)
+    # Feed-forward: dense SwiGLU in the first blocks, DeepSeekMoE after
+    inter_dim: int = Field(768, ge=1)
+    moe_inter_dim: int = Field(128, ge=1)
+    n_routed_experts: int = Field(8, ge=1)
+    n_shared_experts: int = Field(1, ge=0)
+    n_activated_experts: int = Field(2, ge=1)  # top-k
+    n_group: int = Field(1, ge=1)
+    topk_group: int = Field(1, ge=1)
+    route_scale: float = Field(1.0, gt=0)
+    bias_update_speed: float = Field(1e-3, ge=0)
+    seq_aux_alpha: float = Field(1e-4, ge=0)
+    mtp_depth: int = Field(0, ge=0, le=1)
+    mtp_lambda: float = Field(0.3, ge=0)
+    max_seq_len: int = Field(512, ge=1)
+    rope_theta: float = Field(10000.0, gt=0)
+    attn_impl: Literal["naive", "absorb"] = "absorb"
+    moe_impl: Literal["batched", "loop"] = "batched"
+
+    @field_validator("n_dense_layers")
+    @classmethod
+    def _dense_within_layers(cls, v: int, info: ValidationInfo) -> int:
+        return at_most("n_dense_layers", "n_layers", v, info)
+
+    @field_validator("qk_rope_head_dim")
+    @classmethod
+    def _rope_even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"qk_rope_head_dim ({v}) must be even: RoPE rotates pairs of channels")
+        return v
+
+    @field_validator("n_activated_experts")
+    @classmethod
+    def _topk_within_experts(cls, v: int, info: ValidationInfo) -> int:
+        return at_most("n_activated_experts", "n_routed_experts", v, info)
+
+    @field_validator("n_group")
+    @classmethod
+    def _groups_divide_experts(cls, v: int, info: ValidationInfo) -> int:
+        n = info.data.get("n_routed_experts")
+        if n is not None and n % v:
+            raise ValueError(f"n_group ({v}) must divide n_routed_experts ({n})")
+        return v
+
+    @field_validator("topk_group")
+    @classmethod
+    def _topk_group_fits(cls, v: int, info: ValidationInfo) -> int:
+        at_most("topk_group", "n_group", v, info)
+        n, g, k = (info.data.get(f) for f in ("n_routed_experts", "n_group", "n_activated_experts"))
+        if None not in (n, g, k) and v * (n // g) < k:
+            raise ValueError(
+                f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})"
+            )
+        return v
+
+
+# Named student sizes. A config selects one with `model: {preset: NAME}` (explicit keys beside it win). `tiny` is
+# the embedded default (`ModelConfig()`); the others are for GPUs. Vocabulary size always comes from the paired
+# tokenizer.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # 28.9M total / 27.1M active with a 49,152-token vocabulary (num_params(); embedding and head dominate).
+    "tiny": {},
+    # one GPU
+    "small": dict(dim=512, n_layers=8, n_dense_layers=1, n_heads=8, q_lora_rank=192, kv_lora_rank=128,
+                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=1536, moe_inter_dim=256,
+                  n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_group=4, topk_group=2,
+                  route_scale=2.5, max_seq_len=1024),
+    # a multi-GPU cluster
+    "base": dict(dim=768, n_layers=12, n_dense_layers=1, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
+                 qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=2048, moe_inter_dim=384,
+                 n_routed_experts=64, n_shared_experts=1, n_activated_experts=6, n_group=8, topk_group=4,
+                 route_scale=2.5, max_seq_len=2048),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A validated `ModelConfig` of a named size, with overrides."""
+    return ModelConfig.model_validate({**MODEL_PRESETS[name], **overrides})

@@ -1,0 +1,115 @@
+"""One data-parallel replica of the student: its windows, model, train state, DDP wrapper and step metrics.
+
+Plain PyTorch: `actors/trainer.py` builds one per Ray Train worker (rank, world size and device from Ray), and
+tests build them directly. With more than one replica, torch.distributed must be initialised by the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.model import ModelConfig, Transformer
+from pipeline.train import checkpoint
+from pipeline.train.expert_metrics import expert_metrics
+from pipeline.train.mfu import flops_per_step, peak_flops
+from pipeline.train.objective import ObjectiveModule
+from pipeline.train.packing import pack
+from pipeline.train.state import TrainState
+
+
+@dataclass
+class TrainJob:
+    """What every worker needs (picklable): the student's config, the training config, where to log."""
+
+    model: ModelConfig  # vocab_size resolved from the tokenizer
+    train: TrainConfig
+    top_k: int  # teacher top-k stored in the soft targets
+    run_id: str | None = None  # MLflow run rank 0 logs step metrics to
+    tracking_uri: str | None = None
+    parent_run_id: str = ""  # the pipeline run: a tag of rank 0's live Ray metrics
+
+
+class Replica:
+    """One data-parallel replica: its windows, model, optimizer state, and step metrics.
+
+    Args:
+        job: the student and training config.
+        rows: this replica's soft-target rows (dicts with the columns of the `soft_targets` schema).
+        rank, world: its rank and the number of replicas (torch.distributed is initialised when world > 1).
+        device: where it trains.
+    """
+
+    def __init__(self, job: TrainJob, rows: list[dict], rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu"):
+        if not rows:
+            raise ValueError(f"training replica {rank} received no soft-target rows: the dataset has fewer samples "
+                             f"than train.num_workers ({world})")
+        self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
+        self.device = torch.device(device)
+        self.windows = pack(rows, self.cfg.seq_len, job.top_k)
+        torch.manual_seed(self.cfg.seed)  # identical initial weights on every replica (DDP also broadcasts them)
+        self.model = Transformer(job.model).to(self.device)
+        self.state = TrainState(self.model, self.cfg, self.windows)
+        self.objective = ObjectiveModule(self.model, self.cfg)
+        self.forward: torch.nn.Module = self.objective
+        self.all_reduce = None
+        if world > 1:
+            import torch.distributed as dist
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # unused routed experts have no gradient; biases stay equal through the all-reduced counts, not a copy
+            self.forward = DDP(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               find_unused_parameters=True, broadcast_buffers=False)
+            self.all_reduce = dist.all_reduce
+        self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
+        self.resumed_from = 0
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def last_counts(self) -> torch.Tensor:
+        """(MoE layers, experts) tokens routed in the last step, over all replicas."""
+        return self.state.last_counts
+
+    def _forward(self, batch: dict) -> Any:
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.forward(batch)
+        return self.forward(batch)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on every replica; metrics averaged (losses) or summed (tokens) over replicas."""
+        t0 = time.perf_counter()
+        m = self.state.train_step(all_reduce=self.all_reduce, forward=self._forward)
+        trunk = self.cfg.batch_size * self.cfg.seq_len
+        stats = torch.tensor([m["loss"], m["kd"], m["ce"], m["balance"], float(m["tokens"]), float(trunk)],
+                             dtype=torch.float64)
+        if self.all_reduce is not None:
+            self.all_reduce(stats)
+            stats[:4] /= self.world
+        seconds = time.perf_counter() - t0
+        loss, kd, ce, balance, head_tokens, trunk_tokens = stats.tolist()
+        flops = flops_per_step(self.model, int(trunk_tokens), int(head_tokens), self.cfg.seq_len)
+        out = {"loss": loss, "kd": kd, "ce": ce, "balance": balance, "lr": m["lr"], "grad_norm": m["grad_norm"],
+               "tokens_per_s": trunk_tokens / seconds, "completion_tokens": head_tokens,
+               "mfu": flops / seconds / (self.peak * self.world), "step_seconds": seconds}
+        if "mtp" in m:
+            out["mtp"] = m["mtp"]
+        out.update(expert_metrics(self.model, self.last_counts))
+        return out
+
+    def save(self, directory: Path) -> None:
+        """This replica's part of a checkpoint (see `pipeline/train/checkpoint.py`)."""
+        checkpoint.save(self.state, self.rank, directory)
+
+    def restore(self, directory: Path) -> None:
+        checkpoint.restore(self.state, self.rank, directory, self.device)
+        self.resumed_from = self.state.step
