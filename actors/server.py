@@ -21,7 +21,13 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from pipeline.config import MoeforgeConfig, RegistryConfig, ServeConfig, format_validation_error, load_config
+from pipeline.config import (
+    MoeforgeConfig,
+    RegistryConfig,
+    ServeConfig,
+    format_validation_error,
+    load_config,
+)
 from pipeline.serving.api import ModelServer, create_app
 from pipeline.serving.source import ModelSource, resolve
 

@@ -42,7 +42,7 @@ class StudentWorker:
     def __init__(self, ref: ArtifactRef, tracking_uri: str, workdir: str, num_threads: int | None = None):
         import torch
 
-        from pipeline.stage import fetch
+        from pipeline.artifacts import fetch
 
         if num_threads:
             torch.set_num_threads(num_threads)

@@ -26,6 +26,7 @@ from pipeline.config import load_config
 from pipeline.data.prompts import teacher_messages
 from pipeline.data.sources import load_prompts
 from pipeline.distill import targets as T
+from pipeline.stages.artifact_specs import soft_targets_schema
 from pipeline.teacher.hf import HFTeacher, default_cache_dir, resolve_model_dir
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     dense_positions = sum(len(r["logprobs"]) for r in dense_rows)
     with tempfile.TemporaryDirectory() as tmp:
         ours, dense = Path(tmp) / "ours.parquet", Path(tmp) / "dense.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=T.schema("float16")), ours)
+        pq.write_table(pa.Table.from_pylist(rows, schema=soft_targets_schema("float16")), ours)
         pq.write_table(pa.Table.from_pylist(dense_rows, schema=pa.schema([("logprobs",
                                                                              pa.list_(pa.list_(pa.float16())))])), dense)
         ours_bpt = ours.stat().st_size / positions

@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from _common import describe, interleaved, result
+
+from pipeline.model.config import model_preset
 from pipeline.model.generate import decode
 from pipeline.model.mla import mha_cache_bytes_per_token
-from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 
 VOCAB = 49152  # the default teacher's tokenizer

@@ -9,11 +9,11 @@ import argparse
 import logging
 
 import torch
-
 from _common import describe, interleaved, result
+
+from pipeline.model.config import model_preset
 from pipeline.model.hf_compat import copy_moe_to_hf, hf_moe
 from pipeline.model.moe import MoE
-from pipeline.model.config import model_preset
 
 
 def main() -> None:

@@ -10,10 +10,10 @@ import argparse
 import logging
 
 import torch
-
 from _common import describe, interleaved, result
-from pipeline.model.hf_compat import copy_model_to_hf, to_hf_config
+
 from pipeline.model.config import model_preset
+from pipeline.model.hf_compat import copy_model_to_hf, to_hf_config
 from pipeline.model.transformer import Transformer
 
 VOCAB = 49152  # the default teacher's tokenizer

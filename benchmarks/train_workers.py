@@ -18,13 +18,13 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
-
 from _common import describe, result  # noqa: F401 - also puts the checkout on sys.path
 
 from actors.trainer import fit
-from pipeline.train.replica import TrainJob
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.distill import targets as T
+from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.train.replica import TrainJob
 
 VOCAB, K = 49152, 20
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False)
-    table = pa.Table.from_pylist(synthetic_rows(args.rows), schema=T.schema("float16"))
+    table = pa.Table.from_pylist(synthetic_rows(args.rows), schema=soft_targets_schema("float16"))
     model = ModelConfig(vocab_size=VOCAB)
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:

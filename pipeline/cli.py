@@ -92,7 +92,7 @@ def _read_output(result, cfg, artifact: str, filename: str) -> dict:
     """A JSON file of an artifact the run produced (or took from the cache)."""
     import json
 
-    from pipeline.stage import fetch
+    from pipeline.artifacts import fetch
 
     ref = next(ref for s in result.stages for name, ref in s.outputs.items() if name == artifact)
     return json.loads((fetch(ref, result.tracking_uri, cfg.tracking.workdir) / filename).read_text())

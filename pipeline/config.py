@@ -20,7 +20,6 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pipeline.model.config import MODEL_PRESETS, ModelConfig
 from pipeline.validation import ConfigError, Section, at_most, format_validation_error
 
-
 # ---------------------------------------------------------------------------------------------------- sections
 
 

@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
@@ -121,7 +120,7 @@ class StageContext:
         """A local, verified copy of input artifact `name` (read in place when the store is local)."""
         if name not in self.call.inputs:
             raise KeyError(f"stage {self.stage.name!r} has no input {name!r}; it declares {self.stage.inputs}")
-        return fetch(self.call.inputs[name], self.call.tracking_uri, self.workdir)
+        return artifacts.fetch(self.call.inputs[name], self.call.tracking_uri, self.workdir)
 
     def read_table(self, name: str, spec: ArtifactSpec) -> pa.Table:
         ref = self.call.inputs[name]
@@ -235,48 +234,3 @@ class Progress:
     def close(self) -> None:
         self._log()
         self._bar.close()
-
-
-def local_path(uri: str) -> Path | None:
-    """The folder behind a `file:` URI or a plain path; None for remote stores."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "":
-        return Path(uri)
-    return None
-
-
-def fetch(ref: ArtifactRef, tracking_uri: str, workdir: Path) -> Path:
-    """Make artifact `ref` readable locally and verify it against its content hash.
-
-    Local stores are read in place; remote ones (mlflow-artifacts:, s3:, …) are downloaded once into a cache
-    folder keyed by the content hash, so any node can read any artifact.
-    """
-    import mlflow.artifacts
-
-    path = local_path(ref.uri)
-    if path is not None:
-        if not path.is_dir():
-            raise ArtifactError(f"artifact {ref.name!r}: {ref.uri} does not exist (deleted from the store?)")
-        artifacts.verify(path, ref.name, ref.hash)
-        return path
-    cached = Path(workdir) / "cache" / "artifacts" / ref.hash
-    if cached.is_dir():
-        try:
-            artifacts.verify(cached, ref.name, ref.hash)
-            return cached
-        except ArtifactError:
-            shutil.rmtree(cached, ignore_errors=True)
-    with artifacts.atomic_path(cached) as tmp:
-        tmp.mkdir(parents=True)
-        try:
-            downloaded = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=ref.uri, dst_path=str(tmp), tracking_uri=tracking_uri))
-        except Exception as e:  # noqa: BLE001 - any store error becomes an artifact error naming the artifact
-            raise ArtifactError(f"artifact {ref.name!r}: cannot download {ref.uri}: {e}") from e
-        artifacts.verify(downloaded, ref.name, ref.hash)
-        for child in downloaded.iterdir():
-            child.rename(tmp / child.name)
-        downloaded.rmdir()
-    return cached

@@ -91,7 +91,11 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_dir():
     """The default teacher, dequantized once into the test cache ($MOEFORGE_CACHE_DIR, set above)."""
-    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
+    from pipeline.teacher.hf import (
+        DEFAULT_TEACHER,
+        default_cache_dir,
+        resolve_model_dir,
+    )
 
     return resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())
 
@@ -113,7 +117,7 @@ def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
 
     from pipeline.config import ModelConfig
     from pipeline.model import Transformer
-    from pipeline.registry import log_student
+    from pipeline.student.registry import log_student
 
     root = tmp_path_factory.mktemp("student")
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))

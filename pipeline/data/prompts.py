@@ -5,6 +5,7 @@ A 135M teacher does not follow an instruction alone (asked for `<answer>` tags i
 copies worked examples well, so the `worked_examples` style puts two solved problems of the same task before the
 question as earlier chat turns. Those examples are for the teacher only: the student trains on the instruction and
 the question (`student_messages`), so its sequences stay short and it learns the format from the completions.
+`chat_token_ids` is the one place a conversation becomes token ids (teacher, soft targets, student, serving).
 
 Few-shot questions are written in each task's own wording and are excluded from both data splits (see
 `sources.reasoning_gym_prompts`), so evaluation never shows a question that the prompt already answered.
@@ -59,6 +60,15 @@ def few_shot_questions() -> set[str]:
 def student_messages(question: str) -> list[Message]:
     """The conversation the student trains on and is evaluated with: the instruction and the question."""
     return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": question}]
+
+
+def chat_token_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation in the tokenizer's chat template, ending at the assistant's turn.
+
+    transformers 5 returns a `BatchEncoding` from `apply_chat_template(tokenize=True)`, older versions a list.
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def teacher_messages(task: str, question: str, style: PromptStyle = "worked_examples") -> list[Message]:

@@ -16,27 +16,13 @@ import hashlib
 import json
 
 import numpy as np
-import pyarrow as pa
 
-from pipeline.data.prompts import student_messages
-from pipeline.teacher.base import SoftTargets, chat_token_ids
+from pipeline.data.prompts import chat_token_ids, student_messages
+from pipeline.teacher.base import SoftTargets
 
 
 class TokenizerMismatch(ValueError):
     """The student's tokenizer is not the one the soft targets were computed with."""
-
-
-def schema(logprob_dtype: str = "float16") -> pa.Schema:
-    lp = pa.float16() if logprob_dtype == "float16" else pa.float32()
-    return pa.schema([
-        ("sample_id", pa.string()),
-        ("task", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),  # [L] prompt + completion + end-of-turn
-        ("loss_mask", pa.list_(pa.bool_())),  # [L] true at i when token i + 1 is a completion token
-        ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [positions with loss_mask][k]; empty: no soft targets
-        ("topk_logprobs", pa.list_(pa.list_(lp))),  # [positions][k]
-        ("tail_logmass", pa.list_(pa.float32())),  # [positions] log of the mass outside the top k
-    ])
 
 
 def encode(tokenizer, question: str, completion: str) -> tuple[list[int], int]:

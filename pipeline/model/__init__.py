@@ -3,7 +3,8 @@ config and named sizes), mla.py (attention + latent KV cache), moe.py (DeepSeekM
 (the model, FLOPs, save/load), generate.py (batched decoding), loss.py (the fused output head + cross-entropy).
 
 The names below load lazily (PEP 562): `import pipeline.model.config` — what the config loader does — does not
-pull in torch.
+pull in torch. The decoding function is imported from its module (`pipeline.model.generate.generate`): a
+package attribute of that name would be shadowed by the submodule once it is imported.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from pipeline.model.config import MODEL_PRESETS, ModelConfig, model_preset
-    from pipeline.model.generate import Completion, SamplingParams, generate
+    from pipeline.model.generate import Completion, SamplingParams
     from pipeline.model.moe import load_imbalance, update_router_biases
     from pipeline.model.transformer import Output, Transformer
 
@@ -21,11 +22,12 @@ _EXPORTS = {
     "MODEL_PRESETS": "pipeline.model.config", "ModelConfig": "pipeline.model.config",
     "model_preset": "pipeline.model.config",
     "Completion": "pipeline.model.generate", "SamplingParams": "pipeline.model.generate",
-    "generate": "pipeline.model.generate",
     "load_imbalance": "pipeline.model.moe", "update_router_biases": "pipeline.model.moe",
     "Output": "pipeline.model.transformer", "Transformer": "pipeline.model.transformer",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["MODEL_PRESETS", "Completion", "ModelConfig", "Output", "SamplingParams", "Transformer", "load_imbalance",
+           "model_preset", "update_router_biases"]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,13 @@ from pipeline.config import ServeConfig
 from pipeline.metrics import record
 from pipeline.model.generate import SamplingParams, generate
 from pipeline.serving.engine import Engine, EngineError
-from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, new_id, now
+from pipeline.serving.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_id,
+    now,
+)
 from pipeline.serving.source import ModelSource, materialize
 
 log = logging.getLogger(__name__)
@@ -178,7 +184,7 @@ class ModelServer:
     # ------------------------------------------------------------------------------------------------ requests
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        from pipeline.teacher.base import chat_token_ids
+        from pipeline.data.prompts import chat_token_ids
 
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]

@@ -12,23 +12,17 @@ sequences and masks with empty targets (plain SFT on the completion), and the ru
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.artifacts import ArtifactSpec, write_json
+from pipeline.artifacts import write_json
 from pipeline.distill import targets as T
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.generate import SAMPLES
+from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS, soft_targets_schema
 from pipeline.stages.shards import Shards
-
-SOFT_TARGETS = ArtifactSpec("soft_targets", "dataset", T.schema("float16"),
-                            "per accepted sample: token ids, loss mask, teacher top-k ids + log-probs, tail mass; "
-                            "tokenizer/ and meta.json beside", variants=(T.schema("float32"),))
 
 
 class Distill(Stage):
@@ -49,7 +43,7 @@ class Distill(Stage):
         size = cfg.distill.shard_size
         parts = {i: rows[start:start + size] for i, start in enumerate(range(0, len(rows), size))}
         shards = Shards(ctx.scratch_dir, SOFT_TARGETS)
-        dtype = T.schema(cfg.distill.logprob_dtype)
+        dtype = soft_targets_schema(cfg.distill.logprob_dtype)
         out = ctx.output_dir("soft_targets")
         if cfg.teacher.backend == "openai":
             tokenizer, teacher_id = self.sequence_level(ctx, parts, shards, dtype)
@@ -126,6 +120,3 @@ class Distill(Stage):
         return tokenizer, f"openai:{cfg.teacher.model}@{cfg.teacher.base_url}"
 
 
-def read_meta(path) -> dict:
-    """The `meta.json` of a committed soft-targets artifact (tokenizer fingerprint, teacher, top-k)."""
-    return json.loads((Path(path) / "meta.json").read_text())

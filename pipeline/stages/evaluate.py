@@ -16,32 +16,21 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from pipeline.artifacts import ArtifactSpec, write_json
+from pipeline.artifacts import write_json
 from pipeline.data.extract import extract
 from pipeline.data.prompts import student_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.generate import EVAL_PROMPTS, prompt_from_row
+from pipeline.stages.artifact_specs import (
+    EVAL_PROMPTS,
+    EVAL_REPORT,
+    REPORT_SCHEMA,
+    prompt_from_row,
+)
 from pipeline.teacher.base import Generation
 
 MODELS = ("teacher", "student")
-REPORT_SCHEMA = pa.schema([
-    ("model", pa.string()),  # teacher or student
-    ("prompt_id", pa.string()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("reference_answer", pa.string()),
-    ("completion", pa.string()),
-    ("extracted_answer", pa.string()),
-    ("correct", pa.bool_()),
-    ("format_ok", pa.bool_()),  # the answer was stated in the taught format (tag or "The final answer is")
-    ("reason", pa.string()),  # why it is not correct (truncated, no_answer, wrong_answer, …); null when correct
-    ("finish_reason", pa.string()),
-    ("completion_tokens", pa.int32()),
-])
-EVAL_REPORT = ArtifactSpec("eval_report", "dataset", REPORT_SCHEMA,
-                           "teacher and student answers to the held-out prompts, graded; summary.json beside")
 
 
 class Evaluate(Stage):

@@ -18,51 +18,19 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.artifacts import ArtifactSpec
 from pipeline.config import config_hash
 from pipeline.data.prompts import teacher_messages
 from pipeline.data.rejection import REJECT_REASONS, judge, select
 from pipeline.data.sources import Prompt, load_prompts
 from pipeline.stage import Stage, StageContext
+from pipeline.stages.artifact_specs import (
+    EVAL_PROMPTS,
+    SAMPLE_SCHEMA,
+    SAMPLES,
+    prompts_table,
+)
 from pipeline.stages.shards import Shards
 from pipeline.teacher.base import Generation
-
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-SAMPLE_SCHEMA = pa.schema([
-    ("sample_id", pa.string()),  # <prompt_id>-<sample index>
-    ("prompt_id", pa.string()),
-    ("partition", pa.int32()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("messages", MESSAGES),  # the conversation the teacher answered (instruction, worked examples, question)
-    ("completion", pa.string()),  # the text the student trains on (canonical answer line when accepted)
-    ("raw_completion", pa.string()),  # the teacher's text as generated
-    ("extracted_answer", pa.string()),
-    ("answer_source", pa.string()),  # the extractor that found it: tag, phrase or last
-    ("reference_answer", pa.string()),
-    ("score", pa.float64()),
-    ("accepted", pa.bool_()),
-    ("reject_reason", pa.string()),  # one of REJECT_REASONS; null when accepted
-    ("error", pa.string()),  # the teacher's error for teacher_error / bad_prompt
-    ("teacher_id", pa.string()),
-    ("sampling", pa.string()),  # JSON: temperature, top_p, max_new_tokens, seed of the partition
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("latency_s", pa.float64()),  # wall time of the batch the sample was generated in
-])
-PROMPT_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("metadata", pa.string()),  # JSON: what the task's verifier needs (the reasoning-gym entry)
-])
-SAMPLES = ArtifactSpec("samples", "dataset", SAMPLE_SCHEMA,
-                       "every teacher sample of the training prompts, accepted or flagged with its reason")
-EVAL_PROMPTS = ArtifactSpec("eval_prompts", "dataset", PROMPT_SCHEMA,
-                            "held-out prompts for evaluate, disjoint from the training prompts")
 
 
 @dataclass
@@ -76,17 +44,6 @@ def partitions(prompts: list[Prompt], shard_size: int, seed: int) -> list[Partit
     """Fixed, seeded partitions of the training prompts: the unit of work, retry and output shard."""
     return [Partition(i, prompts[start:start + shard_size], int(config_hash([seed, i])[:8], 16))
             for i, start in enumerate(range(0, len(prompts), shard_size))]
-
-
-def prompts_table(prompts: list[Prompt]) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"prompt_id": p.prompt_id, "task": p.task, "question": p.question, "answer": p.answer,
-         "metadata": json.dumps(p.metadata, default=str)} for p in prompts], schema=PROMPT_SCHEMA)
-
-
-def prompt_from_row(row: dict) -> Prompt:
-    """A held-out prompt read back from `eval_prompts`, ready for the verifiers."""
-    return Prompt(row["prompt_id"], row["task"], row["question"], row["answer"], "eval", json.loads(row["metadata"]))
 
 
 def conversations(part: Partition, cfg) -> list[list[dict]]:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 
-from pipeline.artifacts import ArtifactSpec, write_json
+from pipeline.artifacts import write_json
 from pipeline.config import MoeforgeConfig
 from pipeline.stage import Stage, StageContext
-
-ENDPOINT = ArtifactSpec("endpoint", "files", description="URL of the OpenAI-compatible app and the version it serves")
+from pipeline.stages.artifact_specs import ENDPOINT
 
 
 class Serve(Stage):

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactSpec
-from pipeline.stage import Stage, StageContext, local_path
-
-STUDENT = ArtifactSpec("student", "checkpoint", description="the trained MoE student: safetensors weights (router "
-                       "biases included), config.json and the teacher's tokenizer")
+from pipeline.artifacts import local_path
+from pipeline.stage import Stage, StageContext
+from pipeline.stages.artifact_specs import STUDENT
 
 
 class Train(Stage):
@@ -32,12 +30,12 @@ class Train(Stage):
         from transformers import AutoTokenizer
 
         from actors.trainer import fit
-        from pipeline.train.checkpoint import final_weights
-        from pipeline.train.replica import TrainJob
         from pipeline.distill.targets import check_tokenizer
         from pipeline.model import Transformer
-        from pipeline.registry import log_student
-        from pipeline.stages.distill import read_meta
+        from pipeline.stages.artifact_specs import read_meta
+        from pipeline.student.registry import log_student
+        from pipeline.train.checkpoint import final_weights
+        from pipeline.train.replica import TrainJob
 
         cfg = ctx.config
         source = ctx.input_path("soft_targets")

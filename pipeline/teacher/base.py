@@ -17,15 +17,6 @@ class Generation:
     error: str | None = None  # why (finish_reason "error" or "bad_prompt"); the sample is kept, flagged
 
 
-def chat_token_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation in the tokenizer's chat template, ending at the assistant's turn.
-
-    transformers 5 returns a `BatchEncoding` from `apply_chat_template(tokenize=True)`, older versions a list.
-    """
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def split_over_context(prompts: list[list[int]], max_new_tokens: int,
                        max_context: int) -> tuple[list[Generation | None], list[int]]:
     """Flag prompts that cannot fit the context with `max_new_tokens` more; return (results, indices to run)."""

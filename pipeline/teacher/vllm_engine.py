@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.teacher.base import Generation, chat_token_ids, split_over_context
+from pipeline.data.prompts import chat_token_ids
+from pipeline.teacher.base import Generation, split_over_context
 from pipeline.teacher.hf import resolve_model_dir
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.train.losses import distill_loss
-from pipeline.train.packing import PackedBatch
 from pipeline.model import Transformer
 from pipeline.model.loss import linear_cross_entropy
+from pipeline.train.losses import distill_loss
+from pipeline.train.packing import PackedBatch
 
 
 @dataclass

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.model import Transformer, update_router_biases
 from pipeline.train.objective import StepLoss, objective, to_tensors
 from pipeline.train.packing import PackedBatch
-from pipeline.model import Transformer, update_router_biases
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

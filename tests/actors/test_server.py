@@ -17,7 +17,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.config import ServeConfig
-from pipeline.model import SamplingParams, Transformer, generate
+from pipeline.model import Transformer
+from pipeline.model.generate import SamplingParams, generate
 from tests.conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -82,8 +83,7 @@ def test_completions_are_the_model_codes_greedy_output(client, reference):
 
 
 def test_chat_uses_the_chat_template_and_the_students_system_prompt(client, reference):
-    from pipeline.data.prompts import student_messages
-    from pipeline.teacher.base import chat_token_ids
+    from pipeline.data.prompts import chat_token_ids, student_messages
 
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}],
                                        max_tokens=10, temperature=0)

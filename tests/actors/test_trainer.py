@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from actors.trainer import fit
-from pipeline.distill import targets as T
+from pipeline.stages.artifact_specs import soft_targets_schema
 from pipeline.train.checkpoint import final_weights
 from tests.pipeline.train.test_objective import CFG
 from tests.pipeline.train.test_replica import job, rows
@@ -24,7 +24,7 @@ from tests.pipeline.train.test_replica import job, rows
 def dataset(n: int):
     import ray
 
-    return ray.data.from_arrow(pa.Table.from_pylist(rows(n), schema=T.schema("float32")))
+    return ray.data.from_arrow(pa.Table.from_pylist(rows(n), schema=soft_targets_schema("float32")))
 
 
 def worker_pids() -> list[int]:

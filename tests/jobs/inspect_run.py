@@ -21,8 +21,7 @@ def read_all(tracking_uri: str, outputs: dict[str, list[str]]) -> tuple[str, dic
     import tempfile
     from pathlib import Path
 
-    from pipeline.artifacts import ArtifactRef
-    from pipeline.stage import fetch
+    from pipeline.artifacts import ArtifactRef, fetch
 
     counts = {}
     with tempfile.TemporaryDirectory() as workdir:  # a fresh cache: every artifact is downloaded here

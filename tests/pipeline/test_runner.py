@@ -10,11 +10,10 @@ from urllib.parse import urlparse
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.artifacts import ArtifactError, read_table
+from pipeline.artifacts import ArtifactError, fetch, read_table
 from pipeline.config import load_config
 from pipeline.dag import DagError
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stage import fetch
 from pipeline.tracking import PARENT, P, Tracker
 from pipeline.version import code_version
 from tests.pipeline.stages_for_tests import SCALED, ReadsUndeclared, chain

@@ -13,6 +13,7 @@ from pipeline import artifacts
 from pipeline.artifacts import ArtifactSpec
 from pipeline.data.prompts import student_messages
 from pipeline.distill import targets as T
+from pipeline.stages.artifact_specs import soft_targets_schema
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_parquet_round_trip_is_exact(teacher, tmp_path, dtype):
     seq, start = T.encode(teacher.tokenizer, "Calculate 3 + 5.", "The final answer is 8.")
     [tg] = teacher.score([seq], [start], top_k=7)
     rows = [T.row("s-0", "basic_arithmetic", seq, start, tg), T.row("s-1", "basic_arithmetic", seq, start, None)]
-    spec = ArtifactSpec("soft_targets", "dataset", T.schema(dtype))
+    spec = ArtifactSpec("soft_targets", "dataset", soft_targets_schema(dtype))
     artifacts.write_table(tmp_path / "t" / "part-00000.parquet", pa.Table.from_pylist(rows, schema=spec.schema), spec)
     artifacts.commit(tmp_path / "t", spec)
     back = artifacts.read_table(tmp_path / "t", spec).to_pylist()

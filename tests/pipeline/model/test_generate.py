@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.generate import SamplingParams, generate
 from pipeline.model.config import model_preset
+from pipeline.model.generate import SamplingParams, generate
 from pipeline.model.transformer import Transformer
 
 

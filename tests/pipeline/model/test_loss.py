@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.loss import linear_cross_entropy
 from pipeline.model.config import model_preset
+from pipeline.model.loss import linear_cross_entropy
 from pipeline.model.transformer import Transformer
 
 

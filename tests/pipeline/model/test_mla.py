@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.model.config import model_preset
 from pipeline.model.generate import decode, prefill
 from pipeline.model.mla import mha_cache_bytes_per_token
-from pipeline.model.config import model_preset
 from pipeline.model.transformer import Transformer
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.model.config import model_preset
 from pipeline.model.hf_compat import copy_moe_to_hf, hf_moe
 from pipeline.model.moe import MoE, load_imbalance, update_router_biases
-from pipeline.model.config import model_preset
 
 
 def _moe(impl="batched", seed=0, **kw):

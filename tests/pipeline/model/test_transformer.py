@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError
-from pipeline.model.moe import Gate
 from pipeline.model.config import MODEL_PRESETS, model_preset
+from pipeline.model.moe import Gate
 from pipeline.model.transformer import Transformer
 
 

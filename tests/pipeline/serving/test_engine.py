@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from pipeline.model.generate import SamplingParams, generate
 from pipeline.model.config import model_preset
+from pipeline.model.generate import SamplingParams, generate
 from pipeline.model.transformer import Transformer
 from pipeline.serving.engine import Engine, EngineError
 

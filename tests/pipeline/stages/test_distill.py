@@ -8,12 +8,13 @@ from mlflow import MlflowClient
 from transformers import AutoTokenizer
 
 from pipeline import artifacts
+from pipeline.artifacts import fetch
 from pipeline.config import load_config
 from pipeline.distill import targets as T
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stage import fetch
-from pipeline.stages.distill import SOFT_TARGETS, Distill, read_meta
-from pipeline.stages.generate import SAMPLES, Generate
+from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS, read_meta
+from pipeline.stages.distill import Distill
+from pipeline.stages.generate import Generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.data.sources import Prompt
 from pipeline.stages.evaluate import flatten, grade_row, summarize
-from pipeline.stages.register import gate
+from pipeline.student.registry import gate
 from pipeline.teacher.base import Generation
 
 EXTRACTORS = ["tag", "phrase", "last"]

@@ -11,13 +11,14 @@ import ray
 from mlflow import MlflowClient
 
 from pipeline import artifacts
+from pipeline.artifacts import fetch
 from pipeline.config import load_config
 from pipeline.data.rejection import REJECT_REASONS
 from pipeline.data.sources import DataError, split_file_prompts
 from pipeline.data.verify import score
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stage import fetch
-from pipeline.stages.generate import EVAL_PROMPTS, SAMPLES, Generate, prompt_from_row
+from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLES, prompt_from_row
+from pipeline.stages.generate import Generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

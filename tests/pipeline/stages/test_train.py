@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from pipeline.stages.register import gate
+from pipeline.student.registry import gate
 from tests.actors.test_trainer import registered_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
@@ -35,7 +35,7 @@ DRIVER = """
 import sys
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from pipeline.stages.register import gate
+from pipeline.student.registry import gate
 run_pipeline(load_config(sys.argv[1], sys.argv[2:]))
 """
 

@@ -20,10 +20,10 @@ def _replica(rank: int, world: int, port: int, out: str, sync_counts: bool) -> N
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pipeline.config import TrainConfig
+    from pipeline.model import Transformer
     from pipeline.train.objective import ObjectiveModule
     from pipeline.train.packing import pack
     from pipeline.train.state import TrainState
-    from pipeline.model import Transformer
     from tests.pipeline.train.test_objective import CFG, teacher_row
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

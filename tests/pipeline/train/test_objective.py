@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.train.objective import objective, to_tensors
-from pipeline.train.packing import pack
 from pipeline.distill.targets import loss_mask
 from pipeline.model import Transformer
+from pipeline.train.objective import objective, to_tensors
+from pipeline.train.packing import pack
 
 V = 64
 CFG = ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=2, inter_dim=64, moe_inter_dim=16, kv_lora_rank=16,

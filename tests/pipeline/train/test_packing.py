@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.train.packing import pack
 from pipeline.distill.targets import loss_mask
+from pipeline.train.packing import pack
 
 
 def _row(tokens, start, k=3, soft=True):

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
+from pipeline.model import Transformer
 from pipeline.train.packing import pack
 from pipeline.train.state import TrainState, lr_factor
-from pipeline.model import Transformer
 from tests.pipeline.train.test_objective import CFG, teacher_row
 
 

@@ -38,7 +38,7 @@ def test_logging_a_student_leaves_the_process_tracking_uri_alone(registered_stud
 
     import mlflow
 
-    from pipeline.registry import log_student
+    from pipeline.student.registry import log_student
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'other.db'}"

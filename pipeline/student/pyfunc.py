@@ -1,4 +1,4 @@
-"""The student's MLflow pyfunc model, logged from code (see `pipeline/registry.py`): questions in, answers out."""
+"""The student's MLflow pyfunc model, logged from code (see `registry.py` beside it): questions in, answers out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import mlflow.models
 import mlflow.pyfunc
 
-from pipeline.registry import STUDENT_ARTIFACT
+from pipeline.student.registry import STUDENT_ARTIFACT
 
 
 class StudentModel(mlflow.pyfunc.PythonModel):

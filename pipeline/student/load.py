@@ -33,9 +33,8 @@ class Student:
     def answer(self, questions: list[str], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, batch_size: int = 8) -> list[Answer]:
         """Greedy (temperature 0) or sampled answers, `batch_size` questions per decoding batch."""
-        from pipeline.data.prompts import student_messages
-        from pipeline.model import SamplingParams, generate
-        from pipeline.teacher.base import chat_token_ids
+        from pipeline.data.prompts import chat_token_ids, student_messages
+        from pipeline.model.generate import SamplingParams, generate
 
         eos = self.tokenizer.eos_token_id
         sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
