@@ -28,7 +28,8 @@ from pipeline.config import (
     format_validation_error,
     load_config,
 )
-from pipeline.serving.api import ModelServer, create_app
+from pipeline.serving.app import create_app
+from pipeline.serving.model_server import ModelServer
 from pipeline.serving.source import ModelSource, resolve
 
 APP_NAME = "moeforge"

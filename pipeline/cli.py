@@ -266,9 +266,13 @@ def status(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
 ) -> None:
-    """A table of a pipeline run's stages: state, duration, cache hit, key metrics."""
+    """A table of a pipeline run's stages: state, duration, cache hit, key metrics (the dashboard's run view)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.dag import Dag
+    from pipeline.dashboard.data import RayView, RunData
     from pipeline.runner import default_stages
-    from pipeline.tracking import P, Tracker
+    from pipeline.tracking import Tracker
 
     tracker = Tracker(_load(config, set_).tracking)
     if run_id is None:
@@ -276,41 +280,31 @@ def status(
         if not runs:
             err.print(f"no pipeline runs in experiment {tracker.cfg.experiment!r} at {tracker.uri}")
             raise typer.Exit(1)
-        parent = runs[0]
-    else:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            parent = tracker.client.get_run(run_id)
-        except MlflowException:
-            err.print(f"no run {run_id!r} at {tracker.uri}")
-            raise typer.Exit(1) from None
-        if parent.data.tags.get(P + "kind") != "pipeline":
-            err.print(f"run {run_id} is not a pipeline run (a stage run? its parent is "
-                      f"{parent.data.tags.get('mlflow.parentRunId', 'unknown')})")
-            raise typer.Exit(1)
-    key_metrics = {s.name: s.key_metrics for s in default_stages()}
-    info = parent.info
-    console.print(f"pipeline run {info.run_id} ({info.run_name}): {info.status}, "
-                  f"code {parent.data.tags.get(P + 'code_version', '?')}, "
-                  f"config {parent.data.tags.get(P + 'config_hash', '?')[:12]}")
-    if err_msg := parent.data.tags.get(P + "error"):
-        console.print(f"[red]error:[/red] {err_msg}")
+        run_id = runs[0].info.run_id
+    try:
+        view = RunData(tracker, RayView(None), Dag(default_stages())).run(run_id)
+    except MlflowException:
+        err.print(f"no run {run_id!r} at {tracker.uri}")
+        raise typer.Exit(1) from None
+    except KeyError as e:
+        err.print(f"{e.args[0]} (a stage run? `moeforge status` with no argument shows the latest pipeline run)")
+        raise typer.Exit(1) from None
+    run = view["run"]
+    console.print(f"pipeline run {run['run_id']} ({run['name']}): {(run['state'] or '?').upper()}, "
+                  f"code {run['code_version'] or '?'}, config {run['config_hash'] or '?'}")
+    if run["error"]:
+        console.print(f"[red]error:[/red] {run['error']}")
     table = Table("stage", "state", "duration", "cache", "key metrics", "run")
-    for child in tracker.stage_runs(info.run_id):
-        tags = child.data.tags
-        hit = tags.get(P + "cache_hit") == "true"
-        source = tracker.client.get_run(tags[P + "cached_from"]) if hit and tags.get(P + "cached_from") else child
-        end = child.info.end_time
-        duration = (end - child.info.start_time) / 1000 if end else None
-        stage = tags.get(P + "stage", child.info.run_name)
-        names = key_metrics.get(stage) or sorted(source.data.metrics)[:3]
-        metrics = ", ".join(f"{m}={source.data.metrics[m]:.4g}" for m in names if m in source.data.metrics)
-        state = {"FINISHED": "[green]finished[/green]", "FAILED": "[red]failed[/red]",
-                 "KILLED": "[red]killed[/red]", "RUNNING": "[cyan]running[/cyan]"}.get(child.info.status,
-                                                                                      child.info.status)
-        table.add_row(stage, state, _duration(duration),
-                      f"hit ← {source.info.run_id[:8]}" if hit else "miss", metrics or "-", child.info.run_id[:8])
+    colours = {"finished": "green", "failed": "red", "killed": "red", "running": "cyan"}
+    for st in view["stages"]:
+        colour = colours.get(st["state"])
+        state = f"[{colour}]{st['state']}[/{colour}]" if colour else st["state"]
+        if "run_id" not in st:  # planned, not started
+            table.add_row(st["name"], state, "-", "-", "-", "-")
+            continue
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in st["key_metrics"].items())
+        cache = f"hit ← {(st['cached_from'] or '?')[:8]}" if st["cache_hit"] else "miss"
+        table.add_row(st["name"], state, _duration(st["seconds"]), cache, metrics or "-", st["run_id"][:8])
     console.print(table)
 
 
@@ -354,51 +348,17 @@ def dashboard(
 
     from pipeline.dag import Dag
     from pipeline.dashboard.app import create_app
-    from pipeline.dashboard.data import RayView, RunData
+    from pipeline.dashboard.data import RayView, RunData, find_ray_dashboard
     from pipeline.runner import default_stages
     from pipeline.tracking import Tracker
 
     cfg = _load(config, set_)
     tracker = Tracker(cfg.tracking)
-    ray_url = ray_dashboard or _ray_dashboard_http()
+    ray_url = ray_dashboard or find_ray_dashboard()
     data = RunData(tracker, RayView(ray_url, tuple(metrics_url or ())), Dag(default_stages()))
     console.print(f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.uri}; Ray dashboard "
                   f"{ray_url or 'not found'})  Ctrl-C to stop")
     uvicorn.run(create_app(data), host=host, port=port, log_level="warning")
-
-
-def _ray_dashboard_http() -> str | None:
-    """$RAY_ADDRESS when it is the dashboard's URL, else a local head's dashboard when one answers."""
-    import httpx
-
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("http://", "https://")):
-        return address.rstrip("/")
-    from pipeline.dashboard.data import ray_auth_headers
-
-    try:
-        httpx.get("http://127.0.0.1:8265/api/version", headers=ray_auth_headers(), timeout=2).raise_for_status()
-    except httpx.HTTPError:
-        return None
-    return "http://127.0.0.1:8265"
-
-
-def _ray_dashboard_url() -> str | None:
-    """The dashboard of a running Ray cluster ($RAY_ADDRESS or a local `ray start`), if any."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith("http"):
-        return address
-    try:
-        ctx = ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError):
-        return None
-    try:
-        url = ctx.dashboard_url
-        return f"http://{url}" if url and not url.startswith("http") else url
-    finally:
-        ray.shutdown()
 
 
 @app.command()
@@ -408,11 +368,12 @@ def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI (loopback only).")] = 5000,
 ) -> None:
     """Start the MLflow UI on loopback for this config's tracking store; print its URL and Ray's dashboard."""
+    from pipeline.dashboard.data import find_ray_dashboard
     from pipeline.tracking import resolve_tracking_uri
 
     cfg = _load(config, set_)
     uri = resolve_tracking_uri(cfg.tracking)
-    dashboard = _ray_dashboard_url()
+    dashboard = find_ray_dashboard()
     console.print(f"Ray dashboard: {dashboard or 'no Ray cluster running (a local run starts its own; or `ray start --head`)'}")
     if uri.startswith(("http://", "https://")):
         console.print(f"MLflow UI: {uri} (tracking server)")

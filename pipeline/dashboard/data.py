@@ -46,6 +46,20 @@ def ray_auth_headers() -> dict[str, str]:
     return get_auth_headers_if_auth_enabled({})
 
 
+def find_ray_dashboard(local: str = "http://127.0.0.1:8265") -> str | None:
+    """The Ray dashboard to show: $RAY_ADDRESS when it is the dashboard's URL, else a local head's when it answers."""
+    import os
+
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):
+        return address.rstrip("/")
+    try:
+        httpx.get(f"{local}/api/version", headers=ray_auth_headers(), timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return local
+
+
 @dataclass
 class RayView:
     """A Ray cluster as the dashboard sees it: its dashboard URL and the Prometheus endpoints of its nodes."""
@@ -190,7 +204,7 @@ class RunData:
             return {"name": name, "state": state}
         metrics = source.data.metrics
         stage = next((s for s in self.dag.stages if s.name == name), None)
-        keys = stage.key_metrics if stage else ()
+        keys = stage.key_metrics if stage else sorted(metrics)[:3]  # a stage outside the product's DAG
         out = {"name": name, "state": STATES.get(child.info.status, child.info.status.lower()),
                "seconds": _seconds(child), "cache_hit": child.data.tags.get(P + "cache_hit") == "true",
                "cached_from": child.data.tags.get(P + "cached_from"), "run_id": child.info.run_id,

@@ -1,3 +1,5 @@
 """Serving the student over HTTP, no Ray in here: engine.py (continuous batching on the latent KV cache),
-protocol.py (OpenAI request bodies and errors), api.py (request handling + the FastAPI app), source.py (which model:
-registry alias, version or local directory). `actors/server.py` runs the app as a Ray Serve deployment."""
+model_server.py (one replica's request handling), text_stream.py (detokenization with stop strings), protocol.py
+(OpenAI requests and errors), openai_format.py (typed OpenAI responses and SSE chunks), auth.py (the API key),
+app.py (the FastAPI app), source.py (which model: registry alias, version or local directory).
+`actors/server.py` runs the app as a Ray Serve deployment."""

@@ -1,4 +1,6 @@
-"""OpenAI API bodies: what clients send to /v1/chat/completions and /v1/completions, and the errors they get back.
+"""OpenAI API requests: what clients send to /v1/chat/completions and /v1/completions, and the errors they get back.
+
+What the server answers is typed in `openai_format.py`.
 
 Request models validate types and ranges (a violation is a 400 in OpenAI's error JSON, see `api.py`); limits that
 depend on the deployment (max `n`, max `max_tokens`, the context length) are checked by the server. Fields OpenAI
@@ -8,8 +10,6 @@ silently different behaviour. `ignore_eos` is vLLM's extension (benchmarks use i
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -142,17 +142,3 @@ class CompletionRequest(_Sampling):
     @property
     def requested_tokens(self) -> int | None:
         return self.max_tokens
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())

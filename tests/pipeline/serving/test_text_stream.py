@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.serving.api import TextStream
+from pipeline.serving.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""The FastAPI app around one replica's `ModelServer`: routes, API-key check, OpenAI-style errors, request metrics.
+
+Every error a client can cause is a 4xx with OpenAI's error body (`{"error": {"message", "type", "param",
+"code"}}`); an unexpected failure is a 500 with the same shape, and the replica keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from pipeline.metrics import record
+from pipeline.serving.auth import check_api_key
+from pipeline.serving.engine import EngineError
+from pipeline.serving.model_server import CHAT, COMPLETIONS, ModelServer
+from pipeline.serving.openai_format import ModelList
+from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+class CountRequests:
+    """ASGI middleware counting answered requests by route template and status (`moeforge_serve_requests`).
+
+    Plain ASGI rather than `BaseHTTPMiddleware`, which would buffer streams and hide client disconnects.
+    """
+
+    def __init__(self, app, model: str):
+        self.app, self.model = app, model
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                record("moeforge_serve_requests", 1, model=self.model, route=route, status=message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+
+def create_app(server: ModelServer) -> FastAPI:
+    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors."""
+    app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student")
+    app.add_middleware(CountRequests, model=server.metric_model)
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError):
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "not JSON")
+            return error(ApiError(400, f"The request body is not valid JSON: {detail}", code="invalid_json"))
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return error(ApiError(400, "Invalid request: " + "; ".join(problems), param=param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException):
+        return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, e: EngineError):
+        return error(ApiError(503, f"The model is unavailable: {e}", type_="server_error"))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):
+        log.exception("request failed")
+        return error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def authorized(request: Request) -> None:
+        check_api_key(server.api_key, request.headers.get("authorization"))
+
+    async def respond(result):
+        if isinstance(result, BaseModel):
+            return JSONResponse(result.model_dump(mode="json"))
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post(CHAT, dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest):
+        return await respond(await server.chat(body))
+
+    @app.post(COMPLETIONS, dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest):
+        return await respond(await server.completions(body))
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return ModelList(data=[server.card()]).model_dump(mode="json")
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    async def model(model: str):
+        if not server.accepts(model):
+            raise ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return server.card().model_dump(mode="json")
+
+    @app.get("/healthz")
+    async def healthz():
+        return server.health()
+
+    return app
