@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from mlflow import MlflowClient
 from mlflow.entities import Param, Run, RunTag
 from mlflow.exceptions import MlflowException
@@ -255,7 +256,7 @@ class Tracker:
         reaped = []
         for run in runs:
             pid = int(run.data.tags.get(P + "pid", "0") or 0)
-            if pid and _alive(pid):
+            if pid and psutil.pid_exists(pid):
                 continue
             for child in self.stage_runs(run.info.run_id):
                 if child.info.status == "RUNNING":
@@ -263,14 +264,3 @@ class Tracker:
             self.fail(run.info.run_id, "driver process died", "KILLED")
             reaped.append(run.info.run_id)
         return reaped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-

@@ -1,7 +1,8 @@
 """A small renderer of this repository's kustomizations, for machines without `kubectl`.
 
 It implements exactly the kustomize features `infra/k8s/` uses — `resources` (files and directories),
-`namespace`, `labels` (metadata only), `patches` (JSON 6902, inline or from a file, with a kind/name target) and
+`namespace`, `labels` (metadata only), `patches` (JSON 6902 through `jsonpatch`, inline or from a file, with a
+kind/name target) and
 `configMapGenerator` (files, labels, no name suffix) — and refuses any other key, so a kustomization that grows
 past it fails loudly instead of rendering differently. Where `kubectl` is present the tests check that both give
 the same objects.
@@ -9,11 +10,11 @@ the same objects.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import yaml
 
 SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "configMapGenerator"}
@@ -51,9 +52,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
         matched = [o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
         if not matched:
             raise ValueError(f"patch target {target} matches nothing")
-        for obj in matched:
-            for op in ops:
-                apply_op(obj, op)
+        for i, obj in enumerate(objects):
+            if any(obj is m for m in matched):
+                objects[i] = jsonpatch.apply_patch(obj, ops)  # RFC 6902, as kustomize applies it
     for group in kust.get("labels", []):
         if group.get("includeSelectors") or group.get("includeTemplates"):
             raise ValueError("labels with includeSelectors/includeTemplates are not supported")
@@ -64,29 +65,6 @@ def render(directory: Path) -> list[dict[str, Any]]:
             if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = ns
     return objects
-
-
-def apply_op(obj: dict, op: dict) -> None:
-    *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
-    node = obj
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if op["op"] == "remove":
-        del node[int(last) if isinstance(node, list) else last]
-    elif op["op"] == "replace":
-        if isinstance(node, list):
-            node[int(last)] = copy.deepcopy(op["value"])
-        else:
-            if last not in node:
-                raise KeyError(f"replace {op['path']}: no such field")
-            node[last] = copy.deepcopy(op["value"])
-    elif op["op"] == "add":
-        if isinstance(node, list):
-            node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
-        else:
-            node[last] = copy.deepcopy(op["value"])
-    else:
-        raise ValueError(f"JSON patch op {op['op']!r} is not supported")
 
 
 def canonical(objects: list[dict]) -> dict[tuple[str, str, str], str]:

@@ -22,18 +22,22 @@ def openai_server(teacher):
     """An OpenAI-compatible chat endpoint on loopback answering with the real default teacher.
 
     Yields (base_url, faults): set faults["fail"] = n (with "status") to fail the next n requests, or
-    faults["stall"] = n (with "stall_s") to stall them, to check retries and flagging.
+    faults["stall"] = n (with "stall_s") to stall them, to check retries and flagging; "retry_after" adds that
+    header to injected failures.
     """
-    faults = {"fail": 0, "status": 500, "stall": 0, "stall_s": 0.0, "requests": 0, "auth": None}
+    faults = {"fail": 0, "status": 500, "retry_after": None, "stall": 0, "stall_s": 0.0, "requests": 0,
+              "auth": None, "arrivals": []}
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-        def _send(self, status, body):
+        def _send(self, status, body, headers=None):
             data = json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -43,6 +47,7 @@ def openai_server(teacher):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with lock:
                 faults["requests"] += 1
+                faults["arrivals"].append(time.monotonic())
                 faults["auth"] = self.headers.get("Authorization")
                 fail = faults["fail"] > 0
                 faults["fail"] -= fail
@@ -51,7 +56,8 @@ def openai_server(teacher):
             if self.path != "/v1/chat/completions":
                 return self._send(404, {"error": {"message": "not found"}})
             if fail:
-                return self._send(faults["status"], {"error": {"message": "injected failure"}})
+                retry = {"Retry-After": str(faults["retry_after"])} if faults["retry_after"] else {}
+                return self._send(faults["status"], {"error": {"message": "injected failure"}}, retry)
             if stall:
                 time.sleep(faults["stall_s"])
             if not body.get("messages"):

@@ -27,27 +27,39 @@ def test_answers_in_order_with_usage_and_the_api_key(openai_server, monkeypatch)
 def test_transient_500s_are_retried(openai_server):
     url, faults = openai_server
     faults.update(fail=2, status=503)
-    out = OpenAITeacher(url, "smollm2", max_retries=3, backoff=0.01).generate([QUESTION], max_new_tokens=8)
+    out = OpenAITeacher(url, "smollm2", max_retries=3).generate([QUESTION], max_new_tokens=8)
     assert out[0].error is None and out[0].text
 
 
 def test_persistent_failures_and_timeouts_come_back_flagged(openai_server):
     url, faults = openai_server
     faults.update(fail=10, status=500)
-    client = OpenAITeacher(url, "smollm2", max_retries=2, backoff=0.01, concurrency=1)
+    client = OpenAITeacher(url, "smollm2", max_retries=2, concurrency=1)
     out = client.generate([QUESTION, QUESTION], max_new_tokens=8)
     assert [o.finish_reason for o in out] == ["error", "error"]
     assert all("HTTP 500" in o.error and "after 3 attempts" in o.error for o in out)
     faults.update(fail=0, stall=10, stall_s=1.5)
-    slow = OpenAITeacher(url, "smollm2", timeout=0.5, max_retries=1, backoff=0.01, concurrency=1)
+    slow = OpenAITeacher(url, "smollm2", timeout=0.5, max_retries=1, concurrency=1)
     out = slow.generate([QUESTION], max_new_tokens=8)
     assert out[0].finish_reason == "error" and "timed out" in out[0].error
     faults.update(stall=0)
 
 
+def test_a_429_is_retried_after_the_servers_retry_after(openai_server):
+    url, faults = openai_server
+    faults.update(fail=1, status=429, retry_after=1.0)
+    try:
+        out = OpenAITeacher(url, "smollm2", max_retries=1).generate([QUESTION], max_new_tokens=8)
+    finally:
+        faults.update(retry_after=None)
+    assert out[0].error is None and out[0].text
+    first, retry = faults["arrivals"][-2:]
+    assert retry - first >= 1.0  # exponential backoff alone would have retried after at most 0.5 s
+
+
 def test_client_errors_are_not_retried(openai_server):
     url, faults = openai_server
     before = faults["requests"]
-    out = OpenAITeacher(url, "smollm2", max_retries=3, backoff=0.01).generate([[]], max_new_tokens=8)
+    out = OpenAITeacher(url, "smollm2", max_retries=3).generate([[]], max_new_tokens=8)
     assert out[0].finish_reason == "error" and "HTTP 400" in out[0].error
     assert faults["requests"] == before + 1
