@@ -304,13 +304,16 @@ def config_hash(data: Any) -> str:
 
 
 def preset_dirs() -> list[Path]:
-    """Where preset names are looked up: $MOEFORGE_CONFIG_DIR, ./configs, then the source tree's configs/."""
+    """Where preset names are looked up, in order: $MOEFORGE_CONFIG_DIR, ./configs, the presets installed with the
+    package (configs/ ships in the wheel as `pipeline.presets`), then a source checkout's configs/."""
     dirs = []
     if env := os.environ.get("MOEFORGE_CONFIG_DIR"):
         dirs.append(Path(env))
     dirs.append(Path.cwd() / "configs")
-    dirs.append(Path(__file__).resolve().parent.parent / "configs")
-    return dirs
+    here = Path(__file__).resolve().parent
+    dirs.append(here / "presets")  # an installed wheel: configs/ packaged as pipeline/presets
+    dirs.append(here.parent / "configs")  # a source checkout (or an editable install of one)
+    return list(dict.fromkeys(dirs))
 
 
 def available_presets() -> list[str]:

@@ -1,7 +1,7 @@
 """The project's live metrics on Ray's Prometheus endpoint (`ray.util.metrics`).
 
 MLflow holds each run's record; these are for watching a cluster while it works (Grafana, `moeforge dashboard`).
-Every metric is declared once in `METRICS`: `infra/grafana/moeforge.json` may refer only to these names (a test
+Every metric is declared once in `METRICS`: `infra/k8s/monitoring/grafana-dashboard-moeforge.json` may refer only to these names (a test
 checks it). Ray exports a metric `NAME` as `ray_NAME` (counters as `ray_NAME_total`, histograms as
 `ray_NAME_bucket|_sum|_count`), from the metrics agent of the node the recording process runs on.
 

@@ -1,4 +1,4 @@
-"""The student's training objective on packed soft targets (groundwork for the `train` stage).
+"""The student's training objective on packed soft targets (what every replica minimises).
 
 The trunk runs over the whole window, but the output head is applied only at completion positions: the KD term
 needs the student's full-vocabulary log-softmax there, and nowhere else (prompt positions carry no loss). Total:

@@ -1,4 +1,4 @@
-"""Packing soft-target rows into fixed-length training sequences (groundwork for `train`).
+"""Packing soft-target rows into fixed-length training sequences (what a replica trains on).
 
 Rows are laid end to end as one token stream (each already ends in the end-of-turn token) and cut into windows of
 `seq_len + 1` tokens, nanoGPT-style: inputs are a window's first `seq_len` tokens, targets its last `seq_len`. A

@@ -1,6 +1,6 @@
-"""One replica's training state and step, checkpointable to the step (groundwork for the `train` stage).
+"""One replica's training state and step, checkpointable to the step.
 
-Plain PyTorch, no Ray: the Ray Train loop (to come, `actors/trainer.py`) builds a `TrainState` per worker, wraps
+Plain PyTorch, no Ray: every `Replica` (replica.py; one per Ray Train worker) builds a `TrainState`, wraps
 the model in DDP, and reports `state_dict()` as its checkpoint. Everything a resumed run needs to continue exactly
 where it stopped is in the state: weights and router biases, AdamW moments, the LR schedule, the step, the data
 order (epoch, position) and the RNG.
