@@ -51,12 +51,27 @@ def run(
     only: Annotated[Optional[str], typer.Option(
         "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")]
     = None,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also show library warnings and worker logs live (they always go to the run's log "
+                                "file under the work dir).")] = False,
 ) -> None:
     """Run the pipeline (or resume it: finished stages with the same inputs and config are reused)."""
+    from pipeline.run_log import RunLog
+
+    cfg = _load(config, set_)
+    run_log = RunLog(cfg.tracking.workdir, verbose)
+    run_log.install()
+    try:
+        _run(cfg, run_log, force or [], from_stage, until, only)
+    finally:
+        run_log.uninstall()
+
+
+def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None,
+         only: str | None) -> None:
     from pipeline.dag import DagError
     from pipeline.runner import StageFailed, run_pipeline
 
-    cfg = _load(config, set_)
     started = time.perf_counter()
 
     def report(event: str, stage: str, info: dict) -> None:
@@ -71,10 +86,15 @@ def run(
 
     console.print(f"moeforge run [bold]{cfg.name}[/bold] (config {cfg.hash()[:12]})")
     try:
-        result = run_pipeline(cfg, force=force or (), from_stage=from_stage, until=until, only=only, report=report)
+        result = run_pipeline(cfg, force=force, from_stage=from_stage, until=until, only=only, report=report,
+                              on_ray_connect=run_log.route_worker_logs)
     except (DagError, StageFailed) as e:
         err.print(f"[red]error:[/red] {e}")
+        err.print(f"warnings and worker logs of this run: {run_log.path}")
         raise typer.Exit(1) from None
+    except BaseException:
+        err.print(f"warnings and worker logs of this run: {run_log.path}")
+        raise
     hits = sum(s.cache_hit for s in result.stages)
     _print_outcome(result, cfg)
     console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "

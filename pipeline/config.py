@@ -22,6 +22,9 @@ from pipeline.validation import ConfigError, Section, at_most, format_validation
 
 # ---------------------------------------------------------------------------------------------------- sections
 
+Extractor = Literal["tag", "phrase", "last"]  # how an answer is found in a completion (pipeline/data/extract.py)
+DEFAULT_EXTRACTORS: tuple[Extractor, ...] = ("tag", "phrase", "last")
+
 
 class TeacherConfig(Section):
     """The teacher LLM that writes and scores reasoning traces."""
@@ -41,8 +44,8 @@ class TeacherConfig(Section):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     # how this teacher's answers are found, in order (see pipeline/data/extract.py)
-    answer_extractors: list[Literal["tag", "phrase", "last"]] = Field(
-        default_factory=lambda: ["tag", "phrase", "last"], min_length=1)
+    answer_extractors: list[Extractor] = Field(
+        default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     request_timeout: float = Field(120.0, gt=0)  # openai: seconds per request
     max_retries: int = Field(3, ge=0)  # openai: retries of timeouts, connection errors, 429 and 5xx
 

@@ -67,8 +67,11 @@ def stage_key(stage: Stage, config_slice: dict, inputs: dict[str, ArtifactRef], 
     })
 
 
-def ensure_ray(cfg: RayConfig) -> None:
-    """Connect to the cluster in cfg.address / $RAY_ADDRESS, or start a local one; reuse a live connection."""
+def ensure_ray(cfg: RayConfig, on_connect: Callable[[], object] | None = None) -> None:
+    """Connect to the cluster in cfg.address / $RAY_ADDRESS, or start a local one; reuse a live connection.
+
+    `on_connect` runs once right after a new connection (the CLI routes the workers' logs there).
+    """
     import ray
 
     if ray.is_initialized():
@@ -79,6 +82,8 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, namespace=cfg.namespace,
                  log_to_driver=True)
+    if on_connect is not None:
+        on_connect()
 
 
 def execute_stage(call: StageCall) -> dict[str, ArtifactRef]:
@@ -130,6 +135,7 @@ def run_pipeline(
     until: str | None = None,
     only: str | None = None,
     report: Reporter | None = None,
+    on_ray_connect: Callable[[], object] | None = None,
 ) -> PipelineResult:
     """Run (or resume) a pipeline: one MLflow parent run, one nested run per stage.
 
@@ -141,6 +147,7 @@ def run_pipeline(
         until: stop after this stage (run only it and what it needs).
         only: run this stage alone, its inputs taken from cached upstream runs.
         report: callback for progress events (`cached`, `start`, `done`, `failed`).
+        on_ray_connect: called once when this driver connects to Ray (only if a stage has to run).
     """
     import ray
 
@@ -174,7 +181,7 @@ def run_pipeline(
                 raise error
             else:
                 report("start", stage.name, {"run_id": run_id})
-                ensure_ray(cfg.ray)
+                ensure_ray(cfg.ray, on_ray_connect)
                 call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
                 task = ray.remote(execute_stage).options(
                     num_cpus=cfg.ray.stage_num_cpus, name=f"moeforge.{stage.name}", retry_exceptions=False)

@@ -78,7 +78,7 @@ class ModelConfig(Section):
     def _topk_group_fits(cls, v: int, info: ValidationInfo) -> int:
         at_most("topk_group", "n_group", v, info)
         n, g, k = (info.data.get(f) for f in ("n_routed_experts", "n_group", "n_activated_experts"))
-        if None not in (n, g, k) and v * (n // g) < k:
+        if n is not None and g is not None and k is not None and v * (n // g) < k:
             raise ValueError(
                 f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})"
             )

@@ -19,7 +19,7 @@ def to_hf_config(cfg: ModelConfig):
 
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is not set")
-    return DeepseekV3Config(
+    return DeepseekV3Config(  # type: ignore[call-arg]  # rope and MTP settings pass through **kwargs
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
         moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layers,
         first_k_dense_replace=cfg.n_dense_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,

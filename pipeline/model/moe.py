@@ -39,6 +39,9 @@ class Gate(nn.Module):
     since the last `update_router_biases`.
     """
 
+    bias: torch.Tensor  # buffers, declared for type checkers
+    counts: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_group, cfg.topk_group

@@ -80,6 +80,9 @@ class Transformer(nn.Module):
             with: `cfg.model_copy(update={"vocab_size": len(tokenizer)})`).
     """
 
+    rope_cos: torch.Tensor  # buffers (position x rotary pair), declared for type checkers
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
@@ -127,6 +130,7 @@ class Transformer(nn.Module):
     def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Tensor:
         """MTP states (B, S-1, D), normed: position i combines trunk state i with the embedding of token i+1."""
         m, S = self.mtp, tokens_BS.shape[1]
+        assert m is not None, "the model has no MTP block (model.mtp_depth is 0)"
         x_BSD = m.proj(torch.cat([m.h_norm(h_BSD[:, :-1]), m.e_norm(self.embed(tokens_BS[:, 1:]))], dim=-1))
         pos = torch.arange(S - 1, device=tokens_BS.device)
         return m.norm(m.block(x_BSD, self.rope_cos[pos][None], self.rope_sin[pos][None]))
@@ -222,6 +226,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
+        from pydantic import ValidationError
         from safetensors.torch import load_file
 
         from pipeline.validation import ConfigError, format_validation_error
@@ -233,7 +238,7 @@ class Transformer(nn.Module):
         try:
             cfg = ModelConfig.model_validate(json.loads((directory / CONFIG).read_text()))
         except ValueError as e:
-            msg = format_validation_error(e) if hasattr(e, "errors") else str(e)
+            msg = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
             raise ConfigError(f"{directory / CONFIG}: {msg}") from None
         model = cls(cfg)
         model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(map_location)))

@@ -75,4 +75,6 @@ def read_soft_targets(path: Path):
     if local_path(str(path)) is not None:
         node = ray.get_runtime_context().get_node_id()
         remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-    return ray.data.read_parquet(str(path), file_extensions=["parquet"], ray_remote_args=remote_args)
+    dataset = ray.data.read_parquet(str(path), file_extensions=["parquet"], ray_remote_args=remote_args)
+    dataset.context.enable_progress_bars = False  # the stage's progress is the training steps, not this read
+    return dataset

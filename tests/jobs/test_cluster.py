@@ -178,6 +178,13 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
     c = finished.cluster
     status = c.ray("job", "status", finished.submission_id, "--address", c.dashboard)
     assert "succeeded" in (status.stdout + status.stderr).lower()
+    # the job's log is the CLI's: stage lines and tables; warnings and worker logs went to the run's log file
+    job_log = finished.submit.stdout
+    assert "✓ train" in job_log and "held-out pass@1" in job_log
+    for noise in ("UserWarning", "Inferred schema", "Token authentication", "Creating initial MLflow database"):
+        assert noise not in job_log, noise
+    logs = sorted((finished.workdir / "logs").glob("run-*.log"))
+    assert logs and "(" in logs[0].read_text()  # worker lines, each with its source
 
     # the MLflow server holds the run tree: one parent, a nested run per stage, all finished
     client = MlflowClient(finished.tracking_uri)

@@ -1,0 +1,83 @@
+"""What `moeforge run` shows and what goes to its log file, with a real local Ray cluster and real workers."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import pytest
+
+from pipeline.run_log import RunLog
+
+
+def _noisy_task():
+    import sys
+    import warnings
+
+    from ray.experimental.tqdm_ray import tqdm
+
+    print("worker-print-noise", flush=True)
+    warnings.warn("worker-warning-noise", UserWarning, stacklevel=1)
+    sys.stderr.flush()
+    bar = tqdm(total=2, desc="stage-progress-bar")
+    bar.update(2)
+    bar.close()
+    return 1
+
+
+def _wait_for(path, text: str, seconds: float = 30) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        content = path.read_text()
+        if text in content:
+            return content
+        time.sleep(0.2)
+    return path.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("verbose", [False, True])
+def test_worker_output_and_warnings_go_to_the_file_and_progress_bars_stay(tmp_path, capfd, verbose):
+    import ray
+
+    run_log = RunLog(tmp_path, verbose=verbose)
+    run_log.install()
+    try:
+        assert run_log.route_worker_logs()
+        warnings.warn("driver-warning-noise", UserWarning, stacklevel=1)
+        logging.getLogger("mlflow.store").warning("library-log-noise")
+        assert ray.get(ray.remote(_noisy_task).remote()) == 1
+        content = _wait_for(run_log.path, "worker-warning-noise")
+        time.sleep(1.0)  # the bar's updates travel the same stream; let them arrive
+    finally:
+        run_log.uninstall()
+    shown = capfd.readouterr()
+    terminal = shown.out + shown.err
+    assert run_log.path.parent == tmp_path / "logs"
+    for noise in ("worker-print-noise", "worker-warning-noise", "driver-warning-noise", "library-log-noise"):
+        assert noise in content, f"{noise} missing from the log file"
+        assert (noise in terminal) == verbose, f"{noise} on the terminal: {terminal!r}"
+    assert "stage-progress-bar" in terminal  # progress bars always reach the terminal
+    assert "stage-progress-bar" not in content
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_uninstall_gives_ray_its_printing_back(tmp_path, capfd):
+    import ray
+
+    run_log = RunLog(tmp_path)
+    run_log.install()
+    run_log.route_worker_logs()
+    run_log.uninstall()
+    ray.get(ray.remote(_noisy_task).remote())
+    deadline = time.monotonic() + 30
+    seen = ""
+    while time.monotonic() < deadline and "worker-print-noise" not in seen:
+        time.sleep(0.2)
+        shown = capfd.readouterr()
+        seen += shown.out + shown.err
+    assert "worker-print-noise" in seen
+    assert "worker-print-noise" not in run_log.path.read_text()
