@@ -10,6 +10,7 @@ instead of step 0. The training math, the checkpoint format and the metrics are 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,8 @@ import torch
 
 from pipeline.train.expert_metrics import expert_shares, shares
 from pipeline.train.replica import Replica, TrainJob
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TrainJob", "contiguous_split", "fit", "read_shard", "train_loop"]
 
@@ -119,11 +122,12 @@ def train_loop(job: TrainJob) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             replica.restore(Path(d))
-    log = StepLog(job) if rank == 0 and job.run_id else None
-    if log:
-        log.tag({"moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
+        log.info("rank %d: resumed from the checkpoint of step %d", rank, replica.resumed_from)
+    step_log = StepLog(job) if rank == 0 and job.run_id else None
+    if step_log:
+        step_log.tag({"moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
                  "moeforge.train.workers": world, "moeforge.train.device": str(device)})
-        log.log({"resumed_from_step": replica.resumed_from, "windows_rank0": len(replica.windows.tokens_BT)},
+        step_log.log({"resumed_from_step": replica.resumed_from, "windows_rank0": len(replica.windows.tokens_BT)},
                 replica.step)
     cfg = job.train
     try:
@@ -133,21 +137,21 @@ def train_loop(job: TrainJob) -> None:
             save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
             if rank == 0:
                 record_step(job, replica, metrics, step)
-            if log:
+            if step_log:
                 if save:
                     metrics.update(expert_shares(replica.model, replica.last_counts))
-                log.log(metrics, step)
+                step_log.log(metrics, step)
             if save:  # report (a barrier across workers) only with a checkpoint; step metrics go to MLflow
-                if log:
-                    log.wait()  # metrics up to a checkpoint are on the run before the checkpoint exists
+                if step_log:
+                    step_log.wait()  # metrics up to a checkpoint are on the run before the checkpoint exists
                 with tempfile.TemporaryDirectory() as d:
                     replica.save(Path(d))
                     ray.train.report({"step": step, "loss": metrics["loss"], "resumed_from_step": replica.resumed_from},
                                      checkpoint=ray.train.Checkpoint.from_directory(d),
                                      checkpoint_dir_name=f"step_{step:06d}")
     finally:
-        if log:
-            log.close()
+        if step_log:
+            step_log.close()
 
 
 def record_step(job: TrainJob, replica: Replica, metrics: dict[str, float], step: int) -> None:

@@ -43,11 +43,12 @@ def main() -> None:
     for start in range(0, len(prompts), 16):
         chunk = prompts[start:start + 16]
         gens += teacher.generate([teacher_messages(p.task, p.question) for p in chunk], max_new_tokens=64)
-    seqs = [T.encode(teacher.tokenizer, p.question, g.text.strip()) for p, g in zip(prompts, gens)]
+    seqs = [T.encode(teacher.tokenizer, p.question, g.text.strip()) for p, g in zip(prompts, gens, strict=True)]
     rows, masses, dense_rows = [], [], []
     for start in range(0, len(seqs), 8):
         chunk = seqs[start:start + 8]
-        for (seq, first), tg in zip(chunk, teacher.score([s for s, _ in chunk], [i for _, i in chunk], args.top_k)):
+        scored = teacher.score([s for s, _ in chunk], [i for _, i in chunk], args.top_k)
+        for (seq, first), tg in zip(chunk, scored, strict=True):
             rows.append(T.row(f"s{len(rows)}", "x", seq, first, tg))
             masses.append(T.topk_mass(tg))
             if len(dense_rows) < args.dense_samples:
@@ -59,8 +60,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours, dense = Path(tmp) / "ours.parquet", Path(tmp) / "dense.parquet"
         pq.write_table(pa.Table.from_pylist(rows, schema=soft_targets_schema("float16")), ours)
-        pq.write_table(pa.Table.from_pylist(dense_rows, schema=pa.schema([("logprobs",
-                                                                             pa.list_(pa.list_(pa.float16())))])), dense)
+        dense_schema = pa.schema([("logprobs", pa.list_(pa.list_(pa.float16())))])
+        pq.write_table(pa.Table.from_pylist(dense_rows, schema=dense_schema), dense)
         ours_bpt = ours.stat().st_size / positions
         dense_bpt = dense.stat().st_size / dense_positions
     nominal = len(teacher.tokenizer) * 2

@@ -54,7 +54,8 @@ def main() -> None:
     print(f"config: {args.tokens} tokens, dim {args.dim}, {args.experts} routed experts, top-{args.topk}, "
           f"expert width {args.inter}, {args.shared} shared; {describe()}")
     result(speedup_vs_transformers=sec["transformers"] / sec["ours"], ours_tok_s=args.tokens / sec["ours"],
-           transformers_tok_s=args.tokens / sec["transformers"], loop_vs_transformers=sec["transformers"] / sec["ours_loop"])
+           transformers_tok_s=args.tokens / sec["transformers"],
+           loop_vs_transformers=sec["transformers"] / sec["ours_loop"])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -60,7 +61,7 @@ async def one(client, model: str, i: int, max_tokens: int) -> dict:
             usage = chunk.usage
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in itertools.pairwise(stamps)],
             "tokens": usage.completion_tokens, "end": time.perf_counter()}
 
 

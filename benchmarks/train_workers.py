@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
-from _common import describe, result  # noqa: F401 - also puts the checkout on sys.path
+from _common import describe, result  # also puts the checkout on sys.path
 
 from actors.trainer import fit
 from pipeline.config import ModelConfig, TrainConfig

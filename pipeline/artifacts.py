@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -25,6 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _CHUNK = 1 << 20
@@ -207,7 +210,8 @@ def write_table(path: Path, table: pa.Table, spec: ArtifactSpec) -> None:
         try:
             table = table.cast(spec.schema)
         except (pa.ArrowInvalid, ValueError) as e:
-            raise ArtifactError(f"dataset artifact {spec.name!r}: table does not fit the declared schema: {e}") from None
+            raise ArtifactError(
+                f"dataset artifact {spec.name!r}: table does not fit the declared schema: {e}") from None
     with atomic_path(Path(path)) as tmp:
         pq.write_table(table, tmp)
 
@@ -281,12 +285,13 @@ def fetch(ref: ArtifactRef, tracking_uri: str, workdir: Path) -> Path:
             return cached
         except ArtifactError:
             shutil.rmtree(cached, ignore_errors=True)
+    log.info("artifact %s: downloading %s into %s", ref.name, ref.uri, cached)
     with atomic_path(cached) as tmp:
         tmp.mkdir(parents=True)
         try:
             downloaded = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=ref.uri, dst_path=str(tmp), tracking_uri=tracking_uri))
-        except Exception as e:  # noqa: BLE001 - any store error becomes an artifact error naming the artifact
+        except Exception as e:  # any store error becomes an artifact error naming the artifact
             raise ArtifactError(f"artifact {ref.name!r}: cannot download {ref.uri}: {e}") from e
         verify(downloaded, ref.name, ref.hash)
         for child in downloaded.iterdir():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,10 +25,10 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Preset name (configs/NAME.yaml) or YAML file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override, e.g. train.max_steps=50.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. train.max_steps=50.")]
 
 
-def _load(config: str, overrides: Optional[list[str]]) -> MoeforgeConfig:
+def _load(config: str, overrides: list[str] | None) -> MoeforgeConfig:
     try:
         return load_config(config, overrides or [])
     except ConfigError as e:
@@ -45,10 +46,10 @@ def _duration(seconds: float | None) -> str:
 def run(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    force: Annotated[Optional[list[str]], typer.Option("--force", help="Re-run STAGE even if cached.")] = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
-    until: Annotated[Optional[str], typer.Option("--until", help="Stop after STAGE.")] = None,
-    only: Annotated[Optional[str], typer.Option(
+    force: Annotated[list[str] | None, typer.Option("--force", help="Re-run STAGE even if cached.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after STAGE.")] = None,
+    only: Annotated[str | None, typer.Option(
         "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")]
     = None,
     verbose: Annotated[bool, typer.Option(
@@ -128,7 +129,8 @@ def _print_outcome(result, cfg) -> None:
         table = Table("held-out pass@1", "teacher", "student", title="evaluation")
         tasks = sorted(summary["teacher"]["pass_at_1_by_task"])
         for task in tasks:
-            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in ("teacher", "student")))
+            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}"
+                                  for m in ("teacher", "student")))
         table.add_row("[bold]overall[/bold]", *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]"
                                                 for m in ("teacher", "student")))
         table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in ("teacher", "student")))
@@ -145,12 +147,12 @@ def _print_outcome(result, cfg) -> None:
 def serve(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved student directory; "
              "default: serve.model_uri, else models:/<registry.model_name>@champion.")] = None,
-    host: Annotated[Optional[str], typer.Option(help="Address the HTTP proxy binds (default serve.host).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port of the HTTP proxy (default serve.port).")] = None,
-    replicas: Annotated[Optional[int], typer.Option(help="Fixed number of replicas (turns autoscaling off).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address the HTTP proxy binds (default serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port of the HTTP proxy (default serve.port).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Fixed number of replicas (turns autoscaling off).")] = None,
     detach: Annotated[bool, typer.Option(help="Return once deployed (a remote cluster keeps serving); "
                                               "default: stay until Ctrl-C.")] = False,
 ) -> None:
@@ -202,11 +204,11 @@ def submit(
                                             "or serve: runs `python -m jobs.JOB`.")] = "pipeline",
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray job server (dashboard) URL; default job.address, "
+    address: Annotated[str | None, typer.Option(help="Ray job server (dashboard) URL; default job.address, "
                                                         "$RAY_ADDRESS, http://127.0.0.1:8265.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends (--no-wait: submit and return).")]
     = True,
-    submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default moeforge-JOB-TIME-RAND).")]
+    submission_id: Annotated[str | None, typer.Option(help="Job id to use (default moeforge-JOB-TIME-RAND).")]
     = None,
 ) -> None:
     """Submit the pipeline (or one stage, or serve) to a Ray cluster as a Ray job; arguments after the options
@@ -258,7 +260,7 @@ def submit(
 def list_jobs(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray job server (dashboard) URL.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray job server (dashboard) URL.")] = None,
     limit: Annotated[int, typer.Option(help="How many of the most recent jobs.")] = 20,
 ) -> None:
     """Recent Ray jobs on the cluster: id, status, entrypoint, start, duration."""
@@ -282,7 +284,7 @@ def list_jobs(
 
 @app.command()
 def status(
-    run_id: Annotated[Optional[str], typer.Argument(help="Pipeline run id; default: the latest.")] = None,
+    run_id: Annotated[str | None, typer.Argument(help="Pipeline run id; default: the latest.")] = None,
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
 ) -> None:
@@ -356,10 +358,10 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default: the page has no login).")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8270,
-    ray_dashboard: Annotated[Optional[str], typer.Option(
+    ray_dashboard: Annotated[str | None, typer.Option(
         help="Ray dashboard URL (links, node metrics endpoints); default $RAY_ADDRESS if http(s), else "
              "http://127.0.0.1:8265 when it answers.")] = None,
-    metrics_url: Annotated[Optional[list[str]], typer.Option(
+    metrics_url: Annotated[list[str] | None, typer.Option(
         help="Prometheus endpoint(s) of Ray nodes to read serving metrics from; default: every node's, from the "
              "Ray dashboard.")] = None,
 ) -> None:
@@ -394,17 +396,16 @@ def ui(
     cfg = _load(config, set_)
     uri = resolve_tracking_uri(cfg.tracking)
     dashboard = find_ray_dashboard()
-    console.print(f"Ray dashboard: {dashboard or 'no Ray cluster running (a local run starts its own; or `ray start --head`)'}")
+    none = "no Ray cluster running (a local run starts its own; or `ray start --head`)"
+    console.print(f"Ray dashboard: {dashboard or none}")
     if uri.startswith(("http://", "https://")):
         console.print(f"MLflow UI: {uri} (tracking server)")
         return
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
     console.print(f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         subprocess.run(cmd, check=False)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

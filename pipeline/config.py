@@ -81,7 +81,8 @@ class DataConfig(Section):
         min_length=1,
     )
     prompt_style: Literal["worked_examples", "instruction"] = "worked_examples"  # see pipeline/data/prompts.py
-    path: str | None = Field(None, validate_default=True)  # Parquet/JSONL with `prompt`, `answer` (optional `task`) when source == "file"
+    # Parquet/JSONL with `prompt`, `answer` (optional `task`) when source == "file"
+    path: str | None = Field(None, validate_default=True)
     num_train_prompts: int = Field(64, ge=1)
     num_eval_prompts: int = Field(32, ge=1)
     seed: int = 0

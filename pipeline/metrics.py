@@ -1,9 +1,9 @@
 """The project's live metrics on Ray's Prometheus endpoint (`ray.util.metrics`).
 
 MLflow holds each run's record; these are for watching a cluster while it works (Grafana, `moeforge dashboard`).
-Every metric is declared once in `METRICS`: `infra/k8s/monitoring/grafana-dashboard-moeforge.json` may refer only to these names (a test
-checks it). Ray exports a metric `NAME` as `ray_NAME` (counters as `ray_NAME_total`, histograms as
-`ray_NAME_bucket|_sum|_count`), from the metrics agent of the node the recording process runs on.
+Every metric is declared once in `METRICS`: `infra/k8s/monitoring/grafana-dashboard-moeforge.json` may refer only
+to these names (a test checks it). Ray exports a metric `NAME` as `ray_NAME` (counters as `ray_NAME_total`,
+histograms as `ray_NAME_bucket|_sum|_count`), from the metrics agent of the node the recording process runs on.
 
 Recording is a no-op in a process that is not connected to Ray (the plain classes tests drive directly), so stage
 and serving code calls `record(...)` unconditionally.
@@ -116,7 +116,7 @@ def record(name: str, value: float, **tags: object) -> None:
             metric.set(float(value), tags=str_tags)
         else:
             metric.observe(float(value), tags=str_tags)
-    except Exception:  # noqa: BLE001 - see the docstring
+    except Exception:  # see the docstring
         log.warning("could not record metric %s", name, exc_info=True)
 
 

@@ -10,6 +10,7 @@ downstream key: exactly the affected stages re-run, nothing upstream.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from pipeline.dag import Dag, DagError
 from pipeline.stage import Stage, StageCall, StageContext
 from pipeline.tracking import Tracker
 from pipeline.version import code_version
+
+log = logging.getLogger(__name__)
 
 
 class StageFailed(RuntimeError):
@@ -170,6 +173,7 @@ def run_pipeline(
             cached = None if stage.name in rerun or not stage.cacheable else tracker.find_cached(stage, key)
             if cached is not None:
                 tracker.record_cache_hit(run_id, cached)
+                log.info("stage %s: cache hit (key %s) from run %s", stage.name, key[:16], cached.run_id)
                 outcome = StageOutcome(stage.name, run_id, True, time.perf_counter() - t0, cached.outputs)
                 report("cached", stage.name, {"from": cached.run_id})
             elif stage.name in cached_only:
@@ -181,6 +185,7 @@ def run_pipeline(
                 raise error
             else:
                 report("start", stage.name, {"run_id": run_id})
+                log.info("stage %s: running as run %s (key %s, code %s)", stage.name, run_id, key[:16], version)
                 ensure_ray(cfg.ray, on_ray_connect)
                 call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
                 task = ray.remote(execute_stage).options(
@@ -192,9 +197,10 @@ def run_pipeline(
                     ray.cancel(ref, force=True)
                     tracker.fail(run_id, "interrupted", "KILLED")
                     raise
-                except Exception as e:  # noqa: BLE001 - the stage's own error, re-raised with its run id
+                except Exception as e:  # the stage's own error, re-raised with its run id
                     cause = getattr(e, "cause", None) or e
                     tracker.fail(run_id, f"{type(cause).__name__}: {cause}")
+                    log.error("stage %s failed (run %s): %s: %s", stage.name, run_id, type(cause).__name__, cause)
                     report("failed", stage.name, {"run_id": run_id, "error": str(cause)})
                     raise StageFailed(stage.name, run_id, cause) from e
                 tracker.finish_stage(run_id, outputs)

@@ -9,6 +9,7 @@ returns, so a stage that raises leaves nothing committed.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import uuid
@@ -22,6 +23,8 @@ import pyarrow as pa
 from pipeline import artifacts
 from pipeline.artifacts import ArtifactError, ArtifactRef, ArtifactSpec
 from pipeline.config import MoeforgeConfig
+
+log = logging.getLogger(__name__)
 
 
 class Stage:
@@ -152,6 +155,7 @@ class StageContext:
         for spec in self.stage.outputs:
             self.client.log_artifacts(self.run_id, str(self._staging / spec.name), f"outputs/{spec.name}")
             refs[spec.name] = ArtifactRef(spec.name, f"{base}/outputs/{spec.name}", hashes[spec.name], self.run_id)
+            log.info("stage %s: committed %s (content hash %s)", self.stage.name, spec.name, hashes[spec.name][:12])
         return refs
 
     def cleanup(self, succeeded: bool) -> None:

@@ -8,6 +8,7 @@ runtime environment comes from the config's `job` section, and the MLflow run a 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import time
@@ -18,6 +19,8 @@ from typing import Any
 
 from pipeline.config import JobConfig, MoeforgeConfig, resolve_preset
 from pipeline.tracking import resolve_tracking_uri
+
+log = logging.getLogger(__name__)
 
 JOB_NAMES = ("pipeline", "generate", "distill", "train", "evaluate", "register", "serve")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -109,6 +112,7 @@ def submit(cfg: MoeforgeConfig, job: str, config: str, overrides: list[str], ext
             # a head that just started has no job agent for a few seconds; Ray's answer is "try again later"
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise SubmitError(f"the Ray job server at {job_address(cfg.job)} refused the job: {e}") from None
+            log.info("job server has no job agent yet; retrying the submission of %s", sid)
             time.sleep(2)
 
 

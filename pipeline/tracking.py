@@ -16,6 +16,7 @@ shared state, so any driver on any node sees the same cache.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -33,6 +34,8 @@ from mlflow.exceptions import MlflowException
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import MoeforgeConfig, TrackingConfig, config_hash, flatten
 from pipeline.stage import Stage
+
+log = logging.getLogger(__name__)
 
 P = "moeforge."
 PARENT = "mlflow.parentRunId"
@@ -263,4 +266,5 @@ class Tracker:
                     self.fail(child.info.run_id, "driver process died", "KILLED")
             self.fail(run.info.run_id, "driver process died", "KILLED")
             reaped.append(run.info.run_id)
+            log.warning("pipeline run %s: its driver (pid %s) is gone; marked KILLED", run.info.run_id, pid)
         return reaped

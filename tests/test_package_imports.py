@@ -55,7 +55,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n):] + [n]
+                return [*path[path.index(n):], n]
             if n not in state and (cycle := visit(n)):
                 return cycle
         path.pop()

@@ -124,16 +124,18 @@ def histogram_summary(families: list, name: str, **match: str) -> dict[str, dict
         if not r["count"]:
             continue
         bounds = sorted(r["buckets"].items())
-
-        def quantile(q: float) -> float | None:  # None: above the largest finite bucket
-            for le, cumulative in bounds:
-                if cumulative >= q * r["count"]:
-                    return le if le != float("inf") else None
-            return None
-
-        out[route] = {"count": r["count"], "mean_s": r["sum"] / r["count"], "p50_s": quantile(0.5),
-                      "p95_s": quantile(0.95)}
+        out[route] = {"count": r["count"], "mean_s": r["sum"] / r["count"],
+                      "p50_s": _bucket_quantile(bounds, r["count"], 0.5),
+                      "p95_s": _bucket_quantile(bounds, r["count"], 0.95)}
     return out
+
+
+def _bucket_quantile(bounds: list[tuple[float, float]], count: float, q: float) -> float | None:
+    """The upper bound of the first cumulative bucket holding `q` of `count`; None above the largest finite one."""
+    for le, cumulative in bounds:
+        if cumulative >= q * count:
+            return le if le != float("inf") else None
+    return None
 
 
 def counter_total(families: list, name: str, **match: str) -> float:

@@ -80,7 +80,7 @@ def teacher_messages(task: str, question: str, style: PromptStyle = "worked_exam
     if style == "worked_examples":
         for q, a in WORKED_EXAMPLES.get(task, []):
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return messages + [{"role": "user", "content": question}]
+    return [*messages, {"role": "user", "content": question}]
 
 
 def canonical_completion(completion: str, answer: str, method: str) -> str:

@@ -28,7 +28,7 @@ class TokenizerMismatch(ValueError):
 def encode(tokenizer, question: str, completion: str) -> tuple[list[int], int]:
     """(token ids of the training text, index of the first completion token)."""
     prompt = chat_token_ids(tokenizer, student_messages(question))
-    answer = tokenizer.encode(completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+    answer = [*tokenizer.encode(completion, add_special_tokens=False), tokenizer.eos_token_id]
     return prompt + answer, len(prompt)
 
 

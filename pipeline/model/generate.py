@@ -121,7 +121,7 @@ def generate(model: Transformer, prompts: list[list[int]],
     was_training = model.training
     model.eval()
     try:
-        longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params))
+        longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params, strict=True))
         cache = model.new_cache(len(prompts), max_len=min(longest, model.cfg.max_seq_len))
         slots = [cache.allocate() for _ in prompts]
         generators = [make_generator(s.seed) for s in params]  # sampling happens on the CPU
@@ -131,7 +131,7 @@ def generate(model: Transformer, prompts: list[list[int]],
         while active:
             tokens = sample(logits_BV.cpu(), [params[i] for i in active], [generators[i] for i in active])
             still = []
-            for i, tok in zip(active, tokens):
+            for i, tok in zip(active, tokens, strict=True):
                 results[i].tokens.append(tok)
                 if tok in params[i].stop_token_ids:
                     results[i].finish_reason = "stop"

@@ -69,7 +69,7 @@ def copy_model_to_hf(ours, hf) -> None:
     hf.model.embed_tokens.weight.copy_(ours.embed.weight)
     hf.model.norm.weight.copy_(ours.norm.weight)
     hf.lm_head.weight.copy_(ours.head.weight)
-    for block, layer in zip(ours.layers, hf.model.layers):
+    for block, layer in zip(ours.layers, hf.model.layers, strict=True):
         layer.input_layernorm.weight.copy_(block.attn_norm.weight)
         layer.post_attention_layernorm.weight.copy_(block.ffn_norm.weight)
         a, h = block.attn, layer.self_attn

@@ -34,7 +34,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs_cV = torch.ops.aten._softmax.out(logits_cV, -1, False, out=logits_cV)  # in place
                 p_target_c = probs_cV[rows, t_c.clamp_min(0)]
                 total += -(p_target_c.clamp_min(torch.finfo(torch.float32).tiny).log() * v_c).sum()
-                if g_h_ND is not None and g_w_VD is not None:  # need_grad: d(mean CE)/d(logits) = (softmax - onehot) / n_valid, masked rows 0
+                # need_grad: d(mean CE)/d(logits) = (softmax - onehot) / n_valid, masked rows 0
+                if g_h_ND is not None and g_w_VD is not None:
                     probs_cV[rows, t_c.clamp_min(0)] -= 1
                     probs_cV.mul_((v_c.float() / n_valid)[:, None])
                     torch.mm(probs_cV, w_VD.float(), out=g_h_ND[s:s + c])

@@ -246,7 +246,7 @@ def update_router_biases(
     if all_reduce is not None:
         all_reduce(counts_LE)
     error_LE = counts_LE.mean(dim=-1, keepdim=True) - counts_LE  # > 0: under-loaded
-    for gate, error_E in zip(gates, error_LE):
+    for gate, error_E in zip(gates, error_LE, strict=True):
         gate.bias += speed * error_E.sign()
         gate.counts.zero_()
     return counts_LE

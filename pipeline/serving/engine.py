@@ -200,7 +200,7 @@ class Engine:
                     self._finish(seq, None, error=self.last_error)
             return
         with self._cond:
-            for seq, token in zip(seqs, tokens):
+            for seq, token in zip(seqs, tokens, strict=True):
                 seq.cached = len(seq.prompt) if prefill_step else seq.cached + 1
                 seq.tokens.append(token)
                 self.tokens_generated += 1

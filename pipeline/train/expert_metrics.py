@@ -26,7 +26,7 @@ def router_biases(model: Transformer) -> dict[str, torch.Tensor]:
 
 def shares(model: Transformer, counts_LE: torch.Tensor) -> Iterator[tuple[str, Gate, torch.Tensor]]:
     """(layer, router, share of routed tokens per expert) per MoE layer."""
-    for (_, layer, gate), counts_E in zip(gates(model), counts_LE):
+    for (_, layer, gate), counts_E in zip(gates(model), counts_LE, strict=True):
         yield layer, gate, counts_E.double() / counts_E.sum().clamp(min=1)
 
 

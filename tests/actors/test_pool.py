@@ -48,9 +48,9 @@ def test_a_flaky_item_is_retried_and_a_failing_one_is_named(tmp_path):
         retried = []
         out = dict(pool.map_unordered("work", [(i, i) for i in range(5)], on_retry=lambda k, e: retried.append(k)))
     assert sorted(out) == list(range(5)) and retried == [3]
-    with ActorPool(Worker, (str(tmp_path), (), (2,)), size=1, name="t-failing", num_cpus=0) as pool:
-        with pytest.raises(PoolError, match=r"item 2 failed 3 times; last error: .*cannot do 2"):
-            list(pool.map_unordered("work", [(i, i) for i in range(4)], max_attempts=3))
+    with (ActorPool(Worker, (str(tmp_path), (), (2,)), size=1, name="t-failing", num_cpus=0) as pool,
+          pytest.raises(PoolError, match=r"item 2 failed 3 times; last error: .*cannot do 2")):
+        list(pool.map_unordered("work", [(i, i) for i in range(4)], max_attempts=3))
 
 
 def test_a_killed_actor_is_replaced_and_its_items_rerun():
@@ -64,5 +64,5 @@ def test_a_killed_actor_is_replaced_and_its_items_rerun():
 
 
 def test_an_actor_that_cannot_start_is_one_clear_error():
-    with pytest.raises(PoolError, match="an actor failed to start: .*model file not found: /nowhere"):
+    with pytest.raises(PoolError, match=r"an actor failed to start: .*model file not found: /nowhere"):
         ActorPool(Worker, kwargs={"broken": True}, size=2, name="t-broken", num_cpus=0)

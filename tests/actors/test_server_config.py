@@ -51,5 +51,5 @@ def test_deployment_options_follow_the_serve_section():
 def test_bad_builder_args_are_a_clear_error(registered_student):
     with pytest.raises(ConfigError, match="max_batch_size"):
         build_app({"model": str(registered_student.directory), "max_batch_size": 0})
-    with pytest.raises(ConfigError, match="unknown key|extra"):
+    with pytest.raises(ConfigError, match=r"unknown key|extra"):
         build_app({"model": str(registered_student.directory), "max_batch_sise": 8})

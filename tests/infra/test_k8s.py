@@ -79,7 +79,7 @@ def closed(schema: dict) -> dict:
 @cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: libyaml is 10x faster
-    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)  # noqa: S506 - safe loader
+    crd = yaml.load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text(), Loader=loader)  # safe loader
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = closed(v1["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is the API server's, not the CRD's

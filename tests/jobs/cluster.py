@@ -3,6 +3,7 @@ resources and ports, both stopped after (with `ray stop` scoped to their own pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -98,13 +99,9 @@ def stop(cluster: TwoNodeCluster) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     for proc in mine:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(mine, timeout=15)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass

@@ -322,7 +322,7 @@ def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
 
     port = free_port()
     env = {**finished.cluster.env, "MLFLOW_TRACKING_URI": finished.tracking_uri}
-    log = open(tmp_path / "dashboard.log", "w")
+    log = open(tmp_path / "dashboard.log", "w")  # noqa: SIM115 - the server's output while it runs; closed below
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moeforge"), "dashboard", "--set",
          f"tracking.experiment={finished.experiment}", "--port", str(port), "--ray-dashboard",

@@ -14,7 +14,8 @@ SPEC = ArtifactSpec("rows", "dataset", pa.schema([("id", pa.int64()), ("text", p
 
 def _dataset(tmp_path, n=100):
     root = tmp_path / "rows"
-    artifacts.write_table(root / "data.parquet", pa.table({"id": list(range(n)), "text": [f"t{i}" for i in range(n)]}), SPEC)
+    table = pa.table({"id": list(range(n)), "text": [f"t{i}" for i in range(n)]})
+    artifacts.write_table(root / "data.parquet", table, SPEC)
     return root, artifacts.commit(root, SPEC)
 
 
@@ -52,7 +53,7 @@ def test_uncommitted_missing_or_foreign_files_are_refused(tmp_path):
         artifacts.verify(root, "rows")
     digest = artifacts.commit(root, SPEC)
     (root / "extra.bin").write_bytes(b"x")
-    with pytest.raises(ArtifactError, match="files not in its manifest: extra.bin"):
+    with pytest.raises(ArtifactError, match=r"files not in its manifest: extra.bin"):
         artifacts.verify(root, "rows", digest)
     (root / "extra.bin").unlink()
     with pytest.raises(ArtifactError, match="is not the"):
@@ -79,10 +80,9 @@ def test_schema_is_enforced_on_write_and_commit(tmp_path):
 
 def test_atomic_path_leaves_nothing_on_error(tmp_path):
     dest = tmp_path / "out.parquet"
-    with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(dest) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), artifacts.atomic_path(dest) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
     assert list(tmp_path.iterdir()) == []
     with artifacts.atomic_path(dest) as tmp:
         tmp.write_bytes(b"whole")
@@ -98,5 +98,5 @@ def test_checkpoint_round_trip(tmp_path):
     assert config == {"dim": 4} and torch.equal(loaded["w"], tensors["w"]) and torch.equal(loaded["b"], tensors["b"])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{}")
-    with pytest.raises(ArtifactError, match="needs config.json and"):
+    with pytest.raises(ArtifactError, match=r"needs config.json and"):
         artifacts.commit(tmp_path / "bad", spec)

@@ -43,7 +43,7 @@ def test_bad_config_exits_2_naming_the_key(cli):
 def test_stages_lists_the_product_dag(cli):
     res = cli("stages")
     assert res.exit_code == 0, res.output
-    line = next(l for l in res.output.splitlines() if " generate " in l)
+    line = next(ln for ln in res.output.splitlines() if " generate " in ln)
     assert "samples (dataset), eval_prompts (dataset)" in line and "teacher, data, generate" in line
 
 
@@ -107,7 +107,7 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
     assert res.exit_code == 0, res.output
     assert second.run_id in res.output
     for name in ("numbers", "scale", "summarize"):
-        line = next(l for l in res.output.splitlines() if f" {name} " in l)
+        line = next(ln for ln in res.output.splitlines() if f" {name} " in ln)
         assert "finished" in line and "hit ←" in line
     assert "rows=5" in res.output  # key metrics come from the run that produced the cached outputs
     res = cli("status", second.run_id, "--set", f"tracking.workdir={tmp_path / 'w'}")

@@ -28,7 +28,8 @@ def test_config_hash_tracks_content():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.n_activated_experts=12"], "model.n_activated_experts: n_activated_experts (12) must be <= n_routed_experts (8)"),
+        (["model.n_activated_experts=12"],
+         "model.n_activated_experts: n_activated_experts (12) must be <= n_routed_experts (8)"),
         (["model.n_group=3"], "model.n_group: n_group (3) must divide n_routed_experts (8)"),
         (["model.n_group=4", "model.topk_group=1", "model.n_activated_experts=4"], "model.topk_group"),
         (["model.qk_rope_head_dim=15"], "model.qk_rope_head_dim: qk_rope_head_dim (15) must be even"),

@@ -94,8 +94,9 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     cfg, tracker, stages = tracked
     first = tracker.start_pipeline(cfg, "test", ["train", "evaluate"])
     train = start_stage(tracker, cfg, first, stages["train"], "k-train")
-    tracker.client.log_batch(train, metrics=[Metric("loss", v, 0, step) for step, v in ((1, 9.0), (2, 7.5), (3, 6.0))]
-                             + [Metric(f"expert_share.l{layer}.e{e}", 0.25, 0, 3) for layer in (1, 2) for e in range(4)])
+    losses = [Metric("loss", v, 0, step) for step, v in ((1, 9.0), (2, 7.5), (3, 6.0))]
+    shares = [Metric(f"expert_share.l{layer}.e{e}", 0.25, 0, 3) for layer in (1, 2) for e in range(4)]
+    tracker.client.log_batch(train, metrics=losses + shares)
     tracker.finish_stage(train, {})
     evaluate = start_stage(tracker, cfg, first, stages["evaluate"], "k-eval")
     tracker.client.log_batch(evaluate, metrics=[Metric(k, v, 0, 0) for k, v in {

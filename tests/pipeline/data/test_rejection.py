@@ -40,8 +40,8 @@ def test_accepted_answers_end_in_the_canonical_line_and_extractors_are_per_teach
 
 
 def test_duplicates_and_quota_per_prompt():
-    texts = ["The final answer is 5.", "The final answer is 5.", "So 5. The final answer is 5.", "The final answer is 4.",
-             "Five: The final answer is 5."]
+    texts = ["The final answer is 5.", "The final answer is 5.", "So 5. The final answer is 5.",
+             "The final answer is 4.", "Five: The final answer is 5."]
     verdicts = select([judge(ADD, gen(t), ALL, 1.0, True) for t in texts], max_accepted=2)
     assert [(v.accepted, v.reason) for v in verdicts] == [
         (True, None), (False, "duplicate"), (True, None), (False, "wrong_answer"), (False, "over_quota")]

@@ -68,7 +68,7 @@ def test_missing_or_unsupported_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         file_prompts(tmp_path / "nope.jsonl")
     (tmp_path / "d.csv").write_text("prompt,answer\n")
-    with pytest.raises(DataError, match="expected a .parquet or .jsonl file"):
+    with pytest.raises(DataError, match=r"expected a .parquet or .jsonl file"):
         file_prompts(tmp_path / "d.csv")
 
 

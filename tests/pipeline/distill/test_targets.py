@@ -22,7 +22,7 @@ def test_stored_top_k_is_torch_topk_of_the_full_logits_even_in_a_padded_batch(te
     seqs = [T.encode(teacher.tokenizer, "Calculate 3 + 5.", "3 + 5 = 8. The final answer is 8."),
             T.encode(teacher.tokenizer, "Calculate 12 - 4.", "12 - 4 = 8. So the final answer is 8.")]
     batched = teacher.score([s for s, _ in seqs], [i for _, i in seqs], top_k=20)
-    for (seq, start), got in zip(seqs, batched):
+    for (seq, start), got in zip(seqs, batched, strict=True):
         with torch.no_grad():
             logits = teacher.model(torch.tensor([seq])).logits[0].float()
         lp = torch.log_softmax(logits[start - 1:len(seq) - 1], -1)

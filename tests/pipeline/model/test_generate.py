@@ -17,7 +17,7 @@ def model():
 def test_ragged_batch_equals_one_at_a_time(model):
     prompts = [[1, 2, 3], [10, 11, 12, 13, 14, 15, 16], [99]]
     batched = generate(model, prompts, SamplingParams(max_new_tokens=12))
-    for p, b in zip(prompts, batched):
+    for p, b in zip(prompts, batched, strict=True):
         assert generate(model, [p], SamplingParams(max_new_tokens=12))[0].tokens == b.tokens
         assert len(b.tokens) == 12 and b.finish_reason == "length"
 
@@ -33,8 +33,9 @@ def test_seeded_sampling_is_reproducible_per_row(model):
 
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
     greedy = generate(model, [[5, 6]], SamplingParams(max_new_tokens=8))[0].tokens
-    assert generate(model, [[5, 6]], SamplingParams(max_new_tokens=8, temperature=2.0, top_k=1, seed=1))[0].tokens == greedy
-    assert generate(model, [[5, 6]], SamplingParams(max_new_tokens=8, temperature=2.0, top_p=1e-6, seed=1))[0].tokens == greedy
+    for narrow in (dict(top_k=1), dict(top_p=1e-6)):
+        sampled = generate(model, [[5, 6]], SamplingParams(max_new_tokens=8, temperature=2.0, seed=1, **narrow))
+        assert sampled[0].tokens == greedy, narrow
 
 
 def test_stop_tokens_end_a_row_early(model):

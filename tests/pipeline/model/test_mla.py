@@ -32,7 +32,7 @@ def test_cached_decode_equals_full_naive_recomputation(impl):
                 ref = oracle(torch.tensor([seq]))[0, -1]
             torch.testing.assert_close(logits[b], ref, rtol=1e-4, atol=2e-5, msg=f"step {step} row {b}")
         nxt = logits.argmax(-1).tolist()
-        for seq, t in zip(seqs, nxt):
+        for seq, t in zip(seqs, nxt, strict=True):
             seq.append(t)
         logits = decode(model, cache, slots, nxt)
     assert cache.lengths[slots].tolist() == [len(s) for s in seqs]

@@ -35,7 +35,7 @@ def test_batched_dispatch_equals_loop_reference(groups):
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-    for (name, p1), p2 in zip(batched.named_parameters(), loop.parameters()):
+    for (name, p1), p2 in zip(batched.named_parameters(), loop.parameters(), strict=True):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)  # grads reach ~40
 
 

@@ -19,7 +19,8 @@ def test_param_counts_match_the_architecture():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     per_expert = 3 * cfg.dim * cfg.moe_inter_dim
     moe_layers = cfg.n_layers - cfg.n_dense_layers
-    assert counts["total"] - counts["active"] == moe_layers * per_expert * (cfg.n_routed_experts - cfg.n_activated_experts)
+    inactive = cfg.n_routed_experts - cfg.n_activated_experts
+    assert counts["total"] - counts["active"] == moe_layers * per_expert * inactive
     assert counts["mtp"] == 0
 
 
@@ -45,7 +46,7 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert loaded.cfg == model.cfg
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model.safetensors is missing"):
         (tmp_path / "student" / "model.safetensors").unlink()
         Transformer.from_pretrained(tmp_path / "student")
 

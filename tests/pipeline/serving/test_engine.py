@@ -42,11 +42,11 @@ def test_staggered_sequences_match_generating_each_alone(model):
 
     async def main():
         return await asyncio.gather(*(collect(engine, p, s, delay=0.01 * i)
-                                      for i, (p, s) in enumerate(zip(prompts, params))))
+                                      for i, (p, s) in enumerate(zip(prompts, params, strict=True))))
 
     try:
         results = asyncio.run(main())
-        for p, s, (tokens, reason) in zip(prompts, params, results):
+        for p, s, (tokens, reason) in zip(prompts, params, results, strict=True):
             alone = generate(model, [p], s)[0]
             assert tokens == alone.tokens and reason == alone.finish_reason == "length"
         assert engine.stats()["free_slots"] == 2 and engine.stats()["running"] == 0
@@ -99,12 +99,12 @@ def test_a_failing_step_fails_its_sequences_and_the_engine_keeps_serving(model):
     engine = Engine(model, max_batch_size=2)
 
     async def main():
-        with pytest.raises(EngineError, match="IndexError|index"):
+        with pytest.raises(EngineError, match=r"IndexError|index"):
             await collect(engine, [1, 10_000], SamplingParams(max_new_tokens=3))
         return await collect(engine, [1, 2], SamplingParams(max_new_tokens=3))
 
     try:
-        tokens, reason = asyncio.run(main())
+        tokens, _reason = asyncio.run(main())
         assert tokens == generate(model, [[1, 2]], SamplingParams(max_new_tokens=3))[0].tokens
         assert engine.alive and engine.stats()["free_slots"] == 2
     finally:

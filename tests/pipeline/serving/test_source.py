@@ -22,9 +22,11 @@ def test_a_registry_version_downloads_once_into_the_cache_and_loads(registered_s
     s = registered_student
     src = resolve(f"models:/{s.name}/1", s.tracking_uri)
     path = materialize(src, s.tracking_uri, tmp_path)
-    assert path == tmp_path / "models" / s.name / "1" / "artifacts" / "student" and (path.parent.parent / "MLmodel").is_file()
+    assert path == tmp_path / "models" / s.name / "1" / "artifacts" / "student"
+    assert (path.parent.parent / "MLmodel").is_file()
     reference, loaded = Transformer.from_pretrained(s.directory), Transformer.from_pretrained(path)
-    assert all((a == b).all() for a, b in zip(reference.state_dict().values(), loaded.state_dict().values()))
+    pairs = zip(reference.state_dict().values(), loaded.state_dict().values(), strict=True)
+    assert all((a == b).all() for a, b in pairs)
     assert materialize(src, s.tracking_uri, tmp_path) == path
     assert not [p for p in (tmp_path / "models" / s.name).iterdir() if p.name.startswith(".")]  # no temp left
 

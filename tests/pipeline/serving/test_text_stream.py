@@ -16,7 +16,7 @@ def tokenizer(teacher_dir):
 def released(tokenizer, text: str, stops: list[str]) -> tuple[list[str], bool, str]:
     stream = TextStream(tokenizer, stops, {tokenizer.eos_token_id})
     pieces, hit = [], False
-    for token in tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]:
+    for token in [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]:
         delta, hit = stream.add(token)
         pieces.append(delta)
         if hit:

@@ -51,7 +51,7 @@ def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_token
         assert sum(t["loss_mask"]) == len(t["topk_ids"]) == len(t["tail_logmass"]) and len(t["topk_ids"][0]) == 8
         lp = np.array(t["topk_logprobs"])
         assert (np.diff(lp, axis=1) <= 0).all() and (lp <= 0).all()
-        completion = [tok for tok, m in zip(t["token_ids"][1:], t["loss_mask"]) if m]
+        completion = [tok for tok, m in zip(t["token_ids"][1:], t["loss_mask"], strict=False) if m]
         top1 = np.array(t["topk_ids"])[:, 0]
         assert (top1 == np.array(completion)).mean() > 0.6  # the teacher mostly agrees with its accepted answers
     m = mlrun.data.metrics

@@ -96,7 +96,7 @@ def test_a_teacher_actor_killed_mid_stage_loses_and_duplicates_nothing(tmp_path)
     watcher.join()
     assert killed_names, "the test never found a teacher actor to kill"
     assert mlrun.data.metrics["replaced_actors"] == 1
-    key = lambda rows: sorted((s["sample_id"], s["completion"], s["accepted"]) for s in rows)  # noqa: E731
+    key = lambda rows: sorted((s["sample_id"], s["completion"], s["accepted"]) for s in rows)
     assert len(hit) == len({s["sample_id"] for s in hit}) == 16
     assert key(hit) == key(calm)
     assert {s["sample_id"] for s in hit if s["accepted"]} == {s["sample_id"] for s in calm if s["accepted"]}

@@ -60,7 +60,7 @@ def test_a_student_that_does_not_fit_the_tokenizer_fails_clearly(upstream):
     from pipeline.runner import StageFailed
 
     cfg = load_config("tiny", [f"tracking.workdir={upstream}", *OVERRIDES, "model.vocab_size=1000"])
-    with pytest.raises(StageFailed, match="model.vocab_size is 1000 but the paired tokenizer has 49152 tokens"):
+    with pytest.raises(StageFailed, match=r"model.vocab_size is 1000 but the paired tokenizer has 49152 tokens"):
         run_pipeline(cfg, until="train")
 
 
@@ -115,7 +115,7 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     proc = subprocess.run([sys.executable, "-c", LOAD, result.tracking_uri, f"models:/test-student@{alias}"],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - the repr printed by our own child process
+    out = eval(proc.stdout.strip().splitlines()[-1])  # the repr printed by our own child process
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
     student, teacher = metrics["student.pass_at_1"], metrics["teacher.pass_at_1"]

@@ -60,5 +60,5 @@ def test_missing_models_say_how_to_provide_one(tmp_path):
     with pytest.raises(TeacherNotFound, match="never downloaded"):
         resolve_model_dir("HuggingFaceTB/SmolLM2-360M", tmp_path)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TeacherNotFound, match="has no config.json"):
+    with pytest.raises(TeacherNotFound, match=r"has no config.json"):
         resolve_model_dir(str(tmp_path / "empty"), tmp_path)

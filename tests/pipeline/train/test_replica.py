@@ -82,5 +82,5 @@ def test_model_flops_count_the_head_only_at_completion_positions():
 
 
 def test_a_replica_without_rows_is_a_clear_error():
-    with pytest.raises(ValueError, match="fewer samples than train.num_workers"):
+    with pytest.raises(ValueError, match=r"fewer samples than train.num_workers"):
         Replica(job(), [], rank=1, world=2)

@@ -44,5 +44,5 @@ def test_resuming_from_a_checkpoint_continues_exactly():
     assert resumed.step == 5 and resumed.epoch == 1
     tail = [m["loss"] for m in resumed.run(3)]
     assert tail == pytest.approx(losses[5:], rel=1e-6)
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # router biases included
