@@ -94,9 +94,14 @@ def test_bias_does_not_change_routing_weights_only_selection():
     with torch.no_grad():
         moe.gate.bias.copy_(torch.randn_like(moe.gate.bias))
     w1, ids1, s1 = moe.gate(x)
-    torch.testing.assert_close(s0, s1)
+    torch.testing.assert_close(s0, s1)  # affinities do not see the bias
     same = (ids0.sort(-1).values == ids1.sort(-1).values).all(-1)
+    # both kinds of token exist, so neither check below can pass vacuously
+    assert same.any() and (~same).any(), f"{int(same.sum())} of {len(same)} tokens kept their experts"
     torch.testing.assert_close(w0[same].sort(-1).values, w1[same].sort(-1).values)
+    # tokens the bias moved get the plain normalised affinities of their new experts, never a biased weight
+    chosen = s1.gather(1, ids1)
+    torch.testing.assert_close(w1, chosen / chosen.sum(-1, keepdim=True) * moe.gate.route_scale)
 
 
 def _dp_worker(rank, world, init_file, out_dir):
