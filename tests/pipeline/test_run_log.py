@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import warnings
 
 import pytest
@@ -11,14 +12,15 @@ import pytest
 from pipeline.run_log import RunLog
 
 
-def _noisy_task():
+def _noisy_task(token: str):
     import sys
     import warnings
 
     from ray.experimental.tqdm_ray import tqdm
 
     print("worker-print-noise", flush=True)
-    warnings.warn("worker-warning-noise", UserWarning, stacklevel=1)
+    # a new text each call: a worker process shows a given warning once, and tests share the session's workers
+    warnings.warn(f"worker-warning-noise {token}", UserWarning, stacklevel=1)
     sys.stderr.flush()
     bar = tqdm(total=2, desc="stage-progress-bar")
     bar.update(2)
@@ -46,9 +48,9 @@ def test_worker_output_and_warnings_go_to_the_file_and_progress_bars_stay(tmp_pa
     run_log.install()
     try:
         assert run_log.route_worker_logs()
-        warnings.warn("driver-warning-noise", UserWarning, stacklevel=1)
+        warnings.warn(f"driver-warning-noise {uuid.uuid4().hex}", UserWarning, stacklevel=1)
         logging.getLogger("mlflow.store").warning("library-log-noise")
-        assert ray.get(ray.remote(_noisy_task).remote()) == 1
+        assert ray.get(ray.remote(_noisy_task).remote(uuid.uuid4().hex)) == 1
         content = _wait_for(run_log.path, "worker-warning-noise")
         time.sleep(1.0)  # the bar's updates travel the same stream; let them arrive
     finally:
@@ -72,7 +74,7 @@ def test_uninstall_gives_ray_its_printing_back(tmp_path, capfd):
     run_log.install()
     run_log.route_worker_logs()
     run_log.uninstall()
-    ray.get(ray.remote(_noisy_task).remote())
+    ray.get(ray.remote(_noisy_task).remote(uuid.uuid4().hex))
     deadline = time.monotonic() + 30
     seen = ""
     while time.monotonic() < deadline and "worker-print-noise" not in seen:
