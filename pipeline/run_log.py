@@ -45,6 +45,7 @@ class RunLog:
         self._handler.setFormatter(logging.Formatter(_FORMAT))
         self._saved: list[tuple[logging.Logger, list[logging.Handler], int, bool]] = []
         self._restore_printing: Callable[[], None] | None = None
+        self._warnings = warnings.catch_warnings()
 
     def install(self) -> None:
         """Send the driver's log records and warnings to the file (and, with `verbose`, to stderr as before)."""
@@ -52,6 +53,7 @@ class RunLog:
         import mlflow  # noqa: F401
         import ray  # noqa: F401
 
+        self._warnings.__enter__()  # the process's warning filters come back on uninstall
         logging.captureWarnings(True)
         warnings.simplefilter("default")  # each distinct warning once per location, into the file
         for name in ("", "ray", "mlflow", "alembic"):
@@ -71,7 +73,9 @@ class RunLog:
 
     def uninstall(self) -> None:
         """Put back what `install` and `route_worker_logs` changed, and close the file."""
-        logging.captureWarnings(False)
+        if self._saved:
+            logging.captureWarnings(False)
+            self._warnings.__exit__(None, None, None)
         for logger, handlers, level, propagate in self._saved:
             logger.handlers, logger.level, logger.propagate = handlers, level, propagate
         self._saved = []

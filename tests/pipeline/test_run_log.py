@@ -70,10 +70,12 @@ def test_worker_output_and_warnings_go_to_the_file_and_progress_bars_stay(tmp_pa
 def test_uninstall_gives_ray_its_printing_back(tmp_path, capfd):
     import ray
 
+    filters, handlers = list(warnings.filters), list(logging.getLogger().handlers)
     run_log = RunLog(tmp_path)
     run_log.install()
     run_log.route_worker_logs()
     run_log.uninstall()
+    assert warnings.filters == filters and logging.getLogger().handlers == handlers
     ray.get(ray.remote(_noisy_task).remote(uuid.uuid4().hex))
     deadline = time.monotonic() + 30
     seen = ""
