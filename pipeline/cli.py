@@ -65,6 +65,7 @@ def run(
     try:
         _run(cfg, run_log, force or [], from_stage, until, only)
     finally:
+        run_log.drain()
         run_log.uninstall()
 
 

@@ -46,6 +46,7 @@ class RunLog:
         self._saved: list[tuple[logging.Logger, list[logging.Handler], int, bool]] = []
         self._restore_printing: Callable[[], None] | None = None
         self._warnings = warnings.catch_warnings()
+        self._last_line = time.monotonic()
 
     def install(self) -> None:
         """Send the driver's log records and warnings to the file (and, with `verbose`, to stderr as before)."""
@@ -70,6 +71,15 @@ class RunLog:
                     logger.handlers.append(live)
             else:
                 logger.propagate = False
+
+    def drain(self, quiet_s: float = 1.0, max_s: float = 5.0) -> None:
+        """Wait until workers' lines stop arriving (Ray relays them a little after they are printed), so the last
+        stage's output reaches the file rather than the terminal after `uninstall`."""
+        if self._restore_printing is None:
+            return
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline and time.monotonic() - self._last_line < quiet_s:
+            time.sleep(0.1)
 
     def uninstall(self) -> None:
         """Put back what `install` and `route_worker_logs` changed, and close the file."""
@@ -103,6 +113,7 @@ class RunLog:
             return False
 
         def handle(data: dict[str, Any]) -> None:
+            self._last_line = time.monotonic()
             source = " ".join(str(x) for x in (data.get("actor_name") or data.get("task_name"),
                                                 f"pid={data.get('pid')}") if x)
             lines = data.get("lines", [])

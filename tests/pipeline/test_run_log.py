@@ -85,3 +85,27 @@ def test_uninstall_gives_ray_its_printing_back(tmp_path, capfd):
         seen += shown.out + shown.err
     assert "worker-print-noise" in seen
     assert "worker-print-noise" not in run_log.path.read_text()
+
+
+def _print_task(token: str) -> None:
+    print(f"last-words {token}", flush=True)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_line_printed_just_before_the_end_still_reaches_the_file(tmp_path, capfd):
+    import ray
+
+    token = uuid.uuid4().hex
+    run_log = RunLog(tmp_path)
+    run_log.install()
+    run_log.route_worker_logs()
+    try:
+        ray.get(ray.remote(_print_task).remote(token))  # Ray relays the line a moment after the task returns
+    finally:
+        run_log.drain()
+        run_log.uninstall()
+    time.sleep(2)  # anything still in flight would now be printed by Ray's restored printer
+    shown = capfd.readouterr()
+    assert token in run_log.path.read_text()
+    assert token not in shown.out + shown.err
