@@ -21,13 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.serve import Application
 
-from pipeline.config import (
-    MoeforgeConfig,
-    RegistryConfig,
-    ServeConfig,
-    format_validation_error,
-    load_config,
-)
+from pipeline.config import MoeforgeConfig, RegistryConfig, ServeConfig, format_validation_error, load_config
 from pipeline.serving.app import create_app
 from pipeline.serving.model_server import ModelServer
 from pipeline.serving.source import ModelSource, resolve

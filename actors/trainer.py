@@ -35,9 +35,7 @@ class StepLog:
         self.client, self.run_id, self.pending = MlflowClient(job.tracking_uri), job.run_id, []
         self.system = None
         try:  # CPU, memory, disk, network (and GPU when pynvml is present) of this worker's node
-            from mlflow.system_metrics.system_metrics_monitor import (
-                SystemMetricsMonitor,
-            )
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self.system = SystemMetricsMonitor(job.run_id, sampling_interval=5, resume_logging=True,
                                                tracking_uri=job.tracking_uri)

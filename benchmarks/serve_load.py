@@ -34,11 +34,7 @@ def build_student(directory: Path) -> None:
 
     from pipeline.config import load_config
     from pipeline.model import Transformer
-    from pipeline.teacher.hf import (
-        DEFAULT_TEACHER,
-        default_cache_dir,
-        resolve_model_dir,
-    )
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())))
     torch.manual_seed(0)

@@ -91,11 +91,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def teacher_dir():
     """The default teacher, dequantized once into the test cache ($MOEFORGE_CACHE_DIR, set above)."""
-    from pipeline.teacher.hf import (
-        DEFAULT_TEACHER,
-        default_cache_dir,
-        resolve_model_dir,
-    )
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
 
     return resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())
 

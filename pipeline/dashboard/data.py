@@ -38,9 +38,7 @@ def ray_auth_headers() -> dict[str, str]:
     """The Authorization header of a token-authenticated Ray cluster (token from $RAY_AUTH_TOKEN, its path, or
     ~/.ray/auth_token, as Ray's own clients find it); empty when token auth is off."""
     try:
-        from ray._private.authentication.http_token_authentication import (
-            get_auth_headers_if_auth_enabled,
-        )
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
     except ImportError:  # a Ray without token authentication
         return {}
     return get_auth_headers_if_auth_enabled({})

@@ -15,14 +15,7 @@ from torch import nn
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.loss import linear_cross_entropy
-from pipeline.model.mla import (
-    MLA,
-    CacheView,
-    LatentKVCache,
-    RMSNorm,
-    init_linear,
-    rope_tables,
-)
+from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear, rope_tables
 from pipeline.model.moe import MLP, Experts, Gate, MoE
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"

@@ -25,13 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from pipeline.model.generate import (
-    SamplingParams,
-    decode,
-    make_generator,
-    prefill,
-    sample,
-)
+from pipeline.model.generate import SamplingParams, decode, make_generator, prefill, sample
 from pipeline.model.transformer import Transformer
 
 

@@ -22,12 +22,7 @@ from pipeline.data.prompts import student_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import (
-    EVAL_PROMPTS,
-    EVAL_REPORT,
-    REPORT_SCHEMA,
-    prompt_from_row,
-)
+from pipeline.stages.artifact_specs import EVAL_PROMPTS, EVAL_REPORT, REPORT_SCHEMA, prompt_from_row
 from pipeline.teacher.base import Generation
 
 MODELS = ("teacher", "student")

@@ -22,11 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.data.prompts import chat_token_ids
-from pipeline.teacher.base import (
-    Generation,
-    SoftTargets,
-    split_over_context,
-)
+from pipeline.teacher.base import Generation, SoftTargets, split_over_context
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataConfig, TaskMix
-from pipeline.data.sources import (
-    DataError,
-    allocate,
-    file_prompts,
-    reasoning_gym_prompts,
-)
+from pipeline.data.sources import DataError, allocate, file_prompts, reasoning_gym_prompts
 
 
 def _norm(q):
