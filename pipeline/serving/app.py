@@ -1,7 +1,8 @@
 """The FastAPI app around one replica's `ModelServer`: routes, API-key check, OpenAI-style errors, request metrics.
 
 Every error a client can cause is a 4xx with OpenAI's error body (`{"error": {"message", "type", "param",
-"code"}}`); an unexpected failure is a 500 with the same shape, and the replica keeps serving.
+"code"}}`); an unexpected failure is a 500 with the same shape that names only a request id (the exception is
+logged under it), and the replica keeps serving. No schema or docs routes are published.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pipeline.metrics import record
 from pipeline.serving.auth import check_api_key
 from pipeline.serving.engine import EngineError
 from pipeline.serving.model_server import CHAT, COMPLETIONS, ModelServer
-from pipeline.serving.openai_format import ModelList
+from pipeline.serving.openai_format import ModelList, new_id
 from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,18 @@ class CountRequests:
 
 
 
+def internal_error_id(e: BaseException, where: str) -> str:
+    """Log an unexpected failure with its details under a new request id; clients get only the id."""
+    rid = new_id("req")
+    log.error("%s failed (request id %s): %s: %s", where, rid, type(e).__name__, e, exc_info=e)
+    return rid
+
+
 def create_app(server: ModelServer) -> FastAPI:
     """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors."""
-    app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student")
+    # no /docs, /redoc or /openapi.json: a public endpoint does not publish its schema to anyone who asks
+    app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student", docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.add_middleware(CountRequests, model=server.metric_model)
 
     def error(e: ApiError) -> JSONResponse:
@@ -77,13 +87,14 @@ def create_app(server: ModelServer) -> FastAPI:
         return error(ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None))
 
     @app.exception_handler(EngineError)
-    async def engine_error(_: Request, e: EngineError):
-        return error(ApiError(503, f"The model is unavailable: {e}", type_="server_error"))
+    async def engine_error(request: Request, e: EngineError):
+        rid = internal_error_id(e, f"{request.method} {request.url.path}")
+        return error(ApiError(503, f"The model is unavailable (request id {rid}).", type_="server_error"))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception):
-        log.exception("request failed")
-        return error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))
+    async def unexpected(request: Request, e: Exception):
+        rid = internal_error_id(e, f"{request.method} {request.url.path}")
+        return error(ApiError(500, f"Internal error (request id {rid}).", type_="server_error"))
 
     def authorized(request: Request) -> None:
         check_api_key(server.api_key, request.headers.get("authorization"))

@@ -130,7 +130,7 @@ class ModelServer:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         try:
             return chat_token_ids(self.tokenizer, messages)
-        except Exception as e:  # headers are sent: report in-band, as OpenAI-compatible servers do  # noqa: BLE001 - a template that rejects the conversation is the client's error
+        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation is the client's error
             raise ApiError(400, f"messages do not fit the model's chat template: {e}", param="messages") from None
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -307,7 +307,8 @@ class ModelServer:
                         yield writer.finish(e.index, e.finish_reason)
             if writer.include_usage:
                 yield writer.usage(Usage.of(prompts, total))
-        except Exception as e:
-            log.exception("stream failed")
-            yield writer.error(ApiError(500, f"generation failed: {e}"))
+        except Exception as e:  # headers are sent: report in-band, as OpenAI-compatible servers do
+            rid = new_id("req")
+            log.error("stream %s failed (request id %s): %s: %s", writer.id, rid, type(e).__name__, e, exc_info=e)
+            yield writer.error(ApiError(500, f"Generation failed (request id {rid}).", type_="server_error"))
         yield DONE

@@ -31,8 +31,8 @@ MODEL = "test-student"
 
 
 @pytest.fixture(scope="module")
-def app(registered_student, tmp_path_factory):
-    """The app served by uvicorn in a thread; its URL."""
+def served(registered_student, tmp_path_factory):
+    """The app served by uvicorn in a thread: (its URL, the `ModelServer` behind it)."""
     import uvicorn
 
     from pipeline.serving.app import create_app
@@ -51,10 +51,15 @@ def app(registered_student, tmp_path_factory):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", timeout=60)
-    yield url
+    yield url, server
     http.should_exit = True
     thread.join(timeout=30)
     server.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def app(served) -> str:
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +243,41 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, client):
         time.sleep(0.2)
     assert health["running"] == 0 and health["free_slots"] == health["max_batch_size"]
     assert health["tokens_generated"] - before < 200  # stopped early, not run to max_tokens
+
+
+def test_a_seed_beyond_int64_is_a_400_not_a_500(app):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for seed in (2**70, -(2**63) - 1):
+        r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
+                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": seed})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
+                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 2**63 - 1, "n": 3})
+    assert r.status_code == 200, r.text  # the largest seed, with the per-choice offsets on top
+    assert httpx.get(f"{app}/healthz", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_no_schema_or_docs_are_published(app, path):
+    assert httpx.get(f"{app}{path}", timeout=10).status_code == 404
+    assert httpx.get(f"{app}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 404
+
+
+def test_an_internal_failure_tells_the_client_a_request_id_not_the_exception(served, monkeypatch, caplog):
+    url, server = served
+
+    def broken(req):
+        raise RuntimeError("boom in /srv/secret/model/path")
+
+    monkeypatch.setattr(server, "chat_prompt", broken)
+    caplog.set_level("ERROR", logger="pipeline.serving.app")
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 500
+    message = r.json()["error"]["message"]
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    rid = message.split("request id ")[1].rstrip(").")
+    assert rid.startswith("req-")
+    logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+    assert logged and "boom in /srv/secret/model/path" in logged[0].getMessage()  # the details stay in the log
+
