@@ -48,6 +48,57 @@ class CountRequests:
 
 
 
+class GuardRequests:
+    """ASGI middleware that refuses before any body is parsed: a missing or wrong API key (401, read from the
+    headers alone) and a body over `max_bytes` (413, by Content-Length or by counting a chunked body).
+
+    Plain ASGI: the body is read here, at most `max_bytes` of it, and handed on unchanged.
+    """
+
+    OPEN = frozenset({"/healthz"})  # probes need no key
+
+    def __init__(self, app, max_bytes: int, api_key: str | None):
+        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        try:
+            if scope.get("path") not in self.OPEN:
+                check_api_key(self.api_key, headers.get("authorization"))
+            if int(headers.get("content-length") or 0) > self.max_bytes:
+                raise self._too_large()
+            body, more = bytearray(), True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body.extend(message.get("body", b""))
+                more = message.get("more_body", False)
+                if len(body) > self.max_bytes:
+                    raise self._too_large()
+        except ApiError as e:
+            return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
+        except ValueError:  # a Content-Length that is not a number
+            return await JSONResponse(ApiError(400, "Invalid Content-Length header.").body(),
+                                      status_code=400)(scope, receive, send)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the client's disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
+                        code="request_too_large")
+
+
 def internal_error_id(e: BaseException, where: str) -> str:
     """Log an unexpected failure with its details under a new request id; clients get only the id."""
     rid = new_id("req")
@@ -60,10 +111,12 @@ def create_app(server: ModelServer) -> FastAPI:
     # no /docs, /redoc or /openapi.json: a public endpoint does not publish its schema to anyone who asks
     app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student", docs_url=None,
                   redoc_url=None, openapi_url=None)
+    # outermost last: requests are counted (whatever their answer), then guarded before anything reads the body
+    app.add_middleware(GuardRequests, max_bytes=server.settings.max_request_bytes, api_key=server.api_key)
     app.add_middleware(CountRequests, model=server.metric_model)
 
     def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):

@@ -153,6 +153,7 @@ class ModelServer:
                            param="model", code="model_not_found")
         if req.n > s.max_n:
             raise ApiError(400, f"n is {req.n}; this server allows at most {s.max_n}.", param="n")
+        self.check_sequences(len(prompts), req.n)
         requested = req.requested_tokens
         if requested is not None and requested > s.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {requested}; this server allows at most {s.max_tokens_limit}.",
@@ -270,7 +271,20 @@ class ModelServer:
                      for i, e in sorted(final.items())],
             usage=Usage.of([prompt], completion_tokens))
 
+    def check_sequences(self, n_prompts: int, n: int) -> None:
+        """A request's engine sequences (prompts x n) within the per-request cap, and room for them in the queue."""
+        s = self.settings
+        if n_prompts * n > s.max_sequences_per_request:
+            raise ApiError(400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} sequences; this server "
+                                f"allows at most {s.max_sequences_per_request} per request.",
+                           param="prompt" if n == 1 else "n")
+        waiting = self.engine.stats()["waiting"]
+        if waiting + n_prompts * n > s.max_waiting_sequences:
+            raise ApiError(503, f"The server is busy ({waiting} sequences waiting); retry shortly.",
+                           type_="server_error", code="overloaded", headers={"Retry-After": "1"})
+
     async def completions(self, req: CompletionRequest) -> TextCompletion | AsyncIterator[str]:
+        self.check_sequences(len(req.prompts), req.n)  # before tokenizing what may be a huge list of prompts
         prompts = self.completion_prompts(req)
         choices = self.choices(req, prompts, req.max_tokens)
         rid, created = new_id("cmpl"), now()

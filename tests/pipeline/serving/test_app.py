@@ -42,6 +42,7 @@ def served(registered_student, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
     settings = ServeConfig.model_validate({"max_batch_size": 8, "max_tokens_limit": 200, "max_n": 3,
+                                           "max_sequences_per_request": 8, "max_waiting_sequences": 32,
                                            "api_key_file": str(key_file)})
     source = resolve(f"models:/{MODEL}@champion", registered_student.tracking_uri)
     server = ModelServer(source, settings, registered_student.tracking_uri, tmp_path_factory.mktemp("cache"))
@@ -259,7 +260,7 @@ def test_a_seed_beyond_int64_is_a_400_not_a_500(app):
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
 def test_no_schema_or_docs_are_published(app, path):
-    assert httpx.get(f"{app}{path}", timeout=10).status_code == 404
+    assert httpx.get(f"{app}{path}", timeout=10).status_code == 401  # nothing but /healthz without the key
     assert httpx.get(f"{app}{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 404
 
 
@@ -280,4 +281,53 @@ def test_an_internal_failure_tells_the_client_a_request_id_not_the_exception(ser
     assert rid.startswith("req-")
     logged = [rec for rec in caplog.records if rid in rec.getMessage()]
     assert logged and "boom in /srv/secret/model/path" in logged[0].getMessage()  # the details stay in the log
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed_or_authenticated(app):
+    big = b'{"model": "test-student", "prompt": "' + b"x" * 2_000_000 + b'"}'
+    for headers in ({}, {"Authorization": f"Bearer {KEY}"}):  # the key is not looked at first: the size is
+        t0 = time.monotonic()
+        r = httpx.post(f"{app}/v1/completions", content=big, timeout=30,
+                       headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code in (401, 413), r.text
+        assert time.monotonic() - t0 < 5
+    r = httpx.post(f"{app}/v1/completions", content=big, timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = httpx.post(f"{app}/v1/completions", content=chunks(), timeout=30,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(f"{app}/v1/completions", content=big, timeout=30, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401  # without a key: refused from the headers, the body never read
+    assert httpx.get(f"{app}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_a_request_asking_for_too_many_sequences_is_refused_before_any_work(app):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    many = {"model": MODEL, "prompt": [f"p{i}" for i in range(5000)], "max_tokens": 2}
+    t0 = time.monotonic()
+    r = httpx.post(f"{app}/v1/completions", headers=headers, json=many, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert time.monotonic() - t0 < 5
+    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
+                   json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 3 prompts x n=3 = 9 > 8
+    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
+                   json={"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 6
+
+
+def test_a_full_engine_queue_answers_503_with_retry_after(served, monkeypatch):
+    url, server = served
+    real = server.engine.stats
+    monkeypatch.setattr(server.engine, "stats", lambda: {**real(), "waiting": 32})  # the queue is full
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "overloaded"
 
