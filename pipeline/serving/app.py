@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -19,8 +19,8 @@ from pipeline.metrics import record
 from pipeline.serving.auth import check_api_key
 from pipeline.serving.engine import EngineError
 from pipeline.serving.model_server import CHAT, COMPLETIONS, ModelServer
-from pipeline.serving.openai_format import ModelList, new_id
-from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from pipeline.serving.openai_format import ModelList
+from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ class CountRequests:
             await send(message)
 
         await self.app(scope, receive, counting_send)
-
 
 
 class GuardRequests:
@@ -99,15 +98,11 @@ class GuardRequests:
                         code="request_too_large")
 
 
-def internal_error_id(e: BaseException, where: str) -> str:
-    """Log an unexpected failure with its details under a new request id; clients get only the id."""
-    rid = new_id("req")
-    log.error("%s failed (request id %s): %s: %s", where, rid, type(e).__name__, e, exc_info=e)
-    return rid
-
-
 def create_app(server: ModelServer) -> FastAPI:
-    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors."""
+    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors.
+
+    The API key is checked once, by `GuardRequests`, for every route but /healthz.
+    """
     # no /docs, /redoc or /openapi.json: a public endpoint does not publish its schema to anyone who asks
     app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student", docs_url=None,
                   redoc_url=None, openapi_url=None)
@@ -141,16 +136,11 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, e: EngineError):
-        rid = internal_error_id(e, f"{request.method} {request.url.path}")
-        return error(ApiError(503, f"The model is unavailable (request id {rid}).", type_="server_error"))
+        return error(internal_error(e, f"{request.method} {request.url.path}", 503, "The model is unavailable"))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception):
-        rid = internal_error_id(e, f"{request.method} {request.url.path}")
-        return error(ApiError(500, f"Internal error (request id {rid}).", type_="server_error"))
-
-    def authorized(request: Request) -> None:
-        check_api_key(server.api_key, request.headers.get("authorization"))
+        return error(internal_error(e, f"{request.method} {request.url.path}", 500, "Internal error"))
 
     async def respond(result):
         if isinstance(result, BaseModel):
@@ -158,19 +148,19 @@ def create_app(server: ModelServer) -> FastAPI:
         return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post(CHAT, dependencies=[Depends(authorized)])
+    @app.post(CHAT)
     async def chat_completions(body: ChatCompletionRequest):
         return await respond(await server.chat(body))
 
-    @app.post(COMPLETIONS, dependencies=[Depends(authorized)])
+    @app.post(COMPLETIONS)
     async def completions(body: CompletionRequest):
         return await respond(await server.completions(body))
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models():
         return ModelList(data=[server.card()]).model_dump(mode="json")
 
-    @app.get("/v1/models/{model:path}", dependencies=[Depends(authorized)])
+    @app.get("/v1/models/{model:path}")
     async def model(model: str):
         if not server.accepts(model):
             raise ApiError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")

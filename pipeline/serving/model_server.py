@@ -34,10 +34,9 @@ from pipeline.serving.openai_format import (
     ModelCard,
     TextCompletion,
     Usage,
-    new_id,
     now,
 )
-from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
+from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, internal_error, new_id
 from pipeline.serving.source import ModelSource, materialize
 from pipeline.serving.text_stream import TextStream
 
@@ -153,7 +152,6 @@ class ModelServer:
                            param="model", code="model_not_found")
         if req.n > s.max_n:
             raise ApiError(400, f"n is {req.n}; this server allows at most {s.max_n}.", param="n")
-        self.check_sequences(len(prompts), req.n)
         requested = req.requested_tokens
         if requested is not None and requested > s.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {requested}; this server allows at most {s.max_tokens_limit}.",
@@ -257,6 +255,7 @@ class ModelServer:
     # ------------------------------------------------------------------------------------------------ endpoints
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[str]:
+        self.check_sequences(1, req.n)
         prompt = self.chat_prompt(req)
         choices = self.choices(req, [prompt], None)
         rid, created = new_id("chatcmpl"), now()
@@ -321,8 +320,6 @@ class ModelServer:
                         yield writer.finish(e.index, e.finish_reason)
             if writer.include_usage:
                 yield writer.usage(Usage.of(prompts, total))
-        except Exception as e:  # headers are sent: report in-band, as OpenAI-compatible servers do
-            rid = new_id("req")
-            log.error("stream %s failed (request id %s): %s: %s", writer.id, rid, type(e).__name__, e, exc_info=e)
-            yield writer.error(ApiError(500, f"Generation failed (request id {rid}).", type_="server_error"))
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI-compatible servers do
+            yield writer.error(internal_error(e, f"stream {writer.id}", 500, "Generation failed"))
         yield DONE

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,10 +17,6 @@ from pydantic import BaseModel, model_serializer
 from pipeline.serving.protocol import ApiError
 
 DONE = "data: [DONE]\n\n"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -10,6 +10,8 @@ silently different behaviour. `ignore_eos` is vLLM's extension (benchmarks use i
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -143,3 +145,20 @@ class CompletionRequest(_Sampling):
     @property
     def requested_tokens(self) -> int | None:
         return self.max_tokens
+
+
+def new_id(prefix: str) -> str:
+    """A fresh id for a response, a stream or a request (`<prefix>-<32 hex>`)."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def internal_error(e: BaseException, where: str, status: int, what: str) -> ApiError:
+    """An unexpected failure as the client sees it: `what` and a new request id, nothing of the exception.
+
+    The exception is logged under that id, so an operator can find the details the client was not shown.
+    """
+    rid = new_id("req")
+    logging.getLogger(__name__).error("%s failed (request id %s): %s: %s", where, rid, type(e).__name__, e,
+                                      exc_info=e)
+    return ApiError(status, f"{what} (request id {rid}).", type_="server_error")
+

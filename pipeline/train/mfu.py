@@ -10,16 +10,15 @@ import time
 
 import torch
 
-from pipeline.model import Transformer
-
 # Dense bf16 peak of common accelerators (FLOP/s), for the MFU estimate; see docs/architecture.md.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
                   "V100": 125e12, "T4": 65e12}
 
 
-def flops_per_step(model: Transformer, trunk_tokens: int, head_tokens: int, seq_len: int) -> float:
-    """Model FLOPs of one training step: the trunk over every position, the head at completion positions only."""
-    trunk, head = model.flops_per_token(seq_len)
+def flops_per_step(per_token: tuple[float, float], trunk_tokens: int, head_tokens: int) -> float:
+    """Model FLOPs of one training step from the model's (trunk, head) FLOPs per token
+    (`Transformer.flops_per_token`): the trunk over every position, the head at completion positions only."""
+    trunk, head = per_token
     return trunk_tokens * trunk + head_tokens * head
 
 

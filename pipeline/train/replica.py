@@ -68,6 +68,7 @@ class Replica:
                                find_unused_parameters=True, broadcast_buffers=False)
             self.all_reduce = dist.all_reduce
         self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
+        self.flops_per_token = self.model.flops_per_token(self.cfg.seq_len)  # fixed by the architecture
         self.resumed_from = 0
 
     @property
@@ -97,7 +98,7 @@ class Replica:
             stats[:4] /= self.world
         seconds = time.perf_counter() - t0
         loss, kd, ce, balance, head_tokens, trunk_tokens = stats.tolist()
-        flops = flops_per_step(self.model, int(trunk_tokens), int(head_tokens), self.cfg.seq_len)
+        flops = flops_per_step(self.flops_per_token, int(trunk_tokens), int(head_tokens))
         out = {"loss": loss, "kd": kd, "ce": ce, "balance": balance, "lr": m["lr"], "grad_norm": m["grad_norm"],
                "tokens_per_s": trunk_tokens / seconds, "completion_tokens": head_tokens,
                "mfu": flops / seconds / (self.peak * self.world), "step_seconds": seconds}

@@ -271,7 +271,7 @@ def test_an_internal_failure_tells_the_client_a_request_id_not_the_exception(ser
         raise RuntimeError("boom in /srv/secret/model/path")
 
     monkeypatch.setattr(server, "chat_prompt", broken)
-    caplog.set_level("ERROR", logger="pipeline.serving.app")
+    caplog.set_level("ERROR", logger="pipeline.serving.protocol")
     r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 500

@@ -75,10 +75,11 @@ def test_expert_metrics_from_known_counts():
 
 def test_model_flops_count_the_head_only_at_completion_positions():
     model = Replica(job(), rows(4)).model
-    base = flops_per_step(model, trunk_tokens=100, head_tokens=0, seq_len=16)
-    with_head = flops_per_step(model, trunk_tokens=100, head_tokens=10, seq_len=16)
+    per_token = model.flops_per_token(seq_len=16)
+    base = flops_per_step(per_token, trunk_tokens=100, head_tokens=0)
+    with_head = flops_per_step(per_token, trunk_tokens=100, head_tokens=10)
     assert with_head - base == 10 * 6 * CFG.dim * CFG.vocab_size
-    assert flops_per_step(model, 200, 0, 16) == 2 * base
+    assert flops_per_step(per_token, 200, 0) == 2 * base
 
 
 def test_a_replica_without_rows_is_a_clear_error():
