@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr
 from ray import serve
 from ray.serve import Application
 
 from pipeline.config import MoeforgeConfig, RegistryConfig, ServeConfig, format_validation_error, load_config
 from pipeline.serving.app import create_app
+from pipeline.serving.auth import deployer_key
 from pipeline.serving.model_server import ModelServer
 from pipeline.serving.source import ModelSource, resolve
 
@@ -39,20 +40,24 @@ class OpenAIServer:
         source: a resolved `ModelSource` (as a dict), pinned to one version by the builder.
         settings: the `serve` config section (as a dict).
         tracking_uri: MLflow store of registry sources.
+        api_key: the key read from the deployer's environment (`serve.api_key_env`), handed over as an init argument
+            rather than a runtime_env variable, which Ray's dashboard would display; None: the replica reads
+            `serve.api_key_file`.
     """
 
-    def __init__(self, source: dict[str, Any], settings: dict[str, Any], tracking_uri: str | None):
+    def __init__(self, source: dict[str, Any], settings: dict[str, Any], tracking_uri: str | None,
+                 api_key: SecretStr | None = None):
         from pipeline.teacher.hf import default_cache_dir
 
         self.server = ModelServer(ModelSource(**source), ServeConfig.model_validate(settings), tracking_uri,
-                                  default_cache_dir())
+                                  default_cache_dir(), api_key=api_key.get_secret_value() if api_key else None)
 
     def __serve_build_asgi_app__(self):
         return create_app(self.server)
 
     def check_health(self) -> None:
         """Serve's periodic probe: a replica whose engine thread died is replaced."""
-        self.server.health()
+        self.server.stats()  # raises EngineError (naming the engine's last error) when the engine is gone
 
     def __del__(self):
         server = getattr(self, "server", None)
@@ -94,10 +99,16 @@ def default_model_uri(settings: ServeConfig, registry: RegistryConfig) -> str:
 
 
 def application(settings: ServeConfig, model: str, tracking_uri: str | None) -> Application:
-    """The Serve application for `model`, pinned now (an alias resolves to its current version)."""
+    """The Serve application for `model`, pinned now (an alias resolves to its current version).
+
+    The API key is settled here, where the deployer runs, so that it reaches replicas on any cluster (see
+    `deployer_key`); no key on a public host refuses before anything is resolved.
+    """
+    key = deployer_key(settings)
     source = resolve(model, tracking_uri)
     deployment = OpenAIServer.options(**deployment_options(settings))
-    return deployment.bind(source.to_dict(), settings.model_dump(mode="json"), tracking_uri)
+    return deployment.bind(source.to_dict(), settings.model_dump(mode="json"), tracking_uri,
+                           SecretStr(key) if key else None)
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

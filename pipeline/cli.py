@@ -105,7 +105,7 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
         endpoint = _read_output(result, cfg, "endpoint", "endpoint.json")
         console.print(f"serving {endpoint['pinned_uri']} at {endpoint['openai_base_url']}")
         if cfg.serve.keep_running:
-            _serve_until_interrupted(endpoint["url"], detach=False)
+            _serve_until_interrupted(endpoint["url"], endpoint["pinned_uri"], detach=False)
         else:
             console.print("the app stops with this driver on a local cluster (serve.keep_running=true keeps it up)")
 
@@ -160,6 +160,7 @@ def serve(
     """Serve a registered student behind an OpenAI-compatible API (Ray Serve) until Ctrl-C."""
     from actors.server import default_model_uri, start
     from pipeline.runner import ensure_ray
+    from pipeline.serving.auth import deployer_key
     from pipeline.serving.source import ModelSourceError
     from pipeline.tracking import resolve_tracking_uri
 
@@ -167,24 +168,29 @@ def serve(
     if replicas is not None:
         extra.append("serve.autoscaling=null")
     cfg = _load(config, [*(set_ or []), *extra])
+    try:
+        deployer_key(cfg.serve)  # a public host without a key refuses here, before a cluster is started
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     ensure_ray(cfg.ray)
     try:
         url = start(cfg.serve, model or default_model_uri(cfg.serve, cfg.registry), resolve_tracking_uri(cfg.tracking))
-    except ModelSourceError as e:
+    except (ModelSourceError, ConfigError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if not url.endswith(f":{cfg.serve.port}"):
         err.print(f"[yellow]note:[/yellow] Serve already runs on this cluster at {url}; port {cfg.serve.port} is "
                   "not used (Serve's HTTP options are fixed until `serve shutdown`)")
-    _serve_until_interrupted(url, detach)
+    _serve_until_interrupted(url, model or default_model_uri(cfg.serve, cfg.registry), detach)
 
 
-def _serve_until_interrupted(url: str, detach: bool) -> None:
+def _serve_until_interrupted(url: str, model: str, detach: bool) -> None:
     """Print where the app answers; keep this driver alive until Ctrl-C unless detached."""
     import httpx
 
-    card = httpx.get(f"{url}/healthz", timeout=30).json()
-    console.print(f"serving [bold]{card['model']}[/bold] at {url}/v1 (OpenAI API; health {url}/healthz)")
+    httpx.get(f"{url}/healthz", timeout=30).raise_for_status()
+    console.print(f"serving [bold]{model}[/bold] at {url}/v1 (OpenAI API; health {url}/healthz)")
     if detach:
         console.print("detached: the app keeps running on the cluster until `serve shutdown` (or the cluster ends)")
         return

@@ -214,10 +214,13 @@ class ServeConfig(Section):
     max_waiting_sequences: int = Field(256, ge=1)
     num_cpus: float = Field(1.0, ge=0)  # per replica (Ray actor options)
     num_gpus: float = Field(0.0, ge=0)
-    # clients must send `Authorization: Bearer <key>` when a key is found: the file (a mounted secret) if set,
-    # else this environment variable of the replica's process; neither set: no key required
+    # clients must send `Authorization: Bearer <key>`: the key is read from the file (a mounted secret) if set, else
+    # from this environment variable where the app is deployed (`moeforge serve`, or Serve's builder on the cluster)
+    # and handed to every replica. Without a key the app is open, which only a loopback `host` allows unless
+    # `allow_unauthenticated` says so: a public bind without a key refuses to start.
     api_key_env: str = "MOEFORGE_API_KEY"
     api_key_file: str | None = None
+    allow_unauthenticated: bool = False
     # chat requests without a system message get the instruction the student was trained and evaluated with
     student_system_prompt: bool = True
     health_check_period_s: float = Field(10.0, gt=0)

@@ -23,6 +23,7 @@ from pipeline.serving.openai_format import ModelList
 from pipeline.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, internal_error
 
 log = logging.getLogger(__name__)
+MAX_PROBLEMS = 5  # validation problems named in one error message
 
 
 class CountRequests:
@@ -99,7 +100,7 @@ class GuardRequests:
 
 
 def create_app(server: ModelServer) -> FastAPI:
-    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, OpenAI-style errors.
+    """The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /healthz, /stats, OpenAI-style errors.
 
     The API key is checked once, by `GuardRequests`, for every route but /healthz.
     """
@@ -123,12 +124,15 @@ def create_app(server: ModelServer) -> FastAPI:
         if first.get("type") == "json_invalid":
             detail = (first.get("ctx") or {}).get("error", "not JSON")
             return error(ApiError(400, f"The request body is not valid JSON: {detail}", code="invalid_json"))
+        # a list of 60,000 bad token ids is 60,000 errors (times the union's branches): name the first few only
         problems = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        for err in e.errors()[:MAX_PROBLEMS]:
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")[:200]
             problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-        param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-        return error(ApiError(400, "Invalid request: " + "; ".join(problems), param=param))
+        if len(e.errors()) > MAX_PROBLEMS:
+            problems.append(f"... {len(e.errors()) - MAX_PROBLEMS} more")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        return error(ApiError(400, "Invalid request: " + "; ".join(problems), param=loc[0][:200] if loc else None))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):
@@ -168,6 +172,13 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        return server.health()
+        # open to anyone (probes carry no key), so it says ok or not and nothing else: no model, no load, no error
+        if server.healthy():
+            return {"status": "ok"}
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    @app.get("/stats")
+    async def stats():
+        return server.stats()
 
     return app

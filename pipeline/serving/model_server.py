@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.config import ServeConfig
 from pipeline.metrics import record
 from pipeline.model.generate import SamplingParams, generate
-from pipeline.serving.auth import load_api_key
+from pipeline.serving.auth import load_api_key, require_key
 from pipeline.serving.engine import Engine, EngineError
 from pipeline.serving.openai_format import (
     DONE,
@@ -72,22 +72,26 @@ class ModelServer:
         tracking_uri: MLflow store of registry sources.
         cache_dir: where registry versions are downloaded.
         device: default cuda when available.
+        api_key: the key clients must send, when the deployer read it (the environment where it deployed);
+            None: `settings`' key file or environment variable here. No key at all on a non-loopback host refuses
+            to start unless `settings.allow_unauthenticated`.
     """
 
     def __init__(self, source: ModelSource, settings: ServeConfig, tracking_uri: str | None, cache_dir: str | Path,
-                 device: str | None = None):
+                 device: str | None = None, api_key: str | None = None):
         import torch
 
         from pipeline.data.prompts import INSTRUCTION
         from pipeline.student import Student
 
         self.source, self.settings = source, settings
+        self.api_key = api_key or load_api_key(settings)  # checked by the app on every route but /healthz
+        require_key(settings, self.api_key)  # before the model is loaded: a refused server costs nothing
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         student = Student(materialize(source, tracking_uri, cache_dir), self.device)
         self.model, self.tokenizer = student.model, student.tokenizer
         self.eos = self.tokenizer.eos_token_id
         self.context = self.model.cfg.max_seq_len
-        self.api_key = load_api_key(settings)  # checked by the app on every route but /healthz
         self.system_prompt = INSTRUCTION if settings.student_system_prompt else None
         self.created = now()
         self.params = self.model.num_params()  # fixed for the replica's life: counted once, not per request
@@ -113,10 +117,14 @@ class ModelServer:
                                    "parameters": {"total": params["total"], "active": params["active"]},
                                    "device": self.device, "max_batch_size": self.settings.max_batch_size})
 
-    def health(self) -> dict[str, Any]:
+    def healthy(self) -> bool:
+        return self.engine.alive
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's load and counters (for operators: served behind the key, unlike the health probe)."""
         if not self.engine.alive:
             raise EngineError(f"engine stopped: {self.engine.last_error or 'no error recorded'}")
-        return {"status": "ok", "model": self.model_id, **self.engine.stats()}
+        return {"model": self.model_id, **self.engine.stats()}
 
     # ------------------------------------------------------------------------------------------------ requests
 

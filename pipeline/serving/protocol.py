@@ -2,19 +2,41 @@
 
 What the server answers is typed in `openai_format.py`.
 
-Request models validate types and ranges (a violation is a 400 in OpenAI's error JSON, see `api.py`); limits that
-depend on the deployment (max `n`, max `max_tokens`, the context length) are checked by the server. Fields OpenAI
-defines that this server does not implement are accepted only at their neutral value, so a client never gets
-silently different behaviour. `ignore_eos` is vLLM's extension (benchmarks use it for fixed-length outputs).
+Request models validate types strictly (no "10" for 10, no `true` for 1) and ranges (a violation is a 400 in
+OpenAI's error JSON, see `app.py`); limits that depend on the deployment (body bytes, max `n`, max `max_tokens`,
+sequences per request, the context length) are checked by the app and the server. Fields OpenAI defines that this
+server does not implement are accepted only at their neutral value, so a client never gets silently different
+behaviour. `ignore_eos` is vLLM's extension (benchmarks use it for fixed-length outputs).
+
+What one request can make the server hold or scan is capped field by field, so no field is left to the body-size
+cap alone: every string and every list a client sends has a maximum length below.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Per-field caps. Names (model, user, a message's name) are identifiers; a stop string longer than a few hundred
+# characters can never match within max_tokens; a text (a message's content, a prompt) or a token prompt above 64k
+# characters/ids is beyond the context of any model this server runs, and is refused before it is tokenized.
+MAX_NAME_CHARS = 256
+MAX_STOP_CHARS = 256
+MAX_STOPS = 4  # OpenAI's own limit
+MAX_TEXT_CHARS = 65_536
+MAX_PROMPT_TOKENS = 65_536
+MAX_MESSAGES = 256  # messages of one conversation
+MAX_CONTENT_PARTS = 64  # text parts of one message
+MAX_PROMPTS = 4_096  # prompts of one completions request (the sequence cap, a deployment setting, is lower)
+MAX_TOKEN_ID = 2**31 - 1  # ids are checked against the model's vocabulary later; this bounds the parse
+
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]],
+                     Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
 
 
 class ApiError(Exception):
@@ -31,19 +53,25 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """JSON types as OpenAI documents them: a number where a number is due, a boolean where a boolean is."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -51,31 +79,28 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(min_length=1)
+    model: Name = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
+        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    user: str | None = None
+    user: Name | None = None
     ignore_eos: bool = False  # vLLM extension
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
         stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty strings")
         return stops
@@ -97,7 +122,7 @@ class _Sampling(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
 
@@ -114,10 +139,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | TokenIds | Annotated[list[Text] | list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
-    suffix: str | None = None
+    suffix: Name | None = None
     logprobs: int | None = None
     best_of: int | None = None
 
@@ -128,8 +153,6 @@ class CompletionRequest(_Sampling):
                 raise ValueError(f"{name} is not supported by this server")
         if self.best_of not in (None, 1, self.n):
             raise ValueError("best_of other than n is not supported by this server")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be an empty list")
         return self
 
     @property

@@ -33,9 +33,25 @@ def test_the_shipped_serve_config_validates_and_builds(registered_student):
     assert d.name == "OpenAIServer"
     assert d._deployment_config.autoscaling_config.max_replicas == 4
     assert d.ray_actor_options["num_cpus"] == 1
-    source, settings, tracking_uri = d.init_args
+    source, settings, tracking_uri, api_key = d.init_args
     assert (source["name"], source["version"], source["alias"]) == (registered_student.name, "1", "champion")
     assert settings["max_batch_size"] == 16 and tracking_uri == registered_student.tracking_uri
+    # it binds 0.0.0.0, so it names a key file, which each replica reads where the Secret is mounted
+    assert data["http_options"]["host"] == settings["host"] == "0.0.0.0"
+    assert settings["api_key_file"] and api_key is None and not settings["allow_unauthenticated"]
+
+
+def test_a_public_app_without_a_key_fails_closed_and_an_env_key_reaches_replicas_as_an_argument(
+        registered_student, monkeypatch):
+    monkeypatch.delenv("MOEFORGE_API_KEY", raising=False)
+    args = {"model": str(registered_student.directory), "host": "0.0.0.0"}
+    with pytest.raises(ConfigError, match=r"serve\.api_key_file"):
+        build_app(args)
+    monkeypatch.setenv("MOEFORGE_API_KEY", "sk-from-the-deployer")
+    d = deployment_of(build_app(args))
+    key = d.init_args[3]
+    assert key.get_secret_value() == "sk-from-the-deployer"
+    assert "sk-from" not in repr(d.init_args) and "sk-from" not in str(d.ray_actor_options)  # not in runtime_env
 
 
 def test_deployment_options_follow_the_serve_section():

@@ -160,7 +160,7 @@ def test_serve_deploys_the_model_it_is_given_and_names_a_bad_one(cli, registered
               "--set", "serve.num_cpus=1", "--detach")
     try:
         assert res.exit_code == 0, res.output
-        assert f"serving student at http://127.0.0.1:{port}/v1" in res.output
+        assert f"at http://127.0.0.1:{port}/v1" in res.output
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": "student", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -170,3 +170,14 @@ def test_serve_deploys_the_model_it_is_given_and_names_a_bad_one(cli, registered
         assert again.exit_code == 0 and f"Serve already runs on this cluster at http://127.0.0.1:{port}" in again.output
     finally:
         serve.shutdown()
+
+
+def test_serve_on_a_public_host_without_a_key_refuses_to_start_naming_the_setting(cli, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("MOEFORGE_API_KEY", raising=False)
+    started = ray.is_initialized()
+    res = cli("serve", "--host", "0.0.0.0", "--model", "models:/anything@champion")
+    assert res.exit_code == 2, res.output
+    assert "serve.api_key_file" in res.output and "serve.allow_unauthenticated=true" in res.output
+    assert ray.is_initialized() == started  # refused before any cluster was started or joined

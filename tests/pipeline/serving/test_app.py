@@ -83,6 +83,12 @@ def expected(reference, prompt: str, max_tokens: int, **sampling) -> str:
     return tok.decode([t for t in out.tokens if t != tok.eos_token_id], skip_special_tokens=True)
 
 
+def stats(app: str) -> dict:
+    r = httpx.get(f"{app}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    r.raise_for_status()
+    return r.json()
+
+
 def test_models_reports_the_registered_version_it_loaded(client, registered_student, reference):
     (card,) = client.models.list().data
     assert card.id == MODEL
@@ -232,7 +238,7 @@ def test_requests_without_the_key_get_401(app):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, client):
-    before = httpx.get(f"{app}/healthz", timeout=10).json()["tokens_generated"]
+    before = stats(app)["tokens_generated"]
     stream = client.completions.create(model=MODEL, prompt="Go on", max_tokens=200, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
@@ -240,7 +246,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, client):
             break
     stream.close()
     deadline = time.monotonic() + 20
-    while (health := httpx.get(f"{app}/healthz", timeout=10).json())["running"] and time.monotonic() < deadline:
+    while (health := stats(app))["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert health["running"] == 0 and health["free_slots"] == health["max_batch_size"]
     assert health["tokens_generated"] - before < 200  # stopped early, not run to max_tokens
@@ -256,6 +262,20 @@ def test_a_seed_beyond_int64_is_a_400_not_a_500(app):
                    json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 2**63 - 1, "n": 3})
     assert r.status_code == 200, r.text  # the largest seed, with the per-choice offsets on top
     assert httpx.get(f"{app}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_the_open_health_probe_says_ok_or_not_and_nothing_else(served, monkeypatch):
+    """/healthz needs no key, so it tells nothing about the model, its load or its errors; /stats does, with the key."""
+    url, server = served
+    r = httpx.get(f"{url}/healthz", timeout=10)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert httpx.get(f"{url}/stats", timeout=10).status_code == 401
+    assert stats(url)["model"] == MODEL and "free_slots" in stats(url)
+    monkeypatch.setattr(server.engine, "last_error", "CUDA error at /srv/secret/weights")
+    monkeypatch.setattr(type(server.engine), "alive", property(lambda self: False))
+    r = httpx.get(f"{url}/healthz", timeout=10)
+    assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+    assert "secret" not in httpx.get(f"{url}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
