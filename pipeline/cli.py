@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, MoeforgeConfig, load_config
+from pipeline.redaction import redact_uri
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Distil a teacher LLM into a DeepSeek-V3-style MoE student on Ray, tracked in MLflow.")
@@ -100,7 +101,7 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
     hits = sum(s.cache_hit for s in result.stages)
     _print_outcome(result, cfg)
     console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
-                  f"{len(result.stages)} stages, {hits} cached; tracking {result.tracking_uri}")
+                  f"{len(result.stages)} stages, {hits} cached; tracking {redact_uri(result.tracking_uri)}")
     if any(s.name == "serve" for s in result.stages):
         endpoint = _read_output(result, cfg, "endpoint", "endpoint.json")
         console.print(f"serving {endpoint['pinned_uri']} at {endpoint['openai_base_url']}")
@@ -256,7 +257,7 @@ def submit(
     for run in tracker.runs_of_job(sid):
         link = run_url(uri, run.info.experiment_id, run.info.run_id)
         console.print(f"MLflow run {run.info.run_id} ({run.info.status.lower()}): "
-                      f"{link or f'{uri} (`moeforge ui` opens it)'}", soft_wrap=True)
+                      f"{link or f'{redact_uri(uri)} (`moeforge ui` opens it)'}", soft_wrap=True)
     colour = "green" if final == "SUCCEEDED" else "red"
     console.print(f"job {sid}: [{colour}]{final}[/{colour}]")
     if final != "SUCCEEDED":
@@ -307,13 +308,13 @@ def status(
     if run_id is None:
         runs = tracker.pipeline_runs(max_results=1)
         if not runs:
-            err.print(f"no pipeline runs in experiment {tracker.cfg.experiment!r} at {tracker.uri}")
+            err.print(f"no pipeline runs in experiment {tracker.cfg.experiment!r} at {tracker.shown_uri}")
             raise typer.Exit(1)
         run_id = runs[0].info.run_id
     try:
         view = RunData(tracker, RayView(None), Dag(default_stages())).run(run_id)
     except MlflowException:
-        err.print(f"no run {run_id!r} at {tracker.uri}")
+        err.print(f"no run {run_id!r} at {tracker.shown_uri}")
         raise typer.Exit(1) from None
     except KeyError as e:
         err.print(f"{e.args[0]} (a stage run? `moeforge status` with no argument shows the latest pipeline run)")
@@ -385,7 +386,7 @@ def dashboard(
     tracker = Tracker(cfg.tracking)
     ray_url = ray_dashboard or find_ray_dashboard()
     data = RunData(tracker, RayView(ray_url, tuple(metrics_url or ())), Dag(default_stages()))
-    console.print(f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.uri}; Ray dashboard "
+    console.print(f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.shown_uri}; Ray dashboard "
                   f"{ray_url or 'not found'})  Ctrl-C to stop")
     uvicorn.run(create_app(data), host=host, port=port, log_level="warning")
 
@@ -406,7 +407,7 @@ def ui(
     none = "no Ray cluster running (a local run starts its own; or `ray start --head`)"
     console.print(f"Ray dashboard: {dashboard or none}")
     if uri.startswith(("http://", "https://")):
-        console.print(f"MLflow UI: {uri} (tracking server)")
+        console.print(f"MLflow UI: {redact_uri(uri)} (tracking server)")
         return
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
     cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]

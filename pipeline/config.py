@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.model.config import MODEL_PRESETS, ModelConfig
+from pipeline.redaction import redact
 from pipeline.validation import ConfigError, Section, at_most, format_validation_error
 
 # ---------------------------------------------------------------------------------------------------- sections
@@ -303,7 +304,8 @@ class MoeforgeConfig(Section):
         return config_hash(self.model_dump(mode="json"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML for people and tracking: secrets redacted (`pipeline/redaction.py`)."""
+        return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------------------- loading

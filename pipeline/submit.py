@@ -56,7 +56,9 @@ def config_argument(config: str, working_dir: Path) -> str:
 def entrypoint(job: str, config: str, overrides: list[str], extra: list[str]) -> str:
     if job not in JOB_NAMES:
         raise SubmitError(f"unknown job {job!r}; jobs: {', '.join(JOB_NAMES)}")
-    sets = [a for o in overrides for a in ("--set", o)]
+    # `job.*` describes the submission itself (env vars, pip, working dir) and reaches the job as its runtime env;
+    # it is left off the command line, which Ray shows to anyone listing jobs (env var values may be secrets)
+    sets = [a for o in overrides if not o.strip().startswith("job.") for a in ("--set", o)]
     return shlex.join(["python", "-m", f"jobs.{job}", "--config", config, *sets, *extra])
 
 

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import MoeforgeConfig, TrackingConfig, config_hash, flatten
+from pipeline.redaction import redact, redact_uri
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def ray_job_submission_id() -> str | None:
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run, when the store is a tracking server (the UI it serves)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{redact_uri(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
 
 
@@ -107,6 +108,7 @@ class Tracker:
         self.cfg = cfg
         self.workdir = Path(cfg.workdir).resolve()
         self.uri = resolve_tracking_uri(cfg)
+        self.shown_uri = redact_uri(self.uri)  # what output and pages show: the store without its credentials
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._ensure_experiment()
 
@@ -150,7 +152,7 @@ class Tracker:
             },
         )
         run_id = run.info.run_id
-        self._log(run_id, params=flatten(cfg.model_dump(mode="json")))
+        self._log(run_id, params=flatten(redact(cfg.model_dump(mode="json"))))
         self.client.log_text(run_id, cfg.to_yaml(), "config.yaml")
         return run_id
 
@@ -177,7 +179,7 @@ class Tracker:
             tags[f"{P}input.{name}.uri"] = ref.uri
             tags[f"{P}input.{name}.hash"] = ref.hash
         run = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags)
-        self._log(run.info.run_id, params=flatten(config_slice))
+        self._log(run.info.run_id, params=flatten(redact(config_slice)))
         return run.info.run_id
 
     def finish_stage(self, run_id: str, outputs: dict[str, ArtifactRef]) -> None:

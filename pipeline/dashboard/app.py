@@ -30,7 +30,7 @@ def create_app(data: RunData) -> FastAPI:
 
     @app.get("/api/runs")
     def runs(limit: int = 20):
-        return {"runs": data.runs(limit), "tracking_uri": data.tracker.uri,
+        return {"runs": data.runs(limit), "tracking_uri": data.tracker.shown_uri,
                 "experiment": data.tracker.cfg.experiment}
 
     @app.get("/api/runs/latest")
@@ -38,7 +38,7 @@ def create_app(data: RunData) -> FastAPI:
         found = data.runs(1)
         if not found:
             raise HTTPException(404, f"no pipeline runs in experiment {data.tracker.cfg.experiment!r} at "
-                                     f"{data.tracker.uri}")
+                                     f"{data.tracker.shown_uri}")
         return data.run(found[0]["run_id"])
 
     @app.get("/api/runs/{run_id}")
@@ -46,6 +46,6 @@ def create_app(data: RunData) -> FastAPI:
         try:
             return data.run(run_id)
         except (MlflowException, KeyError) as e:
-            raise HTTPException(404, f"no pipeline run {run_id!r} at {data.tracker.uri}: {e}") from None
+            raise HTTPException(404, f"no pipeline run {run_id!r} at {data.tracker.shown_uri}: {e}") from None
 
     return app

@@ -173,7 +173,7 @@ class RunData:
             "stages": stages,
             "edges": edges,
             "links": {"mlflow": run_url(self.tracker.uri, parent.info.experiment_id, run_id),
-                      "ray": self.ray.dashboard_url, "tracking_uri": self.tracker.uri},
+                      "ray": self.ray.dashboard_url, "tracking_uri": self.tracker.shown_uri},
         }
         if src := sources.get("generate"):
             m = src.data.metrics

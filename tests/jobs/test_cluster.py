@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -288,9 +289,13 @@ def test_project_metrics_on_rays_prometheus_endpoints(finished):
 @pytest.mark.timeout(600)
 def test_moeforge_submit_follows_a_stage_job_and_lists_it(finished):
     c = finished.cluster
-    env = {**c.env, "MLFLOW_TRACKING_URI": finished.tracking_uri, "RAY_ADDRESS": c.dashboard, "COLUMNS": "250"}
+    # secrets planted in job.env_vars and in the tracking URL (the server ignores the credentials) must not show
+    secret, password = "sk-planted-in-the-job", "planted-tracking-password"
+    server = urlparse(finished.tracking_uri)
+    with_credentials = f"{server.scheme}://moeforge:{password}@{server.netloc}"
+    env = {**c.env, "MLFLOW_TRACKING_URI": with_credentials, "RAY_ADDRESS": c.dashboard, "COLUMNS": "250"}
     moeforge = str(Path(sys.executable).parent / "moeforge")
-    sets = [a for s in finished.sets for a in ("--set", s)]
+    sets = [a for s in [*finished.sets, f"job.env_vars={{HF_TOKEN: {secret}}}"] for a in ("--set", s)]
     # stage `evaluate` alone: its upstream is cached from the pipeline job, and so is evaluate itself
     proc = subprocess.run([moeforge, "submit", "evaluate", "--config", "tiny", *sets], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=540)
@@ -302,6 +307,8 @@ def test_moeforge_submit_follows_a_stage_job_and_lists_it(finished):
     listed = subprocess.run([moeforge, "jobs", "--address", c.dashboard], env=env, capture_output=True, text=True,
                             timeout=120)
     assert listed.returncode == 0 and sid[:20] in listed.stdout and finished.submission_id[:20] in listed.stdout
+    for text in (out, listed.stdout + listed.stderr):
+        assert secret not in text and password not in text
     # a stage alone with no cached upstream fails, says why, and the submit exits non-zero
     bad = subprocess.run([moeforge, "submit", "train", "--config", "tiny", *sets, "--set", "distill.top_k=10"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
