@@ -5,6 +5,8 @@
   router biases (equal on every rank while the expert counts are all-reduced; checked on restore).
 
 Ray Train merges the ranks' folders into one checkpoint directory; these functions only read and write files.
+Checkpoints live on shared storage that other jobs can write, so they are read with `weights_only=True`: tensors,
+numbers, strings and containers only, never a pickled object that would run code on load.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def restore(state: TrainState, rank: int, directory: Path, device: torch.device 
     shard afresh.
     """
     directory = Path(directory)
-    full = torch.load(directory / STATE_FILE, map_location=device, weights_only=False)
+    full = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
     mine = directory / data_file(rank)
     if mine.is_file():
-        data = torch.load(mine, weights_only=False)
+        data = torch.load(mine, weights_only=True)
         for name, bias in data.pop("router_biases").items():
             if not torch.equal(bias.to(full["model"][name].device), full["model"][name]):
                 raise RuntimeError(f"checkpoint {directory}: rank {rank}'s {name} differs from rank 0's; "
@@ -57,4 +59,4 @@ def restore(state: TrainState, rank: int, directory: Path, device: torch.device 
 
 def final_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The model weights (router biases included) of a checkpoint."""
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)["model"]
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)["model"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -43,12 +45,37 @@ def test_restore_refuses_a_checkpoint_whose_replicas_diverged(tmp_path):
     a = Replica(job(), rows(8))
     a.train_step()
     a.save(tmp_path)
-    part = torch.load(tmp_path / "data_rank0.pt", weights_only=False)
+    part = torch.load(tmp_path / "data_rank0.pt", weights_only=True)
     name = next(iter(part["router_biases"]))
     part["router_biases"][name] += 1
     torch.save(part, tmp_path / "data_rank0.pt")
     with pytest.raises(RuntimeError, match="router biases diverged"):
         Replica(job(), rows(8)).restore(tmp_path)
+
+
+class _RunsOnLoad:
+    """What an attacker with write access to the checkpoint store could plant: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_on_load_is_refused_and_runs_nothing(tmp_path):
+    a = Replica(job(), rows(8))
+    a.train_step()
+    a.save(tmp_path)
+    marker = tmp_path / "pwned"
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    state["step"] = _RunsOnLoad(marker)
+    torch.save(state, tmp_path / "train_state.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        Replica(job(), rows(8)).restore(tmp_path)
+    assert not marker.exists()
 
 
 def test_step_metrics_cover_losses_throughput_mfu_and_expert_load():
