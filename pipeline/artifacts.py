@@ -88,7 +88,7 @@ def file_sha256(path: Path) -> str:
 
 def _listing(root: Path) -> dict[str, dict[str, Any]]:
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST):
         rel = path.relative_to(root).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return files
@@ -97,6 +97,11 @@ def _listing(root: Path) -> dict[str, dict[str, Any]]:
 def _listing_hash(files: dict[str, dict[str, Any]]) -> str:
     blob = json.dumps(files, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def content_hash(root: Path) -> str:
+    """The content hash of a folder as it is now: every file's path, size and sha256 (a manifest excluded)."""
+    return _listing_hash(_listing(Path(root)))
 
 
 # ---------------------------------------------------------------------------------------------------- atomic writes
@@ -182,7 +187,7 @@ def verify(root: Path, name: str, expected_hash: str | None = None) -> dict[str,
         if file_sha256(path) != meta["sha256"]:
             raise ArtifactError(f"artifact {name!r}: file {rel} is corrupt: its sha256 differs from the manifest")
     extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() not in files)
+                   if p.is_file() and p != root / MANIFEST and p.relative_to(root).as_posix() not in files)
     if extra:
         raise ArtifactError(f"artifact {name!r} at {root}: files not in its manifest: {', '.join(extra)}")
     return manifest

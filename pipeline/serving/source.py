@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.student.registry import STUDENT_ARTIFACT
+from pipeline.student.registry import CONTENT_HASH_TAG, STUDENT_ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ModelSource:
     alias: str | None = None
     run_id: str | None = None  # the train run that logged it
     path: str | None = None  # a local directory (local sources only)
+    content_hash: str | None = None  # what the registry recorded for the version; a download must match it
 
     @property
     def pinned_uri(self) -> str:
@@ -57,14 +59,15 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelSource:
             except MlflowException as e:
                 raise ModelSourceError(f"{uri}: registered model {m['name']!r} has no alias {m['alias']!r} "
                                        f"in {tracking_uri or 'the default tracking store'} ({e.message})") from None
-            return ModelSource(uri, m["name"], str(mv.version), m["alias"], mv.run_id)
+            return ModelSource(uri, m["name"], str(mv.version), m["alias"], mv.run_id,
+                               content_hash=_recorded_hash(uri, mv))
         if m := _VERSION.match(uri):
             try:
                 mv = client.get_model_version(m["name"], m["version"])
             except MlflowException as e:
                 raise ModelSourceError(f"{uri}: no version {m['version']} of registered model {m['name']!r} "
                                        f"({e.message})") from None
-            return ModelSource(uri, m["name"], str(mv.version), None, mv.run_id)
+            return ModelSource(uri, m["name"], str(mv.version), None, mv.run_id, content_hash=_recorded_hash(uri, mv))
         raise ModelSourceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     path = Path(uri).expanduser()
     if not path.is_dir():
@@ -76,16 +79,32 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelSource:
     return ModelSource(uri, path.resolve().name, path=str(path.resolve()))
 
 
+def _recorded_hash(uri: str, mv) -> str:
+    """The content hash the registry recorded for version `mv`; a version without one is refused (fail closed)."""
+    digest = (mv.tags or {}).get(CONTENT_HASH_TAG)
+    if not digest:
+        raise ModelSourceError(f"{uri}: version {mv.version} of {mv.name!r} records no content hash (tag "
+                               f"{CONTENT_HASH_TAG}), so what is downloaded cannot be checked; register it again "
+                               "with this moeforge (the register stage, or pipeline.student.registry.log_student)")
+    return digest
+
+
 def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | Path) -> Path:
-    """The saved student directory of `source`: local as is, a registry version downloaded once (atomically)."""
+    """The saved student directory of `source`: local as is, a registry version downloaded once (atomically) and
+    checked against the content hash the registry recorded, both after the download and when reused from the cache.
+    """
     if source.path:
         return Path(source.path)
     import mlflow.artifacts
 
-    from pipeline.artifacts import atomic_path
+    from pipeline.artifacts import atomic_path, content_hash
 
     dest = Path(cache_dir) / "models" / _safe(source.name) / str(source.version)  # the logged model's root
     student = dest / "artifacts" / STUDENT_ARTIFACT
+    if (student / "config.json").is_file() and content_hash(student) != source.content_hash:
+        log.warning("model %s version %s: the cached copy at %s does not match its content hash; downloading again",
+                    source.name, source.version, dest)
+        shutil.rmtree(dest)
     if not (student / "config.json").is_file():
         import tempfile
 
@@ -99,6 +118,12 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging, atomic_path(dest) as tmp:
             downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging,
                                                              tracking_uri=tracking_uri)
+            got = Path(downloaded) / "artifacts" / STUDENT_ARTIFACT
+            if got.is_dir() and (digest := content_hash(got)) != source.content_hash:
+                raise ModelSourceError(
+                    f"{source.pinned_uri}: the downloaded student's content hash {digest[:12]} is not the "
+                    f"{str(source.content_hash)[:12]} recorded when it was registered: the stored model was changed "
+                    "or damaged; refusing to serve it")
             Path(downloaded).rename(tmp)
     if not (student / "config.json").is_file():
         raise ModelSourceError(f"{source.pinned_uri} is not a moeforge student model (no artifacts/{STUDENT_ARTIFACT})")

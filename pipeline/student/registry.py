@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 STUDENT_ARTIFACT = "student"  # the saved student directory, as an artifact of the logged model
+# the student directory's content hash (`pipeline.artifacts.content_hash`): set on the run that logged the model and
+# on every registry version made from it; serving refuses a download that does not match it
+CONTENT_HASH_TAG = "moeforge.student_content_hash"
 
 
 def log_student(model_dir: str | Path, run_id: str, tracking_uri: str, registered_name: str | None = None):
@@ -23,8 +26,10 @@ def log_student(model_dir: str | Path, run_id: str, tracking_uri: str, registere
     import pandas as pd
     from mlflow.models import infer_signature
 
+    from pipeline.artifacts import content_hash
     from pipeline.tracking import using_tracking_uri
 
+    digest = content_hash(Path(model_dir))
     signature = infer_signature(pd.DataFrame({"prompt": ["What is 2 + 2?"]}), ["The final answer is 4."],
                                 params={"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0})
     with using_tracking_uri(tracking_uri):
@@ -34,9 +39,10 @@ def log_student(model_dir: str | Path, run_id: str, tracking_uri: str, registere
                                            python_model=str(Path(__file__).with_name("pyfunc.py")),
                                            artifacts={STUDENT_ARTIFACT: str(model_dir)}, signature=signature,
                                            pip_requirements=_requirements())
+            mlflow.set_tag(CONTENT_HASH_TAG, digest)
         if registered_name is None:
             return info
-        return mlflow.register_model(info.model_uri, registered_name)
+        return mlflow.register_model(info.model_uri, registered_name, tags={CONTENT_HASH_TAG: digest})
 
 
 def _requirements() -> list[str]:
@@ -55,11 +61,14 @@ def register_run_model(client, tracking_uri: str, name: str, train_run: str):
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{train_run}'")
     if existing:
         return max(existing, key=lambda v: int(v.version))
-    model_uri = client.get_run(train_run).data.tags.get("moeforge.model_uri")
-    if not model_uri:
-        raise RuntimeError(f"train run {train_run} logged no MLflow model (tag moeforge.model_uri is missing)")
+    tags = client.get_run(train_run).data.tags
+    model_uri, digest = tags.get("moeforge.model_uri"), tags.get(CONTENT_HASH_TAG)
+    if not model_uri or not digest:
+        raise RuntimeError(f"train run {train_run} logged no MLflow model with a content hash (tags "
+                           f"moeforge.model_uri and {CONTENT_HASH_TAG} are needed)")
     with using_tracking_uri(tracking_uri):
-        return mlflow.register_model(model_uri, name, tags={"moeforge.train_run_id": train_run})
+        return mlflow.register_model(model_uri, name, tags={"moeforge.train_run_id": train_run,
+                                                            CONTENT_HASH_TAG: digest})
 
 
 def champion_pass_at_1(client, name: str, exclude_version: str | None = None) -> float | None:

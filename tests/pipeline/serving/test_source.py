@@ -56,3 +56,52 @@ def test_the_registry_entry_names_its_train_run(registered_student):
     s = registered_student
     assert MlflowClient(s.tracking_uri).get_model_version(s.name, "1").run_id == resolve(
         f"models:/{s.name}@champion", s.tracking_uri).run_id
+
+
+def test_the_version_records_the_students_content_hash_and_a_changed_store_is_refused(registered_student, tmp_path):
+    """What the registry stores can be changed behind its back; serving checks the download against the hash the
+    version recorded when it was registered, and a tampered cache is downloaded again."""
+    import shutil
+
+    from pipeline.artifacts import content_hash
+    from pipeline.student.registry import CONTENT_HASH_TAG
+
+    s = registered_student
+    client = MlflowClient(s.tracking_uri)
+    mv = client.get_model_version(s.name, "1")
+    assert mv.tags[CONTENT_HASH_TAG] == content_hash(s.directory)
+    src = resolve(f"models:/{s.name}/1", s.tracking_uri)
+    assert src.content_hash == mv.tags[CONTENT_HASH_TAG]
+
+    # a cached copy changed after download: detected on the next load, and replaced by a good download
+    path = materialize(src, s.tracking_uri, tmp_path / "cache")
+    (path / "config.json").write_text((path / "config.json").read_text().replace('"dim": 64', '"dim": 64 '))
+    assert materialize(src, s.tracking_uri, tmp_path / "cache") == path
+    assert content_hash(path) == src.content_hash
+
+    # the stored model changed in the artifact store: refused, nothing left in the cache
+    (stored,) = (s.directory.parent / "artifacts").rglob("student/config.json")  # the experiment's artifact store
+    backup = tmp_path / "config.json"
+    shutil.copy(stored, backup)
+    try:
+        stored.write_text(stored.read_text() + " ")
+        with pytest.raises(ModelSourceError, match="content hash .* is not the .* recorded when it was registered"):
+            materialize(src, s.tracking_uri, tmp_path / "fresh")
+        assert not (tmp_path / "fresh" / "models" / s.name / "1").exists()
+    finally:
+        shutil.copy(backup, stored)
+
+
+def test_a_version_without_a_recorded_hash_is_refused(registered_student):
+    from pipeline.student.registry import CONTENT_HASH_TAG
+
+    s = registered_student
+    client = MlflowClient(s.tracking_uri)
+    client.delete_model_version_tag(s.name, "1", CONTENT_HASH_TAG)
+    try:
+        with pytest.raises(ModelSourceError, match="records no content hash"):
+            resolve(f"models:/{s.name}/1", s.tracking_uri)
+    finally:
+        from pipeline.artifacts import content_hash
+
+        client.set_model_version_tag(s.name, "1", CONTENT_HASH_TAG, content_hash(s.directory))
