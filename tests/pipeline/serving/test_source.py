@@ -85,7 +85,7 @@ def test_the_version_records_the_students_content_hash_and_a_changed_store_is_re
     shutil.copy(stored, backup)
     try:
         stored.write_text(stored.read_text() + " ")
-        with pytest.raises(ModelSourceError, match="content hash .* is not the .* recorded when it was registered"):
+        with pytest.raises(ModelSourceError, match=r"content hash .* is not the .* recorded when it was registered"):
             materialize(src, s.tracking_uri, tmp_path / "fresh")
         assert not (tmp_path / "fresh" / "models" / s.name / "1").exists()
     finally:
