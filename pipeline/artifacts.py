@@ -12,6 +12,7 @@ JSON config. Every file is written under a temporary name and renamed into place
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -107,21 +108,54 @@ def content_hash(root: Path) -> str:
 # ---------------------------------------------------------------------------------------------------- atomic writes
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush a file, or a folder's files and folders, to disk (so a rename published after it never exposes a
+    zero-length or partly written file after a crash or power loss)."""
+    path = Path(path)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file() and not child.is_symlink():
+                _fsync(child)
+        for d in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _fsync(d)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it is renamed onto `dest`, on error removed.
+    """Yield a temporary sibling path; on success it is flushed to disk and renamed onto `dest`, on error removed.
 
-    Works for a file or a folder written at the yielded path. The rename is atomic on one filesystem, so a
-    reader sees either nothing or the whole thing.
+    Works for a file or a folder written at the yielded path. The rename is atomic on one filesystem, so a reader
+    sees either nothing or the whole thing, and the parent folder is flushed after it so the rename survives a crash.
+    A file replaces an older `dest`. A folder is published first-writer-wins: if another writer (an actor on the
+    same node converting the same teacher, downloading the same model) published `dest` meanwhile, that copy is
+    kept and this one discarded, so a reader never sees `dest` disappear. A caller that wants to replace a stale
+    folder removes it first.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if dest.is_dir() and tmp.is_dir():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        fsync_tree(tmp)
+        if tmp.is_dir():
+            try:
+                os.rename(tmp, dest)  # fails on a non-empty folder: it is never replaced
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not dest.is_dir():
+                    raise
+                log.info("%s was published by another writer first; keeping that copy", dest)
+        else:
+            os.replace(tmp, dest)
+        _fsync(dest.parent)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,11 +168,26 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def _inside(root: Path, rel: str, name: str) -> Path:
+    """`root / rel` for a manifest entry, refused unless it is a plain relative path that stays inside `root`."""
+    pure = Path(rel)
+    if not rel or pure.is_absolute() or ".." in pure.parts or rel != pure.as_posix():
+        raise ArtifactError(f"artifact {name!r} at {root}: manifest entry {rel!r} is not a plain relative path "
+                            "inside the artifact")
+    path = root / pure
+    if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
+        raise ArtifactError(f"artifact {name!r} at {root}: manifest entry {rel!r} leads outside the artifact")
+    return path
+
+
 def commit(root: Path, spec: ArtifactSpec) -> str:
     """Validate a finished artifact folder against its spec, write its manifest last; return its content hash."""
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(f"artifact {spec.name!r}: {root} was not written")
+    links = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink())
+    if links:  # a link's target is outside what the manifest can vouch for
+        raise ArtifactError(f"artifact {spec.name!r}: {root} holds symbolic links: {', '.join(links)}")
     files = _listing(root)
     if not files:
         raise ArtifactError(f"artifact {spec.name!r}: {root} is empty")
@@ -177,7 +226,7 @@ def verify(root: Path, name: str, expected_hash: str | None = None) -> dict[str,
             f"{expected_hash[:12]} recorded when it was produced"
         )
     for rel, meta in files.items():
-        path = root / rel
+        path = _inside(root, rel, name)
         if not path.is_file():
             raise ArtifactError(f"artifact {name!r}: file {rel} is missing from {root}")
         size = path.stat().st_size

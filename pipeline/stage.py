@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from filelock import FileLock, Timeout
 
 from pipeline import artifacts
 from pipeline.artifacts import ArtifactError, ArtifactRef, ArtifactSpec
@@ -107,8 +108,19 @@ class StageContext:
         self.client = MlflowClient(call.tracking_uri)
         self.workdir = Path(call.workdir)
         self._staging = self.workdir / "staging" / f"{call.stage.name}-{uuid.uuid4().hex[:8]}"
-        # Survives a failed attempt (same cache key), so a stage may continue from its own partial work.
+        # Survives a failed attempt (same cache key), so a stage may continue from its own partial work. Two runs
+        # of one stage with the same key (two drivers on one workdir) would share it, and the first to finish would
+        # delete it under the other: an OS file lock (released by the kernel if this process dies) makes the
+        # second wait for the first to finish, then start from a clean scratch space.
         self.scratch_dir = self.workdir / "scratch" / f"{call.stage.name}-{call.key[:16]}"
+        self.scratch_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._scratch_lock = FileLock(f"{self.scratch_dir}.lock", thread_local=False)
+        try:
+            self._scratch_lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("stage %s: another run holds %s (same stage, same cache key); waiting for it to finish",
+                        call.stage.name, self.scratch_dir)
+            self._scratch_lock.acquire()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -160,8 +172,11 @@ class StageContext:
 
     def cleanup(self, succeeded: bool) -> None:
         shutil.rmtree(self._staging, ignore_errors=True)
-        if succeeded:
-            shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        try:
+            if succeeded:
+                shutil.rmtree(self.scratch_dir, ignore_errors=True)
+        finally:
+            self._scratch_lock.release()
 
     # ------------------------------------------------------------------------------------------------ tracking
 

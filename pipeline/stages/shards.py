@@ -8,6 +8,7 @@ shards are published into the output artifact in partition order.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pyarrow.parquet as pq
 
 from pipeline import artifacts
 from pipeline.artifacts import ArtifactSpec
+
+log = logging.getLogger(__name__)
 
 
 def shard_name(index: int) -> str:
@@ -29,7 +32,28 @@ class Shards:
         self.spec = spec
 
     def missing(self, indices: list[int]) -> list[int]:
-        return [i for i in indices if not (self.dir / shard_name(i)).is_file()]
+        """The partitions still to do: no shard, or one that is not a whole Parquet file of this artifact's schema
+        (a crash can leave a zero-length or cut-off file behind on some filesystems; it is removed and redone)."""
+        todo = []
+        for i in indices:
+            path = self.dir / shard_name(i)
+            if not path.is_file():
+                todo.append(i)
+            elif (problem := self._damage(path)) is not None:
+                log.warning("shard %s is damaged (%s): its partition is done again", path, problem)
+                path.unlink()
+                todo.append(i)
+        return todo
+
+    def _damage(self, path: Path) -> str | None:
+        try:
+            schema = pq.read_schema(path)  # reads the footer: a truncated or empty file has none
+            if not self.spec.accepts(schema):
+                return "its schema is not the artifact's"
+            pq.ParquetFile(path).read()  # every row group decodes (pages carry no checksum unless written with one)
+        except (OSError, pa.ArrowException) as e:
+            return str(e).splitlines()[0]
+        return None
 
     def write(self, index: int, table: pa.Table) -> None:
         artifacts.write_table(self.dir / shard_name(index), table, self.spec)

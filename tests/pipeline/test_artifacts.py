@@ -100,3 +100,86 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "bad" / "config.json").write_text("{}")
     with pytest.raises(ArtifactError, match=r"needs config.json and"):
         artifacts.commit(tmp_path / "bad", spec)
+
+
+def test_concurrent_publishers_of_one_folder_all_succeed_and_it_never_disappears(tmp_path):
+    """Several actors on one node converting the same teacher / downloading the same model into one cache folder:
+    the first to finish publishes it, the others keep that copy, and a reader never finds it gone."""
+    import threading
+
+    for round_ in range(10):
+        dest = tmp_path / f"model-{round_}"
+        writers, barrier, errors, gone = 6, threading.Barrier(6), [], []
+        published = threading.Event()
+
+        def write(n: int) -> None:
+            try:
+                with artifacts.atomic_path(dest) as tmp:
+                    tmp.mkdir()
+                    for i in range(20):
+                        (tmp / f"w{i}.bin").write_bytes(bytes([n]) * 1000)
+                    (tmp / "config.json").write_text(json.dumps({"writer": n}))
+                    barrier.wait()
+                published.set()
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+        def read() -> None:
+            published.wait(10)
+            for _ in range(2000):
+                if not (dest / "config.json").is_file():
+                    gone.append(True)
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)] + [threading.Thread(target=read)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and not gone, (errors, len(gone))
+        writer = json.loads((dest / "config.json").read_text())["writer"]
+        assert {(dest / f"w{i}.bin").read_bytes() for i in range(20)} == {bytes([writer]) * 1000}  # one whole copy
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the losers' copies are gone
+
+
+def test_a_published_file_and_its_folder_entry_are_flushed_to_disk(tmp_path, monkeypatch):
+    import os
+
+    real, flushed = os.fsync, []
+
+    def spy(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    artifacts.write_json(tmp_path / "out.json", {"a": 1})
+    tmp_file = next(p for p in flushed if ".out.json.tmp-" in p)
+    assert flushed.index(tmp_file) < flushed.index(str(tmp_path))  # the data, then the rename's folder entry
+    flushed.clear()
+    root, _ = _dataset(tmp_path / "ds")
+    assert any(".data.parquet.tmp-" in p for p in flushed) and str(root) in flushed  # Parquet data, then its dir
+
+
+def test_manifest_entries_that_leave_the_artifact_and_links_are_refused(tmp_path):
+    root, _ = _dataset(tmp_path)
+    (tmp_path / "outside.txt").write_text("not part of the artifact")
+    manifest = json.loads((root / artifacts.MANIFEST).read_text())
+    for rel in ("../outside.txt", str(tmp_path / "outside.txt"), "./data.parquet"):
+        files = {**manifest["files"], rel: {"bytes": 24, "sha256": artifacts.file_sha256(tmp_path / "outside.txt")}}
+        forged = {**manifest, "files": files, "content_hash": artifacts._listing_hash(files)}
+        (root / artifacts.MANIFEST).write_text(json.dumps(forged))
+        with pytest.raises(ArtifactError, match="not a plain relative path inside the artifact"):
+            artifacts.verify(root, "rows")
+    (root / artifacts.MANIFEST).unlink()
+    (root / "link.txt").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(ArtifactError, match="holds symbolic links: link.txt"):
+        artifacts.commit(root, SPEC)
+
+
+def test_a_nested_file_named_like_the_manifest_is_hashed_like_any_other(tmp_path):
+    root, _ = _dataset(tmp_path)
+    (root / "sub").mkdir()
+    (root / "sub" / artifacts.MANIFEST).write_text("{}")
+    digest = artifacts.commit(root, SPEC)
+    (root / "sub" / artifacts.MANIFEST).write_text('{"changed": true}')
+    with pytest.raises(ArtifactError, match="sub/MANIFEST.json is"):
+        artifacts.verify(root, "rows", digest)

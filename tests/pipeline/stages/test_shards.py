@@ -29,3 +29,19 @@ def test_retry_overwrites_resume_skips_publish_orders(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [shard_name(i) for i in range(3)]
     assert size == sum(p.stat().st_size for p in out.iterdir())
     assert again.read([0, 1, 2])["x"].to_pylist() == [0, 10, 11, 20]
+
+
+def test_a_damaged_shard_is_not_counted_as_done_on_resume(tmp_path):
+    """What a crash can leave on some filesystems: a zero-length file, a cut-off one, or a file of another schema."""
+    import pyarrow.parquet as pq
+
+    shards = Shards(tmp_path / "scratch", SPEC)
+    for i in range(4):
+        shards.write(i, table(i * 10, 10))
+    (shards.dir / shard_name(0)).write_bytes(b"")
+    whole = (shards.dir / shard_name(1)).read_bytes()
+    (shards.dir / shard_name(1)).write_bytes(whole[: len(whole) // 2])
+    pq.write_table(pa.table({"other": [1]}), shards.dir / shard_name(2))
+    again = Shards(tmp_path / "scratch", SPEC)
+    assert again.missing(list(range(4))) == [0, 1, 2]
+    assert sorted(p.name for p in again.dir.iterdir()) == [shard_name(3)]  # the damaged ones are gone
