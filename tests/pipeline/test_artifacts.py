@@ -102,40 +102,43 @@ def test_checkpoint_round_trip(tmp_path):
         artifacts.commit(tmp_path / "bad", spec)
 
 
+def _race_to_publish(dest, writers: int = 6) -> tuple[list, int]:
+    """`writers` threads publish one folder at once while a reader checks it stays: (errors, times it was gone)."""
+    import threading
+
+    barrier, errors, gone, published = threading.Barrier(writers), [], [], threading.Event()
+
+    def write(n: int) -> None:
+        try:
+            with artifacts.atomic_path(dest) as tmp:
+                tmp.mkdir()
+                for i in range(20):
+                    (tmp / f"w{i}.bin").write_bytes(bytes([n]) * 1000)
+                (tmp / "config.json").write_text(json.dumps({"writer": n}))
+                barrier.wait()
+            published.set()
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    def read() -> None:
+        published.wait(10)
+        gone.extend(1 for _ in range(2000) if not (dest / "config.json").is_file())
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return errors, len(gone)
+
+
 def test_concurrent_publishers_of_one_folder_all_succeed_and_it_never_disappears(tmp_path):
     """Several actors on one node converting the same teacher / downloading the same model into one cache folder:
     the first to finish publishes it, the others keep that copy, and a reader never finds it gone."""
-    import threading
-
     for round_ in range(10):
         dest = tmp_path / f"model-{round_}"
-        writers, barrier, errors, gone = 6, threading.Barrier(6), [], []
-        published = threading.Event()
-
-        def write(n: int) -> None:
-            try:
-                with artifacts.atomic_path(dest) as tmp:
-                    tmp.mkdir()
-                    for i in range(20):
-                        (tmp / f"w{i}.bin").write_bytes(bytes([n]) * 1000)
-                    (tmp / "config.json").write_text(json.dumps({"writer": n}))
-                    barrier.wait()
-                published.set()
-            except Exception as e:  # noqa: BLE001 - collected for the assertion
-                errors.append(e)
-
-        def read() -> None:
-            published.wait(10)
-            for _ in range(2000):
-                if not (dest / "config.json").is_file():
-                    gone.append(True)
-
-        threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)] + [threading.Thread(target=read)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert not errors and not gone, (errors, len(gone))
+        errors, gone = _race_to_publish(dest)
+        assert not errors and not gone, (errors, gone)
         writer = json.loads((dest / "config.json").read_text())["writer"]
         assert {(dest / f"w{i}.bin").read_bytes() for i in range(20)} == {bytes([writer]) * 1000}  # one whole copy
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the losers' copies are gone
