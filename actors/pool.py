@@ -2,8 +2,9 @@
 
 Stages hand it keyed work items; it keeps at most `max_in_flight_per_actor` calls queued on each actor
 (backpressure: a slow pool never holds the whole dataset in flight), yields results as they finish, and when an
-actor dies (killed, OOM, node lost) it starts a replacement in the same slot and re-queues every item that actor
-held. Items are identified by key, so a stage that writes one output per key never loses or duplicates work.
+actor dies (killed, OOM, node lost), while starting or mid-work, it starts a replacement in the same slot and
+re-queues every item that actor held; a constructor that raises fails the pool at once with its error. Items are
+identified by key, so a stage that writes one output per key never loses or duplicates work.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ActorPool:
         self.replacements = 0
         self.peak_in_flight = 0  # most calls queued at once over the pool's life (backpressure is observable)
         self.slots = [_Slot(i, self._start(i, 0)) for i in range(size)]
-        self._wait_ready([s.actor for s in self.slots])
+        self._wait_ready(self.slots)
 
     def _actor_name(self, index: int, generation: int) -> str:
         return f"{self.name}-{index}" + (f".r{generation}" if generation else "")
@@ -76,14 +77,28 @@ class ActorPool:
         return self._remote.options(name=self._actor_name(index, generation), **self._options).remote(
             *self._args, **self._kwargs)
 
-    def _wait_ready(self, actors: list) -> None:
-        """Surface constructor errors (a missing model, a bad config) once, clearly, instead of per item."""
+    def _wait_ready(self, slots: list[_Slot]) -> None:
+        """Wait until every actor has run its constructor.
+
+        A constructor that raises (a missing model, a bad config) fails the pool at once with its error: every
+        replacement would raise the same. An actor that died while starting (killed, OOM, its node lost) is
+        replaced like one that dies mid-work, within `max_replacements`.
+        """
+        waiting = {s.actor.__ray_ready__.remote(): s for s in slots}
         try:
-            ray.get([a.__ray_ready__.remote() for a in actors])
-        except RayActorError as e:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise PoolError(f"{self.name}: an actor failed to start: {_cause(e)}") from None
+            while waiting:
+                [ref], _ = ray.wait(list(waiting), num_returns=1)
+                slot = waiting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    if e.actor_init_failed:
+                        raise PoolError(f"{self.name}: an actor failed to start: {_cause(e)}") from None
+                    self._replace(slot, f"died while starting: {_cause(e)}")
+                    waiting[slot.actor.__ray_ready__.remote()] = slot
+        except PoolError:
+            self.shutdown()
+            raise
 
     @property
     def actors(self) -> list:
@@ -127,6 +142,9 @@ class ActorPool:
             try:
                 result = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                if getattr(e, "actor_init_failed", False):  # a replacement's constructor raised: so would the next
+                    self.shutdown()
+                    raise PoolError(f"{self.name}: a replacement actor failed to start: {_cause(e)}") from None
                 if generation == slot.generation:  # first news of this death: replace the actor once
                     self._replace(slot, _cause(e))
                 item.attempts -= 1  # the actor died under it: not the item's failure

@@ -10,14 +10,17 @@ import pytest
 import ray
 
 from actors.pool import ActorPool, PoolError
+from tests.actors.sigkill import KillWhen
 
 
 class Worker:
     """Squares numbers slowly; fails on keys listed in `fail_once` the first time (marker files), always on
     `fail_always`."""
 
-    def __init__(self, marker_dir: str = "", fail_once: tuple = (), fail_always: tuple = (), broken: bool = False):
-        if broken:
+    def __init__(self, marker_dir: str = "", fail_once: tuple = (), fail_always: tuple = (), broken: bool = False,
+                 start_seconds: float = 0.0, broken_after: str = ""):
+        time.sleep(start_seconds)  # loading a model
+        if broken or (broken_after and os.path.exists(broken_after)):
             raise RuntimeError("model file not found: /nowhere")
         self.marker_dir, self.fail_once, self.fail_always = marker_dir, fail_once, fail_always
 
@@ -66,3 +69,27 @@ def test_a_killed_actor_is_replaced_and_its_items_rerun():
 def test_an_actor_that_cannot_start_is_one_clear_error():
     with pytest.raises(PoolError, match=r"an actor failed to start: .*model file not found: /nowhere"):
         ActorPool(Worker, kwargs={"broken": True}, size=2, name="t-broken", num_cpus=0)
+
+
+def test_an_actor_killed_while_starting_is_replaced_and_the_pool_works():
+    """SIGKILL during the constructor (the OOM killer while a model loads): a death, not a constructor error."""
+    killer = KillWhen("Worker.__init__", actor="t-start-kill-", timeout=30)
+    with ActorPool(Worker, kwargs={"start_seconds": 1.0}, size=2, name="t-start-kill", num_cpus=0) as pool:
+        assert killer.join(), "no starting actor was found to kill"
+        assert pool.replacements == 1
+        keys = [k for k, _ in pool.map_unordered("work", [(i, i) for i in range(6)])]
+    assert sorted(keys) == list(range(6))
+
+
+def test_a_replacement_whose_constructor_raises_fails_fast_with_its_error(tmp_path):
+    """An actor killed mid-work is replaced; if the replacement cannot start (the model is gone now), the pool stops
+    at once with the constructor's error instead of spending its replacements on the same error."""
+    gone = tmp_path / "model-deleted"
+    with ActorPool(Worker, kwargs={"broken_after": str(gone)}, size=1, name="t-broken-later", num_cpus=0,
+                   max_replacements=8) as pool:
+        gone.touch()
+        killer = KillWhen("Worker.work", timeout=30)
+        done = []
+        with pytest.raises(PoolError, match=r"replacement actor failed to start: .*model file not found"):
+            done.extend(pool.map_unordered("work", [(i, i) for i in range(30)]))
+        assert killer.join() and pool.replacements == 1, (killer.killed, pool.replacements, len(done))
