@@ -19,6 +19,8 @@ from typing import Any
 
 from pipeline.config import JobConfig, MoeforgeConfig, resolve_preset
 from pipeline.tracking import resolve_tracking_uri
+from pipeline.version import ENV as CODE_VERSION_ENV
+from pipeline.version import has_code, version_of
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,10 @@ def runtime_env(cfg: MoeforgeConfig) -> dict[str, Any]:
     env.update(j.env_vars)
     if cfg.tracking.uri:
         env.setdefault("MLFLOW_TRACKING_URI", cfg.tracking.uri)
-    out: dict[str, Any] = {"working_dir": str(Path(j.working_dir).resolve()), "excludes": list(j.excludes)}
+    working_dir = Path(j.working_dir).resolve()
+    if has_code(working_dir):  # the version of the code uploaded (no .git goes with it), checked by the job
+        env[CODE_VERSION_ENV] = version_of(working_dir)
+    out: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(j.excludes)}
     if j.pip:
         out["pip"] = list(j.pip)
     if env:

@@ -1,16 +1,27 @@
-"""The code version that stage cache keys and run tags carry."""
+"""The code version that stage cache keys and run tags carry: a hash of the code itself.
+
+It is computed from the source files of the packages that run stages, wherever they are: a git checkout, a Ray
+job's uploaded working dir (which has no `.git`), a container image, an installed wheel. So a stage's cache never
+outlives the code that produced it, with or without git. `moeforge submit` computes it from the working dir it
+uploads and sets `MOEFORGE_CODE_VERSION` in the job; images record it at build time (`python -m pipeline.version`).
+Either is checked against the code the process really runs, which wins on a mismatch (a stale image variable, a
+working dir shadowed by an installed copy) with a warning.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
-import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-# The folders whose code runs in stages; edits elsewhere (tests, docs) do not invalidate the cache.
+log = logging.getLogger(__name__)
+
+# The packages whose code runs in stages; edits elsewhere (tests, docs) do not invalidate the cache.
 CODE_DIRS = ("pipeline", "actors", "jobs")
+ENV = "MOEFORGE_CODE_VERSION"
 
 
 def package_version() -> str:
@@ -20,32 +31,39 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def _git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
-                          timeout=10).stdout
+def source_hash(root: Path) -> str:
+    """sha256 over the path and bytes of every Python source under `root`'s code packages (sorted, so stable)."""
+    h = hashlib.sha256()
+    for package in CODE_DIRS:
+        for path in sorted((Path(root) / package).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(root).as_posix()
+            h.update(f"{rel}\0{path.stat().st_size}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def version_of(root: Path) -> str:
+    """`<package version>+src.<first 12 hex of the source hash>` of the code under `root`."""
+    return f"{package_version()}+src.{source_hash(root)[:12]}"
+
+
+def has_code(root: Path) -> bool:
+    return all((Path(root) / package / "__init__.py").is_file() for package in CODE_DIRS)
 
 
 @functools.cache
 def code_version() -> str:
-    """`$MOEFORGE_CODE_VERSION`, else `<version>+g<sha>[.dirty<diff hash>]` from git, else the package version.
+    """The version of the code this process runs (the folder these packages were imported from)."""
+    running = version_of(Path(__file__).resolve().parent.parent)
+    carried = os.environ.get(ENV)
+    if carried and carried != running:
+        log.warning("%s is %s but the code this process runs is %s: using the code's own version (a stale image "
+                    "variable, or a submitted working dir shadowed by another copy of the code)", ENV, carried,
+                    running)
+    return running
 
-    Uncommitted edits to the code folders change the version (through a hash of the diff), so a stage's cache
-    never outlives the code that produced it.
-    """
-    if env := os.environ.get("MOEFORGE_CODE_VERSION"):
-        return env
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = _git(root, "rev-parse", "HEAD").strip()
-        diff = _git(root, "diff", "HEAD", "--", *CODE_DIRS)
-        untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *CODE_DIRS)
-    except (OSError, subprocess.SubprocessError):
-        return package_version()
-    tag = f"{package_version()}+g{sha[:12]}"
-    if diff or untracked:
-        h = hashlib.sha256(diff.encode())
-        for rel in sorted(untracked.split()):
-            h.update(rel.encode())
-            h.update((root / rel).read_bytes() if (root / rel).is_file() else b"")
-        tag += f".dirty{h.hexdigest()[:8]}"
-    return tag
+
+if __name__ == "__main__":  # image builds record the version: `python -m pipeline.version`
+    print(code_version())

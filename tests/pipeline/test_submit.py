@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from pipeline import submit as sub
 from pipeline.cli import app
 from pipeline.config import load_config
+from pipeline.version import code_version
 from tests.conftest import REPO, free_port
 
 
@@ -42,6 +43,7 @@ def test_runtime_env_from_the_job_section_and_the_environment(monkeypatch):
     cfg = load_config("tiny", ["job.pip=[rich]", "job.env_vars={HF_HUB_OFFLINE: '1'}", "job.working_dir=."])
     env = sub.runtime_env(cfg)
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1",
+                               "MOEFORGE_CODE_VERSION": code_version(),  # of the working dir's code: this repo's
                                **({"MOEFORGE_CACHE_DIR": env["env_vars"]["MOEFORGE_CACHE_DIR"]}
                                   if "MOEFORGE_CACHE_DIR" in env["env_vars"] else {})}
     assert env["pip"] == ["rich"] and ".venv" in env["excludes"] and env["working_dir"].startswith("/")
