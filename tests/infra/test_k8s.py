@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -266,11 +267,222 @@ def test_mlflow_is_cluster_internal_with_a_database_and_proxied_artifacts():
     (svc,) = [o for o in objects("dev") if o["kind"] == "Service" and o["metadata"]["name"] == "mlflow"]
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     (dep,) = [o for o in objects("dev") if o["kind"] == "Deployment" and o["metadata"]["name"] == "mlflow"]
-    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    flags = dict(a.split("=", 1) if "=" in a else (a, "") for a in args)
-    assert flags["--backend-store-uri"].startswith("postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@postgres:")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    flags = dict(a.split("=", 1) if "=" in a else (a, "") for a in container["args"])
     assert flags["--artifacts-destination"].startswith("s3://") and "--serve-artifacts" in flags
     assert "mlflow.moeforge.svc.cluster.local:5000" in flags["--allowed-hosts"].split(",")
+    # the store URI, password included, comes whole from a Secret: nothing of it on the command line
+    assert "--backend-store-uri" not in flags
+    assert not any("postgresql" in a or "PASSWORD" in a for a in container["args"])
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "moeforge-mlflow-db", "key": "uri"}
+    assert "moeforge-mlflow-db --from-literal=uri=\"postgresql://mlflow:${PG_PASSWORD}@postgres:5432/mlflow\"" in \
+        (K8S / "secret.example").read_text().replace("\\\n  ", "")
+
+
+# ---------------------------------------------------------------------------------------------------- security
+
+
+def pod_templates(obj: dict) -> list[tuple[tuple, dict]]:
+    """Every pod template in an object (workloads, Jobs, each Ray group, the RayJob's submitter): (path, template)."""
+    return [(path, node) for path, node in walk(obj)
+            if isinstance(node.get("spec"), dict) and "containers" in node["spec"] and "metadata" in node]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay):
+    seen = 0
+    for obj in objects(overlay):
+        for path, template in pod_templates(obj):
+            where = f"{obj['kind']}/{obj['metadata']['name']} {'/'.join(map(str, path))}"
+            pod = template["spec"].get("securityContext", {})
+            assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) > 0, where
+            assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+            volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+            for c in template["spec"]["containers"]:
+                sc = c.get("securityContext", {})
+                assert sc.get("allowPrivilegeEscalation") is False, (where, c["name"])
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], (where, c["name"])
+                assert sc.get("readOnlyRootFilesystem") is True, (where, c["name"])
+                assert not sc.get("privileged") and not sc.get("capabilities", {}).get("add"), (where, c["name"])
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], (where, c["name"])  # writable
+            seen += 1
+    for obj in objects(overlay, "ray.io"):  # KubeRay's autoscaler sidecar is configured on the cluster spec
+        for _, node in walk(obj):
+            if "autoscalerOptions" in node:
+                sc = node["autoscalerOptions"]["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert seen >= 11
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_cluster_requires_ray_token_auth(overlay):
+    specs = []
+    for obj in objects(overlay, "ray.io"):
+        spec = {"RayCluster": lambda o: o["spec"], "RayJob": lambda o: o["spec"]["rayClusterSpec"],
+                "RayService": lambda o: o["spec"]["rayClusterConfig"]}[obj["kind"]](obj)
+        assert spec["authOptions"]["mode"] == "token", obj["kind"]
+        specs.append(obj["kind"])
+    assert sorted(specs) == ["RayCluster", "RayJob", "RayService"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_minio_credentials_are_scoped_per_consumer(overlay):
+    """Root credentials: MinIO and its setup Job only. MLflow and the pipeline's Ray pods have users of their own,
+    each allowed one bucket; the serving cluster has no S3 credentials at all."""
+    users: dict[str, set] = {}
+    for obj in objects(overlay):
+        for _, template in pod_templates(obj):
+            labels = template["metadata"].get("labels", {})
+            who = labels.get("app.kubernetes.io/instance") or labels.get("app.kubernetes.io/name")
+            for _, node in walk(template):
+                if "secretKeyRef" in node and node["secretKeyRef"]["name"].startswith("moeforge-minio"):
+                    users.setdefault(node["secretKeyRef"]["name"], set()).add(who)
+    assert users["moeforge-minio"] == {"minio", "minio-buckets"}
+    assert users["moeforge-minio-mlflow"] == {"mlflow", "minio-buckets"}
+    assert users["moeforge-minio-ray"] == {"moeforge", "moeforge-pipeline", "minio-buckets"}
+    assert "moeforge-serve" not in set().union(*users.values())
+    (job,) = [o for o in objects(overlay) if o["kind"] == "Job" and o["metadata"]["name"] == "minio-buckets"]
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert 'policy attach store mlflow-rw --user "$MLFLOW_ACCESS_KEY"' in script
+    assert 'policy attach store moeforge-rw --user "$RAY_ACCESS_KEY"' in script
+    assert '"Resource": ["arn:aws:s3:::$bucket/*"]' in script and "s3:*" not in script  # one bucket, listed actions
+    (svc,) = [o for o in objects(overlay) if o["kind"] == "Service" and o["metadata"]["name"] == "minio"]
+    assert [p["port"] for p in svc["spec"]["ports"]] == [9000]  # no console
+
+
+# ---------------------------------------------------------------------------------------------------- network
+
+
+NAMESPACE = "moeforge"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A pod (labels, namespace) or an address outside any pod (ip=True: the Kubernetes API, the internet)."""
+
+    labels: tuple = ()
+    namespace: str = NAMESPACE
+    ip: bool = False
+
+
+def pod(labels: dict, namespace: str = NAMESPACE) -> Endpoint:
+    return Endpoint(tuple(sorted(labels.items())), namespace)
+
+
+def named(name: str, namespace: str = NAMESPACE, **more) -> Endpoint:
+    return pod({"app.kubernetes.io/name": name, **more}, namespace)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "the evaluator reads matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def peer_matches(peer: dict, e: Endpoint) -> bool:
+    if "ipBlock" in peer:
+        return e.ip and peer["ipBlock"]["cidr"] == "0.0.0.0/0"
+    if e.ip:
+        return False
+    labels = dict(e.labels)
+    if "namespaceSelector" in peer:
+        ns = {"kubernetes.io/metadata.name": e.namespace}
+        return selects(peer["namespaceSelector"], ns) and selects(peer.get("podSelector", {}), labels)
+    return e.namespace == NAMESPACE and selects(peer["podSelector"], labels)
+
+
+def rule_allows(rule: dict, peers_key: str, other: Endpoint, port: int, protocol: str) -> bool:
+    ports = rule.get("ports")
+    if ports and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+        return False
+    peers = rule.get(peers_key)
+    return not peers or any(peer_matches(p, other) for p in peers)
+
+
+def allowed(policies: list[dict], src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> bool:
+    """NetworkPolicy semantics for one connection: both the destination's ingress (if it is one of ours) and the
+    source's egress (if it is one of ours) must allow it."""
+    def side(e: Endpoint, direction: str, peers_key: str, other: Endpoint) -> bool:
+        if e.ip or e.namespace != NAMESPACE:
+            return True  # not ours to police
+        mine = [p["spec"] for p in policies if direction in p["spec"]["policyTypes"]
+                and selects(p["spec"]["podSelector"], dict(e.labels))]
+        return not mine or any(rule_allows(r, peers_key, other, port, protocol)
+                               for spec in mine for r in spec.get(direction.lower(), []))
+    return side(dst, "Ingress", "from", src) and side(src, "Egress", "to", dst)
+
+
+CLUSTERS = {"standing": "moeforge", "job": "moeforge-pipeline", "serve": "moeforge-serve"}
+ROLES = {
+    **{name: named(name) for name in ("postgres", "minio", "mlflow")},
+    "buckets": named("minio-buckets"),
+    **{f"{short}-{part}": pod({"app.kubernetes.io/name": "ray", "app.kubernetes.io/instance": instance,
+                               "app.kubernetes.io/component": component})
+       for short, instance in CLUSTERS.items() for part, component in (("head", "head"), ("worker", "cpu-worker"))},
+    "submitter": named("ray-job-submitter", **{"app.kubernetes.io/instance": "moeforge-pipeline"}),
+    "dns": pod({"k8s-app": "kube-dns"}, "kube-system"),
+    "operator": named("kuberay-operator", "kuberay-system"),
+    "ingress": named("ingress-nginx", "ingress-nginx"),
+    "prometheus": named("prometheus", "monitoring"),
+    "other-pod": pod({"app": "anything"}, "default"),
+    "intruder-in-namespace": pod({"app": "debug-shell"}),
+    "outside": Endpoint(ip=True),
+}
+EXPECT = [  # (source, destination, port, allowed)
+    ("mlflow", "postgres", 5432, True), ("job-worker", "postgres", 5432, False),
+    ("serve-head", "postgres", 5432, False), ("intruder-in-namespace", "postgres", 5432, False),
+    ("mlflow", "minio", 9000, True), ("buckets", "minio", 9000, True), ("job-worker", "minio", 9000, True),
+    ("standing-worker", "minio", 9000, True), ("serve-worker", "minio", 9000, False),
+    ("other-pod", "minio", 9000, False), ("mlflow", "minio", 9001, False), ("submitter", "minio", 9000, False),
+    ("job-worker", "mlflow", 5000, True), ("serve-worker", "mlflow", 5000, True),
+    ("standing-head", "mlflow", 5000, True), ("other-pod", "mlflow", 5000, False),
+    ("ingress", "mlflow", 5000, False), ("submitter", "mlflow", 5000, False), ("postgres", "mlflow", 5000, False),
+    ("submitter", "job-head", 8265, True), ("other-pod", "job-head", 8265, False),
+    ("other-pod", "standing-head", 8265, False), ("intruder-in-namespace", "standing-head", 8265, False),
+    ("job-worker", "job-head", 6379, True), ("serve-worker", "serve-head", 6379, True),
+    ("standing-worker", "job-head", 6379, False), ("serve-worker", "standing-head", 6379, False),
+    ("job-head", "serve-worker", 10002, False),
+    ("operator", "standing-head", 8265, True), ("operator", "serve-head", 8265, True),
+    ("operator", "job-worker", 52365, True), ("operator", "job-head", 6379, False),
+    ("ingress", "serve-head", 8000, True), ("outside", "serve-worker", 8000, True),
+    ("outside", "serve-head", 8265, False), ("outside", "standing-head", 8000, False),
+    ("standing-head", "outside", 443, True), ("serve-head", "outside", 6443, True),
+    ("standing-worker", "outside", 443, False), ("mlflow", "outside", 443, False), ("job-worker", "outside", 80, False),
+    ("serve-head", "outside", 80, False),
+]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_deny_by_default_and_allow_what_each_component_needs(overlay):
+    policies = [o for o in objects(overlay) if o["kind"] == "NetworkPolicy"]
+    (deny,) = [p for p in policies if p["metadata"]["name"] == "default-deny"]
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    wrong = [(src, dst, port, want) for src, dst, port, want in EXPECT
+             if allowed(policies, ROLES[src], ROLES[dst], port) is not want]
+    assert not wrong, wrong
+    for role in ROLES.values():  # every pod of the namespace resolves names
+        if role.namespace == NAMESPACE:
+            assert allowed(policies, role, ROLES["dns"], 53, "UDP")
+    scraped = allowed(policies, ROLES["prometheus"], ROLES["job-worker"], 8080)
+    assert scraped is (overlay == "gpu")  # the monitoring component opens the metrics port, where it is installed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_of_the_namespace_is_covered_by_an_allow_policy(overlay):
+    """No pod lives on the default deny alone (it would be cut off) or outside every policy (it would be open)."""
+    policies = [o for o in objects(overlay) if o["kind"] == "NetworkPolicy"]
+    allows = [p for p in policies if p["metadata"]["name"] not in ("default-deny", "dns")]
+    kinds = set()
+    for obj in objects(overlay):
+        for path, template in pod_templates(obj):
+            labels = template["metadata"].get("labels", {})
+            assert labels, (obj["kind"], obj["metadata"]["name"], path)
+            assert any(selects(p["spec"]["podSelector"], labels) for p in allows), (obj["kind"], labels)
+            if labels.get("app.kubernetes.io/component") != "gpu-worker":  # same policies as the CPU workers
+                assert pod(labels) in ROLES.values(), labels  # the connection matrix above covers this pod
+            kinds.add(obj["kind"])
+    assert kinds >= {"Deployment", "StatefulSet", "Job", "RayCluster", "RayJob", "RayService"}
 
 
 def test_the_podmonitor_scrapes_the_ray_pods_metrics_port():
