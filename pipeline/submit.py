@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import JobConfig, MoeforgeConfig, resolve_preset
+from pipeline.redaction import redact_url, secret_name
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.version import ENV as CODE_VERSION_ENV
 from pipeline.version import has_code, version_of
@@ -61,6 +62,13 @@ def entrypoint(job: str, config: str, overrides: list[str], extra: list[str]) ->
     # `job.*` describes the submission itself (env vars, pip, working dir) and reaches the job as its runtime env;
     # it is left off the command line, which Ray shows to anyone listing jobs (env var values may be secrets)
     sets = [a for o in overrides if not o.strip().startswith("job.") for a in ("--set", o)]
+    for o in overrides:
+        key, _, value = (part.strip() for part in o.partition("="))
+        if not key.startswith("job.") and (redact_url(value) != value or (value and secret_name(key.split(".")[-1]))):
+            raise SubmitError(f"--set {key}=...: the value holds a credential, and the job's command line is shown to "
+                              "anyone who lists jobs; give it to the job through its environment instead (e.g. "
+                              "MLFLOW_TRACKING_URI / MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set where "
+                              "the cluster runs)")
     return shlex.join(["python", "-m", f"jobs.{job}", "--config", config, *sets, *extra])
 
 

@@ -22,6 +22,9 @@ def test_entrypoint_runs_a_jobs_module_with_the_config_and_overrides():
                                 "--set", "data.tasks=[{name: 'chain_sum'}]", "--force", "train"]
     with_job = sub.entrypoint("pipeline", "tiny", ["job.env_vars={HF_TOKEN: sk-secret}", "train.max_steps=5"], [])
     assert "sk-secret" not in with_job and "train.max_steps=5" in with_job  # the job gets job.* as its runtime env
+    for leaky in ("tracking.uri=http://bob:pw@mlflow:5000", "teacher.base_url=https://k:s@api.example/v1"):
+        with pytest.raises(sub.SubmitError, match="holds a credential"):
+            sub.entrypoint("pipeline", "tiny", [leaky], [])
     for job in sub.JOB_NAMES:  # every name `moeforge submit` accepts is a module of jobs/
         assert (REPO / "jobs" / f"{job}.py").is_file()
     with pytest.raises(sub.SubmitError, match="unknown job 'trian'; jobs: pipeline, generate"):
