@@ -101,6 +101,9 @@ class StageContext:
     def __init__(self, call: StageCall):
         from mlflow import MlflowClient
 
+        from pipeline.tracking import quiet_mlflow_links
+
+        quiet_mlflow_links()  # this worker process ends runs too (log_student): no credentials in its output
         self.call = call
         self.stage = call.stage
         self.run_id = call.run_id

@@ -84,6 +84,13 @@ def ray_job_submission_id() -> str | None:
         return None
 
 
+def quiet_mlflow_links() -> None:
+    """Stop MLflow printing "View run ... at: <tracking URI>" when a run ends: it prints the URI as given, with any
+    `user:password@` in it, into the terminal, the job's log and the run log. moeforge prints its own links, without
+    credentials (`run_url`)."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run, when the store is a tracking server (the UI it serves)."""
     if tracking_uri.startswith(("http://", "https://")):
@@ -109,6 +116,7 @@ class Tracker:
         self.workdir = Path(cfg.workdir).resolve()
         self.uri = resolve_tracking_uri(cfg)
         self.shown_uri = redact_uri(self.uri)  # what output and pages show: the store without its credentials
+        quiet_mlflow_links()
         self.client = MlflowClient(self.uri)
         self.experiment_id = self._ensure_experiment()
 

@@ -5,7 +5,9 @@ and serve the old cache). Real local cluster, real job server, real MLflow store
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -35,7 +37,8 @@ print("RESULT " + json.dumps({"hits": [s.cache_hit for s in result.stages], "cod
 def submit_and_wait(client, working_dir: Path, sets: list[str]) -> dict:
     cfg = load_config("tiny", [f"job.working_dir={working_dir}", "job.excludes=[]"])
     env = sub.runtime_env(cfg)
-    sid = client.submit_job(entrypoint=" ".join(["python", "run_chain.py", *sets]), runtime_env=env)
+    # this environment's interpreter (the job's PATH need not lead to it; clean clones run the suite from .venv)
+    sid = client.submit_job(entrypoint=shlex.join([sys.executable, "run_chain.py", *sets]), runtime_env=env)
     deadline = time.monotonic() + 240
     while str(client.get_job_status(sid)).split(".")[-1] not in sub.TERMINAL and time.monotonic() < deadline:
         time.sleep(0.5)

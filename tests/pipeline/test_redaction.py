@@ -46,7 +46,7 @@ def test_redact_hides_env_values_secret_fields_and_url_credentials_only():
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_planted_secret_appears_nowhere_a_run_shows(tmp_path, mlflow_server, monkeypatch):
+def test_a_planted_secret_appears_nowhere_a_run_shows(tmp_path, mlflow_server, monkeypatch, capfd):
     from pipeline.cli import app
     from pipeline.config import load_config
     from pipeline.dag import Dag
@@ -72,6 +72,8 @@ def test_a_planted_secret_appears_nowhere_a_run_shows(tmp_path, mlflow_server, m
             assert secret not in text, f"{secret} in {where}"
 
     result = run_pipeline(cfg, chain())
+    printed = capfd.readouterr()  # MLflow prints "View run ... at: <tracking URI>" when a run ends, unless told not to
+    clean(printed.out + printed.err, "the driver's output")
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name("planted-secrets").experiment_id
     runs = client.search_runs([experiment])
