@@ -18,22 +18,38 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/x.py` from a che
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn each round."""
+    """Median seconds per call of each function, calling them in turn each round (on CUDA, each call is timed to
+    the end of its kernels, not to their launch)."""
+    def sync() -> None:
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def describe() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
-            f"python {platform.python_version()}")
+def device_arg(value: str) -> torch.device:
+    """`--device`: cpu, cuda, cuda:N — refused at once if this machine has no such device."""
+    device = torch.device(value)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {value}: this machine has no CUDA device")
+    return device
+
+
+def describe(device: torch.device | None = None) -> str:
+    where = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else \
+        f"{torch.get_num_threads()} threads, {platform.machine()}"
+    return f"torch {torch.__version__}, {where}, python {platform.python_version()}"
 
 
 def result(**figures: float | str) -> None:

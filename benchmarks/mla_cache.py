@@ -1,7 +1,7 @@
 """MLA latent KV cache: bytes per token per layer vs standard multi-head attention, and decode tokens/s with the
 `absorb` path vs the `naive` path (expand every cached latent each step) at 1k and 2k cached tokens.
 
-    .venv/bin/python benchmarks/mla_cache.py [--batch 4 --contexts 1024 2048]
+    .venv/bin/python benchmarks/mla_cache.py [--batch 4 --contexts 1024 2048] [--device cuda]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import describe, interleaved, result
+from _common import describe, device_arg, interleaved, result
 
 from pipeline.model.config import model_preset
 from pipeline.model.generate import decode
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--device", type=device_arg, default=torch.device("cpu"))
     args = ap.parse_args()
 
     figures: dict[str, float] = {}
@@ -48,7 +49,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = model_preset("tiny", vocab_size=VOCAB, max_seq_len=max(args.contexts) + args.steps + 8)
-    models = {impl: Transformer(cfg.model_copy(update={"attn_impl": impl})).eval() for impl in ("naive", "absorb")}
+    models = {impl: Transformer(cfg.model_copy(update={"attn_impl": impl})).eval().to(args.device)
+              for impl in ("naive", "absorb")}
     models["naive"].load_state_dict(models["absorb"].state_dict())
     for ctx_len in args.contexts:
         caches = {}
@@ -85,7 +87,7 @@ def main() -> None:
               f"(batch {args.batch})")
         figures[f"absorb_speedup_{ctx_len}"] = tok_s["absorb"] / tok_s["naive"]
         figures[f"absorb_tok_s_{ctx_len}"] = tok_s["absorb"]
-    print(f"model: tiny preset, vocab {VOCAB}; {describe()}")
+    print(f"model: tiny preset, vocab {VOCAB}, on {args.device}; {describe(args.device)}")
     result(**figures)
 
 

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="serve.max_batch_size (engine slots)")
     parser.add_argument("--cpus", type=float, default=2, help="CPUs of the one replica")
+    parser.add_argument("--gpus", type=float, default=0, help="GPUs of the one replica (the student on CUDA)")
     args = parser.parse_args()
 
     import ray
@@ -97,9 +98,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         build_student(Path(tmp) / "student")
-        ray.init(num_cpus=max(2, int(args.cpus)), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(2, int(args.cpus)), num_gpus=int(args.gpus + 0.999), include_dashboard=False,
+                 log_to_driver=False)
         settings = ServeConfig(max_batch_size=args.batch, max_ongoing_requests=max(32, args.requests),
-                               max_queued_requests=-1, num_cpus=args.cpus, max_tokens_limit=args.max_tokens)
+                               max_queued_requests=-1, num_cpus=args.cpus, num_gpus=args.gpus,
+                               max_tokens_limit=args.max_tokens)
         url = start(settings, str(Path(tmp) / "student"), None)
         base = f"{url}/v1"
         try:
@@ -119,7 +122,8 @@ def main() -> None:
                 "p99_ttft": pct(ttft, 99), "p50_itl": pct(itl, 50), "p99_itl": pct(itl, 99)}
 
     s1, s16 = summary(seq), summary(par)
-    print(f"{describe()}; replica CPUs {args.cpus}, engine slots {args.batch}; {args.requests} requests x "
+    print(f"{describe()}; replica CPUs {args.cpus}, GPUs {args.gpus}, engine slots {args.batch}; "
+          f"{args.requests} requests x "
           f"{args.max_tokens} tokens, {args.rounds} rounds")
     print(f"{'':<14}{'tok/s':>8}{'p50 TTFT':>10}{'p99 TTFT':>10}{'p50 ITL':>9}{'p99 ITL':>9}   (ms)")
     for name, s in (("c=1", s1), (f"c={args.requests}", s16)):

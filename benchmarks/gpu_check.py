@@ -1,0 +1,224 @@
+"""One prepared check of the GPU path, for a session that is lent a CUDA machine (issue 19): everything written for
+GPUs — bf16 autocast and NCCL in training, the experts' grouped GEMMs, MLA decoding, the teacher and the student
+on CUDA, serving under concurrency — run once, with a one-line summary per part.
+
+    python benchmarks/gpu_check.py             # a CUDA machine: every part, about 5 minutes on one H200
+    python benchmarks/gpu_check.py --dry-run   # anywhere: the parts that need no CUDA, tiny sizes (a test runs it)
+
+Parts, each in its own process (a crash in one is reported, not inherited):
+  train     the student's training step through `actors.trainer.fit` (the `train` stage's Ray Train path), one
+            worker: bf16 autocast + NCCL on CUDA (gloo on CPU); tokens/s and MFU against the datasheet peak
+  moe       MoE layer forward+backward, ours vs transformers' DeepseekV3MoE (`benchmarks/moe_layer.py`), at the tiny
+            shape and, on CUDA, a DeepSeek-V3-like one (64 routed experts, top-6, dim 1024), bf16
+  mla       MLA decode, `absorb` vs `naive` (`benchmarks/mla_cache.py`), at 2k and 16k cached tokens on CUDA
+  generate  the `hf` teacher backend generating a batch on the device, tokens/s; then the `vllm` backend if vllm is
+            importable (it is not installed by the set-up and this machine's device has no index to fetch it from)
+  serve     the OpenAI-compatible Serve app with the student on the device: 16 concurrent streams vs one at a time
+            (`benchmarks/serve_load.py`)
+
+Each part prints `PART <name> ok: <figures>` or `SKIP <name>: <why>`; the first failure prints `FAILED <name>: <why>`
+(with the part's last output) and exits 1. The last line is `RESULT key=value ...` with every part's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("train", "moe", "mla", "generate", "serve")
+PART_TIMEOUT_S = {"train": 240, "moe": 180, "mla": 120, "generate": 180, "serve": 240}
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def last_result(output: str) -> dict:
+    """The figures of a benchmark's `RESULT k=v ...` line."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError("no RESULT line in its output")
+    figures: dict = {}
+    for key, value in (kv.split("=", 1) for kv in lines[-1].split()[1:]):
+        try:
+            figures[key] = float(value)
+        except ValueError:
+            figures[key] = value
+    return figures
+
+
+def run_script(args: list[str], timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return last_result(proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------------- parts
+
+
+def part_train(dry: bool) -> dict:
+    """`fit` with one worker on synthetic soft targets shaped like the distilled dataset."""
+    import statistics
+
+    import pyarrow as pa
+    import ray
+    from mlflow import MlflowClient
+
+    sys.path.insert(0, str(HERE))
+    from train_workers import VOCAB, K, synthetic_rows
+
+    from actors.trainer import fit
+    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.stages.artifact_specs import soft_targets_schema
+    from pipeline.train.replica import TrainJob
+
+    gpu = not dry
+    steps, rows = (4, 16) if dry else (30, 512)
+    ray.init(num_cpus=2 if dry else 8, num_gpus=1 if gpu else 0, log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = f"sqlite:///{tmp}/mlflow.db"
+            client = MlflowClient(uri)
+            run_id = client.create_run(client.create_experiment("gpu-check", f"{tmp}/artifacts")).info.run_id
+            train = TrainConfig(num_workers=1, use_gpu=gpu, cpus_per_worker=2 if dry else 4, max_steps=steps,
+                                warmup_steps=1, batch_size=2 if dry else 16, seq_len=64 if dry else 512,
+                                checkpoint_every=steps)
+            table = pa.Table.from_pylist(synthetic_rows(rows), schema=soft_targets_schema("float16"))
+            result = fit(TrainJob(ModelConfig(vocab_size=VOCAB), train, K, run_id, uri), ray.data.from_arrow(table),
+                         "gpu-check", f"{tmp}/ckpt")
+            if result.error is not None:
+                raise RuntimeError(f"training failed: {result.error}")
+            history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
+            mfu = sorted(client.get_metric_history(run_id, "mfu"), key=lambda m: m.step)
+            tags = client.get_run(run_id).data.tags
+            skip = min(3, len(history) - 1)  # the first steps pay for compilation and allocator warm-up
+            return {"train_tok_s": statistics.median(m.value for m in history[skip:]),
+                    "train_mfu": statistics.median(m.value for m in mfu[skip:]),
+                    "train_device": tags.get("moeforge.train.device", "?"),
+                    "train_peak_flops": float(tags["moeforge.train.mfu_peak"].split()[0])}
+    finally:
+        ray.shutdown()
+
+
+def part_moe(dry: bool) -> dict:
+    device = ["--device", "cpu"] if dry else ["--device", "cuda", "--dtype", "bfloat16"]
+    tiny = run_script(["benchmarks/moe_layer.py", "--tokens", "256" if dry else "8192", "--rounds",
+                       "2" if dry else "10", *device], PART_TIMEOUT_S["moe"])
+    out = {"moe_tiny_speedup": tiny["speedup_vs_transformers"], "moe_tiny_tok_s": tiny["ours_tok_s"]}
+    if not dry:
+        big = run_script(["benchmarks/moe_layer.py", "--tokens", "8192", "--dim", "1024", "--experts", "64",
+                          "--topk", "6", "--inter", "512", "--shared", "1", "--rounds", "10", "--no-loop", *device],
+                         PART_TIMEOUT_S["moe"])
+        out.update(moe_v3_speedup=big["speedup_vs_transformers"], moe_v3_tok_s=big["ours_tok_s"])
+    return out
+
+
+def part_mla(dry: bool) -> dict:
+    contexts = ["128"] if dry else ["2048", "16384"]
+    figures = run_script(["benchmarks/mla_cache.py", "--contexts", *contexts, "--device", "cpu" if dry else "cuda",
+                          "--batch", "2" if dry else "8", "--steps", "2" if dry else "16", "--rounds",
+                          "1" if dry else "5"], PART_TIMEOUT_S["mla"])
+    return {f"mla_absorb_speedup_{c}": figures[f"absorb_speedup_{c}"] for c in contexts}
+
+
+def part_generate(dry: bool) -> dict:
+    import importlib.util
+
+    from pipeline.data.prompts import teacher_messages
+    from pipeline.teacher.hf import DEFAULT_TEACHER, HFTeacher, default_cache_dir, resolve_model_dir
+
+    device = "cpu" if dry else "cuda"
+    teacher = HFTeacher(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()),
+                        dtype="float32" if dry else "bfloat16", device=device)
+    n, tokens = (2, 8) if dry else (64, 128)
+    conversations = [teacher_messages("basic_arithmetic", f"Calculate {i} + {2 * i + 1}.") for i in range(n)]
+    teacher.generate(conversations[:2], max_new_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    out = teacher.generate(conversations, max_new_tokens=tokens)
+    seconds = time.perf_counter() - t0
+    figures: dict = {"generate_hf_tok_s": sum(g.completion_tokens for g in out) / seconds}
+    if dry:
+        figures["generate_vllm"] = "skipped-no-cuda"
+    elif importlib.util.find_spec("vllm") is None:
+        figures["generate_vllm"] = "skipped-not-installed"
+    else:
+        from pipeline.config import TeacherConfig
+        from pipeline.teacher import load_teacher
+
+        vllm_teacher = load_teacher(TeacherConfig(backend="vllm", max_new_tokens=tokens), default_cache_dir())
+        vllm_teacher.generate(conversations[:2], max_new_tokens=4)
+        t0 = time.perf_counter()
+        out = vllm_teacher.generate(conversations, max_new_tokens=tokens)
+        figures["generate_vllm_tok_s"] = sum(g.completion_tokens for g in out) / (time.perf_counter() - t0)
+    return figures
+
+
+def part_serve(dry: bool) -> dict:
+    args = ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2"] if dry else \
+        ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16"]
+    figures = run_script(["benchmarks/serve_load.py", *args], PART_TIMEOUT_S["serve"])
+    return {"serve_speedup": figures["speedup_c16_vs_c1"], "serve_tok_s_concurrent": figures["tok_s_c16"],
+            "serve_p99_ttft_ms": figures["p99_ttft_ms"]}
+
+
+def run_part(name: str, dry: bool) -> None:
+    """Child process: run one part, print its figures as one JSON line."""
+    figures = globals()[f"part_{name}"](dry)
+    print("FIGURES " + json.dumps(figures))
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="no CUDA needed: tiny sizes, CUDA-only parts skipped")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    ap.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # child mode
+    args = ap.parse_args()
+    if args.part:
+        run_part(args.part, args.dry_run)
+        return 0
+    dry = args.dry_run
+    if not dry and not cuda():
+        print("FAILED setup: no CUDA device here; run with --dry-run to check the wiring on CPU")
+        return 1
+    print(f"gpu_check: {'dry run on CPU (tiny sizes)' if dry else 'CUDA'}; parts {', '.join(args.parts)}")
+    every: dict = {}
+    started = time.perf_counter()
+    for name in args.parts:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, *(["--dry-run"] if dry else [])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PART_TIMEOUT_S[name], cwd=HERE.parent)
+        except subprocess.TimeoutExpired:
+            print(f"FAILED {name}: no answer within {PART_TIMEOUT_S[name]} s")
+            return 1
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("FIGURES ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+            print(f"FAILED {name}: exit {proc.returncode}\n" + "\n".join(f"    {line}" for line in tail))
+            return 1
+        figures = json.loads(lines[-1][len("FIGURES "):])
+        every.update(figures)
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+        print(f"PART {name} ok ({time.perf_counter() - t0:.0f} s): {shown}")
+    if dry:
+        print("SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training, the student on CUDA: "
+              "need CUDA")
+    print(f"gpu_check: all parts passed in {time.perf_counter() - started:.0f} s")
+    print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in every.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
