@@ -1,6 +1,6 @@
 """The trainer role on Ray Train: every worker runs one `Replica` (`pipeline/train/replica.py`).
 
-`train_loop` is the body of every Ray Train worker: it reads the worker's shard of the soft targets, restores from
+`train_loop` is the body of every Ray Train worker: it streams the worker's shard of the soft targets, restores from
 `ray.train.get_checkpoint()`, steps the replica, reports a checkpoint every `checkpoint_every` steps, and on rank 0
 logs the step metrics to the stage's MLflow run (MLflow's async logging, waited for before each checkpoint) and
 records them as live Ray metrics. `fit` builds the `TorchTrainer` (Train V2) with a deterministic
@@ -14,16 +14,18 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.train.expert_metrics import expert_shares, shares
 from pipeline.train.replica import Replica, TrainJob
+from pipeline.train.stream import RowSource
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainJob", "contiguous_split", "fit", "read_shard", "train_loop"]
+__all__ = ["TrainJob", "contiguous_split", "fit", "shard_rows", "train_loop"]
 
 
 class StepLog:
@@ -78,6 +80,7 @@ def contiguous_split(dataset, world_size: int):
     """
     from ray.train import DataConfig
 
+    dataset.context.execution_options.preserve_order = True  # file order: the same rows per rank on every run
     ds = dataset.materialize()
     n = ds.count()
     if n < world_size:
@@ -95,14 +98,14 @@ def contiguous_split(dataset, world_size: int):
     return ContiguousSplit()
 
 
-def read_shard(shard) -> list[dict]:
-    """All rows of this worker's Ray Data shard, in sample-id order (a stable order for a resumed run)."""
-    import pyarrow as pa
+def shard_rows(shard, rows_per_read: int = 256) -> RowSource:
+    """One pass over this worker's Ray Data shard per call, streamed a few hundred rows at a time in the shard's
+    fixed order (the input stream packs and shuffles them within its bounded buffer; `pipeline/train/stream.py`)."""
+    def rows() -> Iterator[dict]:
+        for table in shard.iter_batches(batch_format="pyarrow", batch_size=rows_per_read, prefetch_batches=1):
+            yield from table.to_pylist()
 
-    tables = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
-    if not tables:
-        return []
-    return pa.concat_tables(tables).sort_by("sample_id").to_pylist()
+    return rows
 
 
 def train_loop(job: TrainJob) -> None:
@@ -115,7 +118,7 @@ def train_loop(job: TrainJob) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
-    replica = Replica(job, read_shard(ray.train.get_dataset_shard("train")), rank, world, device)
+    replica = Replica(job, shard_rows(ray.train.get_dataset_shard("train")), rank, world, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -125,8 +128,8 @@ def train_loop(job: TrainJob) -> None:
     if step_log:
         step_log.tag({"moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
                  "moeforge.train.workers": world, "moeforge.train.device": str(device)})
-        step_log.log({"resumed_from_step": replica.resumed_from, "windows_rank0": len(replica.windows.tokens_BT)},
-                replica.step)
+        step_log.log({"resumed_from_step": replica.resumed_from, "input_buffer_windows": replica.data.capacity},
+                     replica.step)
     cfg = job.train
     try:
         while replica.step < cfg.max_steps:

@@ -131,6 +131,9 @@ class TrainConfig(Section):
     max_steps: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)  # sequences per worker per step
     seq_len: int = Field(256, ge=8)
+    # memory cap of a worker's input: the windows its shuffle buffer holds (rows are streamed through it, never
+    # held whole; at least one batch's windows whatever the cap)
+    input_buffer_mb: float = Field(64.0, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)

@@ -10,6 +10,7 @@ Windows see the samples before them in the stream as context (the usual cost of 
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,21 +52,84 @@ def _stream(rows: list[dict], k: int):
     return tokens, mask, soft, ids, lps, tail
 
 
+@dataclass
+class Window:
+    """One training sequence: the `PackedBatch` fields for T positions, and the samples that start in it."""
+
+    tokens_T: np.ndarray
+    targets_T: np.ndarray
+    mask_T: np.ndarray
+    soft_T: np.ndarray
+    topk_ids_TK: np.ndarray
+    topk_logprobs_TK: np.ndarray
+    tail_logmass_T: np.ndarray
+    sample_ids: tuple[str, ...]  # rows whose first token is an input of this window (each row has exactly one)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
+
+
+def stack(windows: list[Window]) -> PackedBatch:
+    """Windows as a [B, T] batch."""
+    return PackedBatch(*(np.stack([getattr(w, f) for w in windows])
+                         for f in ("tokens_T", "targets_T", "mask_T", "soft_T", "topk_ids_TK", "topk_logprobs_TK",
+                                   "tail_logmass_T")))
+
+
+class Packer:
+    """Rows in, windows out, incrementally: the packing above without holding more than one window's worth of rows.
+
+    `add(row)` appends a row to the token stream and returns the windows it completed (a window needs T + 1
+    tokens: its T inputs and the next token as the last target); `finish()` returns the stream's last, partial
+    window padded with masked positions (none if nothing is left to predict) and starts a new stream.
+    """
+
+    def __init__(self, seq_len: int, k: int):
+        self.T, self.k = seq_len, k
+        self._reset()
+
+    def _reset(self) -> None:
+        self.carry = _stream([], self.k)
+        self.offset = 0  # stream position of carry[0]
+        self.starts: collections.deque[tuple[int, str]] = collections.deque()  # (stream position, sample id)
+
+    def add(self, row: dict) -> list[Window]:
+        self.starts.append((self.offset + len(self.carry[0]), str(row.get("sample_id", ""))))
+        self.carry = tuple(np.concatenate([c, r]) for c, r in zip(self.carry, _stream([row], self.k), strict=True))
+        out = []
+        while len(self.carry[0]) >= self.T + 1:
+            out.append(self._cut())
+        return out
+
+    def finish(self) -> list[Window]:
+        out = []
+        if len(self.carry[0]) > 1:  # at least one position still has a next token to predict
+            pad = self.T + 1 - len(self.carry[0])
+            fill = (np.zeros(pad, np.int64), np.zeros(pad, bool), np.zeros(pad, bool), np.zeros((pad, self.k),
+                    np.int64), np.zeros((pad, self.k), np.float32), np.full(pad, -np.inf, np.float32))
+            self.carry = tuple(np.concatenate([c, f]) for c, f in zip(self.carry, fill, strict=True))
+            out.append(self._cut())
+        self._reset()
+        return out
+
+    def _cut(self) -> Window:
+        # the window covers stream positions [offset, offset + T]; inputs are its first T tokens, targets the next
+        # T; the mask and soft targets stored at position i describe token i + 1, so they align with the inputs
+        T = self.T
+        tokens, mask, soft, ids, lps, tail = self.carry
+        started = []
+        while self.starts and self.starts[0][0] < self.offset + T:
+            started.append(self.starts.popleft()[1])
+        window = Window(tokens[:T].copy(), tokens[1:T + 1].copy(), mask[:T].copy(), soft[:T].copy(), ids[:T].copy(),
+                        lps[:T].copy(), tail[:T].copy(), tuple(started))
+        self.carry = tuple(c[T:] for c in self.carry)
+        self.offset += T
+        return window
+
+
 def pack(rows: list[dict], seq_len: int, k: int) -> PackedBatch:
     """All `rows` as windows of `seq_len` positions: [B, T] arrays (B = windows)."""
-    tokens, mask, soft, ids, lps, tail = _stream(rows, k)
-    n_windows = max(1, -(-(len(tokens) - 1) // seq_len))
-    size = n_windows * seq_len + 1
-    pad = size - len(tokens)
-    tokens = np.concatenate([tokens, np.zeros(pad, np.int64)])
-    mask = np.concatenate([mask, np.zeros(pad, bool)])
-    soft = np.concatenate([soft, np.zeros(pad, bool)])
-    ids = np.concatenate([ids, np.zeros((pad, k), np.int64)])
-    lps = np.concatenate([lps, np.zeros((pad, k), np.float32)])
-    tail = np.concatenate([tail, np.full(pad, -np.inf, np.float32)])
-    # window w covers stream positions [w*T, w*T + T]; inputs are its first T tokens, targets the next T; the
-    # mask and soft targets stored at stream position i describe token i + 1, so they align with the inputs
-    starts = np.arange(n_windows) * seq_len
-    idx_BT = starts[:, None] + np.arange(seq_len)[None, :]
-    return PackedBatch(tokens[idx_BT], tokens[idx_BT + 1], mask[idx_BT], soft[idx_BT], ids[idx_BT], lps[idx_BT],
-                       tail[idx_BT])
+    packer = Packer(seq_len, k)
+    windows = [w for r in rows for w in packer.add(r)] + packer.finish()
+    return stack(windows)

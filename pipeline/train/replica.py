@@ -1,4 +1,4 @@
-"""One data-parallel replica of the student: its windows, model, train state, DDP wrapper and step metrics.
+"""One data-parallel replica of the student: its input stream, model, train state, DDP wrapper and step metrics.
 
 Plain PyTorch: `actors/trainer.py` builds one per Ray Train worker (rank, world size and device from Ray), and
 tests build them directly. With more than one replica, torch.distributed must be initialised by the caller.
@@ -19,8 +19,8 @@ from pipeline.train import checkpoint
 from pipeline.train.expert_metrics import expert_metrics
 from pipeline.train.mfu import flops_per_step, peak_flops
 from pipeline.train.objective import ObjectiveModule
-from pipeline.train.packing import pack
 from pipeline.train.state import TrainState
+from pipeline.train.stream import RowSource, WindowStream, buffer_windows
 
 
 @dataclass
@@ -36,26 +36,32 @@ class TrainJob:
 
 
 class Replica:
-    """One data-parallel replica: its windows, model, optimizer state, and step metrics.
+    """One data-parallel replica: its input stream, model, optimizer state, and step metrics.
 
     Args:
         job: the student and training config.
-        rows: this replica's soft-target rows (dicts with the columns of the `soft_targets` schema).
+        rows: this replica's soft-target rows (dicts with the columns of the `soft_targets` schema): a list, or a
+            function returning one pass over them in a fixed order (a Ray Data shard, streamed; see `stream.py`).
         rank, world: its rank and the number of replicas (torch.distributed is initialised when world > 1).
         device: where it trains.
     """
 
-    def __init__(self, job: TrainJob, rows: list[dict], rank: int = 0, world: int = 1,
+    def __init__(self, job: TrainJob, rows: list[dict] | RowSource, rank: int = 0, world: int = 1,
                  device: torch.device | str = "cpu"):
-        if not rows:
-            raise ValueError(f"training replica {rank} received no soft-target rows: the dataset has fewer samples "
-                             f"than train.num_workers ({world})")
+        if isinstance(rows, list):
+            if not rows:
+                raise ValueError(f"training replica {rank} received no soft-target rows: the dataset has fewer "
+                                 f"samples than train.num_workers ({world})")
+            listed = rows
+            rows = lambda: listed
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.device = torch.device(device)
-        self.windows = pack(rows, self.cfg.seq_len, job.top_k)
+        capacity = buffer_windows(int(self.cfg.input_buffer_mb * 2**20), self.cfg.seq_len, job.top_k,
+                                  self.cfg.batch_size)
+        self.data = WindowStream(rows, self.cfg.seq_len, job.top_k, capacity, self.cfg.seed, rank)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every replica (DDP also broadcasts them)
         self.model = Transformer(job.model).to(self.device)
-        self.state = TrainState(self.model, self.cfg, self.windows)
+        self.state = TrainState(self.model, self.cfg, self.data)
         self.objective = ObjectiveModule(self.model, self.cfg)
         self.forward: torch.nn.Module = self.objective
         self.all_reduce = None

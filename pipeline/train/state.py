@@ -2,8 +2,8 @@
 
 Plain PyTorch, no Ray: every `Replica` (replica.py; one per Ray Train worker) builds a `TrainState`, wraps
 the model in DDP, and reports `state_dict()` as its checkpoint. Everything a resumed run needs to continue exactly
-where it stopped is in the state: weights and router biases, AdamW moments, the LR schedule, the step, the data
-order (epoch, position) and the RNG.
+where it stopped is in the state: weights and router biases, AdamW moments, the LR schedule, the step, the
+position in the input stream (epoch, windows trained on; `stream.py`) and the RNG.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
 from pipeline.config import TrainConfig
 from pipeline.model import Transformer, update_router_biases
 from pipeline.train.objective import StepLoss, objective, to_tensors
-from pipeline.train.packing import PackedBatch
+from pipeline.train.stream import WindowStream
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -31,33 +30,29 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 class TrainState:
     """Model, optimizer, schedule, step and data position of one replica."""
 
-    def __init__(self, model: Transformer, cfg: TrainConfig, windows: PackedBatch):
-        self.model, self.cfg, self.windows = model, cfg, windows
+    def __init__(self, model: Transformer, cfg: TrainConfig, data: WindowStream):
+        self.model, self.cfg, self.data = model, cfg, data
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
-        self.step, self.epoch, self.position = 0, 0, 0
+        self.step = 0
         self.last_counts = torch.zeros(0, 0)  # (MoE layers, experts) tokens routed in the last step, all replicas
 
     # ------------------------------------------------------------------------------------------------ data
 
-    def _order(self) -> np.ndarray:
-        """This epoch's window order: a permutation seeded by (seed, epoch), so a resumed run sees the same."""
-        return np.random.default_rng([self.cfg.seed, self.epoch]).permutation(len(self.windows.tokens_BT))
+    @property
+    def epoch(self) -> int:
+        return self.data.epoch
+
+    @property
+    def position(self) -> int:
+        """Windows of this epoch already trained on."""
+        return self.data.position
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        order = self._order()
-        take = []
-        while len(take) < self.cfg.batch_size:
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                order = self._order()
-            take.append(order[self.position])
-            self.position += 1
-        picked = PackedBatch(*(getattr(self.windows, f)[take] for f in vars(self.windows)))
-        return to_tensors(picked, next(self.model.parameters()).device)
+        return to_tensors(self.data.next_batch(self.cfg.batch_size), next(self.model.parameters()).device)
 
     # ------------------------------------------------------------------------------------------------ step
 
@@ -97,5 +92,6 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step = state["step"]
+        self.data.seek(state["epoch"], state["position"])
         torch.set_rng_state(state["torch_rng"])

@@ -73,9 +73,39 @@ def test_two_workers_lower_the_loss_and_keep_identical_router_biases(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
+def test_the_split_shards_streamed_through_a_small_buffer_give_every_row_once_per_epoch():
+    """The workers' input path without the training: the Ray Data split of `fit` and `shard_rows`, into streams whose
+    buffer holds a small fraction of the data; over one epoch per rank, every row is trained on exactly once."""
+    from actors.trainer import contiguous_split, shard_rows
+    from pipeline.train.stream import WindowStream, window_bytes
+
+    n = 300
+    ds = dataset(n)
+    split = contiguous_split(ds, 2).configure({"train": ds}, world_size=2)
+    seen, buffered = [], 0
+    for rank in range(2):
+        stream = WindowStream(shard_rows(split[rank]["train"], rows_per_read=16), seq_len=16, k=3, buffer_windows=4,
+                              seed=0, rank=rank)
+        while True:
+            window = stream.next_window()
+            if stream.epoch != 0:
+                break
+            seen += window.sample_ids
+        buffered = max(buffered, stream.peak_buffered)
+    assert sorted(seen) == sorted(f"s{i:04d}" for i in range(n))  # nothing dropped, nothing twice
+    data_bytes = sum(len(r["token_ids"]) for r in rows(n)) / 16 * window_bytes(16, 3)
+    assert buffered == 4 and data_bytes > 20 * buffered * window_bytes(16, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_planned_steps(tmp_path):
+    """Killed mid-epoch (checkpoints every 3 steps of 4 windows; an epoch is about 5 windows per worker) with an input
+    buffer of one batch: the restarted group continues at the same rows, so it ends with exactly the weights of a
+    run that was never interrupted."""
     store = tmp_path / "ckpt"
-    j = job(num_workers=2, max_steps=60, checkpoint_every=5, max_failures=1, seq_len=32, batch_size=4)
+    j = job(num_workers=2, max_steps=30, checkpoint_every=3, max_failures=1, seq_len=32, batch_size=4,
+            input_buffer_mb=0.001)
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
@@ -93,5 +123,14 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
     watcher.join()
     assert killed, "no training worker process was found to kill"
     assert result.error is None
-    assert result.metrics["step"] == 60
-    assert result.metrics["resumed_from_step"] >= 5  # the restarted group began at a checkpoint, not step 0
+    assert result.metrics["step"] == 30
+    assert result.metrics["resumed_from_step"] >= 3  # the restarted group began at a checkpoint, not step 0
+    with result.checkpoint.as_directory() as d:
+        positions = [torch.load(f"{d}/data_rank{r}.pt", weights_only=True)["position"] for r in (0, 1)]
+        resumed = final_weights(d)
+    straight = fit(j, dataset(24), "straight", str(store))
+    with straight.checkpoint.as_directory() as d:
+        never_killed = final_weights(d)
+    assert any(p > 0 for p in positions)  # the runs ended mid-epoch too: positions are windows, not epochs
+    for name, w in never_killed.items():
+        torch.testing.assert_close(resumed[name], w, rtol=0, atol=0, msg=name)

@@ -22,8 +22,8 @@ def _replica(rank: int, world: int, port: int, out: str, sync_counts: bool) -> N
     from pipeline.config import TrainConfig
     from pipeline.model import Transformer
     from pipeline.train.objective import ObjectiveModule
-    from pipeline.train.packing import pack
     from pipeline.train.state import TrainState
+    from pipeline.train.stream import WindowStream
     from tests.pipeline.train.test_objective import CFG, teacher_row
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -33,7 +33,8 @@ def _replica(rank: int, world: int, port: int, out: str, sync_counts: bool) -> N
     model = Transformer(CFG.model_copy(update={"bias_update_speed": 0.01}))
     rng = np.random.default_rng(100 + rank)  # each replica its own data shard
     cfg = TrainConfig(max_steps=6, warmup_steps=1, batch_size=2, lr=3e-3, seed=rank)
-    state = TrainState(model, cfg, pack([teacher_row(rng) for _ in range(8)], seq_len=16, k=3))
+    rows = [teacher_row(rng) for _ in range(8)]
+    state = TrainState(model, cfg, WindowStream(lambda: rows, seq_len=16, k=3, buffer_windows=8, rank=rank))
     ddp = DDP(ObjectiveModule(model, cfg), find_unused_parameters=True, broadcast_buffers=False)
     list(state.run(6, forward=ddp, all_reduce=dist.all_reduce if sync_counts else None))
     torch.save(model.state_dict(), f"{out}/rank{rank}.pt")

@@ -10,8 +10,8 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.model import Transformer
-from pipeline.train.packing import pack
 from pipeline.train.state import TrainState, lr_factor
+from pipeline.train.stream import WindowStream
 from tests.pipeline.train.test_objective import CFG, teacher_row
 
 
@@ -25,7 +25,8 @@ def test_warmup_then_cosine_to_the_floor():
 def _state(cfg):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    return TrainState(Transformer(CFG), cfg, pack([teacher_row(rng) for _ in range(12)], seq_len=16, k=3))
+    rows = [teacher_row(rng) for _ in range(12)]
+    return TrainState(Transformer(CFG), cfg, WindowStream(lambda: rows, seq_len=16, k=3, buffer_windows=4))
 
 
 def test_resuming_from_a_checkpoint_continues_exactly():
@@ -35,12 +36,12 @@ def test_resuming_from_a_checkpoint_continues_exactly():
     assert losses[-1] < losses[0]
 
     first = _state(cfg)
-    list(first.run(5))  # 15 windows drawn from 9: crosses an epoch boundary
+    list(first.run(5))  # 15 windows drawn from 9, through a buffer of 4: crosses an epoch boundary
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     buf.seek(0)
     resumed = _state(cfg)  # a fresh process: new model, optimizer, data order
-    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
     assert resumed.step == 5 and resumed.epoch == 1
     tail = [m["loss"] for m in resumed.run(3)]
     assert tail == pytest.approx(losses[5:], rel=1e-6)
