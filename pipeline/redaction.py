@@ -13,6 +13,7 @@ What runs uses the real values; only what is displayed or recorded is redacted. 
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -63,3 +64,10 @@ def redact(value: Any, key: str = "") -> Any:
             return REDACTED
         return redact_url(value)
     return value
+
+
+def quiet_mlflow_links() -> None:
+    """Stop MLflow printing "View run ... at: <tracking URI>" when a run ends: it prints the URI as given, with any
+    `user:password@` in it, into the terminal, the job's log and the run log. moeforge prints its own links, without
+    credentials (`pipeline.tracking.run_url`)."""
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"

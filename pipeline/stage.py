@@ -24,6 +24,7 @@ from filelock import FileLock, Timeout
 from pipeline import artifacts
 from pipeline.artifacts import ArtifactError, ArtifactRef, ArtifactSpec
 from pipeline.config import MoeforgeConfig
+from pipeline.redaction import quiet_mlflow_links
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,6 @@ class StageContext:
 
     def __init__(self, call: StageCall):
         from mlflow import MlflowClient
-
-        from pipeline.tracking import quiet_mlflow_links
 
         quiet_mlflow_links()  # this worker process ends runs too (log_student): no credentials in its output
         self.call = call

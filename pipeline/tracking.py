@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.artifacts import ArtifactRef
 from pipeline.config import MoeforgeConfig, TrackingConfig, config_hash, flatten
-from pipeline.redaction import redact, redact_uri
+from pipeline.redaction import quiet_mlflow_links, redact, redact_uri
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,6 @@ def ray_job_submission_id() -> str | None:
         return json.loads(raw).get("metadata", {}).get("job_submission_id")
     except (ValueError, AttributeError):
         return None
-
-
-def quiet_mlflow_links() -> None:
-    """Stop MLflow printing "View run ... at: <tracking URI>" when a run ends: it prints the URI as given, with any
-    `user:password@` in it, into the terminal, the job's log and the run log. moeforge prints its own links, without
-    credentials (`run_url`)."""
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:

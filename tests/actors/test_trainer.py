@@ -100,12 +100,17 @@ def test_the_split_shards_streamed_through_a_small_buffer_give_every_row_once_pe
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_planned_steps(tmp_path):
-    """Killed mid-epoch (checkpoints every 3 steps of 4 windows; an epoch is about 5 windows per worker) with an input
-    buffer of one batch: the restarted group continues at the same rows, so it ends with exactly the weights of a
-    run that was never interrupted."""
+    """Killed mid-epoch, with an input buffer capped at one batch (4 windows) while each worker's shard packs into
+    16: the restarted group continues at the same rows, so it ends with exactly the weights of a run that was never
+    interrupted. (Checkpoints every 3 steps of 4 windows fall mid-epoch.)"""
+    from pipeline.train.packing import pack
+    from pipeline.train.stream import buffer_windows
+
     store = tmp_path / "ckpt"
     j = job(num_workers=2, max_steps=30, checkpoint_every=3, max_failures=1, seq_len=32, batch_size=4,
             input_buffer_mb=0.001)
+    capacity = buffer_windows(int(0.001 * 2**20), 32, j.top_k, 4)
+    assert capacity == 4 and len(pack(rows(96)[:48], 32, j.top_k).tokens_BT) >= 4 * capacity
     killed: list[int] = []
 
     def kill_after_first_checkpoint():
@@ -119,7 +124,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = fit(j, dataset(24), "killme", str(store))
+    result = fit(j, dataset(96), "killme", str(store))
     watcher.join()
     assert killed, "no training worker process was found to kill"
     assert result.error is None
@@ -128,7 +133,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
     with result.checkpoint.as_directory() as d:
         positions = [torch.load(f"{d}/data_rank{r}.pt", weights_only=True)["position"] for r in (0, 1)]
         resumed = final_weights(d)
-    straight = fit(j, dataset(24), "straight", str(store))
+    straight = fit(j, dataset(96), "straight", str(store))
     with straight.checkpoint.as_directory() as d:
         never_killed = final_weights(d)
     assert any(p > 0 for p in positions)  # the runs ended mid-epoch too: positions are windows, not epochs
