@@ -53,7 +53,7 @@ class WindowStream:
         self.capacity, self.seed, self.rank = buffer_windows, seed, rank
         self.epoch, self.position = 0, 0
         self.peak_buffered = 0  # most windows held at once (the memory bound is observable)
-        self.last_sample_ids: tuple[str, ...] = ()  # rows starting in the last batch
+        self.last_batch: list[tuple[int, tuple[str, ...]]] = []  # (epoch, rows starting in it) per window
         self._windows: Iterator[Window] | None = None
 
     def _epoch_windows(self, epoch: int) -> Iterator[Window]:
@@ -101,7 +101,14 @@ class WindowStream:
         self.position += 1
         return window
 
+    @property
+    def last_sample_ids(self) -> tuple[str, ...]:
+        """The rows starting in the last batch's windows."""
+        return tuple(s for _, ids in self.last_batch for s in ids)
+
     def next_batch(self, size: int) -> PackedBatch:
-        windows = [self.next_window() for _ in range(size)]
-        self.last_sample_ids = tuple(s for w in windows for s in w.sample_ids)
+        windows, self.last_batch = [], []
+        for _ in range(size):
+            windows.append(self.next_window())
+            self.last_batch.append((self.epoch, windows[-1].sample_ids))
         return stack(windows)

@@ -97,6 +97,58 @@ def test_the_split_shards_streamed_through_a_small_buffer_give_every_row_once_pe
     assert buffered == 4 and data_bytes > 20 * buffered * window_bytes(16, 3)
 
 
+def _recording_loop(config: dict) -> None:
+    """`train_loop`'s input and replica, recording which rows each step trained on (per rank, per epoch)."""
+    import json
+
+    import ray.train
+
+    from actors.trainer import shard_rows
+    from pipeline.train.replica import Replica
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    replica = Replica(config["job"], shard_rows(ray.train.get_dataset_shard("train")), rank, world)
+    with open(f"{config['out']}/rank{rank}.jsonl", "w") as f:
+        while replica.step < config["job"].train.max_steps:
+            replica.train_step()
+            f.write(json.dumps([replica.data.capacity, replica.data.peak_buffered, replica.data.last_batch]) + "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_workers_train_on_every_row_once_per_epoch_through_a_buffer_smaller_than_their_shards(tmp_path):
+    """Two real replicas on Ray Train, fed by `fit`'s split and `shard_rows` through an input buffer capped at one
+    batch (4 windows) while each shard packs into about 16: over two whole epochs, every row of the dataset is
+    trained on exactly once per epoch, by one of the two workers."""
+    import json
+
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.trainer import contiguous_split
+
+    n = 96
+    j = job(num_workers=2, max_steps=10, seq_len=32, batch_size=4, input_buffer_mb=0.001)
+    ds = dataset(n)
+    TorchTrainer(_recording_loop, train_loop_config={"job": j, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 torch_config=TorchConfig(backend="gloo"), datasets={"train": ds},
+                 dataset_config=contiguous_split(ds, 2)).fit()
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    for rank in (0, 1):
+        steps = [json.loads(line) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert len(steps) == 10 and all(capacity == 4 and peak <= 4 for capacity, peak, _ in steps)
+        epochs = [epoch for _, _, batch in steps for epoch, _ in batch]
+        assert epochs[-1] >= 2  # two whole epochs done on this rank
+        for _, _, batch in steps:
+            for epoch, ids in batch:
+                if epoch in seen:
+                    seen[epoch] += ids
+    for epoch, ids in seen.items():
+        assert sorted(ids) == [f"s{i:04d}" for i in range(n)], epoch  # each row once, across the two workers
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_planned_steps(tmp_path):
