@@ -34,7 +34,6 @@ class InMemoryInput:
     def __init__(self, rows: list[dict], seq_len: int, k: int, seed: int = 0):
         self.windows, self.seed = pack(rows, seq_len, k), seed
         self.epoch, self.position = 0, 0
-        self.capacity, self.peak_buffered, self.last_sample_ids = len(self.windows.tokens_BT), 0, ()
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.windows.tokens_BT))
@@ -48,9 +47,6 @@ class InMemoryInput:
             take.append(order[self.position])
             self.position += 1
         return PackedBatch(*(getattr(self.windows, f)[take] for f in vars(self.windows)))
-
-    def seek(self, epoch: int, position: int) -> None:
-        self.epoch, self.position = epoch, position
 
 
 def main() -> None:

@@ -169,6 +169,7 @@ def serve(
     if replicas is not None:
         extra.append("serve.autoscaling=null")
     cfg = _load(config, [*(set_ or []), *extra])
+    model = model or default_model_uri(cfg.serve, cfg.registry)
     try:
         deployer_key(cfg.serve)  # a public host without a key refuses here, before a cluster is started
     except ConfigError as e:
@@ -176,14 +177,14 @@ def serve(
         raise typer.Exit(2) from None
     ensure_ray(cfg.ray)
     try:
-        url = start(cfg.serve, model or default_model_uri(cfg.serve, cfg.registry), resolve_tracking_uri(cfg.tracking))
+        url = start(cfg.serve, model, resolve_tracking_uri(cfg.tracking))
     except (ModelSourceError, ConfigError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if not url.endswith(f":{cfg.serve.port}"):
         err.print(f"[yellow]note:[/yellow] Serve already runs on this cluster at {url}; port {cfg.serve.port} is "
                   "not used (Serve's HTTP options are fixed until `serve shutdown`)")
-    _serve_until_interrupted(url, model or default_model_uri(cfg.serve, cfg.registry), detach)
+    _serve_until_interrupted(url, model, detach)
 
 
 def _serve_until_interrupted(url: str, model: str, detach: bool) -> None:
