@@ -19,6 +19,10 @@ class ModelConfig(Section):
     Fields are ordered so that every cross-field check only looks at fields declared above it.
     """
 
+    # teacher: built from the teacher's weights by `pipeline.model.convert` (dim, heads, head widths, FFN width,
+    # vocabulary, rope and norm settings are then the teacher's; the compression knobs below are yours: n_layers,
+    # kv_lora_rank, qk_rope_head_dim, moe_inter_dim and the expert counts). scratch: random weights.
+    init: Literal["teacher", "scratch"] = "teacher"
     vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer the student is paired with
     dim: int = Field(256, ge=1)
     n_layers: int = Field(4, ge=1)
@@ -27,9 +31,13 @@ class ModelConfig(Section):
     # Multi-head Latent Attention
     q_lora_rank: int = Field(0, ge=0)  # 0: full-rank query projection
     kv_lora_rank: int = Field(64, ge=1)
-    qk_nope_head_dim: int = Field(32, ge=1)
+    qk_nope_head_dim: int = Field(32, ge=0)  # 0: every query/key channel is rotary (a lossless conversion)
     qk_rope_head_dim: int = Field(16, ge=2)
+    n_rope_heads: int = Field(1, ge=1)  # rope keys cached per token: 1 (DeepSeek) or the GQA teacher's KV heads
     v_head_dim: int = Field(32, ge=1)
+    kv_norm: bool = True  # RMSNorm on the KV latent (DeepSeek); off in a converted student
+    qkv_bias: bool = False  # biases on the query and KV down-projections (a Qwen2 teacher has them)
+    norm_eps: float = Field(1e-6, gt=0)
     # Feed-forward: dense SwiGLU in the first blocks, DeepSeekMoE after
     inter_dim: int = Field(768, ge=1)
     moe_inter_dim: int = Field(128, ge=1)
@@ -39,6 +47,10 @@ class ModelConfig(Section):
     n_group: int = Field(1, ge=1)
     topk_group: int = Field(1, ge=1)
     route_scale: float = Field(1.0, gt=0)
+    # normalized: chosen experts weigh their normalised affinity x route_scale (DeepSeek-V3). unit: each chosen
+    # expert weighs exactly 1 in the forward pass, so the routed experts sum like the dense FFN they were carved
+    # from (CMoE); the router still learns through a straight-through affinity gradient.
+    route_weight: Literal["normalized", "unit"] = "normalized"
     bias_update_speed: float = Field(1e-3, ge=0)
     seq_aux_alpha: float = Field(1e-4, ge=0)
     mtp_depth: int = Field(0, ge=0, le=1)
@@ -58,6 +70,14 @@ class ModelConfig(Section):
     def _rope_even(cls, v: int) -> int:
         if v % 2:
             raise ValueError(f"qk_rope_head_dim ({v}) must be even: RoPE rotates pairs of channels")
+        return v
+
+    @field_validator("n_rope_heads")
+    @classmethod
+    def _rope_heads_divide_heads(cls, v: int, info: ValidationInfo) -> int:
+        h = info.data.get("n_heads")
+        if h is not None and h % v:
+            raise ValueError(f"n_rope_heads ({v}) must divide n_heads ({h}): each rope key serves a group of heads")
         return v
 
     @field_validator("n_activated_experts")

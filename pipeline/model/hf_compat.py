@@ -19,6 +19,10 @@ def to_hf_config(cfg: ModelConfig):
 
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is not set")
+    unsupported = {"n_rope_heads": cfg.n_rope_heads != 1, "kv_norm": not cfg.kv_norm, "qkv_bias": cfg.qkv_bias,
+                   "route_weight": cfg.route_weight != "normalized"}
+    if bad := [k for k, v in unsupported.items() if v]:
+        raise ValueError(f"transformers' DeepseekV3 has no equivalent of model.{', model.'.join(bad)} as set here")
     return DeepseekV3Config(  # type: ignore[call-arg]  # rope and MTP settings pass through **kwargs
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
         moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layers,
@@ -28,7 +32,7 @@ def to_hf_config(cfg: ModelConfig):
         routed_scaling_factor=cfg.route_scale, norm_topk_prob=True, kv_lora_rank=cfg.kv_lora_rank,
         q_lora_rank=cfg.q_lora_rank or None, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta, rope_interleave=True, tie_word_embeddings=False, attention_bias=False,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, rope_interleave=True, tie_word_embeddings=False, attention_bias=False,
         num_nextn_predict_layers=0, hidden_act="silu",
     )
 

@@ -5,7 +5,7 @@ S query positions, T key positions, H heads, D model dim, C kv_lora_rank (the la
 N qk_nope_head_dim, V v_head_dim.
 
 MLA compresses keys and values into one latent vector per token (`kv_lora_rank` wide) plus a small rotary key
-shared by all heads; only those two are cached. Two ways to attend over the cache:
+shared by all heads (or, in a student converted from a GQA teacher, one per KV head); only those are cached. Two ways to attend over the cache:
 
 - `naive`: expand every cached latent to full per-head keys and values with `wkv_b`, then ordinary attention.
   Simple and obviously right; kept as the oracle.
@@ -35,11 +35,19 @@ class RMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------- rotary
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [0, max_len), one angle per channel pair: two (max_len, head_dim // 2) tables."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """The standard RoPE angular frequency of each channel pair: (head_dim // 2,)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rope_angles(pos_BS: torch.Tensor, inv_freq_GR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position's angle for each rope head's channel pairs: two (B, S, G, R/2) tensors.
+
+    Angles are computed from the frequencies each layer stores (not a shared table): a student converted from a
+    teacher keeps, per layer and per key head, the teacher's frequencies that carry the most q·k mass.
+    """
+    angles_BSGR = pos_BS[:, :, None, None].float() * inv_freq_GR.float()
+    return angles_BSGR.cos(), angles_BSGR.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,7 +64,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LatentKVCache:
-    """Per layer, per slot: the normalised KV latent (C) and the rotated shared rope key (R) of each token.
+    """Per layer, per slot: the normalised KV latent (C) and the rotated rope keys (G·R) of each token.
 
     Slots let a server add and remove sequences between decode steps: `allocate()` a slot for a new sequence,
     prefill it, decode any subset of slots together, `free()` it when the sequence ends. `lengths[slot]` is how
@@ -66,8 +74,9 @@ class LatentKVCache:
     def __init__(self, cfg: ModelConfig, n_layers: int, max_batch: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.max_batch, self.max_len = max_batch, max_len
+        pe_width = cfg.n_rope_heads * cfg.qk_rope_head_dim
         self.kv_LBTC = torch.zeros(n_layers, max_batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        self.pe_LBTR = torch.zeros(n_layers, max_batch, max_len, cfg.qk_rope_head_dim, device=device, dtype=dtype)
+        self.pe_LBTR = torch.zeros(n_layers, max_batch, max_len, pe_width, device=device, dtype=dtype)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._free = list(range(max_batch))
 
@@ -96,13 +105,13 @@ class CacheView:
     def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor):
         self.cache, self.slots_B, self.start_B = cache, slots_B, start_B
 
-    def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's latents; return every row's cached latents up to the longest row's end."""
         S = kv_BSC.shape[1]
         pos_BS = self.start_B[:, None] + torch.arange(S, device=kv_BSC.device)
         rows_BS = self.slots_B[:, None].expand_as(pos_BS)
         self.cache.kv_LBTC[layer][rows_BS, pos_BS] = kv_BSC.to(self.cache.kv_LBTC.dtype)
-        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSR.to(self.cache.pe_LBTR.dtype)
+        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSX.to(self.cache.pe_LBTR.dtype)
         T = int((self.start_B + S).max())
         return self.cache.kv_LBTC[layer][self.slots_B, :T], self.cache.pe_LBTR[layer][self.slots_B, :T]
 
@@ -118,73 +127,88 @@ class CacheView:
 class MLA(nn.Module):
     """Multi-head Latent Attention.
 
+    DeepSeek-V3 caches one rope key shared by every head (`n_rope_heads` 1). A student converted from a GQA
+    teacher may keep one rope key per KV head instead (`n_rope_heads` = the teacher's KV heads; query head h uses
+    rope key h // (H / G)): the teacher's positional keys then survive the conversion exactly. Each layer stores
+    its rope frequencies (`inv_freq`, (G, R/2)), since a conversion keeps different channel pairs per layer and head.
+    Shape suffix G: rope key heads.
+
     Args:
         cfg: the model config (`n_heads`, `q_lora_rank`, `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`,
-            `v_head_dim`, `attn_impl`).
+            `n_rope_heads`, `v_head_dim`, `kv_norm`, `qkv_bias`, `attn_impl`).
         layer_id: index of this layer in the cache.
     """
+
+    inv_freq: torch.Tensor  # buffer, declared for type checkers
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
-        self.n_heads, self.impl = cfg.n_heads, cfg.attn_impl
+        self.n_heads, self.n_rope_heads, self.impl = cfg.n_heads, cfg.n_rope_heads, cfg.attn_impl
         self.nope, self.rope, self.v_dim, self.kv_rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                                            cfg.v_head_dim, cfg.kv_lora_rank)
         qk_dim = self.nope + self.rope
         if cfg.q_lora_rank == 0:
-            self.wq = nn.Linear(cfg.dim, self.n_heads * qk_dim, bias=False)
+            self.wq = nn.Linear(cfg.dim, self.n_heads * qk_dim, bias=cfg.qkv_bias)
         else:  # low-rank query path, as in DeepSeek-V3
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, self.kv_rank + self.rope, bias=False)
-        self.kv_norm = RMSNorm(self.kv_rank)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * qk_dim, bias=cfg.qkv_bias)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_rank + self.n_rope_heads * self.rope, bias=cfg.qkv_bias)
+        # a converted student drops the latent norm: the teacher's keys and values are linear in its input
+        self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps) if cfg.kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
         self.scale = qk_dim ** -0.5
+        freqs = rope_frequencies(self.rope, cfg.rope_theta)
+        self.register_buffer("inv_freq", freqs.expand(self.n_rope_heads, -1).clone())
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
         return q.view(*x_BSD.shape[:2], self.n_heads, self.nope + self.rope)  # (B, S, H, N+R)
 
-    def forward(self, x_BSD: torch.Tensor, cos_BS: torch.Tensor, sin_BS: torch.Tensor,
-                cache: CacheView | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         """Attend causally. Without a cache: a whole sequence (training). With one: new tokens after cached ones.
 
         Args:
             x_BSD: the normalised hidden states of the new tokens.
-            cos_BS, sin_BS: rotary tables at each new token's position, (B, S, R/2).
+            pos_BS: each new token's position.
             cache: where to store this call's latents and read earlier ones.
         """
         B, S, _ = x_BSD.shape
+        G, per_group = self.n_rope_heads, self.n_heads // self.n_rope_heads
+        cos_BSGR, sin_BSGR = rope_angles(pos_BS, self.inv_freq)
         q_BSHK = self._queries(x_BSD)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope, self.rope], dim=-1)
-        q_pe_BSHR = apply_rope(q_pe_BSHR, cos_BS[:, :, None], sin_BS[:, :, None])
+        q_pe_BSHR = apply_rope(q_pe_BSHR, cos_BSGR.repeat_interleave(per_group, dim=2),
+                               sin_BSGR.repeat_interleave(per_group, dim=2))
 
         kv_BSX = self.wkv_a(x_BSD)
-        kv_BSC, k_pe_BSR = kv_BSX.split([self.kv_rank, self.rope], dim=-1)
+        kv_BSC, k_pe_BSX = kv_BSX.split([self.kv_rank, G * self.rope], dim=-1)
         kv_BSC = self.kv_norm(kv_BSC)
-        k_pe_BSR = apply_rope(k_pe_BSR, cos_BS, sin_BS)
+        k_pe_BSX = apply_rope(k_pe_BSX.view(B, S, G, self.rope), cos_BSGR, sin_BSGR).flatten(2)
 
         if cache is None:
             mask = None
-            kv_BTC, pe_BTR = kv_BSC, k_pe_BSR
+            kv_BTC, pe_BTX = kv_BSC, k_pe_BSX
         else:
-            kv_BTC, pe_BTR = cache.write(self.layer_id, kv_BSC, k_pe_BSR)
+            kv_BTC, pe_BTX = cache.write(self.layer_id, kv_BSC, k_pe_BSX)
             mask = cache.mask(S, kv_BTC.shape[1])
+        pe_BTGR = pe_BTX.view(B, -1, G, self.rope)
 
         if self.impl == "naive" or cache is None:
-            out_BSHV = self._attend_naive(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask)
+            out_BSHV = self._attend_naive(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
         else:
-            out_BSHV = self._attend_absorb(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask)
+            out_BSHV = self._attend_absorb(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
         return self.wo(out_BSHV.reshape(B, S, self.n_heads * self.v_dim))
 
-    def _attend_naive(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask) -> torch.Tensor:
+    def _attend_naive(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
         """Expand latents to per-head K and V, then standard scaled-dot-product attention."""
         B, T, _ = kv_BTC.shape
         kv_BTHX = self.wkv_b(kv_BTC).view(B, T, self.n_heads, self.nope + self.v_dim)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope, self.v_dim], dim=-1)
-        k_BTHK = torch.cat([k_nope_BTHN, pe_BTR[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1)
+        pe_BTHR = pe_BTGR.repeat_interleave(self.n_heads // self.n_rope_heads, dim=2)
+        k_BTHK = torch.cat([k_nope_BTHN, pe_BTHR], dim=-1)
         q_BSHK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1)
         out_BHSV = F.scaled_dot_product_attention(
             q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
@@ -192,13 +216,15 @@ class MLA(nn.Module):
         )
         return out_BHSV.transpose(1, 2)
 
-    def _attend_absorb(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTR, mask) -> torch.Tensor:
+    def _attend_absorb(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
         """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
+        B, S, H, R = q_pe_BSHR.shape
+        G = self.n_rope_heads
         w_HXC = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
         q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
-        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
-                       + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)) * self.scale
+        rope_BSHT = torch.einsum("bsgjr,btgr->bsgjt", q_pe_BSHR.view(B, S, G, H // G, R), pe_BTGR).flatten(2, 3)
+        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC) + rope_BSHT) * self.scale
         scores_BSHT = scores_BSHT.masked_fill(~mask.transpose(1, 2), float("-inf"))
         probs_BSHT = scores_BSHT.softmax(dim=-1, dtype=torch.float32).to(kv_BTC.dtype)
         out_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)

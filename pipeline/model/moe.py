@@ -45,7 +45,7 @@ class Gate(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = cfg.n_activated_experts, cfg.n_group, cfg.topk_group
-        self.route_scale = cfg.route_scale
+        self.route_scale, self.unit_weights = cfg.route_scale, cfg.route_weight == "unit"
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
         self.register_buffer("counts", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -63,6 +63,8 @@ class Gate(nn.Module):
             choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
         ids_TK = choice_TE.topk(self.topk, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
+        if self.unit_weights:  # 1 in value, the affinity's gradient in backward
+            return 1.0 + weights_TK - weights_TK.detach(), ids_TK, scores_TE
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
         return weights_TK, ids_TK, scores_TE
 

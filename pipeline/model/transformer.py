@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.model.config import ModelConfig
 from pipeline.model.loss import linear_cross_entropy
-from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear, rope_tables
+from pipeline.model.mla import MLA, CacheView, LatentKVCache, RMSNorm, init_linear
 from pipeline.model.moe import MLP, Experts, Gate, MoE
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -26,13 +26,13 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg, layer_id)
-        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
-    def forward(self, x_BSD, cos_BS, sin_BS, cache: CacheView | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_BS, sin_BS, cache)
+    def forward(self, x_BSD, pos_BS, cache: CacheView | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), pos_BS, cache)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
@@ -44,10 +44,10 @@ class MTP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.h_norm, self.e_norm = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
+        self.h_norm, self.e_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
         self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.block = Block(cfg, layer_id=cfg.n_layers)  # an MoE block when the trunk has any
-        self.norm = RMSNorm(cfg.dim)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
 
 @dataclass
@@ -73,9 +73,6 @@ class Transformer(nn.Module):
             with: `cfg.model_copy(update={"vocab_size": len(tokenizer)})`).
     """
 
-    rope_cos: torch.Tensor  # buffers (position x rotary pair), declared for type checkers
-    rope_sin: torch.Tensor
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
@@ -83,12 +80,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = MTP(cfg) if cfg.mtp_depth else None
-        cos, sin = rope_tables(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -97,6 +91,8 @@ class Transformer(nn.Module):
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
+            elif isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
             elif isinstance(m, Gate):
                 nn.init.normal_(m.weight, std=0.02)
                 m.bias.zero_()
@@ -111,13 +107,12 @@ class Transformer(nn.Module):
         pos_BS = start_B[:, None] + torch.arange(S, device=tokens_BS.device)
         if int(pos_BS.max()) >= self.cfg.max_seq_len:
             raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
-        cos_BS, sin_BS = self.rope_cos[pos_BS], self.rope_sin[pos_BS]
         for m in self.modules():  # balance terms describe this forward only (the MTP block may not run)
             if isinstance(m, MoE):
                 m.balance_loss = torch.zeros((), device=tokens_BS.device)
         h_BSD = self.embed(tokens_BS)
         for layer in self.layers:
-            h_BSD = layer(h_BSD, cos_BS, sin_BS, cache)
+            h_BSD = layer(h_BSD, pos_BS, cache)
         return h_BSD
 
     def mtp_hidden(self, h_BSD: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Tensor:
@@ -125,8 +120,8 @@ class Transformer(nn.Module):
         m, S = self.mtp, tokens_BS.shape[1]
         assert m is not None, "the model has no MTP block (model.mtp_depth is 0)"
         x_BSD = m.proj(torch.cat([m.h_norm(h_BSD[:, :-1]), m.e_norm(self.embed(tokens_BS[:, 1:]))], dim=-1))
-        pos = torch.arange(S - 1, device=tokens_BS.device)
-        return m.norm(m.block(x_BSD, self.rope_cos[pos][None], self.rope_sin[pos][None]))
+        pos_BS = torch.arange(S - 1, device=tokens_BS.device)[None]
+        return m.norm(m.block(x_BSD, pos_BS))
 
     def forward(self, tokens_BS: torch.Tensor, cache: CacheView | None = None,
                 return_aux: bool = False) -> torch.Tensor | Output:
@@ -175,7 +170,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------------------------------------ sizes
 
     def num_params(self) -> dict[str, int]:
-        """Total parameters, and the active ones per token (shared experts + top-k routed; no MTP)."""
+        """Total parameters, the active ones per token (shared experts + top-k routed; no MTP), and how many of
+        either are the embedding and output head (`embedding`)."""
         total = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("mtp."))
         inactive = 0
         for m in self.layers.modules():
@@ -183,6 +179,7 @@ class Transformer(nn.Module):
                 per_expert = (m.w13.numel() + m.w2.numel()) // m.w13.shape[0]
                 inactive += per_expert * (m.w13.shape[0] - self.cfg.n_activated_experts)
         return {"total": total, "active": total - inactive,
+                "embedding": self.embed.weight.numel() + self.head.weight.numel(),
                 "mtp": sum(p.numel() for name, p in self.named_parameters() if name.startswith("mtp."))}
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:

@@ -1,0 +1,187 @@
+"""Teacher → student conversion on small random Llama/Qwen2 teachers built locally with transformers.
+
+Each mapping is exact where it loses nothing (every rope pair kept, full latent rank, every expert active, the
+layers kept): the student's logits are the teacher's to float tolerance. The lossy settings are checked for what
+they promise: the named layers, the measured choices, a finite divergence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from pipeline.model.config import ModelConfig
+from pipeline.model.convert import (
+    ConversionError,
+    TeacherShape,
+    calibrate,
+    convert,
+    convert_ffn,
+    fidelity,
+    rope_pairs,
+    student_config,
+)
+from pipeline.model.moe import MoE
+
+VOCAB, DIM, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 96, 64, 4, 2, 16, 96, 4
+
+
+def llama(seed: int = 0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True, **extra)
+    model = cls(config).eval()
+    with torch.no_grad():  # random init gives every layer a near-identity block; widen them so layers matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def sequences(n: int = 12, seed: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (int(torch.randint(8, 40, (1,), generator=gen)),), generator=gen).tolist()
+            for _ in range(n)]
+
+
+def lossless(**knobs) -> ModelConfig:
+    """Every rope pair, full latent rank, every neuron in an expert and every expert active."""
+    base = dict(n_layers=LAYERS, n_dense_layers=1, qk_rope_head_dim=HEAD_DIM, kv_lora_rank=KV_HEADS * HEAD_DIM,
+                moe_inter_dim=16, n_shared_experts=2, n_routed_experts=4, n_activated_experts=4, n_group=1,
+                topk_group=1, max_seq_len=128)
+    return ModelConfig.model_validate({**base, **knobs})
+
+
+def teacher_logits(teacher, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(input_ids=ids, use_cache=False).logits
+
+
+def student_logits(student, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return student(ids)
+
+
+def batch(n: int = 3, length: int = 24) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(7))
+
+
+def test_mla_from_gqa_at_full_rank_is_exact():
+    teacher = llama()
+    cfg = lossless(n_dense_layers=LAYERS)  # only attention changes form
+    student, _ = convert(teacher, cfg, calibrate(teacher, sequences()))
+    assert student.cfg.n_rope_heads == KV_HEADS and student.cfg.qk_nope_head_dim == 0
+    ids = batch()
+    torch.testing.assert_close(student_logits(student, ids), teacher_logits(teacher, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_full_rank_latent_with_partial_rope_reproduces_the_keys_and_values_exactly():
+    """The SVD half alone: at full rank the latent loses nothing, whatever pairs stay rotary."""
+    teacher = llama()
+    cfg = lossless(n_dense_layers=LAYERS, qk_rope_head_dim=4)
+    cfg = cfg.model_copy(update={"kv_lora_rank": KV_HEADS * (HEAD_DIM - 4 + HEAD_DIM)})
+    student, report = convert(teacher, cfg, calibrate(teacher, sequences()))
+    x = torch.randn(2, 5, DIM)
+    for j, layer in enumerate(teacher.model.layers):
+        attn, mla = layer.self_attn, student.layers[j].attn
+        kv = mla.wkv_b(mla.wkv_a(x)[..., :mla.kv_rank]).view(2, 5, HEADS, -1)
+        v = attn.v_proj(x).view(2, 5, KV_HEADS, HEAD_DIM).repeat_interleave(HEADS // KV_HEADS, dim=2)
+        torch.testing.assert_close(kv[..., mla.nope:], v, atol=1e-5, rtol=1e-5)
+        k = attn.k_proj(x).view(2, 5, KV_HEADS, HEAD_DIM)
+        kept = report.rope_pairs[j][0]
+        rest = [i for i in range(HEAD_DIM // 2) if i not in kept]
+        nope_channels = rest + [i + HEAD_DIM // 2 for i in rest]
+        torch.testing.assert_close(kv[..., 0, :mla.nope], k[..., 0, nope_channels], atol=1e-5, rtol=1e-5)
+
+
+def test_ffn_split_into_shared_and_routed_experts_with_all_active_is_exact():
+    teacher = llama()
+    calib = calibrate(teacher, sequences())
+    cfg = student_config(TeacherShape.of(teacher.config), lossless())
+    moe = MoE(cfg).eval()
+    carved = convert_ffn(teacher.model.layers[2].mlp, moe, calib.layers[2], 32, 16)
+    neurons = carved["shared"] + [n for e in carved["experts"] for n in e]
+    assert sorted(neurons) == list(range(FFN)) and len(carved["shared"]) == 32
+    assert all(len(e) == 16 for e in carved["experts"])
+    x = torch.randn(2, 9, DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), teacher.model.layers[2].mlp(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_shared_expert_holds_the_most_activated_neurons_and_experts_group_co_activated_ones():
+    teacher = llama()
+    calib = calibrate(teacher, sequences(24))
+    stats = calib.layers[1]
+    cfg = student_config(TeacherShape.of(teacher.config), lossless(n_activated_experts=1))
+    carved = convert_ffn(teacher.model.layers[1].mlp, MoE(cfg), stats, 32, 16)
+    mass = stats.ffn_mass_F
+    assert mass[carved["shared"]].min() >= mass[[n for e in carved["experts"] for n in e]].max()
+
+    def within(groups) -> float:  # mean pairwise cosine of |activation| inside each group
+        f = stats.ffn_act_TF.abs().T
+        f = f / f.norm(dim=1, keepdim=True)
+        return float(sum((f[g] @ f[g].T).mean() for g in groups) / len(groups))
+
+    by_index = [sorted(n for e in carved["experts"] for n in e)[i * 16:(i + 1) * 16] for i in range(4)]
+    assert within(carved["experts"]) > within(by_index)
+
+
+def test_depth_pruning_keeps_the_named_layers_and_equals_the_teacher_without_the_others():
+    teacher = llama()
+    student, report = convert(teacher, lossless(n_layers=3), calibrate(teacher, sequences()), keep_layers=[0, 2, 3])
+    assert report.layers == [0, 2, 3]
+    torch.testing.assert_close(student.layers[1].attn.wo.weight, teacher.model.layers[2].self_attn.o_proj.weight)
+    del teacher.model.layers[1]
+    teacher.config.num_hidden_layers = 3
+    for i, layer in enumerate(teacher.model.layers):
+        layer.self_attn.layer_idx = i
+    ids = batch()
+    torch.testing.assert_close(student_logits(student, ids), teacher_logits(teacher, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_depth_pruning_without_names_drops_the_least_important_layers():
+    teacher = llama()
+    calib = calibrate(teacher, sequences())
+    _, report = convert(teacher, lossless(n_layers=2), calib)
+    ranked = sorted(range(LAYERS), key=lambda i: -calib.layers[i].importance)
+    assert report.layers == sorted(ranked[:2])
+    with pytest.raises(ConversionError, match="keep_layers"):
+        convert(teacher, lossless(n_layers=2), calib, keep_layers=[3, 1])
+
+
+def test_the_whole_lossless_conversion_is_exact_and_a_qwen2_teacher_with_biases_too():
+    for teacher in (llama(), llama(cls=Qwen2ForCausalLM, config_cls=Qwen2Config)):
+        student, _ = convert(teacher, lossless(), calibrate(teacher, sequences()))
+        ids = batch()
+        torch.testing.assert_close(student_logits(student, ids), teacher_logits(teacher, ids), atol=2e-5, rtol=1e-4)
+    assert student.cfg.qkv_bias
+
+
+def test_compression_gives_a_finite_divergence_and_calibration_beats_weights_alone():
+    teacher = llama()
+    calib = calibrate(teacher, sequences(24))
+    cfg = lossless(qk_rope_head_dim=4, kv_lora_rank=16, n_activated_experts=2)
+    held_out = sequences(8, seed=99)
+    calibrated = fidelity(teacher, convert(teacher, cfg, calib)[0], held_out)
+    blind = fidelity(teacher, convert(teacher, cfg)[0], held_out)
+    assert 0 < calibrated.kl < blind.kl < float("inf")
+    assert calibrated.student_ppl > 0 and calibrated.tokens == sum(len(s) - 1 for s in held_out)
+
+
+def test_rope_pairs_are_the_largest_q_k_norms():
+    norms = torch.tensor([[0.1, 5.0, 0.3, 4.0], [9.0, 0.0, 1.0, 2.0]])
+    assert rope_pairs(norms, 2).tolist() == [[1, 3], [0, 3]]
+
+
+def test_knobs_that_do_not_fit_the_teacher_are_named():
+    shape = TeacherShape.of(llama().config)
+    with pytest.raises(ConversionError, match="qk_rope_head_dim"):
+        student_config(shape, lossless(qk_rope_head_dim=32))
+    with pytest.raises(ConversionError, match="kv_lora_rank"):
+        student_config(shape, lossless(kv_lora_rank=1000))
+    with pytest.raises(ConversionError, match="n_layers"):
+        student_config(shape, lossless(n_layers=5, n_dense_layers=1))
+    with pytest.raises(ConversionError, match="moe_inter_dim"):
+        student_config(shape, lossless(moe_inter_dim=32))
