@@ -10,6 +10,7 @@ instead of step 0. The training math, the checkpoint format and the metrics are 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -110,6 +111,7 @@ def shard_rows(shard, rows_per_read: int = 256) -> RowSource:
 
 def train_loop(job: TrainJob) -> None:
     """The body of every Ray Train worker."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -118,6 +120,8 @@ def train_loop(job: TrainJob) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
+    if isinstance(job.initial_state, ray.ObjectRef):
+        job = dataclasses.replace(job, initial_state=ray.get(job.initial_state))
     replica = Replica(job, shard_rows(ray.train.get_dataset_shard("train")), rank, world, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

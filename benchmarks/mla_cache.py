@@ -48,7 +48,7 @@ def main() -> None:
         figures[f"cache_ratio_{preset}"] = latent / mha
 
     torch.manual_seed(0)
-    cfg = model_preset("tiny", vocab_size=VOCAB, max_seq_len=max(args.contexts) + args.steps + 8)
+    cfg = model_preset("toy", vocab_size=VOCAB, max_seq_len=max(args.contexts) + args.steps + 8)
     models = {impl: Transformer(cfg.model_copy(update={"attn_impl": impl})).eval().to(args.device)
               for impl in ("naive", "absorb")}
     models["naive"].load_state_dict(models["absorb"].state_dict())

@@ -34,7 +34,7 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     torch.manual_seed(0)
-    cfg = model_preset("tiny", dim=args.dim, n_routed_experts=args.experts, n_activated_experts=args.topk,
+    cfg = model_preset("toy", dim=args.dim, n_routed_experts=args.experts, n_activated_experts=args.topk,
                        moe_inter_dim=args.inter, n_shared_experts=args.shared, route_scale=2.5)
     ours = MoE(cfg).train()
     for p in ours.parameters():

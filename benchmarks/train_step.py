@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = model_preset("tiny", vocab_size=VOCAB, max_seq_len=args.seq + 1)
+    cfg = model_preset("toy", vocab_size=VOCAB, max_seq_len=args.seq + 1)
     ours = Transformer(cfg).train()
     hf_cfg = to_hf_config(cfg)
     hf_cfg._attn_implementation = "sdpa"

@@ -128,16 +128,26 @@ def _print_outcome(result, cfg) -> None:
     produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
     if "eval_report" in produced:
         summary = _read_output(result, cfg, "eval_report", "summary.json")
-        table = Table("held-out pass@1", "teacher", "student", title="evaluation")
-        tasks = sorted(summary["teacher"]["pass_at_1_by_task"])
-        for task in tasks:
-            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}"
-                                  for m in ("teacher", "student")))
-        table.add_row("[bold]overall[/bold]", *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]"
-                                                for m in ("teacher", "student")))
-        table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in ("teacher", "student")))
-        table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}"
-                                                  for m in ("teacher", "student")))
+        models = [m for m in ("teacher", "teacher_best", "student") if m in summary]
+        heads = {"teacher": "teacher", "teacher_best": "teacher, worked examples", "student": "student"}
+        table = Table("held-out pass@1", *(heads[m] for m in models), "constant-answer floor", title="evaluation")
+        floor = summary.get("floor", {})
+        for task in sorted(summary["teacher"]["pass_at_1_by_task"]):
+            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in models),
+                          f"{floor.get('pass_at_1_by_task', {}).get(task, float('nan')):.3f} "
+                          f"({floor.get('answer_by_task', {}).get(task, '?')!r})")
+        table.add_row("[bold]overall[/bold]", *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]" for m in models),
+                      f"{floor.get('pass_at_1', float('nan')):.3f}")
+        table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in models), "")
+        table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}" for m in models), "")
+        console.print(table)
+        if econ := summary.get("economics"):
+            console.print(f"student cost vs teacher: active non-embedding parameters per token "
+                          f"{econ['student_params_active_nonembedding'] / 1e6:.1f}M vs "
+                          f"{econ['teacher_params_nonembedding'] / 1e6:.1f}M ({econ['active_param_ratio']:.0%}); KV "
+                          f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
+                          f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
+                          f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token")
         console.print(table)
     if "registration" in produced:
         reg = _read_output(result, cfg, "registration", "registration.json")

@@ -122,21 +122,32 @@ class DistillConfig(Section):
     tokenizer: str = "smollm2-135m-instruct"
 
 
+class ConvertConfig(Section):
+    """Stage `convert`: the student built from the teacher's weights (`model.init: teacher`), calibrated on the
+    teacher's own text (its samples of the training prompts, accepted or not), and measured against it."""
+
+    calibration_samples: int = Field(48, ge=1)  # samples whose text calibrates the conversion
+    held_out_samples: int = Field(16, ge=1)  # further samples on which KL and perplexity are reported
+    ffn_sample_tokens: int = Field(1024, ge=16)  # tokens per layer kept for expert clustering and the router fit
+    keep_layers: list[int] | None = None  # teacher layers the student keeps; None: the most important by BI
+    seed: int = 0
+
+
 class TrainConfig(Section):
     """Distillation training of the student on Ray Train."""
 
     num_workers: int = Field(2, ge=1)  # Ray Train workers, one DDP replica each
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(8, ge=1)  # sequences per worker per step
+    max_steps: int = Field(12, ge=1)
+    batch_size: int = Field(4, ge=1)  # sequences per worker per step
     seq_len: int = Field(256, ge=8)
     # memory cap of a worker's input: the windows its shuffle buffer holds (rows are streamed through it, never
     # held whole; at least one batch's windows whatever the cap)
     input_buffer_mb: float = Field(64.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)  # fine-tuning a converted teacher (from scratch: ~1e-3)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(2, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     kd_alpha: float = Field(0.5, ge=0, le=1)  # loss = kd_alpha * KD + (1 - kd_alpha) * CE
@@ -176,7 +187,7 @@ class RegistryConfig(Section):
     """
 
     model_name: str = Field("moeforge-student", min_length=1)
-    gate_ratio: float = Field(0.5, ge=0)
+    gate_ratio: float = Field(1.0, ge=0)
     must_beat_champion: bool = True
 
 
@@ -278,8 +289,8 @@ class TrackingConfig(Section):
     artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
 
 
-SECTIONS = ("teacher", "data", "generate", "distill", "model", "train", "evaluate", "registry", "serve", "ray",
-            "job", "tracking")
+SECTIONS = ("teacher", "data", "generate", "distill", "convert", "model", "train", "evaluate", "registry", "serve",
+            "ray", "job", "tracking")
 
 
 class MoeforgeConfig(Section):
@@ -290,6 +301,7 @@ class MoeforgeConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

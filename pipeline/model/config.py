@@ -25,14 +25,14 @@ class ModelConfig(Section):
     init: Literal["teacher", "scratch"] = "teacher"
     vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer the student is paired with
     dim: int = Field(256, ge=1)
-    n_layers: int = Field(4, ge=1)
+    n_layers: int = Field(30, ge=1)
     n_dense_layers: int = Field(1, ge=0)
     n_heads: int = Field(4, ge=1)
     # Multi-head Latent Attention
     q_lora_rank: int = Field(0, ge=0)  # 0: full-rank query projection
-    kv_lora_rank: int = Field(64, ge=1)
+    kv_lora_rank: int = Field(192, ge=1)
     qk_nope_head_dim: int = Field(32, ge=0)  # 0: every query/key channel is rotary (a lossless conversion)
-    qk_rope_head_dim: int = Field(16, ge=2)
+    qk_rope_head_dim: int = Field(32, ge=2)
     n_rope_heads: int = Field(1, ge=1)  # rope keys cached per token: 1 (DeepSeek) or the GQA teacher's KV heads
     v_head_dim: int = Field(32, ge=1)
     kv_norm: bool = True  # RMSNorm on the KV latent (DeepSeek); off in a converted student
@@ -40,10 +40,10 @@ class ModelConfig(Section):
     norm_eps: float = Field(1e-6, gt=0)
     # Feed-forward: dense SwiGLU in the first blocks, DeepSeekMoE after
     inter_dim: int = Field(768, ge=1)
-    moe_inter_dim: int = Field(128, ge=1)
-    n_routed_experts: int = Field(8, ge=1)
-    n_shared_experts: int = Field(1, ge=0)
-    n_activated_experts: int = Field(2, ge=1)  # top-k
+    moe_inter_dim: int = Field(64, ge=1)
+    n_routed_experts: int = Field(20, ge=1)
+    n_shared_experts: int = Field(4, ge=0)
+    n_activated_experts: int = Field(12, ge=1)  # top-k
     n_group: int = Field(1, ge=1)
     topk_group: int = Field(1, ge=1)
     route_scale: float = Field(1.0, gt=0)
@@ -106,21 +106,20 @@ class ModelConfig(Section):
 
 
 # Named student sizes. A config selects one with `model: {preset: NAME}` (explicit keys beside it win). `tiny` is
-# the embedded default (`ModelConfig()`); the others are for GPUs. Vocabulary size always comes from the paired
-# tokenizer.
+# the embedded default (`ModelConfig()`): SmolLM2-135M-Instruct converted with every layer, 16 of 32 rope pairs per
+# KV head, the latent at full rank, and 4 shared + 12 of 20 routed experts of 64 neurons (see docs/benchmarks.md
+# for what each knob costs). `toy` is a small student from scratch, for tests and quick benchmarks. Vocabulary
+# size always comes from the paired tokenizer.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # 28.9M total / 27.1M active with a 49,152-token vocabulary (num_params(); embedding and head dominate).
     "tiny": {},
-    # one GPU
-    "small": dict(dim=512, n_layers=8, n_dense_layers=1, n_heads=8, q_lora_rank=192, kv_lora_rank=128,
-                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=1536, moe_inter_dim=256,
-                  n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_group=4, topk_group=2,
-                  route_scale=2.5, max_seq_len=1024),
-    # a multi-GPU cluster
-    "base": dict(dim=768, n_layers=12, n_dense_layers=1, n_heads=12, q_lora_rank=384, kv_lora_rank=256,
-                 qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=2048, moe_inter_dim=384,
-                 n_routed_experts=64, n_shared_experts=1, n_activated_experts=6, n_group=8, topk_group=4,
-                 route_scale=2.5, max_seq_len=2048),
+    # 28.9M total / 27.1M active with a 49,152-token vocabulary (num_params(); embedding and head dominate)
+    "toy": dict(init="scratch", n_layers=4, kv_lora_rank=64, qk_rope_head_dim=16, moe_inter_dim=128,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+    # one GPU, and a cluster: SmolLM2-135M-Instruct at the cost targets (24 layers, 4 rope pairs per KV head, a
+    # 72-wide latent, 4 shared + 8 of 20 routed experts: <= 50% of the teacher's active parameters, <= 25% of its KV
+    # cache), which needs more recovery training than a CPU gives
+    "small": dict(n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8, max_seq_len=1024),
+    "base": dict(n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8, max_seq_len=2048),
 }
 
 

@@ -499,3 +499,25 @@ def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: i
         t_nll -= float(t_logp.gather(-1, target).squeeze(-1)[valid].sum())
         n += int(valid.sum())
     return Fidelity(kl_sum / n, math.exp(s_nll / n), math.exp(t_nll / n), n)
+
+
+# ---------------------------------------------------------------------------------------------------- economics
+
+
+def economics(student_cfg: ModelConfig, student_params: dict[str, int], teacher: TeacherShape) -> dict[str, float]:
+    """What the student costs beside the teacher, per token: parameters touched and KV-cache floats.
+
+    Embedding parameters are the input embedding and the output head (counted once for a tied teacher).
+    """
+    t = teacher.num_params()
+    c = student_cfg
+    s_cache = c.n_layers * (c.kv_lora_rank + c.n_rope_heads * c.qk_rope_head_dim)
+    t_cache = teacher.n_layers * teacher.kv_width
+    s_active = student_params["active"] - student_params["embedding"]
+    t_active = t["total"] - t["embedding"]
+    return {"student_params_total": student_params["total"], "student_params_active": student_params["active"],
+            "student_params_active_nonembedding": s_active, "student_params_embedding": student_params["embedding"],
+            "teacher_params_total": t["total"], "teacher_params_nonembedding": t_active,
+            "teacher_params_embedding": t["embedding"], "active_param_ratio": s_active / t_active,
+            "student_cache_floats_per_token": s_cache, "teacher_cache_floats_per_token": t_cache,
+            "cache_ratio": s_cache / t_cache}

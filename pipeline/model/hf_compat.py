@@ -32,7 +32,8 @@ def to_hf_config(cfg: ModelConfig):
         routed_scaling_factor=cfg.route_scale, norm_topk_prob=True, kv_lora_rank=cfg.kv_lora_rank,
         q_lora_rank=cfg.q_lora_rank or None, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, rope_interleave=True, tie_word_embeddings=False, attention_bias=False,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, rope_interleave=True, tie_word_embeddings=False,
+        attention_bias=False,
         num_nextn_predict_layers=0, hidden_act="silu",
     )
 

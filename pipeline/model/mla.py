@@ -4,8 +4,9 @@ Leaves first: RMSNorm, rotary embedding, the cache, then the attention module. S
 S query positions, T key positions, H heads, D model dim, C kv_lora_rank (the latent), R qk_rope_head_dim,
 N qk_nope_head_dim, V v_head_dim.
 
-MLA compresses keys and values into one latent vector per token (`kv_lora_rank` wide) plus a small rotary key
-shared by all heads (or, in a student converted from a GQA teacher, one per KV head); only those are cached. Two ways to attend over the cache:
+MLA compresses keys and values into one latent vector per token (`kv_lora_rank` wide) plus a small rotary key shared
+by all heads (or, in a student converted from a GQA teacher, one per KV head); only those are cached. Two ways to
+attend over the cache:
 
 - `naive`: expand every cached latent to full per-head keys and values with `wkv_b`, then ordinary attention.
   Simple and obviously right; kept as the oracle.

@@ -3,7 +3,7 @@ small readers of what is stored beside the Parquet files. Every stage imports it
 here, never from another stage.
 
     generate ─ samples, eval_prompts ─> distill ─ soft_targets ─> train ─ student ─> evaluate ─ eval_report ─>
-    register ─ registration ─> serve ─ endpoint
+    register ─ registration ─> serve ─ endpoint;  samples ─> convert ─ initial_student ─> train
 """
 
 from __future__ import annotations
@@ -91,6 +91,13 @@ SOFT_TARGETS = ArtifactSpec("soft_targets", "dataset", soft_targets_schema("floa
 def read_meta(path) -> dict:
     """The `meta.json` of a committed soft-targets artifact (tokenizer fingerprint, teacher, top-k)."""
     return json.loads((Path(path) / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+INITIAL_STUDENT = ArtifactSpec("initial_student", "checkpoint", description="the student before training: converted "
+                               "from the teacher's weights (or random, model.init scratch), with its tokenizer and "
+                               "conversion.json (kept layers, rope pairs, KL and perplexity vs the teacher, costs)")
 
 
 # ---------------------------------------------------------------------------------------------------- train

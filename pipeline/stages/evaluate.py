@@ -1,9 +1,12 @@
 """Stage `evaluate`: teacher and student on the held-out split, with the same prompt and the same verifiers.
 
 The held-out prompts of `generate` (never trained on) are answered greedily by the teacher (its actor pool) and by
-the student (a pool of student actors), both given the student's conversation: the instruction and the question,
-no worked examples. Every answer is graded like a training sample (`rejection.judge`: finished on its own, an
-answer found by the configured extractors, the task's verifier satisfied), so pass@1 means the same for both.
+the student (a pool of student actors), both given the student's conversation: the instruction and the question, no
+worked examples; and by the teacher at its best, with the worked examples it generated the traces with
+(`teacher_best`). Beside them, the constant-answer floor: always answering each task's most frequent reference
+answer. The student's parameter and KV-cache costs beside the teacher's come from `convert`. Every answer is graded
+like a training sample (`rejection.judge`: finished on its own, an answer found by the configured extractors, the
+task's verifier satisfied), so pass@1 means the same for both.
 
 Output `eval_report`: one row per (model, prompt) and a `summary.json` (pass@1 per task and overall, mean
 completion length, format-failure rate per model). The same numbers are metrics of the run
@@ -12,25 +15,26 @@ completion length, format-failure rate per model). The same numbers are metrics 
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
 
 import pyarrow as pa
 
 from pipeline.artifacts import write_json
 from pipeline.data.extract import extract
-from pipeline.data.prompts import student_messages
+from pipeline.data.prompts import student_messages, teacher_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
 from pipeline.stage import Stage, StageContext
 from pipeline.stages.artifact_specs import EVAL_PROMPTS, EVAL_REPORT, REPORT_SCHEMA, prompt_from_row
 from pipeline.teacher.base import Generation
 
-MODELS = ("teacher", "student")
+MODELS = ("teacher", "teacher_best", "student")  # teacher_best: the teacher with worked examples (its best prompt)
 
 
 class Evaluate(Stage):
     name = "evaluate"
-    inputs = ("eval_prompts", "student")
+    inputs = ("eval_prompts", "student", "initial_student")
     outputs = (EVAL_REPORT,)
     config_sections = ("teacher", "evaluate")
     key_metrics = ("teacher.pass_at_1", "student.pass_at_1")
@@ -42,27 +46,34 @@ class Evaluate(Stage):
             raise ValueError("the held-out split is empty: set data.num_eval_prompts >= 1")
         size = ctx.config.evaluate.partition_size
         parts = {i: prompts[s:s + size] for i, s in enumerate(range(0, len(prompts), size))}
-        generations = {"teacher": self.teacher_answers(ctx, parts), "student": self.student_answers(ctx, parts)}
+        generations = {"teacher": self.teacher_answers(ctx, parts, best=False),
+                       "teacher_best": self.teacher_answers(ctx, parts, best=True),
+                       "student": self.student_answers(ctx, parts)}
         rows = [grade_row(model, p, gen, ctx.config.teacher.answer_extractors)
                 for model in MODELS for p, gen in zip(prompts, generations[model], strict=True)]
         table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
         ctx.write_table("eval_report", table)
         summary = summarize(rows)
+        conversion = ctx.input_path("initial_student") / "conversion.json"
+        if conversion.is_file():
+            record = json.loads(conversion.read_text())
+            summary["economics"] = {k: record[k] for k in ECONOMICS if k in record}
         write_json(ctx.output_dir("eval_report") / "summary.json", summary)
         ctx.log_metrics(flatten(summary))
         ctx.client.log_table(ctx.run_id, data=table.to_pandas(), artifact_file="eval/answers.json")
 
-    def teacher_answers(self, ctx: StageContext, parts: dict) -> list[Generation]:
-        """Greedy teacher answers with the student's prompt, in prompt order."""
+    def teacher_answers(self, ctx: StageContext, parts: dict, best: bool) -> list[Generation]:
+        """Greedy teacher answers in prompt order: with the student's prompt, or (`best`) with worked examples."""
         from actors.teacher import GenerateRequest, teacher_pool
 
         cfg = ctx.config
         teacher = cfg.teacher.model_copy(update={"temperature": 0.0, "max_new_tokens": cfg.evaluate.max_new_tokens})
-        requests = [(i, GenerateRequest([student_messages(p.question) for p in part], seed=0))
-                    for i, part in parts.items()]
+        ask = (lambda p: teacher_messages(p.task, p.question)) if best else (lambda p: student_messages(p.question))
+        requests = [(i, GenerateRequest([ask(p) for p in part], seed=0)) for i, part in parts.items()]
         out: dict[int, list[Generation]] = {}
-        bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc="evaluate teacher")
-        with teacher_pool(teacher, f"evaluate-{ctx.run_id[:8]}.teacher",
+        bar = ctx.progress(total=sum(len(p) for p in parts.values()),
+                           desc="evaluate teacher, worked examples" if best else "evaluate teacher")
+        with teacher_pool(teacher, f"evaluate-{ctx.run_id[:8]}.teacher{'-best' if best else ''}",
                           scheduling_strategy=ctx.scheduling_strategy) as pool:
             for i, result in pool.map_unordered("generate", requests):
                 out[i] = result.generations
@@ -102,9 +113,30 @@ def grade_row(model: str, prompt, gen: Generation, extractors) -> dict:
             "finish_reason": gen.finish_reason, "completion_tokens": gen.completion_tokens}
 
 
+ECONOMICS = ("student_params_total", "student_params_active", "student_params_active_nonembedding",
+             "teacher_params_total", "teacher_params_nonembedding", "active_param_ratio",
+             "student_cache_floats_per_token", "teacher_cache_floats_per_token", "cache_ratio", "kl_to_teacher")
+
+
+def constant_answer_floor(rows: list[dict]) -> dict:
+    """The pass@1 of always answering each task's most frequent reference answer on this held-out split."""
+    refs = defaultdict(list)
+    for r in rows:
+        if r["model"] == MODELS[0]:
+            refs[r["task"]].append(r["reference_answer"])
+    by_task, answers, hits = {}, {}, 0
+    for task, answers_of_task in sorted(refs.items()):
+        answer, count = Counter(answers_of_task).most_common(1)[0]
+        by_task[task], answers[task] = count / len(answers_of_task), answer
+        hits += count
+    return {"pass_at_1": hits / max(sum(len(v) for v in refs.values()), 1), "pass_at_1_by_task": by_task,
+            "answer_by_task": answers}
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Per model: pass@1 overall and per task, mean completion tokens, format-failure rate, counts."""
-    summary: dict = {}
+    """Per model: pass@1 overall and per task, mean completion tokens, format-failure rate, counts; and the
+    constant-answer floor."""
+    summary: dict = {"floor": constant_answer_floor(rows)}
     for model in MODELS:
         mine = [r for r in rows if r["model"] == model]
         by_task = defaultdict(list)
@@ -126,6 +158,8 @@ def flatten(summary: dict) -> dict[str, float]:
     out = {}
     for model, s in summary.items():
         for key, value in s.items():
+            if key == "answer_by_task":
+                continue  # strings, not metrics
             if isinstance(value, dict):
                 out.update({f"{model}.{key.replace('_by_task', '')}.{task}": v for task, v in value.items()})
             else:

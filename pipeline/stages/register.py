@@ -1,10 +1,11 @@
 """Stage `register`: the trained student into the MLflow Model Registry, promoted only when it passes the gate.
 
-The MLflow model that `train` logged on its run becomes a new version of `registry.model_name` (or the
-version already registered from that run is reused, when only the evaluation changed). Alias `champion` moves to
-it when student pass@1 >= `gate_ratio` x teacher pass@1 and, with `must_beat_champion`, >= the pass@1 recorded on
-the current champion; otherwise it gets alias `challenger`. The decision and its reason are tags of the version
-and of the run, and the output `registration` (registration.json) records name, version, alias and reason.
+The MLflow model that `train` logged on its run becomes a new version of `registry.model_name` (or the version
+already registered from that run is reused, when only the evaluation changed). Alias `champion` moves to it when
+student pass@1 >= `gate_ratio` x teacher pass@1 (the same prompt), the student beats the constant-answer floor on
+every task, and, with `must_beat_champion`, >= the pass@1 recorded on the current champion; otherwise it gets alias
+`challenger`. The decision and its reason are tags of the version and of the run, and the output `registration`
+(registration.json) records name, version, alias and reason.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ class Register(Stage):
             raise RuntimeError("the student artifact does not name the train run that logged it")
         version = register_run_model(ctx.client, ctx.call.tracking_uri, name, train_run)
         champion = champion_pass_at_1(ctx.client, name, exclude_version=version.version)
-        alias, reason = gate(student, teacher, champion, cfg.gate_ratio, cfg.must_beat_champion)
+        floor = summary.get("floor", {}).get("pass_at_1_by_task")
+        alias, reason = gate(student, teacher, champion, cfg.gate_ratio, cfg.must_beat_champion,
+                             summary["student"]["pass_at_1_by_task"], floor)
         promote(ctx.client, version, alias, {
             "moeforge.pass_at_1": student, "moeforge.teacher_pass_at_1": teacher, "moeforge.alias": alias,
             "moeforge.gate_reason": reason, "moeforge.eval_run_id": ctx.call.inputs["eval_report"].run_id})

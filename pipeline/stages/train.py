@@ -1,12 +1,12 @@
 """Stage `train`: distil the soft targets into the MoE student on Ray Train, and log it as an MLflow model.
 
 The soft-target Parquet is read through Ray Data and split per worker (every row to exactly one worker, see
-`actors/trainer.py`); each `TorchTrainer` worker is one DDP replica over gloo (CPU) or NCCL (GPU). The Train run
-is named after the stage's cache key and stored under `train.storage_path` (default `<workdir>/checkpoints`): a
-worker that dies restarts its group from the latest checkpoint (`train.max_failures` times), and a pipeline rerun
-after a driver crash continues from it instead of step 0. The student is built with the soft targets' own
-tokenizer (its vocabulary is the teacher's), saved with it as the `student` artifact, and logged on this run as a
-pyfunc model that `register` puts in the Model Registry.
+`actors/trainer.py`); each `TorchTrainer` worker is one DDP replica over gloo (CPU) or NCCL (GPU). The Train run is
+named after the stage's cache key and stored under `train.storage_path` (default `<workdir>/checkpoints`): a worker
+that dies restarts its group from the latest checkpoint (`train.max_failures` times), and a pipeline rerun after a
+driver crash continues from it instead of step 0. The student is built with the soft targets' own tokenizer (its
+vocabulary is the teacher's) from `convert`'s initial student, saved with it as the `student` artifact, and logged
+on this run as a pyfunc model that `register` puts in the Model Registry.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.stages.artifact_specs import STUDENT
 
 class Train(Stage):
     name = "train"
-    inputs = ("soft_targets",)
+    inputs = ("soft_targets", "initial_student")
     outputs = (STUDENT,)
     config_sections = ("model", "train")
     key_metrics = ("loss", "tokens_per_s", "mfu")
@@ -42,7 +42,10 @@ class Train(Stage):
         meta = read_meta(source)
         tokenizer = AutoTokenizer.from_pretrained(str(source / "tokenizer"))
         check_tokenizer(tokenizer, meta["tokenizer_fingerprint"], "the soft targets' saved tokenizer")
-        model = Transformer.for_tokenizer(cfg.model, tokenizer)  # raises on a conflicting model.vocab_size
+        model = Transformer.from_pretrained(ctx.input_path("initial_student"))
+        if model.cfg.vocab_size != len(tokenizer):
+            raise ValueError(f"the initial student's vocabulary ({model.cfg.vocab_size}) is not the soft targets' "
+                             f"tokenizer's ({len(tokenizer)} tokens): convert and distill used different tokenizers")
         sizes = model.num_params()
         ctx.log_metrics({"params_total": sizes["total"], "params_active": sizes["active"]})
         if not meta.get("soft_targets", True):
@@ -51,8 +54,10 @@ class Train(Stage):
         storage = cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
         run_name = f"train-{ctx.call.key[:16]}"
         ctx.set_tags({"moeforge.train.run_name": run_name, "moeforge.train.storage_path": storage})
+        import ray
+
         job = TrainJob(model.cfg, cfg.train, meta["top_k"], ctx.run_id, ctx.call.tracking_uri,
-                       parent_run_id=ctx.call.parent_run_id)
+                       parent_run_id=ctx.call.parent_run_id, initial_state=ray.put(model.state_dict()))
         result = fit(job, read_soft_targets(source), run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")

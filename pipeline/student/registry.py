@@ -84,18 +84,31 @@ def champion_pass_at_1(client, name: str, exclude_version: str | None = None) ->
     return float(current.tags["moeforge.pass_at_1"])
 
 
-def gate(student: float, teacher: float, champion: float | None, ratio: float, must_beat_champion: bool
+def gate(student: float, teacher: float, champion: float | None, ratio: float, must_beat_champion: bool,
+         student_by_task: dict[str, float] | None = None, floor_by_task: dict[str, float] | None = None
          ) -> tuple[str, str]:
-    """(alias, reason) for a new version with `student` pass@1, given the teacher's and the champion's."""
+    """(alias, reason) for a new version with `student` pass@1, given the teacher's (same prompt) and the champion's.
+
+    Champion only when the student reaches `ratio` x the teacher's pass@1 and, on every task, beats the
+    constant-answer floor (always answering the held-out split's most frequent answer): a student that only
+    learned the answer prior is a challenger however it compares with the teacher.
+    """
     need = ratio * teacher
     if student == 0:
         return "challenger", "student pass@1 is 0: it solved none of the held-out prompts"
     if student < need:
         return "challenger", (f"student pass@1 {student:.3f} < gate_ratio {ratio:g} x teacher pass@1 "
                               f"{teacher:.3f} = {need:.3f}")
+    floors = floor_by_task or {}
+    below = [f"{t} {(student_by_task or {}).get(t, 0.0):.3f} <= floor {f:.3f}" for t, f in sorted(floors.items())
+             if (student_by_task or {}).get(t, 0.0) <= f]
+    if below:
+        return "challenger", f"student does not beat the constant-answer floor on {'; '.join(below)}"
     if must_beat_champion and champion is not None and student < champion:
         return "challenger", f"student pass@1 {student:.3f} < current champion's {champion:.3f}"
     reason = f"student pass@1 {student:.3f} >= gate_ratio {ratio:g} x teacher pass@1 {teacher:.3f}"
+    if floors:
+        reason += " and beats the constant-answer floor on every task"
     if must_beat_champion and champion is not None:
         reason += f" and >= current champion's {champion:.3f}"
     return "champion", reason

@@ -33,6 +33,9 @@ class TrainJob:
     run_id: str | None = None  # MLflow run rank 0 logs step metrics to
     tracking_uri: str | None = None
     parent_run_id: str = ""  # the pipeline run: a tag of rank 0's live Ray metrics
+    # the student's starting weights (a state dict; on Ray Train an ObjectRef to one, resolved by the worker);
+    # None: random initialisation from train.seed
+    initial_state: Any = None
 
 
 class Replica:
@@ -60,7 +63,10 @@ class Replica:
                                   self.cfg.batch_size)
         self.data = WindowStream(rows, self.cfg.seq_len, job.top_k, capacity, self.cfg.seed, rank)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every replica (DDP also broadcasts them)
-        self.model = Transformer(job.model).to(self.device)
+        self.model = Transformer(job.model)
+        if job.initial_state is not None:
+            self.model.load_state_dict(job.initial_state)
+        self.model.to(self.device)
         self.state = TrainState(self.model, self.cfg, self.data)
         self.objective = ObjectiveModule(self.model, self.cfg)
         self.forward: torch.nn.Module = self.objective

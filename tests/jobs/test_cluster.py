@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 SMALL = {"data.num_train_prompts": 8, "data.num_eval_prompts": 2, "generate.shard_size": 2,
          "teacher.max_new_tokens": 40, "teacher.num_cpus_per_actor": 0.5, "train.max_steps": 4,
          "train.batch_size": 2, "train.checkpoint_every": 2, "evaluate.max_new_tokens": 16,
-         "evaluate.num_cpus_per_actor": 0.5}
-STAGES = ["generate", "distill", "train", "evaluate", "register", "serve"]
+         "evaluate.num_cpus_per_actor": 0.5,
+         # a small student from scratch: the teacher conversion has its own tests; this one is about the cluster
+         "model.init": "scratch", "model.n_layers": 4, "model.n_routed_experts": 8, "model.n_activated_experts": 2}
+STAGES = ["generate", "distill", "convert", "train", "evaluate", "register", "serve"]
 
 
 class Scraper(threading.Thread):
@@ -201,8 +203,8 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
     outputs = {k[len("moeforge.output."):-len(".uri")]: (v, r.data.tags[k[:-len(".uri")] + ".hash"])
                for r in children for k, v in r.data.tags.items()
                if k.startswith("moeforge.output.") and k.endswith(".uri")}
-    assert set(outputs) == {"samples", "eval_prompts", "soft_targets", "student", "eval_report", "registration",
-                            "endpoint"}
+    assert set(outputs) == {"samples", "eval_prompts", "soft_targets", "initial_student", "student", "eval_report",
+                            "registration", "endpoint"}
     check = subprocess.run(
         [sys.executable, "-m", "tests.jobs.inspect_run", c.gcs, c.dashboard, finished.tracking_uri,
          json.dumps(outputs), json.dumps(c.node_ids)],

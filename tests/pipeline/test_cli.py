@@ -35,7 +35,7 @@ def test_config_show_resolves_overrides(cli):
 def test_bad_config_exits_2_naming_the_key(cli):
     res = cli("config", "show", "--set", "model.n_activated_experts=99")
     assert res.exit_code == 2
-    assert "model.n_activated_experts: n_activated_experts (99) must be <= n_routed_experts (8)" in res.output
+    assert "model.n_activated_experts: n_activated_experts (99) must be <= n_routed_experts (20)" in res.output
     res = cli("run", "--config", "tiny", "--set", "train.max_stepz=1")
     assert res.exit_code == 2 and "train.max_stepz: unknown key" in res.output
 
@@ -64,6 +64,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         assert ("generate   cached" if i else "generate   done") in res.output
         assert "register   " + ("cached" if i else "done") in res.output
         assert "held-out pass@1" in res.output and "overall" in res.output  # the evaluation table it prints
+        assert "constant-answer floor" in res.output and "teacher, worked examples" in res.output
         assert "registered moeforge-student version 1 as" in res.output
     assert (tmp_path / ".moeforge" / "mlflow.db").is_file()
     tracker = Tracker(load_config("tiny").tracking)
@@ -71,8 +72,13 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     res = cli("status")
     assert res.exit_code == 0 and runs[0].info.run_id in res.output and "FINISHED" in res.output
-    for stage in ("generate", "distill", "train", "evaluate", "register"):
+    for stage in ("generate", "distill", "convert", "train", "evaluate", "register"):
         assert stage in res.output
+    # the student was converted from the teacher, and how far it was from it before training is on record
+    convert = next(r for r in tracker.stage_runs(runs[-1].info.run_id) if r.info.run_name == "convert")
+    kl = convert.data.metrics["kl_to_teacher"]
+    assert 0 < kl < float("inf") and convert.data.metrics["student_ppl"] >= 1
+    assert convert.data.metrics["cache_ratio"] == pytest.approx(30 * (192 + 3 * 32) / (30 * 2 * 3 * 64))
 
     # the optional last stage: a challenger-only registry has no champion to serve, and says what to do instead
     port = free_port()

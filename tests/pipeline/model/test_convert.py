@@ -185,3 +185,32 @@ def test_knobs_that_do_not_fit_the_teacher_are_named():
         student_config(shape, lossless(n_layers=5, n_dense_layers=1))
     with pytest.raises(ConversionError, match="moe_inter_dim"):
         student_config(shape, lossless(moe_inter_dim=32))
+
+
+@pytest.mark.timeout(600)
+def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logits():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.prompts import chat_token_ids, student_messages, teacher_messages
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
+
+    path = str(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    questions = ["What is 7 + 5?", "How many times does the letter r appear in the text: strawberry?",
+                 "State the final answer to the following arithmetic problem: 3 + 4 - 2 =", "What is 9 - 6 + 1?"]
+    calib = [chat_token_ids(tokenizer, student_messages(q)) for q in questions]
+    shape = TeacherShape.of(teacher.config)
+    cfg = ModelConfig(n_layers=shape.n_layers, qk_rope_head_dim=shape.head_dim,
+                      kv_lora_rank=shape.n_kv_heads * shape.head_dim, moe_inter_dim=64, n_shared_experts=4,
+                      n_routed_experts=20, n_activated_experts=20, max_seq_len=1024)
+    student, report = convert(teacher, cfg, calibrate(teacher, calib, ffn_sample=256))
+    assert report.layers == list(range(shape.n_layers))
+    held_out = [teacher_messages("basic_arithmetic", "What is 8 - 3?"), student_messages("Count the letter e in: tree"),
+                teacher_messages("chain_sum", "State the final answer to the following arithmetic problem: 4 + 4 =")]
+    width = max(len(chat_token_ids(tokenizer, m)) for m in held_out)
+    rows = [chat_token_ids(tokenizer, m) for m in held_out]
+    ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])  # right padding: causal
+    got, want = student_logits(student, ids), teacher_logits(teacher, ids)
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(got[i, :len(r)], want[i, :len(r)], atol=2e-4, rtol=1e-4)

@@ -11,7 +11,7 @@ from pipeline.model.transformer import Transformer
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return Transformer(model_preset("tiny", vocab_size=200)).eval()
+    return Transformer(model_preset("toy", vocab_size=200)).eval()
 
 
 def test_ragged_batch_equals_one_at_a_time(model):

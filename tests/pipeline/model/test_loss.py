@@ -38,7 +38,7 @@ def test_all_ignored_is_zero_not_nan():
 
 def test_model_loss_equals_logits_cross_entropy_with_mtp():
     torch.manual_seed(0)
-    model = Transformer(model_preset("tiny", vocab_size=90, mtp_depth=1)).train()
+    model = Transformer(model_preset("toy", vocab_size=90, mtp_depth=1)).train()
     batch = torch.randint(0, 90, (2, 21))
     x, y = batch[:, :-1], batch[:, 1:]
     losses = model.loss(x, y)

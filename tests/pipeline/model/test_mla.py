@@ -13,7 +13,7 @@ from pipeline.model.transformer import Transformer
 
 def _model(impl, seed=0, **kw):
     torch.manual_seed(seed)
-    return Transformer(model_preset("tiny", vocab_size=97, attn_impl=impl, q_lora_rank=32, **kw)).eval()
+    return Transformer(model_preset("toy", vocab_size=97, attn_impl=impl, q_lora_rank=32, **kw)).eval()
 
 
 @pytest.mark.parametrize("impl", ["absorb", "naive"])

@@ -16,7 +16,7 @@ from pipeline.model.moe import MoE, load_imbalance, update_router_biases
 
 def _moe(impl="batched", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = model_preset("tiny", moe_impl=impl, **kw)
+    cfg = model_preset("toy", moe_impl=impl, **kw)
     moe = MoE(cfg)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -45,7 +45,7 @@ def test_router_and_layer_match_transformers_deepseek_v3(groups):
     ours = _moe(route_scale=2.5, **groups)
     with torch.no_grad():
         ours.gate.bias.copy_(torch.randn_like(ours.gate.bias) * 0.05)  # a trained-looking correction bias
-    hf = hf_moe(model_preset("tiny", route_scale=2.5, **groups))
+    hf = hf_moe(model_preset("toy", route_scale=2.5, **groups))
     copy_moe_to_hf(ours, hf)
     x = torch.randn(2, 50, ours.gate.weight.shape[1])
     weights, ids, _ = ours.gate(x.view(-1, x.shape[-1]))

@@ -13,7 +13,7 @@ from pipeline.model.transformer import Transformer
 
 
 def test_param_counts_match_the_architecture():
-    cfg = model_preset("tiny", vocab_size=49152)
+    cfg = model_preset("toy", vocab_size=49152)
     model = Transformer(cfg)
     counts = model.num_params()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
@@ -32,12 +32,12 @@ def test_size_presets_are_valid(name):
 
 def test_vocab_must_come_from_the_tokenizer():
     with pytest.raises(ValueError, match="vocab_size is not set"):
-        Transformer(model_preset("tiny"))
+        Transformer(model_preset("toy"))
 
 
 def test_save_load_reproduces_outputs_exactly(tmp_path):
     torch.manual_seed(0)
-    model = Transformer(model_preset("tiny", vocab_size=101, mtp_depth=1)).eval()
+    model = Transformer(model_preset("toy", vocab_size=101, mtp_depth=1)).eval()
     for gate in (m for m in model.modules() if isinstance(m, Gate)):
         gate.bias.normal_()  # router biases are state that must survive the round trip
     model.save_pretrained(tmp_path / "student")
@@ -52,7 +52,7 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
 
 
 def test_bad_saved_config_names_the_field(tmp_path):
-    model = Transformer(model_preset("tiny", vocab_size=11))
+    model = Transformer(model_preset("toy", vocab_size=11))
     model.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace(
         '"n_activated_experts": 2', '"n_activated_experts": 99'))
@@ -62,7 +62,7 @@ def test_bad_saved_config_names_the_field(tmp_path):
 
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    cfg = model_preset("tiny", vocab_size=64, dim=64, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=16,
+    cfg = model_preset("toy", vocab_size=64, dim=64, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=16,
                        qk_rope_head_dim=8, v_head_dim=16, inter_dim=128, moe_inter_dim=32, mtp_depth=1)
     model = Transformer(cfg).train()
     batch = torch.randint(0, 64, (4, 33))
@@ -82,7 +82,7 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    model = Transformer(model_preset("tiny", vocab_size=50, mtp_depth=1, q_lora_rank=16)).train()
+    model = Transformer(model_preset("toy", vocab_size=50, mtp_depth=1, q_lora_rank=16)).train()
     out = model(torch.randint(0, 50, (2, 12)), return_aux=True)
     (out.logits.mean() + out.mtp_logits.mean() + out.balance_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -97,7 +97,7 @@ def test_whole_model_matches_transformers_deepseek_v3(q_lora_rank):
     from pipeline.model.hf_compat import copy_model_to_hf, to_hf_config
 
     torch.manual_seed(0)
-    cfg = model_preset("tiny", vocab_size=120, q_lora_rank=q_lora_rank, n_routed_experts=8, n_activated_experts=2,
+    cfg = model_preset("toy", vocab_size=120, q_lora_rank=q_lora_rank, n_routed_experts=8, n_activated_experts=2,
                        n_group=2, topk_group=1, route_scale=2.5)
     ours = Transformer(cfg).eval()
     for gate in (m for m in ours.modules() if isinstance(m, Gate)):
@@ -134,10 +134,10 @@ def test_vocabulary_comes_from_the_paired_tokenizer_and_travels_with_the_weights
     from transformers import AutoTokenizer
 
     tokenizer = _tokenizer()
-    model = Transformer.for_tokenizer(model_preset("tiny"), tokenizer)
+    model = Transformer.for_tokenizer(model_preset("toy"), tokenizer)
     assert model.cfg.vocab_size == len(tokenizer) == 7
     with pytest.raises(ValueError, match="vocab_size is 9 but the paired tokenizer has 7 tokens"):
-        Transformer.for_tokenizer(model_preset("tiny", vocab_size=9), tokenizer)
+        Transformer.for_tokenizer(model_preset("toy", vocab_size=9), tokenizer)
     model.save_pretrained(tmp_path, tokenizer=tokenizer)
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
     assert reloaded("one plus two")["input_ids"] == tokenizer("one plus two")["input_ids"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return Transformer(model_preset("tiny", vocab_size=200)).eval()
+    return Transformer(model_preset("toy", vocab_size=200)).eval()
 
 
 async def collect(engine: Engine, prompt, params, delay: float = 0.0):

@@ -56,3 +56,27 @@ def test_the_gate():
     assert gate(0.4, 0.5, 0.45, 0.5, False)[0] == "champion"
     assert gate(0.5, 0.5, 0.45, 0.5, True) == ("champion", "student pass@1 0.500 >= gate_ratio 0.5 x teacher "
                                                "pass@1 0.500 and >= current champion's 0.450")
+
+
+def test_the_constant_answer_floor_is_the_most_frequent_reference_answer_per_task():
+    answers = {"letter_counting": ["1", "1", "1", "2"], "chain_sum": ["5", "6", "7", "8", "5"]}
+    rows = [grade_row(m, Prompt(f"p{i}", task, "q", a, "eval", {}), gen(f"The final answer is {a}."), EXTRACTORS)
+            for m in ("teacher", "student") for task, refs in answers.items() for i, a in enumerate(refs)]
+    floor = summarize(rows)["floor"]
+    assert floor["pass_at_1_by_task"] == {"chain_sum": 0.4, "letter_counting": 0.75}
+    assert floor["answer_by_task"] == {"chain_sum": "5", "letter_counting": "1"}
+    assert floor["pass_at_1"] == pytest.approx(5 / 9)
+    assert "floor.pass_at_1.letter_counting" in flatten(summarize(rows))
+    assert not any("answer" in k for k in flatten(summarize(rows)))
+
+
+def test_the_gate_needs_the_teachers_pass_at_1_and_to_beat_the_floor_on_every_task():
+    floor = {"letter_counting": 0.785, "chain_sum": 0.065}
+    # the measured student: above the teacher overall, "winning" letter counting by always answering 1
+    alias, reason = gate(0.273, 0.227, None, 1.0, True, {"letter_counting": 0.6, "chain_sum": 0.1}, floor)
+    assert alias == "challenger"
+    assert reason == "student does not beat the constant-answer floor on letter_counting 0.600 <= floor 0.785"
+    alias, reason = gate(0.5, 0.227, None, 1.0, True, {"letter_counting": 0.9, "chain_sum": 0.1}, floor)
+    assert alias == "champion" and "beats the constant-answer floor on every task" in reason
+    alias, reason = gate(0.2, 0.227, None, 1.0, True, {"letter_counting": 0.9, "chain_sum": 0.1}, floor)
+    assert alias == "challenger" and "< gate_ratio 1 x teacher pass@1 0.227" in reason

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 OVERRIDES = [
     "data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=40", "generate.shard_size=6",
-    "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128", "model.moe_inter_dim=32",
+    "model.init=scratch", "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128", "model.moe_inter_dim=32",
     "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
     "train.num_workers=2", "train.max_steps=40", "train.warmup_steps=2", "train.checkpoint_every=5",
     "train.batch_size=2", "train.seq_len=64", "evaluate.max_new_tokens=24", "evaluate.partition_size=2",
@@ -92,8 +92,8 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     time.sleep(3)  # the dead driver's tasks and actors are reclaimed
 
     result = run_pipeline(cfg)
-    assert [s.name for s in result.stages] == ["generate", "distill", "train", "evaluate", "register"]
-    assert [s.cache_hit for s in result.stages] == [True, True, False, False, False]
+    assert [s.name for s in result.stages] == ["generate", "distill", "convert", "train", "evaluate", "register"]
+    assert [s.cache_hit for s in result.stages] == [True, True, True, False, False, False]
     client = MlflowClient(result.tracking_uri)
     train = result["train"].run_id
     resumed = [m.value for m in client.get_metric_history(train, "resumed_from_step")]
@@ -119,12 +119,15 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
     student, teacher = metrics["student.pass_at_1"], metrics["teacher.pass_at_1"]
-    assert (alias, registration["reason"]) == gate(student, teacher, None, 0.5, True)
+    summary = json.loads((Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://"))
+                          / "summary.json").read_text())
+    by_task, floor = summary["student"]["pass_at_1_by_task"], summary["floor"]["pass_at_1_by_task"]
+    assert (alias, registration["reason"]) == gate(student, teacher, None, 1.0, True, by_task, floor)
 
     # only the gate changed: register re-runs on the same registry version (no new one), nothing upstream does
     again = run_pipeline(load_config("tiny", [*overrides, "registry.gate_ratio=100"]))
-    assert [s.cache_hit for s in again.stages] == [True, True, True, True, False]
-    alias, reason = gate(student, teacher, None, 100, True)
+    assert [s.cache_hit for s in again.stages] == [True, True, True, True, True, False]
+    alias, reason = gate(student, teacher, None, 100, True, by_task, floor)
     assert client.get_model_version_by_alias("test-student", alias).version == version.version
     assert client.get_model_version("test-student", version.version).tags["moeforge.gate_reason"] == reason
     assert len(client.search_model_versions("name = 'test-student'")) == 1

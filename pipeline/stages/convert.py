@@ -1,0 +1,100 @@
+"""Stage `convert`: the student before training, built from the teacher's own weights (`model.init: teacher`).
+
+The teacher (a local transformers directory, or the default GGUF dequantized once) is rebuilt as the MoE student
+by `pipeline.model.convert`, calibrated on the teacher's own text: its samples of the training prompts from
+`generate`, accepted or not (the held-out prompts are never touched). Samples are split, seeded, into calibration
+and held-out sets; before any training the student's next-token KL to the teacher and both perplexities on the
+held-out text are metrics of the run, beside the parameter and KV-cache economics. With `model.init: scratch`
+the output is a randomly initialised student of the configured size, so `train` always starts from this artifact.
+
+Output `initial_student`: safetensors + config.json + the tokenizer, and conversion.json.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pipeline.artifacts import write_json
+from pipeline.stage import Stage, StageContext
+from pipeline.stages.artifact_specs import INITIAL_STUDENT, SAMPLES
+
+
+class Convert(Stage):
+    name = "convert"
+    inputs = ("samples",)
+    outputs = (INITIAL_STUDENT,)
+    config_sections = ("teacher", "distill", "convert", "model")
+    key_metrics = ("kl_to_teacher", "student_ppl", "active_param_ratio", "cache_ratio")
+    description = "the student from the teacher's weights (MLA, MoE, pruned), calibrated on teacher text"
+
+    def run(self, ctx: StageContext) -> None:
+        import torch
+        from transformers import AutoTokenizer
+
+        from pipeline.model.transformer import Transformer
+        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+        cfg = ctx.config
+        out = ctx.output_dir("initial_student")
+        if cfg.model.init == "scratch":
+            name = cfg.teacher.model if cfg.teacher.backend != "openai" else cfg.distill.tokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(name, default_cache_dir())))
+            torch.manual_seed(cfg.convert.seed)
+            student = Transformer.for_tokenizer(cfg.model, tokenizer)
+            sizes = student.num_params()
+            ctx.log_metrics({"params_total": sizes["total"], "params_active": sizes["active"]})
+            student.save_pretrained(out, tokenizer)
+            write_json(out / "conversion.json", {"init": "scratch"})
+            return
+        if cfg.teacher.backend == "openai":
+            raise ValueError("model.init=teacher converts the teacher's weights, but teacher.backend=openai has none "
+                             "on this machine: use a local teacher (backend hf or vllm) or set model.init=scratch")
+        self.convert(ctx, resolve_model_dir(cfg.teacher.model, default_cache_dir()))
+
+    def convert(self, ctx: StageContext, teacher_dir) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.model.convert import TeacherShape, calibrate, convert, economics, fidelity
+
+        cfg = ctx.config
+        c = cfg.convert
+        tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+        teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+        texts = teacher_texts(ctx.read_table("samples", SAMPLES).to_pylist(), tokenizer, cfg.model.max_seq_len)
+        random.Random(c.seed).shuffle(texts)
+        if len(texts) < 2:
+            raise ValueError(f"convert needs at least 2 teacher samples with text, got {len(texts)}: raise "
+                             "data.num_train_prompts")
+        n_held = min(c.held_out_samples, len(texts) // 2)
+        held_out, calibration = texts[:n_held], texts[n_held:n_held + c.calibration_samples]
+        calib = calibrate(teacher, calibration, ffn_sample=c.ffn_sample_tokens, seed=c.seed)
+        student, report = convert(teacher, cfg.model, calib, keep_layers=c.keep_layers, seed=c.seed)
+        if len(tokenizer) != student.cfg.vocab_size:
+            raise ValueError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding "
+                             f"{student.cfg.vocab_size} rows")
+        fid = fidelity(teacher, student, held_out)
+        costs = economics(student.cfg, student.num_params(), TeacherShape.of(teacher.config))
+        metrics = {"kl_to_teacher": fid.kl, "student_ppl": fid.student_ppl, "teacher_ppl": fid.teacher_ppl,
+                   "held_out_tokens": fid.tokens, "calibration_tokens": calib.tokens, **costs}
+        ctx.log_metrics(metrics)
+        ctx.set_tags({"moeforge.convert.layers": ",".join(map(str, report.layers))})
+        student.save_pretrained(ctx.output_dir("initial_student"), tokenizer)
+        write_json(ctx.output_dir("initial_student") / "conversion.json", {
+            "init": "teacher", "teacher": str(cfg.teacher.model), "layers": report.layers,
+            "rope_pairs": report.rope_pairs, "block_importance": report.importance,
+            "calibration_samples": len(calibration), "held_out_samples": len(held_out), **metrics})
+
+
+def teacher_texts(rows: list[dict], tokenizer, max_len: int) -> list[list[int]]:
+    """Token ids of every sample the teacher wrote: the student's conversation, then the teacher's raw text."""
+    from pipeline.data.prompts import chat_token_ids, student_messages
+
+    texts = []
+    for r in rows:
+        if not r.get("raw_completion"):
+            continue  # a teacher error: no text
+        ids = chat_token_ids(tokenizer, student_messages(r["question"]))
+        ids += tokenizer.encode(r["raw_completion"], add_special_tokens=False)
+        texts.append(ids[:max_len])
+    return texts
