@@ -132,8 +132,8 @@ def train_loop(job: TrainJob) -> None:
     if step_log:
         step_log.tag({"moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
                  "moeforge.train.workers": world, "moeforge.train.device": str(device)})
-        step_log.log({"resumed_from_step": replica.resumed_from, "input_buffer_windows": replica.data.capacity},
-                     replica.step)
+        step_log.log({"resumed_from_step": replica.resumed_from, "input_buffer_windows": replica.data.capacity,
+                      **(replica.validate() if replica.step == 0 else {})}, replica.step)
     cfg = job.train
     try:
         while replica.step < cfg.max_steps:
@@ -145,6 +145,8 @@ def train_loop(job: TrainJob) -> None:
             if step_log:
                 if save:
                     metrics.update(expert_shares(replica.model, replica.last_counts))
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    metrics.update(replica.validate())
                 step_log.log(metrics, step)
             if save:  # report (a barrier across workers) only with a checkpoint; step metrics go to MLflow
                 if step_log:

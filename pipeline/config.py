@@ -153,6 +153,10 @@ class TrainConfig(Section):
     kd_alpha: float = Field(0.5, ge=0, le=1)  # loss = kd_alpha * KD + (1 - kd_alpha) * CE
     kd_temperature: float = Field(1.0, gt=0)
     kd_loss: Literal["forward_kl", "reverse_kl"] = "forward_kl"
+    # held-out accepted traces (a seeded, by-sample-id share of the soft targets) on which KD and CE are measured
+    # every `eval_every` steps and before the first, beside the training loss: overfitting shows
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    eval_every: int = Field(4, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # most recent checkpoints kept in storage
     storage_path: str | None = None  # local folder or s3://…; None: <workdir>/checkpoints

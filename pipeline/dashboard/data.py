@@ -226,7 +226,7 @@ class RunData:
 
     def _loss(self, run: Run) -> dict[str, list]:
         curves = {}
-        for key in ("loss", "kd", "ce"):
+        for key in ("loss", "kd", "ce", "val_loss"):
             history = sorted(self.client.get_metric_history(run.info.run_id, key), key=lambda x: x.step)
             if history:
                 curves[key] = [[x.step, x.value] for x in history]

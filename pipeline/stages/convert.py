@@ -12,6 +12,7 @@ Output `initial_student`: safetensors + config.json + the tokenizer, and convers
 
 from __future__ import annotations
 
+import os
 import random
 
 from pipeline.artifacts import write_json
@@ -59,6 +60,9 @@ class Convert(Stage):
 
         cfg = ctx.config
         c = cfg.convert
+        # the stage task reserves no CPU (ray.stage_num_cpus) and Ray then gives torch one thread; nothing else of
+        # the pipeline runs while the conversion does, so it takes the node's cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
         tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
         teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
         texts = teacher_texts(ctx.read_table("samples", SAMPLES).to_pylist(), tokenizer, cfg.model.max_seq_len)

@@ -56,9 +56,17 @@ class Train(Stage):
         ctx.set_tags({"moeforge.train.run_name": run_name, "moeforge.train.storage_path": storage})
         import ray
 
-        job = TrainJob(model.cfg, cfg.train, meta["top_k"], ctx.run_id, ctx.call.tracking_uri,
-                       parent_run_id=ctx.call.parent_run_id, initial_state=ray.put(model.state_dict()))
-        result = fit(job, read_soft_targets(source), run_name, storage)
+        from pipeline.train.split import is_held_out
+
+        t = cfg.train
+        dataset = read_soft_targets(source)
+        val_rows = dataset.filter(lambda r: is_held_out(r["sample_id"], t.val_fraction, t.seed)).take_all()
+        train_rows = dataset.filter(lambda r: not is_held_out(r["sample_id"], t.val_fraction, t.seed))
+        ctx.log_metrics({"val_samples": len(val_rows)})
+        job = TrainJob(model.cfg, t, meta["top_k"], ctx.run_id, ctx.call.tracking_uri,
+                       parent_run_id=ctx.call.parent_run_id, initial_state=ray.put(model.state_dict()),
+                       val_rows=[dict(r) for r in val_rows])
+        result = fit(job, train_rows, run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")
         if result.checkpoint is None:

@@ -7,7 +7,7 @@ tests build them directly. With more than one replica, torch.distributed must be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from pipeline.model import ModelConfig, Transformer
 from pipeline.train import checkpoint
 from pipeline.train.expert_metrics import expert_metrics
 from pipeline.train.mfu import flops_per_step, peak_flops
-from pipeline.train.objective import ObjectiveModule
+from pipeline.train.objective import ObjectiveModule, to_tensors
+from pipeline.train.packing import PackedBatch, pack
 from pipeline.train.state import TrainState
 from pipeline.train.stream import RowSource, WindowStream, buffer_windows
 
@@ -36,6 +37,7 @@ class TrainJob:
     # the student's starting weights (a state dict; on Ray Train an ObjectRef to one, resolved by the worker);
     # None: random initialisation from train.seed
     initial_state: Any = None
+    val_rows: list[dict] = field(default_factory=list)  # held-out soft-target rows rank 0 validates on
 
 
 class Replica:
@@ -118,6 +120,38 @@ class Replica:
             out["mtp"] = m["mtp"]
         out.update(expert_metrics(self.model, self.last_counts))
         return out
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """KD, CE and total loss on the held-out rows (`job.val_rows`), in eval mode; {} without any.
+
+        The same objective as training over every held-out completion position, averaged per position (windows
+        weighted by their positions), so it compares with the training loss. Rank-local: no collective.
+        """
+        if not self.job.val_rows:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        sums, tokens = torch.zeros(3, dtype=torch.float64), 0
+        try:
+            windows = pack(self.job.val_rows, self.cfg.seq_len, self.job.top_k)
+            for start in range(0, windows.tokens_BT.shape[0], self.cfg.batch_size):
+                part = PackedBatch(**{k: v[start:start + self.cfg.batch_size] for k, v in vars(windows).items()})
+                batch = to_tensors(part, self.device)
+                loss = self._forward_eval(batch)
+                sums += torch.tensor([float(loss.total), float(loss.kd), float(loss.ce)],
+                                     dtype=torch.float64) * loss.tokens
+                tokens += loss.tokens
+        finally:
+            self.model.train(was_training)
+        total, kd, ce = (sums / max(tokens, 1)).tolist()
+        return {"val_loss": total, "val_kd": kd, "val_ce": ce, "val_tokens": float(tokens)}
+
+    def _forward_eval(self, batch: dict):
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.objective(batch)
+        return self.objective(batch)
 
     def save(self, directory: Path) -> None:
         """This replica's part of a checkpoint (see `pipeline/train/checkpoint.py`)."""

@@ -155,14 +155,14 @@ function drawLoss(view) {
              el("svg:text", {x: L, y: H - B + 16, "font-size": 11, "data-role": "x-min"}, `step ${x0}`),
              el("svg:text", {x: W - R, y: H - B + 16, "text-anchor": "end", "font-size": 11, "data-role": "x-max"},
                 `step ${x1}`));
-  const colours = {loss: "#174ea6", kd: "#e08a00", ce: "#2e9e4f"};
+  const colours = {loss: "#174ea6", kd: "#e08a00", ce: "#2e9e4f", val_loss: "#c5221f"};
   let legend = L + 10;
   for (const [name, points] of Object.entries(curves)) {
     svg.append(el("svg:polyline", {id: `loss-line-${name}`, "data-points": points.length, fill: "none",
                                    stroke: colours[name] || "#777", "stroke-width": name === "loss" ? 2 : 1,
                                    points: points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ")}));
     svg.append(el("svg:text", {x: legend, y: T + 4, fill: colours[name], "font-size": 12}, name));
-    legend += 40;
+    legend += 12 + 8 * name.length;
   }
   const [lastStep, lastLoss] = loss[loss.length - 1];
   svg.append(el("svg:text", {x: W - R, y: T + 4, "text-anchor": "end", "font-size": 12, id: "loss-last",

@@ -95,6 +95,7 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     first = tracker.start_pipeline(cfg, "test", ["train", "evaluate"])
     train = start_stage(tracker, cfg, first, stages["train"], "k-train")
     losses = [Metric("loss", v, 0, step) for step, v in ((1, 9.0), (2, 7.5), (3, 6.0))]
+    losses += [Metric("val_loss", v, 0, step) for step, v in ((0, 9.5), (3, 8.0))]
     shares = [Metric(f"expert_share.l{layer}.e{e}", 0.25, 0, 3) for layer in (1, 2) for e in range(4)]
     tracker.client.log_batch(train, metrics=losses + shares)
     tracker.finish_stage(train, {})
@@ -116,6 +117,7 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     assert [s["cache_hit"] for s in view["stages"]] == [True, True]
     assert view["stages"][0]["cached_from"] == train
     assert view["loss"]["loss"] == [[1, 9.0], [2, 7.5], [3, 6.0]]
+    assert view["loss"]["val_loss"] == [[0, 9.5], [3, 8.0]]  # drawn beside the training loss
     assert view["expert_load"] == {"layers": [1, 2], "experts": [0, 1, 2, 3], "share": [[0.25] * 4, [0.25] * 4]}
     assert view["evaluation"]["rows"] == [{"task": "chain_sum", "teacher": 0.5, "student": 0.25},
                                           {"task": "overall", "teacher": 0.5, "student": 0.25}]

@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 OVERRIDES = [
     "data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=40", "generate.shard_size=6",
-    "model.init=scratch", "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128", "model.moe_inter_dim=32",
-    "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
+    "model.init=scratch", "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128",
+    "model.moe_inter_dim=32", "model.n_routed_experts=8", "model.n_activated_experts=2", "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
     "train.num_workers=2", "train.max_steps=40", "train.warmup_steps=2", "train.checkpoint_every=5",
     "train.batch_size=2", "train.seq_len=64", "evaluate.max_new_tokens=24", "evaluate.partition_size=2",
     "registry.model_name=test-student",

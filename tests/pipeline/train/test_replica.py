@@ -112,3 +112,35 @@ def test_model_flops_count_the_head_only_at_completion_positions():
 def test_a_replica_without_rows_is_a_clear_error():
     with pytest.raises(ValueError, match=r"fewer samples than train.num_workers"):
         Replica(job(), [], rank=1, world=2)
+
+
+def test_the_validation_loss_is_the_objective_on_held_out_rows_and_does_not_train():
+    from dataclasses import replace
+
+    from pipeline.train.objective import objective, to_tensors
+    from pipeline.train.packing import pack
+
+    held_out = rows(5, seed=9)
+    replica = Replica(replace(job(), val_rows=held_out), rows(8))
+    before = {k: v.clone() for k, v in replica.model.state_dict().items()}
+    val = replica.validate()
+    assert all(torch.equal(v, replica.model.state_dict()[k]) for k, v in before.items())  # nothing moved
+    assert replica.model.training  # back in training mode
+    replica.model.eval()
+    with torch.no_grad():
+        want = objective(replica.model, to_tensors(pack(held_out, 16, 3)), replica.cfg)
+    assert val["val_tokens"] == want.tokens
+    assert val["val_loss"] == pytest.approx(float(want.total), rel=1e-5)
+    assert val["val_kd"] == pytest.approx(float(want.kd), rel=1e-5)
+    assert val["val_ce"] == pytest.approx(float(want.ce), rel=1e-5)
+    assert Replica(job(), rows(8)).validate() == {}
+
+
+def test_held_out_samples_are_chosen_by_id_and_seed():
+    from pipeline.train.split import is_held_out
+
+    ids = [f"p{i}-0" for i in range(2000)]
+    chosen = [i for i in ids if is_held_out(i, 0.1)]
+    assert 150 < len(chosen) < 250 and chosen == [i for i in ids if is_held_out(i, 0.1)]
+    assert chosen != [i for i in ids if is_held_out(i, 0.1, seed=1)]
+    assert not any(is_held_out(i, 0.0) for i in ids)
