@@ -148,6 +148,11 @@ def _print_outcome(result, cfg) -> None:
                           f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
                           f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
                           f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token")
+            speeds = sorted(k for k in econ if k.startswith("student_decode_tokens_per_s_batch"))
+            if speeds:
+                console.print("decode tokens/s (this machine, greedy): " + "; ".join(
+                    f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
+                    f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}" for k in speeds))
         console.print(table)
     if "registration" in produced:
         reg = _read_output(result, cfg, "registration", "registration.json")

@@ -84,8 +84,8 @@ class DataConfig(Section):
     prompt_style: Literal["worked_examples", "instruction"] = "worked_examples"  # see pipeline/data/prompts.py
     # Parquet/JSONL with `prompt`, `answer` (optional `task`) when source == "file"
     path: str | None = Field(None, validate_default=True)
-    num_train_prompts: int = Field(64, ge=1)
-    num_eval_prompts: int = Field(32, ge=1)
+    num_train_prompts: int = Field(192, ge=1)
+    num_eval_prompts: int = Field(96, ge=1)
     seed: int = 0
 
     @field_validator("path")
@@ -139,7 +139,7 @@ class TrainConfig(Section):
     num_workers: int = Field(2, ge=1)  # Ray Train workers, one DDP replica each
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    max_steps: int = Field(12, ge=1)
+    max_steps: int = Field(24, ge=1)
     batch_size: int = Field(4, ge=1)  # sequences per worker per step
     seq_len: int = Field(256, ge=8)
     # memory cap of a worker's input: the windows its shuffle buffer holds (rows are streamed through it, never
@@ -181,6 +181,10 @@ class EvaluateConfig(Section):
     num_actors: int = Field(2, ge=1)  # student actors (the teacher's pool follows the teacher section)
     num_cpus_per_actor: float = Field(1.0, ge=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
+    # decode tokens/s of student and teacher (a held-out prompt, this many new tokens per sequence, at each batch
+    # size) beside the pass@1; 0 skips the measurement
+    decode_tokens: int = Field(32, ge=0)
+    decode_batches: list[int] = Field(default_factory=lambda: [1, 16])
 
 
 class RegistryConfig(Section):

@@ -58,6 +58,8 @@ class Evaluate(Stage):
         if conversion.is_file():
             record = json.loads(conversion.read_text())
             summary["economics"] = {k: record[k] for k in ECONOMICS if k in record}
+        if ctx.config.evaluate.decode_tokens:
+            summary.setdefault("economics", {}).update(self.decode_speeds(ctx, prompts[0]))
         write_json(ctx.output_dir("eval_report") / "summary.json", summary)
         ctx.log_metrics(flatten(summary))
         ctx.client.log_table(ctx.run_id, data=table.to_pandas(), artifact_file="eval/answers.json")
@@ -102,6 +104,58 @@ class Evaluate(Stage):
                 bar.update(len(result.answers))
         bar.close()
         return [g for i in sorted(out) for g in out[i]]
+
+
+    def decode_speeds(self, ctx: StageContext, prompt) -> dict[str, float]:
+        """Decode tokens/s of both models at each `evaluate.decode_batches` size, in this process (all its cores)."""
+        import os
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.data.prompts import chat_token_ids
+        from pipeline.model.transformer import Transformer
+        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
+
+        e, teacher_cfg = ctx.config.evaluate, ctx.config.teacher
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # as in convert: nothing else runs meanwhile
+        student_dir = ctx.input_path("student")
+        student = Transformer.from_pretrained(student_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+        ids = chat_token_ids(tokenizer, student_messages(prompt.question))
+        teacher = None
+        if teacher_cfg.backend != "openai":  # a remote teacher's speed is its server's, not a model's
+            path = resolve_model_dir(teacher_cfg.model, default_cache_dir())
+            teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens)
+
+def decode_throughput(student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int
+                      ) -> dict[str, float]:
+    """Greedy decoding tokens/s of the student (our latent-cache `generate`) and the teacher (transformers'
+    `generate` with its KV cache) on the same prompt, `new_tokens` per sequence, at each batch size.
+
+    Every sequence decodes exactly `new_tokens` (no stop token), prefill included; both run in this process on the
+    same threads one after the other, so the figures compare the two models, not two machines.
+    """
+    import time
+
+    import torch
+
+    from pipeline.model.generate import SamplingParams, generate
+
+    out: dict[str, float] = {}
+    for b in batches:
+        t0 = time.perf_counter()
+        generate(student, [list(prompt)] * b, SamplingParams(max_new_tokens=new_tokens))
+        out[f"student_decode_tokens_per_s_batch{b}"] = b * new_tokens / (time.perf_counter() - t0)
+        if teacher is not None:
+            ids = torch.tensor([list(prompt)] * b)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)
+            out[f"teacher_decode_tokens_per_s_batch{b}"] = b * new_tokens / (time.perf_counter() - t0)
+    return out
 
 
 def grade_row(model: str, prompt, gen: Generation, extractors) -> dict:

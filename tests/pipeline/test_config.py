@@ -36,7 +36,7 @@ def test_config_hash_tracks_content():
         (["model.n_dense_layers=31"], "model.n_dense_layers: n_dense_layers (31) must be <= n_layers (30)"),
         (["train.max_steps=abc"], "train.max_steps: Input should be a valid integer"),
         (["train.max_steps=0"], "train.max_steps: Input should be greater than or equal to 1"),
-        (["train.warmup_steps=500"], "train.warmup_steps: warmup_steps (500) must be <= max_steps (12)"),
+        (["train.warmup_steps=500"], "train.warmup_steps: warmup_steps (500) must be <= max_steps (24)"),
         (["train.learning_rate=1"], "train.learning_rate: unknown key"),
         (["bogus.key=1"], "bogus: unknown key"),
         (["teacher.backend=openai"], "teacher.base_url: base_url is required when backend is 'openai'"),

@@ -80,3 +80,28 @@ def test_the_gate_needs_the_teachers_pass_at_1_and_to_beat_the_floor_on_every_ta
     assert alias == "champion" and "beats the constant-answer floor on every task" in reason
     alias, reason = gate(0.2, 0.227, None, 1.0, True, {"letter_counting": 0.9, "chain_sum": 0.1}, floor)
     assert alias == "challenger" and "< gate_ratio 1 x teacher pass@1 0.227" in reason
+
+
+def test_decode_throughput_is_measured_for_both_models_at_each_batch_size():
+    from pipeline.model.config import model_preset
+    from pipeline.model.transformer import Transformer
+    from pipeline.stages.evaluate import decode_throughput
+    from tests.pipeline.model.test_convert import llama
+
+    student = Transformer(model_preset("toy", vocab_size=96, n_layers=2)).eval()
+    teacher = llama()
+    calls = []
+    original = teacher.generate
+
+    def counting(**kw):
+        out = original(**kw)
+        calls.append((kw["input_ids"].shape[0], out.shape[1] - kw["input_ids"].shape[1]))
+        return out
+
+    teacher.generate = counting
+    speeds = decode_throughput(student, teacher, [5, 6, 7], (1, 4), 6)
+    assert sorted(speeds) == sorted(f"{m}_decode_tokens_per_s_batch{b}" for m in ("student", "teacher")
+                                    for b in (1, 4))
+    assert all(0 < v < float("inf") for v in speeds.values())
+    assert calls == [(1, 6), (4, 6)]  # every teacher sequence decoded exactly the asked tokens
+    assert set(decode_throughput(student, None, [5, 6], (2,), 3)) == {"student_decode_tokens_per_s_batch2"}
