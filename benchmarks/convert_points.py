@@ -35,6 +35,10 @@ POINTS = {
     "only 24 layers": dict(n_layers=24),
     "only 8 of 20 experts": dict(n_activated_experts=8),
     "only rope 4 pairs": dict(qk_rope_head_dim=8, kv_lora_rank=3 * (56 + 64)),
+    # the same cache (latent 96 + 48 rope floats per layer): one rope key per KV head, or DeepSeek's one shared key
+    "per-KV-head rope keys, 8 pairs each, latent 96": dict(qk_rope_head_dim=16, kv_lora_rank=96),
+    "shared rope key, 24 pairs, latent 96": dict(qk_rope_head_dim=48, kv_lora_rank=96, shared=True),
+    "shared rope key, all 32 pairs, full latent": dict(qk_rope_head_dim=64, kv_lora_rank=192, shared=True),
 }
 
 
@@ -54,13 +58,17 @@ def main() -> None:
     figures = {}
     for name, knobs in POINTS.items():
         t0 = time.perf_counter()
-        student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib)
+        knobs = dict(knobs)
+        shared = knobs.pop("shared", False)
+        student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib, shared_rope_key=shared)
         f = fidelity(teacher, student, held)
         e = economics(student.cfg, student.num_params(), shape)
         print(f"{name:<60} KL {f.kl:6.3f}  ppl {f.student_ppl:7.2f} (teacher {f.teacher_ppl:.2f})  active "
               f"{e['active_param_ratio']:5.1%}  cache {e['cache_ratio']:5.1%}  ({time.perf_counter() - t0:.0f} s)")
         figures[name] = f.kl
     result(lossless_kl=f"{figures['lossless']:.4f}", tiny_kl=f"{figures['rope 16 pairs (tiny default)']:.3f}",
+           per_head_rope_kl=f"{figures['per-KV-head rope keys, 8 pairs each, latent 96']:.3f}",
+           shared_rope_kl=f"{figures['shared rope key, 24 pairs, latent 96']:.3f}",
            target_point_kl=f"{figures['rope 4 pairs, latent 72, 8 experts, 24 layers (small/base)']:.3f}")
 
 

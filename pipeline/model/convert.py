@@ -98,8 +98,11 @@ class TeacherShape:
         return {"total": embedding + self.n_layers * per_layer + self.dim, "embedding": embedding}
 
 
-def student_config(teacher: TeacherShape, cfg: ModelConfig) -> ModelConfig:
+def student_config(teacher: TeacherShape, cfg: ModelConfig, shared_rope_key: bool = False) -> ModelConfig:
     """The student of `teacher` under `cfg`'s compression knobs (the teacher decides every other field).
+
+    `shared_rope_key`: DeepSeek's one rope key for all heads instead of one per KV head (lossy even uncompressed;
+    kept to measure what the per-head keys buy).
 
     Raises `ConversionError` naming the knob that does not fit the teacher.
     """
@@ -120,7 +123,7 @@ def student_config(teacher: TeacherShape, cfg: ModelConfig) -> ModelConfig:
             f"({teacher.inter_dim}): experts are carved from its neurons")
     return ModelConfig.model_validate({
         **cfg.model_dump(), "init": "teacher", "dim": teacher.dim, "n_heads": teacher.n_heads,
-        "n_rope_heads": teacher.n_kv_heads, "qk_nope_head_dim": nope, "v_head_dim": hd,
+        "n_rope_heads": 1 if shared_rope_key else teacher.n_kv_heads, "qk_nope_head_dim": nope, "v_head_dim": hd,
         "inter_dim": teacher.inter_dim, "vocab_size": teacher.vocab_size, "rope_theta": teacher.rope_theta,
         "norm_eps": teacher.norm_eps, "kv_norm": False, "qkv_bias": teacher.qkv_bias, "q_lora_rank": 0,
         "route_weight": "unit", "max_seq_len": min(cfg.max_seq_len, teacher.max_seq_len),
@@ -300,6 +303,12 @@ def convert_attention(hf_attn, mla: nn.Module, shape: TeacherShape, pairs_GP: to
         nope, rope = layouts(g)
         k_nope_rows.append(nope + g * hd)
         k_rope_rows.append(rope + g * hd)
+    if mla.n_rope_heads == 1 and G > 1:  # one rope key for every head: the KV heads' rope keys averaged
+        if not all(torch.equal(pairs_GP[0], p) for p in pairs_GP):
+            raise ConversionError("a shared rope key needs the same rope pairs on every KV head")
+        rope_W = torch.stack([wk[r] for r in k_rope_rows]).mean(0)
+    else:
+        rope_W = torch.cat([wk[r] for r in k_rope_rows])
     q_idx = torch.cat(q_rows)
     mla.wq.weight.copy_(wq[q_idx])
     # stacked [k_nope_g ; v_g] per KV head: the rows the latent must reproduce
@@ -310,7 +319,6 @@ def convert_attention(hf_attn, mla: nn.Module, shape: TeacherShape, pairs_GP: to
     U, _, _ = torch.linalg.svd(kv_rows_W.double() @ L, full_matrices=False)
     U_C = U[:, :C]
     down = (U_C.T @ kv_rows_W.double()).to(mla.wkv_a.weight.dtype)
-    rope_W = torch.cat([wk[r] for r in k_rope_rows])
     mla.wkv_a.weight.copy_(torch.cat([down, rope_W]))
     up = U_C.to(mla.wkv_b.weight.dtype).view(G, -1, C)  # (G, N + hd, C)
     mla.wkv_b.weight.copy_(up.repeat_interleave(group, dim=0).reshape(-1, C))
@@ -319,10 +327,11 @@ def convert_attention(hf_attn, mla: nn.Module, shape: TeacherShape, pairs_GP: to
         bq, bk, bv = hf_attn.q_proj.bias, hf_attn.k_proj.bias, hf_attn.v_proj.bias
         mla.wq.bias.copy_(bq[q_idx])
         b_kv = torch.cat([torch.cat([bk[k_nope_rows[g]], bv[g * hd:(g + 1) * hd]]) for g in range(G)])
-        mla.wkv_a.bias.copy_(torch.cat([(U_C.T @ b_kv.double()).to(b_kv.dtype),
-                                        torch.cat([bk[r] for r in k_rope_rows])]))
-    mla.inv_freq.copy_(inv_freq_P[pairs_GP])
-    assert mla.inv_freq.shape == (G, n_keep)
+        rope_b = torch.stack([bk[r] for r in k_rope_rows])
+        rope_b = rope_b.mean(0) if mla.n_rope_heads == 1 else rope_b.flatten()
+        mla.wkv_a.bias.copy_(torch.cat([(U_C.T @ b_kv.double()).to(b_kv.dtype), rope_b]))
+    mla.inv_freq.copy_(inv_freq_P[pairs_GP[:mla.n_rope_heads]])
+    assert mla.inv_freq.shape == (mla.n_rope_heads, n_keep)
 
 
 def balanced_kmeans(features_NX: torch.Tensor, n_clusters: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -416,7 +425,7 @@ class ConversionReport:
 
 @torch.no_grad()
 def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
-            keep_layers: Sequence[int] | None = None, seed: int = 0):
+            keep_layers: Sequence[int] | None = None, seed: int = 0, shared_rope_key: bool = False):
     """The student of `teacher` (a transformers Llama/Qwen2 causal LM) under `cfg`'s compression knobs.
 
     Without `calibration` every mapping falls back to weights alone (identity input moment, pairs by index,
@@ -426,7 +435,7 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
     from pipeline.model.transformer import Transformer
 
     shape = TeacherShape.of(teacher.config)
-    scfg = student_config(shape, cfg)
+    scfg = student_config(shape, cfg, shared_rope_key)
     model = Transformer(scfg)
     model.train(False)
     n_pairs = scfg.qk_rope_head_dim // 2
@@ -446,7 +455,9 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
         stats = calibration.layers[i] if calibration else None
         block.attn_norm.weight.copy_(layer.input_layernorm.weight)
         block.ffn_norm.weight.copy_(layer.post_attention_layernorm.weight)
-        if stats is not None:
+        if stats is not None and shared_rope_key:  # the same pairs for every head: the largest summed norms
+            pairs_GP = rope_pairs(stats.pair_norm_GP.sum(0, keepdim=True), n_pairs).expand(shape.n_kv_heads, -1)
+        elif stats is not None:
             pairs_GP = rope_pairs(stats.pair_norm_GP, n_pairs)
         else:
             pairs_GP = torch.arange(n_pairs).expand(shape.n_kv_heads, -1)

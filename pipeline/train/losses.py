@@ -22,17 +22,21 @@ import torch.nn.functional as F
 _LOG_FLOOR = -80.0  # log-probabilities below this are treated as this (exp underflows in float32 anyway)
 
 
-def _log1mexp(logx: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(logx)) for logx <= 0, stable near both ends; -inf when logx == 0."""
-    logx = logx.clamp(max=0.0)
-    return torch.where(logx > -0.693, torch.log(-torch.expm1(logx)), torch.log1p(-torch.exp(logx)))
-
-
 def student_buckets(logits_NV: torch.Tensor, topk_ids_NK: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The student's log-probabilities on the teacher's k ids and the tail bucket: [N, K + 1]."""
+    """The student's log-probabilities on the teacher's k ids and the tail bucket: [N, K + 1].
+
+    The tail is the log-sum-exp of the student's other tokens, not log(1 - top-k mass): a confident student's
+    top-k mass rounds to 1 in float32, where log(1 - mass) is -inf and its gradient (0 x inf) poisons every
+    weight with NaN. The log-sum-exp is finite and exact however small the tail.
+    """
     logq_NV = torch.log_softmax(logits_NV.float() / temperature, dim=-1)
-    logq_NK = logq_NV.gather(-1, topk_ids_NK.long())
-    return torch.cat([logq_NK, _log1mexp(logq_NK.logsumexp(-1, keepdim=True))], dim=-1)
+    ids_NK = topk_ids_NK.long()
+    logq_NK = logq_NV.gather(-1, ids_NK)
+    if ids_NK.unique().numel() >= logq_NV.shape[-1]:  # k covers the vocabulary: nothing is left for the tail
+        tail_N1 = logq_NK.new_full((logq_NK.shape[0], 1), float("-inf"))
+    else:
+        tail_N1 = logq_NV.scatter(-1, ids_NK, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([logq_NK, tail_N1], dim=-1)
 
 
 def teacher_buckets(topk_logprobs_NK: torch.Tensor, tail_logmass_N: torch.Tensor,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import httpx
 import openai
 import pytest
@@ -13,7 +17,7 @@ from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.tracking import P, Tracker
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 from tests.pipeline.stages_for_tests import chain
 
 
@@ -49,7 +53,7 @@ def test_stages_lists_the_product_dag(cli):
 
 # the README's command at a tenth of the work (the full-size run is benchmarks/pipeline_tiny.py)
 SMALLER = ["data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=48", "train.max_steps=4",
-           "train.batch_size=2", "evaluate.max_new_tokens=32"]
+           "train.batch_size=2", "evaluate.max_new_tokens=32", "evaluate.decode_tokens=8"]
 
 
 @pytest.mark.slow
@@ -79,6 +83,12 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     kl = convert.data.metrics["kl_to_teacher"]
     assert 0 < kl < float("inf") and convert.data.metrics["student_ppl"] >= 1
     assert convert.data.metrics["cache_ratio"] == pytest.approx(30 * (192 + 3 * 32) / (30 * 2 * 3 * 64))
+    # the quality benchmark reads this run's evaluation and conversion and ends with its RESULT line
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "student_quality.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("RESULT student_pass_at_1=") and "floor=" in last and "cache_ratio=0.750" in last
 
     # the optional last stage: a challenger-only registry has no champion to serve, and says what to do instead
     port = free_port()

@@ -214,3 +214,16 @@ def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logit
     got, want = student_logits(student, ids), teacher_logits(teacher, ids)
     for i, r in enumerate(rows):
         torch.testing.assert_close(got[i, :len(r)], want[i, :len(r)], atol=2e-4, rtol=1e-4)
+
+
+def test_a_shared_rope_key_is_the_kv_heads_average_and_loses_what_per_head_keys_keep():
+    teacher = llama()
+    calib = calibrate(teacher, sequences(24))
+    held_out = sequences(8, seed=99)
+    per_head, _ = convert(teacher, lossless(n_dense_layers=LAYERS), calib)
+    shared, _ = convert(teacher, lossless(n_dense_layers=LAYERS), calib, shared_rope_key=True)
+    assert shared.cfg.n_rope_heads == 1 and shared.layers[0].attn.inv_freq.shape == (1, HEAD_DIM // 2)
+    k = teacher.model.layers[0].self_attn.k_proj.weight.view(KV_HEADS, HEAD_DIM, DIM)
+    rope = shared.layers[0].attn.wkv_a.weight[shared.cfg.kv_lora_rank:]
+    torch.testing.assert_close(rope[0::2], k[:, :HEAD_DIM // 2].mean(0))  # interleaved (x_i, x_i+P) pairs
+    assert fidelity(teacher, per_head, held_out).kl < 1e-6 < fidelity(teacher, shared, held_out).kl

@@ -46,6 +46,22 @@ def test_tail_bucket_completes_both_distributions_and_gradients_are_finite():
     assert torch.isfinite(student.grad).all() and loss.kd > 0
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_a_student_whose_tail_mass_rounds_to_zero_still_gets_finite_gradients(kind):
+    """A converted student starts confident: its top-k mass is 1 in float32. The loss and its gradient stay
+    finite (the tail was log(1 - 1) = -inf, and 0 x inf turned every gradient into NaN)."""
+    torch.manual_seed(3)
+    teacher = torch.randn(4, 50)
+    ids, lp, tail = _targets(teacher, 3)
+    student = torch.full((4, 50), -60.0)
+    student.scatter_(1, ids, 60.0)  # every other token is e^-120 below the top k
+    student.requires_grad_(True)
+    loss = distill_loss(student, ids[:, 0], torch.ones(4, dtype=torch.bool), ids, lp, tail, kind=kind)
+    loss.total.backward()
+    assert torch.isfinite(loss.total) and torch.isfinite(student.grad).all()
+    assert student_buckets(student, ids)[:, -1].max() < -100  # the tail is tiny, and still a number
+
+
 def test_only_completion_positions_count_and_alpha_mixes():
     torch.manual_seed(2)
     student, targets = torch.randn(6, 30), torch.randint(0, 30, (6,))
