@@ -22,7 +22,8 @@ import torch
 from _common import describe, interleaved, result
 from train_workers import VOCAB, K, synthetic_rows
 
-from pipeline.config import ModelConfig, load_config
+from pipeline.config import load_config
+from pipeline.model.config import model_preset
 from pipeline.stages.artifact_specs import soft_targets_schema
 from pipeline.train.packing import PackedBatch, pack
 from pipeline.train.replica import Replica, TrainJob
@@ -59,7 +60,7 @@ def main() -> None:
     train = load_config("tiny").train.model_copy(update={"num_workers": 1, "warmup_steps": 1, "max_steps": 10_000})
     if args.buffer_mb:
         train = train.model_copy(update={"input_buffer_mb": args.buffer_mb})
-    job = TrainJob(ModelConfig(vocab_size=VOCAB), train, K)
+    job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K)
     table = pa.Table.from_pylist(synthetic_rows(args.rows), schema=soft_targets_schema("float16"))
 
     def arrow_rows():  # what shard_rows does with a Ray Data shard: a few hundred rows at a time

@@ -1,0 +1,126 @@
+"""What each compression setting costs in held-out pass@1: the converted student before training and after task
+distillation, beside the teacher and the constant-answer floor, on the tiny run's data.
+
+Every point is a real `moeforge run --config tiny` with the point's model knobs, in one working directory, so
+`generate` and `distill` come from the stage cache after the first and the points share their training data and
+held-out split; `convert`, `train` and `evaluate` rerun. The converted student (stage `convert`'s output, before
+any training) is then graded on the same held-out prompts, greedily, with the same verifiers (`evaluate`'s
+`grade_row`). There is no separate recovery phase: distillation on the accepted traces is both (KD towards the
+teacher's full top-k distribution).
+
+    .venv/bin/python benchmarks/compression_points.py [--workdir DIR] [--points tiny,medium,target]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import REPO, result
+
+from pipeline.config import load_config
+from pipeline.tracking import Tracker, resolve_tracking_uri
+
+POINTS = {
+    "tiny": [],  # the default: every layer, 16 of 32 rope pairs, full-rank latent, 12 of 20 experts
+    "medium": ["model.qk_rope_head_dim=16", "model.kv_lora_rank=96", "model.n_activated_experts=8"],
+    "target": ["model.n_layers=24", "model.qk_rope_head_dim=8", "model.kv_lora_rank=72",
+               "model.n_activated_experts=8"],  # the cost targets: <= 50% active, <= 25% cache
+}
+
+
+def output_refs(stage_runs) -> dict:
+    """Every artifact a pipeline run's stages produced or took from the cache, from their tags."""
+    from pipeline.artifacts import ArtifactRef
+    from pipeline.tracking import P
+
+    refs = {}
+    for r in stage_runs:
+        tags = r.data.tags
+        for key, uri in tags.items():
+            if key.startswith(f"{P}output.") and key.endswith(".uri"):
+                name = key[len(f"{P}output."):-len(".uri")]
+                refs[name] = ArtifactRef(name, uri, tags[f"{P}output.{name}.hash"],
+                                         tags.get(P + "cached_from", r.info.run_id))
+    return refs
+
+
+def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[str, float]:
+    """pass@1 per task and overall of the run's `initial_student` on its `eval_prompts`."""
+    from collections import defaultdict
+
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import fetch
+    from pipeline.stages.artifact_specs import prompt_from_row
+    from pipeline.stages.evaluate import grade_row
+    from pipeline.student.load import Student
+    from pipeline.teacher.base import Generation
+
+    student = Student(fetch(refs["initial_student"], tracking_uri, workdir))
+    prompts_dir = fetch(refs["eval_prompts"], tracking_uri, workdir)
+    prompts = [prompt_from_row(r) for f in sorted(prompts_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    answers = student.answer([p.question for p in prompts], max_new_tokens=128, batch_size=16)
+    by_task = defaultdict(list)
+    extractors = load_config("tiny").teacher.answer_extractors
+    for p, a in zip(prompts, answers, strict=True):
+        gen = Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason, 0.0)
+        by_task[p.task].append(grade_row("student", p, gen, extractors)["correct"])
+    out = {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+    out["overall"] = sum(sum(v) for v in by_task.values()) / len(prompts)
+    return out
+
+
+def stage_metrics(tracker: Tracker, run) -> dict[str, float]:
+    """A stage's metrics (a cache hit's are on the run that produced its outputs)."""
+    source = run.data.tags.get("moeforge.cached_from")
+    return tracker.client.get_run(source).data.metrics if source else run.data.metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", default=None, help="reuse a tiny run's working directory (its data is cached)")
+    parser.add_argument("--points", default=",".join(POINTS))
+    args = parser.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="moeforge-points-")
+    moeforge = str(Path(sys.executable).parent / "moeforge")
+    rows = {}
+    for name in args.points.split(","):
+        sets = [f"tracking.workdir={workdir}", *POINTS[name]]
+        t0 = time.perf_counter()
+        proc = subprocess.run([moeforge, "run", "--config", "tiny", *(a for s in sets for a in ("--set", s))],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if proc.returncode != 0:
+            sys.exit(f"point {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        cfg = load_config("tiny", sets)
+        tracker = Tracker(cfg.tracking)
+        run = tracker.pipeline_runs()[0].info.run_id
+        stages = {r.info.run_name: r for r in tracker.stage_runs(run)}
+        conv, ev = (stage_metrics(tracker, stages[s]) for s in ("convert", "evaluate"))
+        before = grade_initial_student(output_refs(stages.values()), resolve_tracking_uri(cfg.tracking),
+                                       Path(cfg.tracking.workdir))
+        tasks = sorted(k for k in before if k != "overall")
+
+        def per_task(who: str, ev=ev, tasks=tasks) -> dict[str, float]:
+            return {t: ev[f"{who}.pass_at_1.{t}"] for t in tasks} | {"overall": ev[f"{who}.pass_at_1"]}
+
+        rows[name] = {"kl": conv["kl_to_teacher"], "active": conv["active_param_ratio"], "cache": conv["cache_ratio"],
+                      "before": before, "after": per_task("student"), "teacher": per_task("teacher"),
+                      "floor": per_task("floor"), "minutes": (time.perf_counter() - t0) / 60}
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
+    print(f"\n{'point':<8}{'active':>8}{'cache':>7}{'KL':>7}  pass@1 converted -> distilled (teacher, floor) per task")
+    for name, r in rows.items():
+        cells = "  ".join(f"{t} {r['before'][t]:.3f} -> {r['after'][t]:.3f} ({r['teacher'][t]:.3f}, "
+                          f"{r['floor'][t]:.3f})" for t in r["before"])
+        print(f"{name:<8}{r['active']:>8.1%}{r['cache']:>7.1%}{r['kl']:>7.3f}  {cells}")
+    result(**{f"{name}_{k}": f"{r[k]['overall']:.3f}" for name, r in rows.items() for k in ("before", "after")})
+
+
+if __name__ == "__main__":
+    main()
