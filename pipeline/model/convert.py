@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.mla import MLA
+from pipeline.model.moe import MLP, MoE
 
 SUPPORTED = ("llama", "qwen2")
 # the fields a converted student takes from the teacher; the others are the compression knobs
@@ -177,7 +179,7 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
     ffn_act: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     mass = [torch.zeros(shape.inter_dim, dtype=torch.float64) for _ in range(n_layers)]
     importance = [0.0] * n_layers
-    state = {"mask": None, "keep": None}
+    state: dict[str, torch.Tensor] = {}
 
     def pair_norms(y_TX: torch.Tensor, heads: int) -> torch.Tensor:
         y = y_TX.view(-1, heads, 2, P)  # rotate_half layout: pair i is channels (i, i + P)
@@ -272,7 +274,7 @@ def _whitener(moment_DD: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def convert_attention(hf_attn, mla: nn.Module, shape: TeacherShape, pairs_GP: torch.Tensor,
+def convert_attention(hf_attn, mla: MLA, shape: TeacherShape, pairs_GP: torch.Tensor,
                       inv_freq_P: torch.Tensor, moment_DD: torch.Tensor | None) -> None:
     """One GQA attention layer into `mla` (partial RoPE on `pairs_GP`, joint low-rank keys and values).
 
@@ -369,7 +371,7 @@ def balanced_kmeans(features_NX: torch.Tensor, n_clusters: int, iters: int = 10,
 
 
 @torch.no_grad()
-def convert_ffn(hf_mlp, moe: nn.Module, stats: LayerStats | None, n_shared: int, expert_width: int,
+def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, expert_width: int,
                 seed: int = 0) -> dict:
     """One dense SwiGLU FFN into shared + routed experts; returns which neurons went where.
 
@@ -432,7 +434,7 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
     layers from the front, neurons in order, an unfitted router): enough for lossless settings, poor for lossy
     ones. Returns (student, report).
     """
-    from pipeline.model.transformer import Transformer
+    from pipeline.model.transformer import Block, Transformer
 
     shape = TeacherShape.of(teacher.config)
     scfg = student_config(shape, cfg, shared_rope_key)
@@ -452,6 +454,7 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
     kept_pairs = []
     for j, i in enumerate(chosen):
         layer, block = hf.layers[i], model.layers[j]
+        assert isinstance(block, Block)
         stats = calibration.layers[i] if calibration else None
         block.attn_norm.weight.copy_(layer.input_layernorm.weight)
         block.ffn_norm.weight.copy_(layer.post_attention_layernorm.weight)
@@ -462,12 +465,14 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
         else:
             pairs_GP = torch.arange(n_pairs).expand(shape.n_kv_heads, -1)
         kept_pairs.append(pairs_GP.tolist())
+        assert isinstance(block.attn, MLA)
         convert_attention(layer.self_attn, block.attn, shape, pairs_GP, inv_freq_P,
                           stats.attn_moment_DD if stats is not None else None)
-        if j < scfg.n_dense_layers:
+        if isinstance(block.ffn, MLP):  # the first n_dense_layers
             block.ffn.w13.weight.copy_(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
             block.ffn.w2.weight.copy_(layer.mlp.down_proj.weight)
         else:
+            assert isinstance(block.ffn, MoE)
             convert_ffn(layer.mlp, block.ffn, stats, scfg.n_shared_experts * scfg.moe_inter_dim, scfg.moe_inter_dim,
                         seed=seed + j)
     return model, ConversionReport(chosen, kept_pairs, importance, shape.num_params(),
