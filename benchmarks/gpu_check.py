@@ -77,7 +77,8 @@ def part_train(dry: bool) -> dict:
     from train_workers import VOCAB, K, synthetic_rows
 
     from actors.trainer import fit
-    from pipeline.config import ModelConfig, TrainConfig
+    from pipeline.config import TrainConfig
+    from pipeline.model.config import model_preset
     from pipeline.stages.artifact_specs import soft_targets_schema
     from pipeline.train.replica import TrainJob
 
@@ -93,8 +94,8 @@ def part_train(dry: bool) -> dict:
                                 warmup_steps=1, batch_size=2 if dry else 16, seq_len=64 if dry else 512,
                                 checkpoint_every=steps)
             table = pa.Table.from_pylist(synthetic_rows(rows), schema=soft_targets_schema("float16"))
-            result = fit(TrainJob(ModelConfig(vocab_size=VOCAB), train, K, run_id, uri), ray.data.from_arrow(table),
-                         "gpu-check", f"{tmp}/ckpt")
+            job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K, run_id, uri)
+            result = fit(job, ray.data.from_arrow(table), "gpu-check", f"{tmp}/ckpt")
             if result.error is not None:
                 raise RuntimeError(f"training failed: {result.error}")
             history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)

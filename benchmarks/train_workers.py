@@ -21,8 +21,9 @@ import pyarrow as pa
 from _common import describe, result  # also puts the checkout on sys.path
 
 from actors.trainer import fit
-from pipeline.config import ModelConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.distill import targets as T
+from pipeline.model.config import model_preset
 from pipeline.stages.artifact_specs import soft_targets_schema
 from pipeline.train.replica import TrainJob
 
@@ -55,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(num_cpus=2, log_to_driver=False)
     table = pa.Table.from_pylist(synthetic_rows(args.rows), schema=soft_targets_schema("float16"))
-    model = ModelConfig(vocab_size=VOCAB)
+    model = model_preset("toy", vocab_size=VOCAB)
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"

@@ -141,19 +141,19 @@ def _print_outcome(result, cfg) -> None:
         table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in models), "")
         table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}" for m in models), "")
         console.print(table)
-        if econ := summary.get("economics"):
+        econ = summary.get("economics", {})
+        if "active_param_ratio" in econ:  # a converted student (a scratch one has no teacher to compare with)
             console.print(f"student cost vs teacher: active non-embedding parameters per token "
                           f"{econ['student_params_active_nonembedding'] / 1e6:.1f}M vs "
                           f"{econ['teacher_params_nonembedding'] / 1e6:.1f}M ({econ['active_param_ratio']:.0%}); KV "
                           f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
                           f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
                           f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token")
-            speeds = sorted(k for k in econ if k.startswith("student_decode_tokens_per_s_batch"))
-            if speeds:
-                console.print("decode tokens/s (this machine, greedy): " + "; ".join(
-                    f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
-                    f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}" for k in speeds))
-        console.print(table)
+        speeds = sorted(k for k in econ if k.startswith("student_decode_tokens_per_s_batch"))
+        if speeds:
+            console.print("decode tokens/s (this machine, greedy): " + "; ".join(
+                f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
+                f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}" for k in speeds))
     if "registration" in produced:
         reg = _read_output(result, cfg, "registration", "registration.json")
         console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"

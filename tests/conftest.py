@@ -118,9 +118,10 @@ def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
     root = tmp_path_factory.mktemp("student")
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     torch.manual_seed(0)
-    model = Transformer.for_tokenizer(ModelConfig(dim=64, n_layers=2, n_heads=2, inter_dim=128, moe_inter_dim=32,
-                                                  kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                                                  v_head_dim=16, max_seq_len=256), tokenizer)
+    model = Transformer.for_tokenizer(ModelConfig(init="scratch", dim=64, n_layers=2, n_heads=2, inter_dim=128,
+                                                  moe_inter_dim=32, n_routed_experts=8, n_shared_experts=1,
+                                                  n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=16,
+                                                  qk_rope_head_dim=8, v_head_dim=16, max_seq_len=256), tokenizer)
     model.save_pretrained(root / "student", tokenizer)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)

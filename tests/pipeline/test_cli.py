@@ -69,6 +69,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         assert "register   " + ("cached" if i else "done") in res.output
         assert "held-out pass@1" in res.output and "overall" in res.output  # the evaluation table it prints
         assert "constant-answer floor" in res.output and "teacher, worked examples" in res.output
+        assert res.output.count("held-out pass@1") == 1  # printed once
         assert "registered moeforge-student version 1 as" in res.output
     assert (tmp_path / ".moeforge" / "mlflow.db").is_file()
     tracker = Tracker(load_config("tiny").tracking)

@@ -49,7 +49,7 @@ def test_run_tree_params_tags_and_lineage(setup, mlflow_server):
     assert parent.data.tags[P + "kind"] == "pipeline"
     assert parent.data.tags[P + "config_hash"] == cfg.hash()
     assert parent.data.tags[P + "code_version"] == code_version()
-    assert parent.data.params["train.max_steps"] == "100" and parent.data.params["data.num_train_prompts"] == "10"
+    assert parent.data.params["train.max_steps"] == "24" and parent.data.params["data.num_train_prompts"] == "10"
     assert "config.yaml" in [a.path for a in client.list_artifacts(result.run_id)]
 
     children = Tracker(cfg.tracking).stage_runs(result.run_id)
