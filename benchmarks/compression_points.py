@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from _common import REPO, result
+from student_quality import stage_metrics as run_metrics
 
 from pipeline.config import load_config
 from pipeline.tracking import Tracker, resolve_tracking_uri
@@ -77,12 +78,6 @@ def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[
     return out
 
 
-def stage_metrics(tracker: Tracker, run) -> dict[str, float]:
-    """A stage's metrics (a cache hit's are on the run that produced its outputs)."""
-    source = run.data.tags.get("moeforge.cached_from")
-    return tracker.client.get_run(source).data.metrics if source else run.data.metrics
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None, help="reuse a tiny run's working directory (its data is cached)")
@@ -102,7 +97,8 @@ def main() -> None:
         tracker = Tracker(cfg.tracking)
         run = tracker.pipeline_runs()[0].info.run_id
         stages = {r.info.run_name: r for r in tracker.stage_runs(run)}
-        conv, ev = (stage_metrics(tracker, stages[s]) for s in ("convert", "evaluate"))
+        _, metrics = run_metrics(tracker, run)  # a cache hit's metrics come from the run that produced them
+        conv, ev = metrics["convert"], metrics["evaluate"]
         before = grade_initial_student(output_refs(stages.values()), resolve_tracking_uri(cfg.tracking),
                                        Path(cfg.tracking.workdir))
         tasks = sorted(k for k in before if k != "overall")
