@@ -147,6 +147,14 @@ class LayerStats:
     importance: float  # Minitron's block importance: mean 1 - cos(block input, block output)
 
 
+def pad_batch(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences right-padded with id 0 to the longest: ids (B, S) and the mask of real tokens (B, S)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([list(s) + [0] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], dtype=torch.bool)
+    return ids, mask
+
+
 @dataclass
 class Calibration:
     layers: list[LayerStats]
@@ -221,10 +229,7 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
     offset = 0
     try:
         for start in range(0, len(sequences), batch_size):
-            batch = [list(s) for s in sequences[start:start + batch_size]]
-            width = max(len(s) for s in batch)
-            ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], dtype=torch.bool)
+            ids, mask = pad_batch(sequences[start:start + batch_size])
             n = int(mask.sum())
             state["mask"], state["keep"] = mask, keep_T[offset:offset + n]
             offset += n
@@ -501,10 +506,7 @@ def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: i
     student.train(False)
     teacher.train(False)
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
-        width = max(len(s) for s in batch)
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], dtype=torch.bool)
+        ids, mask = pad_batch(seqs[start:start + batch_size])
         t_logp = teacher(input_ids=ids, attention_mask=mask.long()).logits.float().log_softmax(-1)[:, :-1]
         s_logp = student(ids).float().log_softmax(-1)[:, :-1]
         valid = mask[:, 1:]

@@ -4,8 +4,11 @@ The teacher (a local transformers directory, or the default GGUF dequantized onc
 by `pipeline.model.convert`, calibrated on the teacher's own text: its samples of the training prompts from
 `generate`, accepted or not (the held-out prompts are never touched). Samples are split, seeded, into calibration
 and held-out sets; before any training the student's next-token KL to the teacher and both perplexities on the
-held-out text are metrics of the run, beside the parameter and KV-cache economics. With `model.init: scratch`
-the output is a randomly initialised student of the configured size, so `train` always starts from this artifact.
+held-out text are metrics of the run, beside the parameter and KV-cache economics. With `convert.recovery_steps`
+above 0 the converted student is then KL-distilled towards the teacher on the non-held-out text
+(`pipeline/train/recovery.py`): the metrics are the recovered student's, `kl_to_teacher_converted` the conversion's
+alone. With `model.init: scratch` the output is a randomly initialised student of the configured size, so `train`
+always starts from this artifact.
 
 Output `initial_student`: safetensors + config.json + the tokenizer, and conversion.json.
 """
@@ -38,6 +41,10 @@ class Convert(Stage):
         cfg = ctx.config
         out = ctx.output_dir("initial_student")
         if cfg.model.init == "scratch":
+            if cfg.convert.recovery_steps:
+                raise ValueError(f"convert.recovery_steps={cfg.convert.recovery_steps} recovers a student converted "
+                                 "from the teacher, but model.init=scratch converts nothing: set "
+                                 "convert.recovery_steps=0 or model.init=teacher")
             name = cfg.teacher.model if cfg.teacher.backend != "openai" else cfg.distill.tokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(name, default_cache_dir())))
             torch.manual_seed(cfg.convert.seed)
@@ -78,9 +85,14 @@ class Convert(Stage):
             raise ValueError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding "
                              f"{student.cfg.vocab_size} rows")
         fid = fidelity(teacher, student, held_out)
+        metrics = {}
+        if c.recovery_steps:
+            metrics.update(self.recover(ctx, teacher, student, texts[n_held:]), kl_to_teacher_converted=fid.kl,
+                           student_ppl_converted=fid.student_ppl)
+            fid = fidelity(teacher, student, held_out)
         costs = economics(student.cfg, student.num_params(), TeacherShape.of(teacher.config))
-        metrics = {"kl_to_teacher": fid.kl, "student_ppl": fid.student_ppl, "teacher_ppl": fid.teacher_ppl,
-                   "held_out_tokens": fid.tokens, "calibration_tokens": calib.tokens, **costs}
+        metrics.update({"kl_to_teacher": fid.kl, "student_ppl": fid.student_ppl, "teacher_ppl": fid.teacher_ppl,
+                        "held_out_tokens": fid.tokens, "calibration_tokens": calib.tokens, **costs})
         ctx.log_metrics(metrics)
         ctx.set_tags({"moeforge.convert.layers": ",".join(map(str, report.layers))})
         student.save_pretrained(ctx.output_dir("initial_student"), tokenizer)
@@ -88,6 +100,19 @@ class Convert(Stage):
             "init": "teacher", "teacher": str(cfg.teacher.model), "layers": report.layers,
             "rope_pairs": report.rope_pairs, "block_importance": report.importance,
             "calibration_samples": len(calibration), "held_out_samples": len(held_out), **metrics})
+
+
+    def recover(self, ctx: StageContext, teacher, student, texts: list[list[int]]) -> dict[str, float]:
+        """Recovery on every non-held-out teacher text; its per-step KL is the `recovery_kl` series."""
+        from pipeline.train.recovery import recover
+
+        c = ctx.config.convert
+        report = recover(teacher, student, texts, c.recovery_steps, lr=c.recovery_lr,
+                         batch_size=c.recovery_batch_size, seed=c.seed)
+        for step, kl in enumerate(report.losses, start=1):
+            ctx.log_metrics({"recovery_kl": kl}, step=step)
+        return {"recovery_tokens": report.tokens, "recovery_seconds": report.seconds,
+                "recovery_tokens_per_s": report.tokens / max(report.seconds, 1e-9)}
 
 
 def teacher_texts(rows: list[dict], tokenizer, max_len: int) -> list[list[int]]:
