@@ -1,14 +1,16 @@
-"""What each compression setting costs in held-out pass@1: the converted student before training and after task
+"""What each compression setting costs in held-out pass@1: the converted student, after recovery, and after task
 distillation, beside the teacher and the constant-answer floor, on the tiny run's data.
 
 Every point is a real `moeforge run --config tiny` with the point's model knobs, in one working directory, so
 `generate` and `distill` come from the stage cache after the first and the points share their training data and
-held-out split; `convert`, `train` and `evaluate` rerun. The converted student (stage `convert`'s output, before
-any training) is then graded on the same held-out prompts, greedily, with the same verifiers (`evaluate`'s
-`grade_row`). There is no separate recovery phase: distillation on the accepted traces is both (KD towards the
-teacher's full top-k distribution).
+held-out split; `convert`, `train` and `evaluate` rerun. With `--recovery-steps N` each point is first converted
+alone (`--until convert`, no recovery), then run whole with `convert.recovery_steps=N`: the converted student
+is KL-distilled towards the teacher on the teacher's non-held-out text (`pipeline/train/recovery.py`) before task
+distillation on the accepted traces. Each stage's student (stage `convert`'s output, before any task training)
+is graded on the same held-out prompts, greedily, with the same verifiers (`evaluate`'s `grade_row`).
 
     .venv/bin/python benchmarks/compression_points.py [--workdir DIR] [--points tiny,medium,target]
+        [--recovery-steps N] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -78,44 +80,67 @@ def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[
     return out
 
 
+def run_point(moeforge: str, sets: list[str], until: str | None = None) -> tuple[dict, dict, Path, str]:
+    """Run the pipeline with `sets`; its artifacts, its stages' metrics, work dir and tracking URI."""
+    until_args = ["--until", until] if until else []
+    proc = subprocess.run([moeforge, "run", "--config", "tiny", *(a for s in sets for a in ("--set", s)), *until_args],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode != 0:
+        sys.exit(f"moeforge run {' '.join(sets)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    cfg = load_config("tiny", sets)
+    tracker = Tracker(cfg.tracking)
+    run = tracker.pipeline_runs()[0].info.run_id
+    # a cache hit's metrics come from the run that produced them
+    _, metrics = run_metrics(tracker, run, *(("convert", "kl_to_teacher") if until == "convert" else ()))
+    return (output_refs(tracker.stage_runs(run)), metrics, Path(cfg.tracking.workdir),
+            resolve_tracking_uri(cfg.tracking))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", default=None, help="reuse a tiny run's working directory (its data is cached)")
     parser.add_argument("--points", default=",".join(POINTS))
+    parser.add_argument("--recovery-steps", type=int, default=0, help="recovery before task distillation (0: none)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="further overrides, every point")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="moeforge-points-")
     moeforge = str(Path(sys.executable).parent / "moeforge")
     rows = {}
     for name in args.points.split(","):
-        sets = [f"tracking.workdir={workdir}", *POINTS[name]]
+        sets = [f"tracking.workdir={workdir}", *POINTS[name], *args.overrides]
         t0 = time.perf_counter()
-        proc = subprocess.run([moeforge, "run", "--config", "tiny", *(a for s in sets for a in ("--set", s))],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        if proc.returncode != 0:
-            sys.exit(f"point {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        cfg = load_config("tiny", sets)
-        tracker = Tracker(cfg.tracking)
-        run = tracker.pipeline_runs()[0].info.run_id
-        stages = {r.info.run_name: r for r in tracker.stage_runs(run)}
-        _, metrics = run_metrics(tracker, run)  # a cache hit's metrics come from the run that produced them
+        row: dict = {}
+        if args.recovery_steps:
+            refs, metrics, wd, uri = run_point(moeforge, sets, until="convert")
+            row["converted"] = grade_initial_student(refs, uri, wd)
+            row["kl_converted"] = metrics["convert"]["kl_to_teacher"]
+            sets.append(f"convert.recovery_steps={args.recovery_steps}")
+        refs, metrics, wd, uri = run_point(moeforge, sets)
         conv, ev = metrics["convert"], metrics["evaluate"]
-        before = grade_initial_student(output_refs(stages.values()), resolve_tracking_uri(cfg.tracking),
-                                       Path(cfg.tracking.workdir))
-        tasks = sorted(k for k in before if k != "overall")
+        start = grade_initial_student(refs, uri, wd)
+        if args.recovery_steps:
+            row.update(recovered=start, kl_recovered=conv["kl_to_teacher"],
+                       recovery_minutes=conv["recovery_seconds"] / 60)
+        else:
+            row.update(converted=start, kl_converted=conv["kl_to_teacher"])
+        tasks = sorted(k for k in start if k != "overall")
 
         def per_task(who: str, ev=ev, tasks=tasks) -> dict[str, float]:
             return {t: ev[f"{who}.pass_at_1.{t}"] for t in tasks} | {"overall": ev[f"{who}.pass_at_1"]}
 
-        rows[name] = {"kl": conv["kl_to_teacher"], "active": conv["active_param_ratio"], "cache": conv["cache_ratio"],
-                      "before": before, "after": per_task("student"), "teacher": per_task("teacher"),
-                      "floor": per_task("floor"), "minutes": (time.perf_counter() - t0) / 60}
-        print(f"{name}: {json.dumps(rows[name])}", flush=True)
-    print(f"\n{'point':<8}{'active':>8}{'cache':>7}{'KL':>7}  pass@1 converted -> distilled (teacher, floor) per task")
+        row.update(active=conv["active_param_ratio"], cache=conv["cache_ratio"], distilled=per_task("student"),
+                   teacher=per_task("teacher"), floor=per_task("floor"), minutes=(time.perf_counter() - t0) / 60)
+        rows[name] = row
+        print(f"{name}: {json.dumps(row)}", flush=True)
+    stages = ["converted", "recovered", "distilled"] if args.recovery_steps else ["converted", "distilled"]
+    print(f"\n{'point':<8}{'active':>8}{'cache':>7}{'KL':>7}  pass@1 {' -> '.join(stages)} (teacher, floor) per task"
+          + (f"; KL after {args.recovery_steps} recovery steps" if args.recovery_steps else ""))
     for name, r in rows.items():
-        cells = "  ".join(f"{t} {r['before'][t]:.3f} -> {r['after'][t]:.3f} ({r['teacher'][t]:.3f}, "
-                          f"{r['floor'][t]:.3f})" for t in r["before"])
-        print(f"{name:<8}{r['active']:>8.1%}{r['cache']:>7.1%}{r['kl']:>7.3f}  {cells}")
-    result(**{f"{name}_{k}": f"{r[k]['overall']:.3f}" for name, r in rows.items() for k in ("before", "after")})
+        cells = "  ".join(f"{t} {' -> '.join(f'{r[s][t]:.3f}' for s in stages)} ({r['teacher'][t]:.3f}, "
+                          f"{r['floor'][t]:.3f})" for t in r["distilled"])
+        recovered = f"  KL {r['kl_recovered']:.3f}" if args.recovery_steps else ""
+        print(f"{name:<8}{r['active']:>8.1%}{r['cache']:>7.1%}{r['kl_converted']:>7.3f}  {cells}{recovered}")
+    result(**{f"{name}_{s}": f"{r[s]['overall']:.3f}" for name, r in rows.items() for s in stages})
 
 
 if __name__ == "__main__":

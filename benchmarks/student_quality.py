@@ -21,19 +21,19 @@ from pipeline.config import load_config
 from pipeline.tracking import Tracker
 
 
-def stage_metrics(tracker: Tracker, run_id: str | None) -> tuple[str, dict[str, dict[str, float]]]:
-    """(pipeline run id, {stage: metrics}) of the given run, or of the latest one with an evaluation."""
+def stage_metrics(tracker: Tracker, run_id: str | None, stage: str = "evaluate",
+                  metric: str = "student.pass_at_1") -> tuple[str, dict[str, dict[str, float]]]:
+    """(pipeline run id, {stage: metrics}) of the given run, or of the latest one whose `stage` logged `metric`
+    (by default: the latest with an evaluation)."""
     candidates = [run_id] if run_id else [r.info.run_id for r in tracker.pipeline_runs()]
     for rid in candidates:
-        stages = {r.info.run_name: r for r in tracker.stage_runs(rid)}
-        if "evaluate" in stages and "student.pass_at_1" in stages["evaluate"].data.metrics:
-            cached = {name: r.data.tags.get("moeforge.cached_from") for name, r in stages.items()}
-            metrics = {}
-            for name, r in stages.items():  # a cache hit's metrics live on the run that produced its outputs
-                source = cached.get(name)
-                metrics[name] = tracker.client.get_run(source).data.metrics if source else r.data.metrics
+        metrics = {}
+        for r in tracker.stage_runs(rid):  # a cache hit's metrics live on the run that produced its outputs
+            source = r.data.tags.get("moeforge.cached_from")
+            metrics[r.info.run_name] = tracker.client.get_run(source).data.metrics if source else r.data.metrics
+        if metric in metrics.get(stage, {}):
             return rid, metrics
-    sys.exit("no pipeline run with an evaluation in this tracking store: run `moeforge run` first")
+    sys.exit(f"no pipeline run whose {stage} logged {metric} in this tracking store: run `moeforge run` first")
 
 
 def main() -> None:
