@@ -35,6 +35,10 @@ POINTS = {
     "medium": ["model.qk_rope_head_dim=16", "model.kv_lora_rank=96", "model.n_activated_experts=8"],
     "target": ["model.n_layers=24", "model.qk_rope_head_dim=8", "model.kv_lora_rank=72",
                "model.n_activated_experts=8"],  # the cost targets: <= 50% active, <= 25% cache
+    # the cost targets spent on rope instead (twice the rotary pairs, the cache exactly at 25%): rope was the
+    # costliest knob per byte (docs/benchmarks.md)
+    "target_rope16": ["model.n_layers=24", "model.qk_rope_head_dim=16", "model.kv_lora_rank=72",
+                      "model.n_activated_experts=8"],
 }
 
 
