@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 SMALL = {"data.num_train_prompts": 8, "data.num_eval_prompts": 2, "generate.shard_size": 2,
          "teacher.max_new_tokens": 40, "teacher.num_cpus_per_actor": 0.5, "train.max_steps": 4,
          "train.batch_size": 2, "train.checkpoint_every": 2, "evaluate.max_new_tokens": 16,
-         "evaluate.num_cpus_per_actor": 0.5,
+         "evaluate.num_cpus_per_actor": 0.5, "evaluate.decode_tokens": 0,  # decode speed has its own test
          # a small student from scratch: the teacher conversion has its own tests; this one is about the cluster
          "model.init": "scratch", "model.n_layers": 4, "model.n_routed_experts": 8, "model.n_activated_experts": 2}
 STAGES = ["generate", "distill", "convert", "train", "evaluate", "register", "serve"]

@@ -11,24 +11,18 @@ from mlflow import MlflowClient
 from pipeline.artifacts import fetch
 from pipeline.config import load_config
 from pipeline.runner import StageFailed, run_pipeline
+from tests.pipeline.stages.conftest import TEACHER_SAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
-SMALL = ["data.num_train_prompts=8", "data.num_eval_prompts=2", "teacher.max_new_tokens=32", "generate.shard_size=4",
-         "model.n_layers=6", "model.kv_lora_rank=64"]  # 6 of the 30 layers: a lossy student, quick to recover
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A workdir where generate already ran (the teacher's samples of 8 prompts)."""
-    workdir = tmp_path_factory.mktemp("convert") / "w"
-    run_pipeline(load_config("tiny", [f"tracking.workdir={workdir}", *SMALL]), until="generate")
-    return workdir
+# the teacher's samples come from the `upstream` fixture (conftest.py); 6 of the 30 layers: a lossy student, quick
+# to recover
+SMALL = [*TEACHER_SAMPLES, "model.n_layers=6", "model.kv_lora_rank=64"]
 
 
 @pytest.mark.timeout(600)
-def test_recovery_lowers_the_converted_students_divergence_on_held_out_teacher_text(workdir):
-    overrides = [f"tracking.workdir={workdir}", *SMALL, "convert.recovery_steps=2", "convert.recovery_lr=5e-4",
+def test_recovery_lowers_the_converted_students_divergence_on_held_out_teacher_text(upstream):
+    overrides = [f"tracking.workdir={upstream}", *SMALL, "convert.recovery_steps=2", "convert.recovery_lr=5e-4",
                  "convert.recovery_batch_size=2", "convert.held_out_samples=3"]
     result = run_pipeline(load_config("tiny", overrides), until="convert")
     run = MlflowClient(result.tracking_uri).get_run(result["convert"].run_id)
@@ -37,12 +31,12 @@ def test_recovery_lowers_the_converted_students_divergence_on_held_out_teacher_t
     assert m["recovery_tokens"] > 0 and m["student_ppl"] < m["student_ppl_converted"]
     history = MlflowClient(result.tracking_uri).get_metric_history(run.info.run_id, "recovery_kl")
     assert sorted(h.step for h in history) == [1, 2]
-    student_dir = fetch(result["convert"].outputs["initial_student"], result.tracking_uri, workdir)
+    student_dir = fetch(result["convert"].outputs["initial_student"], result.tracking_uri, upstream)
     conversion = json.loads((student_dir / "conversion.json").read_text())
     assert conversion["kl_to_teacher"] == m["kl_to_teacher"] and len(conversion["layers"]) == 6
 
 
-def test_recovery_of_a_scratch_student_is_refused_by_name(workdir):
-    overrides = [f"tracking.workdir={workdir}", *SMALL, "model.init=scratch", "convert.recovery_steps=2"]
+def test_recovery_of_a_scratch_student_is_refused_by_name(upstream):
+    overrides = [f"tracking.workdir={upstream}", *SMALL, "model.init=scratch", "convert.recovery_steps=2"]
     with pytest.raises(StageFailed, match=r"model\.init=scratch converts nothing: set convert\.recovery_steps=0"):
         run_pipeline(load_config("tiny", overrides), until="convert")

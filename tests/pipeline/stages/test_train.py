@@ -19,16 +19,18 @@ from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.student.registry import gate
 from tests.actors.test_trainer import registered_checkpoint
+from tests.pipeline.stages.conftest import TEACHER_SAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 OVERRIDES = [
-    "data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=40", "generate.shard_size=6",
+    *TEACHER_SAMPLES,  # generate and distill come from the `upstream` fixture (conftest.py)
     "model.init=scratch", "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128",
     "model.moe_inter_dim=32", "model.n_routed_experts=8", "model.n_activated_experts=2", "model.kv_lora_rank=16",
     "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
     "train.num_workers=2", "train.max_steps=40", "train.warmup_steps=2", "train.checkpoint_every=5",
     "train.batch_size=2", "train.seq_len=64", "evaluate.max_new_tokens=24", "evaluate.partition_size=2",
+    "evaluate.decode_tokens=0",  # decode speed has its own test (test_evaluate_register.py)
     "registry.model_name=test-student",
 ]
 
@@ -47,14 +49,6 @@ out = mlflow.pyfunc.load_model(sys.argv[2]).predict(pd.DataFrame({"prompt": ["Wh
                                                     params={"max_new_tokens": 8})
 print(repr(out))
 """
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    """A workdir where generate and distill already ran (the teacher's part, once for this module)."""
-    workdir = tmp_path_factory.mktemp("train") / "w"
-    run_pipeline(load_config("tiny", [f"tracking.workdir={workdir}", *OVERRIDES]), until="distill")
-    return workdir
 
 
 def test_a_student_that_does_not_fit_the_tokenizer_fails_clearly(upstream):
