@@ -55,14 +55,26 @@ class ActorPool:
         max_replacements: actor deaths tolerated over the pool's life before giving up.
     """
 
-    def __init__(self, cls: type, args: tuple = (), kwargs: dict | None = None, *, size: int = 1,
-                 name: str = "moeforge.actor", num_cpus: float = 1, num_gpus: float = 0,
-                 scheduling_strategy: Any = "SPREAD", max_in_flight_per_actor: int = 2, max_replacements: int = 8):
+    def __init__(
+        self,
+        cls: type,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        size: int = 1,
+        name: str = "moeforge.actor",
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        scheduling_strategy: Any = "SPREAD",
+        max_in_flight_per_actor: int = 2,
+        max_replacements: int = 8,
+    ):
         self._remote = ray.remote(cls)
         self._args, self._kwargs = args, kwargs or {}
         self.name = name
-        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy,
-                             max_restarts=0)
+        self._options = dict(
+            num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=scheduling_strategy, max_restarts=0
+        )
         self.max_in_flight_per_actor = max_in_flight_per_actor
         self.max_replacements = max_replacements
         self.replacements = 0
@@ -75,7 +87,8 @@ class ActorPool:
 
     def _start(self, index: int, generation: int):
         return self._remote.options(name=self._actor_name(index, generation), **self._options).remote(
-            *self._args, **self._kwargs)
+            *self._args, **self._kwargs
+        )
 
     def _wait_ready(self, slots: list[_Slot]) -> None:
         """Wait until every actor has run its constructor.
@@ -107,17 +120,28 @@ class ActorPool:
     def _replace(self, slot: _Slot, reason: str) -> None:
         self.replacements += 1
         if self.replacements > self.max_replacements:
-            raise PoolError(f"{self.name}: {self.replacements} actor deaths, more than max_replacements "
-                            f"{self.max_replacements}; last: {reason}")
-        log.warning("%s: actor %s died (%s); starting a replacement", self.name,
-                    self._actor_name(slot.index, slot.generation), reason)
+            raise PoolError(
+                f"{self.name}: {self.replacements} actor deaths, more than max_replacements "
+                f"{self.max_replacements}; last: {reason}"
+            )
+        log.warning(
+            "%s: actor %s died (%s); starting a replacement",
+            self.name,
+            self._actor_name(slot.index, slot.generation),
+            reason,
+        )
         ray.kill(slot.actor, no_restart=True)
         slot.generation += 1
         slot.actor = self._start(slot.index, slot.generation)
         slot.in_flight = 0
 
-    def map_unordered(self, method: str, items: Iterable[tuple[Any, Any]], max_attempts: int = 3,
-                      on_retry: Callable[[Any, str], None] | None = None) -> Iterator[tuple[Any, Any]]:
+    def map_unordered(
+        self,
+        method: str,
+        items: Iterable[tuple[Any, Any]],
+        max_attempts: int = 3,
+        on_retry: Callable[[Any, str], None] | None = None,
+    ) -> Iterator[tuple[Any, Any]]:
         """Call `actor.<method>(payload)` for every (key, payload); yield (key, result) as calls finish.
 
         An item whose actor died is re-queued at the front without counting as an attempt (deaths are bounded by
@@ -156,8 +180,9 @@ class ActorPool:
             except RayTaskError as e:
                 item.errors.append(_cause(e))
                 if item.attempts >= max_attempts:
-                    raise PoolError(f"{self.name}: item {item.key!r} failed {item.attempts} times; last error: "
-                                    f"{item.errors[-1]}") from e.as_instanceof_cause()
+                    raise PoolError(
+                        f"{self.name}: item {item.key!r} failed {item.attempts} times; last error: {item.errors[-1]}"
+                    ) from e.as_instanceof_cause()
                 if on_retry:
                     on_retry(item.key, item.errors[-1])
                 pending.append(item)

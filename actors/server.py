@@ -45,12 +45,22 @@ class OpenAIServer:
             `serve.api_key_file`.
     """
 
-    def __init__(self, source: dict[str, Any], settings: dict[str, Any], tracking_uri: str | None,
-                 api_key: SecretStr | None = None):
+    def __init__(
+        self,
+        source: dict[str, Any],
+        settings: dict[str, Any],
+        tracking_uri: str | None,
+        api_key: SecretStr | None = None,
+    ):
         from pipeline.teacher.hf import default_cache_dir
 
-        self.server = ModelServer(ModelSource(**source), ServeConfig.model_validate(settings), tracking_uri,
-                                  default_cache_dir(), api_key=api_key.get_secret_value() if api_key else None)
+        self.server = ModelServer(
+            ModelSource(**source),
+            ServeConfig.model_validate(settings),
+            tracking_uri,
+            default_cache_dir(),
+            api_key=api_key.get_secret_value() if api_key else None,
+        )
 
     def __serve_build_asgi_app__(self):
         return create_app(self.server)
@@ -85,9 +95,11 @@ def deployment_options(s: ServeConfig) -> dict[str, Any]:
         "health_check_timeout_s": s.health_check_timeout_s,
     }
     if s.autoscaling is not None:
-        opts["autoscaling_config"] = {"min_replicas": s.autoscaling.min_replicas,
-                                      "max_replicas": s.autoscaling.max_replicas,
-                                      "target_ongoing_requests": s.autoscaling.target_ongoing_requests}
+        opts["autoscaling_config"] = {
+            "min_replicas": s.autoscaling.min_replicas,
+            "max_replicas": s.autoscaling.max_replicas,
+            "target_ongoing_requests": s.autoscaling.target_ongoing_requests,
+        }
     else:
         opts["num_replicas"] = s.num_replicas
     return opts
@@ -107,8 +119,9 @@ def application(settings: ServeConfig, model: str, tracking_uri: str | None) -> 
     key = deployer_key(settings)
     source = resolve(model, tracking_uri)
     deployment = OpenAIServer.options(**deployment_options(settings))
-    return deployment.bind(source.to_dict(), settings.model_dump(mode="json"), tracking_uri,
-                           SecretStr(key) if key else None)
+    return deployment.bind(
+        source.to_dict(), settings.model_dump(mode="json"), tracking_uri, SecretStr(key) if key else None
+    )
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -116,8 +129,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     from pipeline.tracking import resolve_tracking_uri
 
     a, cfg, settings = parse_args(args)
-    return application(settings, a.model or default_model_uri(settings, cfg.registry),
-                       a.tracking_uri or resolve_tracking_uri(cfg.tracking))
+    return application(
+        settings,
+        a.model or default_model_uri(settings, cfg.registry),
+        a.tracking_uri or resolve_tracking_uri(cfg.tracking),
+    )
 
 
 def parse_args(args: dict[str, Any] | None) -> tuple[ServeArgs, MoeforgeConfig, ServeConfig]:

@@ -81,18 +81,24 @@ class TeacherWorker:
         sequences = [encode(self.teacher.tokenizer, q, c) for q, c in request.samples]
         targets: list[SoftTargets] = []
         for start in range(0, len(sequences), request.batch_size):
-            chunk = sequences[start:start + request.batch_size]
+            chunk = sequences[start : start + request.batch_size]
             targets += self.teacher.score([s for s, _ in chunk], [i for _, i in chunk], request.top_k)
-        return ScoreResult(sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in sequences),
-                           self.teacher_id)
+        return ScoreResult(
+            sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in sequences), self.teacher_id
+        )
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         t0 = time.perf_counter()
         out: list[Generation] = []
         size = self.cfg.batch_size
         for chunk, start in enumerate(range(0, len(request.conversations), size)):
-            out += self.teacher.generate(request.conversations[start:start + size], self.cfg.max_new_tokens,
-                                         self.cfg.temperature, self.cfg.top_p, seed=request.seed + chunk)
+            out += self.teacher.generate(
+                request.conversations[start : start + size],
+                self.cfg.max_new_tokens,
+                self.cfg.temperature,
+                self.cfg.top_p,
+                seed=request.seed + chunk,
+            )
         return GenerateResult(out, time.perf_counter() - t0, self.teacher_id, self.worker, _node_id())
 
 
@@ -114,6 +120,13 @@ def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2
     if cfg.backend == "hf":
         resolve_model_dir(cfg.model, cache_dir)
     threads = max(1, int(cfg.num_cpus_per_actor)) if cfg.num_gpus_per_actor == 0 else None
-    return ActorPool(TeacherWorker, (cfg, str(cache_dir), threads), size=cfg.num_actors, name=name,
-                     num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor,
-                     max_in_flight_per_actor=max_in_flight_per_actor, scheduling_strategy=scheduling_strategy)
+    return ActorPool(
+        TeacherWorker,
+        (cfg, str(cache_dir), threads),
+        size=cfg.num_actors,
+        name=name,
+        num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor,
+        max_in_flight_per_actor=max_in_flight_per_actor,
+        scheduling_strategy=scheduling_strategy,
+    )

@@ -40,8 +40,9 @@ class StepLog:
         try:  # CPU, memory, disk, network (and GPU when pynvml is present) of this worker's node
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self.system = SystemMetricsMonitor(job.run_id, sampling_interval=5, resume_logging=True,
-                                               tracking_uri=job.tracking_uri)
+            self.system = SystemMetricsMonitor(
+                job.run_id, sampling_interval=5, resume_logging=True, tracking_uri=job.tracking_uri
+            )
             self.system.start()
         except Exception:  # noqa: BLE001 - system metrics are optional (psutil missing, platform quirks)
             self.system = None
@@ -85,8 +86,10 @@ def contiguous_split(dataset, world_size: int):
     ds = dataset.materialize()
     n = ds.count()
     if n < world_size:
-        raise ValueError(f"the soft-target dataset has {n} rows, fewer than train.num_workers ({world_size}): "
-                         "every worker needs at least one sample")
+        raise ValueError(
+            f"the soft-target dataset has {n} rows, fewer than train.num_workers ({world_size}): "
+            "every worker needs at least one sample"
+        )
     cuts = [n * i // world_size for i in range(1, world_size)]
     parts = ds.split_at_indices(cuts) if cuts else [ds]
     for part in parts:  # a worker reads its shard once; a progress bar there would linger for the whole run
@@ -102,6 +105,7 @@ def contiguous_split(dataset, world_size: int):
 def shard_rows(shard, rows_per_read: int = 256) -> RowSource:
     """One pass over this worker's Ray Data shard per call, streamed a few hundred rows at a time in the shard's
     fixed order (the input stream packs and shuffles them within its bounded buffer; `pipeline/train/stream.py`)."""
+
     def rows() -> Iterator[dict]:
         for table in shard.iter_batches(batch_format="pyarrow", batch_size=rows_per_read, prefetch_batches=1):
             yield from table.to_pylist()
@@ -130,10 +134,21 @@ def train_loop(job: TrainJob) -> None:
         log.info("rank %d: resumed from the checkpoint of step %d", rank, replica.resumed_from)
     step_log = StepLog(job) if rank == 0 and job.run_id else None
     if step_log:
-        step_log.tag({"moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
-                 "moeforge.train.workers": world, "moeforge.train.device": str(device)})
-        step_log.log({"resumed_from_step": replica.resumed_from, "input_buffer_windows": replica.data.capacity,
-                      **(replica.validate() if replica.step == 0 else {})}, replica.step)
+        step_log.tag(
+            {
+                "moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
+                "moeforge.train.workers": world,
+                "moeforge.train.device": str(device),
+            }
+        )
+        step_log.log(
+            {
+                "resumed_from_step": replica.resumed_from,
+                "input_buffer_windows": replica.data.capacity,
+                **(replica.validate() if replica.step == 0 else {}),
+            },
+            replica.step,
+        )
     cfg = job.train
     try:
         while replica.step < cfg.max_steps:
@@ -153,9 +168,11 @@ def train_loop(job: TrainJob) -> None:
                     step_log.wait()  # metrics up to a checkpoint are on the run before the checkpoint exists
                 with tempfile.TemporaryDirectory() as d:
                     replica.save(Path(d))
-                    ray.train.report({"step": step, "loss": metrics["loss"], "resumed_from_step": replica.resumed_from},
-                                     checkpoint=ray.train.Checkpoint.from_directory(d),
-                                     checkpoint_dir_name=f"step_{step:06d}")
+                    ray.train.report(
+                        {"step": step, "loss": metrics["loss"], "resumed_from_step": replica.resumed_from},
+                        checkpoint=ray.train.Checkpoint.from_directory(d),
+                        checkpoint_dir_name=f"step_{step:06d}",
+                    )
     finally:
         if step_log:
             step_log.close()
@@ -189,15 +206,17 @@ def fit(job: TrainJob, dataset, run_name: str, storage_path: str):
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         datasets={"train": dataset},
         dataset_config=contiguous_split(dataset, cfg.num_workers),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             worker_runtime_env={"env_vars": _worker_env()}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": _worker_env()},
+        ),
     )
     return trainer.fit()
 

@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/x.py` from a che
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each function, calling them in turn each round (on CUDA, each call is timed to
     the end of its kernels, not to their launch)."""
+
     def sync() -> None:
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
@@ -47,8 +48,11 @@ def device_arg(value: str) -> torch.device:
 
 
 def describe(device: torch.device | None = None) -> str:
-    where = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else \
-        f"{torch.get_num_threads()} threads, {platform.machine()}"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device is not None and device.type == "cuda"
+        else f"{torch.get_num_threads()} threads, {platform.machine()}"
+    )
     return f"torch {torch.__version__}, {where}, python {platform.python_version()}"
 
 

@@ -33,12 +33,20 @@ from pipeline.tracking import Tracker, resolve_tracking_uri
 POINTS = {
     "tiny": [],  # the default: every layer, 16 of 32 rope pairs, full-rank latent, 12 of 20 experts
     "medium": ["model.qk_rope_head_dim=16", "model.kv_lora_rank=96", "model.n_activated_experts=8"],
-    "target": ["model.n_layers=24", "model.qk_rope_head_dim=8", "model.kv_lora_rank=72",
-               "model.n_activated_experts=8"],  # the cost targets: <= 50% active, <= 25% cache
+    "target": [
+        "model.n_layers=24",
+        "model.qk_rope_head_dim=8",
+        "model.kv_lora_rank=72",
+        "model.n_activated_experts=8",
+    ],  # the cost targets: <= 50% active, <= 25% cache
     # the cost targets spent on rope instead (twice the rotary pairs, the cache exactly at 25%): rope was the
     # costliest knob per byte (docs/benchmarks.md)
-    "target_rope16": ["model.n_layers=24", "model.qk_rope_head_dim=16", "model.kv_lora_rank=72",
-                      "model.n_activated_experts=8"],
+    "target_rope16": [
+        "model.n_layers=24",
+        "model.qk_rope_head_dim=16",
+        "model.kv_lora_rank=72",
+        "model.n_activated_experts=8",
+    ],
 }
 
 
@@ -52,9 +60,10 @@ def output_refs(stage_runs) -> dict:
         tags = r.data.tags
         for key, uri in tags.items():
             if key.startswith(f"{P}output.") and key.endswith(".uri"):
-                name = key[len(f"{P}output."):-len(".uri")]
-                refs[name] = ArtifactRef(name, uri, tags[f"{P}output.{name}.hash"],
-                                         tags.get(P + "cached_from", r.info.run_id))
+                name = key[len(f"{P}output.") : -len(".uri")]
+                refs[name] = ArtifactRef(
+                    name, uri, tags[f"{P}output.{name}.hash"], tags.get(P + "cached_from", r.info.run_id)
+                )
     return refs
 
 
@@ -87,8 +96,12 @@ def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[
 def run_point(moeforge: str, sets: list[str], until: str | None = None) -> tuple[dict, dict, Path, str]:
     """Run the pipeline with `sets`; its artifacts, its stages' metrics, work dir and tracking URI."""
     until_args = ["--until", until] if until else []
-    proc = subprocess.run([moeforge, "run", "--config", "tiny", *(a for s in sets for a in ("--set", s)), *until_args],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [moeforge, "run", "--config", "tiny", *(a for s in sets for a in ("--set", s)), *until_args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     if proc.returncode != 0:
         sys.exit(f"moeforge run {' '.join(sets)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     cfg = load_config("tiny", sets)
@@ -96,8 +109,12 @@ def run_point(moeforge: str, sets: list[str], until: str | None = None) -> tuple
     run = tracker.pipeline_runs()[0].info.run_id
     # a cache hit's metrics come from the run that produced them
     _, metrics = run_metrics(tracker, run, *(("convert", "kl_to_teacher") if until == "convert" else ()))
-    return (output_refs(tracker.stage_runs(run)), metrics, Path(cfg.tracking.workdir),
-            resolve_tracking_uri(cfg.tracking))
+    return (
+        output_refs(tracker.stage_runs(run)),
+        metrics,
+        Path(cfg.tracking.workdir),
+        resolve_tracking_uri(cfg.tracking),
+    )
 
 
 def main() -> None:
@@ -123,8 +140,9 @@ def main() -> None:
         conv, ev = metrics["convert"], metrics["evaluate"]
         start = grade_initial_student(refs, uri, wd)
         if args.recovery_steps:
-            row.update(recovered=start, kl_recovered=conv["kl_to_teacher"],
-                       recovery_minutes=conv["recovery_seconds"] / 60)
+            row.update(
+                recovered=start, kl_recovered=conv["kl_to_teacher"], recovery_minutes=conv["recovery_seconds"] / 60
+            )
         else:
             row.update(converted=start, kl_converted=conv["kl_to_teacher"])
         tasks = sorted(k for k in start if k != "overall")
@@ -132,16 +150,26 @@ def main() -> None:
         def per_task(who: str, ev=ev, tasks=tasks) -> dict[str, float]:
             return {t: ev[f"{who}.pass_at_1.{t}"] for t in tasks} | {"overall": ev[f"{who}.pass_at_1"]}
 
-        row.update(active=conv["active_param_ratio"], cache=conv["cache_ratio"], distilled=per_task("student"),
-                   teacher=per_task("teacher"), floor=per_task("floor"), minutes=(time.perf_counter() - t0) / 60)
+        row.update(
+            active=conv["active_param_ratio"],
+            cache=conv["cache_ratio"],
+            distilled=per_task("student"),
+            teacher=per_task("teacher"),
+            floor=per_task("floor"),
+            minutes=(time.perf_counter() - t0) / 60,
+        )
         rows[name] = row
         print(f"{name}: {json.dumps(row)}", flush=True)
     stages = ["converted", "recovered", "distilled"] if args.recovery_steps else ["converted", "distilled"]
-    print(f"\n{'point':<8}{'active':>8}{'cache':>7}{'KL':>7}  pass@1 {' -> '.join(stages)} (teacher, floor) per task"
-          + (f"; KL after {args.recovery_steps} recovery steps" if args.recovery_steps else ""))
+    print(
+        f"\n{'point':<8}{'active':>8}{'cache':>7}{'KL':>7}  pass@1 {' -> '.join(stages)} (teacher, floor) per task"
+        + (f"; KL after {args.recovery_steps} recovery steps" if args.recovery_steps else "")
+    )
     for name, r in rows.items():
-        cells = "  ".join(f"{t} {' -> '.join(f'{r[s][t]:.3f}' for s in stages)} ({r['teacher'][t]:.3f}, "
-                          f"{r['floor'][t]:.3f})" for t in r["distilled"])
+        cells = "  ".join(
+            f"{t} {' -> '.join(f'{r[s][t]:.3f}' for s in stages)} ({r['teacher'][t]:.3f}, {r['floor'][t]:.3f})"
+            for t in r["distilled"]
+        )
         recovered = f"  KL {r['kl_recovered']:.3f}" if args.recovery_steps else ""
         print(f"{name:<8}{r['active']:>8.1%}{r['cache']:>7.1%}{r['kl_converted']:>7.3f}  {cells}{recovered}")
     result(**{f"{name}_{s}": f"{r[s]['overall']:.3f}" for name, r in rows.items() for s in stages})

@@ -24,14 +24,24 @@ from pipeline.model.convert import TeacherShape, calibrate, convert, economics, 
 from pipeline.stages.convert import teacher_texts
 from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
 
-BASE = dict(n_layers=30, n_dense_layers=1, qk_rope_head_dim=64, kv_lora_rank=192, moe_inter_dim=64,
-            n_shared_experts=4, n_routed_experts=20, n_activated_experts=20, max_seq_len=2048)
+BASE = dict(
+    n_layers=30,
+    n_dense_layers=1,
+    qk_rope_head_dim=64,
+    kv_lora_rank=192,
+    moe_inter_dim=64,
+    n_shared_experts=4,
+    n_routed_experts=20,
+    n_activated_experts=20,
+    max_seq_len=2048,
+)
 POINTS = {
     "lossless": {},
     "rope 16 pairs (tiny default)": dict(qk_rope_head_dim=32, kv_lora_rank=192, n_activated_experts=12),
     "rope 8 pairs, latent 96, 8 experts": dict(qk_rope_head_dim=16, kv_lora_rank=96, n_activated_experts=8),
     "rope 4 pairs, latent 72, 8 experts, 24 layers (small/base)": dict(
-        n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8),
+        n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8
+    ),
     "only 24 layers": dict(n_layers=24),
     "only 8 of 20 experts": dict(n_activated_experts=8),
     "only rope 4 pairs": dict(qk_rope_head_dim=8, kv_lora_rank=3 * (56 + 64)),
@@ -63,13 +73,18 @@ def main() -> None:
         student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib, shared_rope_key=shared)
         f = fidelity(teacher, student, held)
         e = economics(student.cfg, student.num_params(), shape)
-        print(f"{name:<60} KL {f.kl:6.3f}  ppl {f.student_ppl:7.2f} (teacher {f.teacher_ppl:.2f})  active "
-              f"{e['active_param_ratio']:5.1%}  cache {e['cache_ratio']:5.1%}  ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"{name:<60} KL {f.kl:6.3f}  ppl {f.student_ppl:7.2f} (teacher {f.teacher_ppl:.2f})  active "
+            f"{e['active_param_ratio']:5.1%}  cache {e['cache_ratio']:5.1%}  ({time.perf_counter() - t0:.0f} s)"
+        )
         figures[name] = f.kl
-    result(lossless_kl=f"{figures['lossless']:.4f}", tiny_kl=f"{figures['rope 16 pairs (tiny default)']:.3f}",
-           per_head_rope_kl=f"{figures['per-KV-head rope keys, 8 pairs each, latent 96']:.3f}",
-           shared_rope_kl=f"{figures['shared rope key, 24 pairs, latent 96']:.3f}",
-           target_point_kl=f"{figures['rope 4 pairs, latent 72, 8 experts, 24 layers (small/base)']:.3f}")
+    result(
+        lossless_kl=f"{figures['lossless']:.4f}",
+        tiny_kl=f"{figures['rope 16 pairs (tiny default)']:.3f}",
+        per_head_rope_kl=f"{figures['per-KV-head rope keys, 8 pairs each, latent 96']:.3f}",
+        shared_rope_kl=f"{figures['shared rope key, 24 pairs, latent 96']:.3f}",
+        target_point_kl=f"{figures['rope 4 pairs, latent 72, 8 experts, 24 layers (small/base)']:.3f}",
+    )
 
 
 if __name__ == "__main__":

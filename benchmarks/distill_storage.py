@@ -41,19 +41,19 @@ def main() -> None:
     prompts = load_prompts(cfg.data)["train"]
     gens = []
     for start in range(0, len(prompts), 16):
-        chunk = prompts[start:start + 16]
+        chunk = prompts[start : start + 16]
         gens += teacher.generate([teacher_messages(p.task, p.question) for p in chunk], max_new_tokens=64)
     seqs = [T.encode(teacher.tokenizer, p.question, g.text.strip()) for p, g in zip(prompts, gens, strict=True)]
     rows, masses, dense_rows = [], [], []
     for start in range(0, len(seqs), 8):
-        chunk = seqs[start:start + 8]
+        chunk = seqs[start : start + 8]
         scored = teacher.score([s for s, _ in chunk], [i for _, i in chunk], args.top_k)
         for (seq, first), tg in zip(chunk, scored, strict=True):
             rows.append(T.row(f"s{len(rows)}", "x", seq, first, tg))
             masses.append(T.topk_mass(tg))
             if len(dense_rows) < args.dense_samples:
                 with torch.no_grad():
-                    logits = teacher.model(torch.tensor([seq])).logits[0, first - 1:len(seq) - 1].float()
+                    logits = teacher.model(torch.tensor([seq])).logits[0, first - 1 : len(seq) - 1].float()
                 dense_rows.append({"logprobs": torch.log_softmax(logits, -1).half().numpy().tolist()})
     positions = sum(len(r["topk_ids"]) for r in rows)
     dense_positions = sum(len(r["logprobs"]) for r in dense_rows)
@@ -69,11 +69,18 @@ def main() -> None:
     print(describe())
     print(f"{len(rows)} samples, {positions} target positions, top-k {args.top_k}, float16 log-probs")
     print(f"ours: {ours_bpt:.1f} bytes/token (whole rows: token ids, mask, top-k ids + log-probs, tail)")
-    print(f"dense fp16: {nominal} bytes/token nominal, {dense_bpt:.0f} bytes/token in Parquet "
-          f"({dense_positions} positions)")
+    print(
+        f"dense fp16: {nominal} bytes/token nominal, {dense_bpt:.0f} bytes/token in Parquet "
+        f"({dense_positions} positions)"
+    )
     print(f"top-{args.top_k} mass: mean {mass.mean():.4f}, p5 {np.percentile(mass, 5):.4f}, min {mass.min():.4f}")
-    result(bytes_per_token=ours_bpt, ratio_vs_dense=nominal / ours_bpt, ratio_vs_dense_parquet=dense_bpt / ours_bpt,
-           topk_mass=float(mass.mean()), topk_mass_p5=float(np.percentile(mass, 5)))
+    result(
+        bytes_per_token=ours_bpt,
+        ratio_vs_dense=nominal / ours_bpt,
+        ratio_vs_dense_parquet=dense_bpt / ours_bpt,
+        topk_mass=float(mass.mean()),
+        topk_mass_p5=float(np.percentile(mass, 5)),
+    )
 
 
 if __name__ == "__main__":

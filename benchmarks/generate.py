@@ -33,9 +33,14 @@ def sequential_tokens_per_s(cfg, prompts) -> tuple[float, int]:
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([teacher.encode_chat(teacher_messages(p.task, p.question, cfg.data.prompt_style))])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=cfg.teacher.max_new_tokens, pad_token_id=tok.pad_token_id)
-            row = out[0, ids.shape[1]:].tolist()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=cfg.teacher.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+            )
+            row = out[0, ids.shape[1] :].tolist()
             tokens += row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
     return tokens / (time.perf_counter() - t0), tokens
 
@@ -56,20 +61,27 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        cfg = load_config("tiny", [f"data.num_train_prompts={args.prompts}", f"tracking.workdir={workdir}",
-                                   *args.set])
+        cfg = load_config("tiny", [f"data.num_train_prompts={args.prompts}", f"tracking.workdir={workdir}", *args.set])
         prompts = load_prompts(cfg.data)["train"]
         print(describe())
-        print(f"{len(prompts)} prompts, max_new_tokens {cfg.teacher.max_new_tokens}, {cfg.teacher.num_actors} "
-              f"actors x {cfg.teacher.num_cpus_per_actor} CPU, batch {cfg.teacher.batch_size}")
+        print(
+            f"{len(prompts)} prompts, max_new_tokens {cfg.teacher.max_new_tokens}, {cfg.teacher.num_actors} "
+            f"actors x {cfg.teacher.num_cpus_per_actor} CPU, batch {cfg.teacher.batch_size}"
+        )
         seq, seq_tokens = sequential_tokens_per_s(cfg, prompts)
         print(f"sequential loop: {seq:.1f} tok/s ({seq_tokens} tokens)")
         m = pool_metrics(cfg)
-        print(f"actor pool: {m['tokens_per_s']:.1f} tok/s, {m['samples_per_s']:.2f} samples/s, acceptance "
-              f"{m['acceptance_rate']:.3f} " + " ".join(f"{k.split('.', 1)[1]}={v:.2f}" for k, v in m.items()
-                                                       if k.startswith("acceptance_rate.")))
-    result(speedup_vs_sequential=m["tokens_per_s"] / seq, acceptance_rate=m["acceptance_rate"],
-           pool_tokens_per_s=m["tokens_per_s"], sequential_tokens_per_s=seq)
+        print(
+            f"actor pool: {m['tokens_per_s']:.1f} tok/s, {m['samples_per_s']:.2f} samples/s, acceptance "
+            f"{m['acceptance_rate']:.3f} "
+            + " ".join(f"{k.split('.', 1)[1]}={v:.2f}" for k, v in m.items() if k.startswith("acceptance_rate."))
+        )
+    result(
+        speedup_vs_sequential=m["tokens_per_s"] / seq,
+        acceptance_rate=m["acceptance_rate"],
+        pool_tokens_per_s=m["tokens_per_s"],
+        sequential_tokens_per_s=seq,
+    )
 
 
 if __name__ == "__main__":

@@ -90,9 +90,16 @@ def part_train(dry: bool) -> dict:
             uri = f"sqlite:///{tmp}/mlflow.db"
             client = MlflowClient(uri)
             run_id = client.create_run(client.create_experiment("gpu-check", f"{tmp}/artifacts")).info.run_id
-            train = TrainConfig(num_workers=1, use_gpu=gpu, cpus_per_worker=2 if dry else 4, max_steps=steps,
-                                warmup_steps=1, batch_size=2 if dry else 16, seq_len=64 if dry else 512,
-                                checkpoint_every=steps)
+            train = TrainConfig(
+                num_workers=1,
+                use_gpu=gpu,
+                cpus_per_worker=2 if dry else 4,
+                max_steps=steps,
+                warmup_steps=1,
+                batch_size=2 if dry else 16,
+                seq_len=64 if dry else 512,
+                checkpoint_every=steps,
+            )
             table = pa.Table.from_pylist(synthetic_rows(rows), schema=soft_targets_schema("float16"))
             job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K, run_id, uri)
             result = fit(job, ray.data.from_arrow(table), "gpu-check", f"{tmp}/ckpt")
@@ -102,32 +109,68 @@ def part_train(dry: bool) -> dict:
             mfu = sorted(client.get_metric_history(run_id, "mfu"), key=lambda m: m.step)
             tags = client.get_run(run_id).data.tags
             skip = min(3, len(history) - 1)  # the first steps pay for compilation and allocator warm-up
-            return {"train_tok_s": statistics.median(m.value for m in history[skip:]),
-                    "train_mfu": statistics.median(m.value for m in mfu[skip:]),
-                    "train_device": tags.get("moeforge.train.device", "?"),
-                    "train_peak_flops": float(tags["moeforge.train.mfu_peak"].split()[0])}
+            return {
+                "train_tok_s": statistics.median(m.value for m in history[skip:]),
+                "train_mfu": statistics.median(m.value for m in mfu[skip:]),
+                "train_device": tags.get("moeforge.train.device", "?"),
+                "train_peak_flops": float(tags["moeforge.train.mfu_peak"].split()[0]),
+            }
     finally:
         ray.shutdown()
 
 
 def part_moe(dry: bool) -> dict:
     device = ["--device", "cpu"] if dry else ["--device", "cuda", "--dtype", "bfloat16"]
-    tiny = run_script(["benchmarks/moe_layer.py", "--tokens", "256" if dry else "8192", "--rounds",
-                       "2" if dry else "10", *device], PART_TIMEOUT_S["moe"])
+    tiny = run_script(
+        ["benchmarks/moe_layer.py", "--tokens", "256" if dry else "8192", "--rounds", "2" if dry else "10", *device],
+        PART_TIMEOUT_S["moe"],
+    )
     out = {"moe_tiny_speedup": tiny["speedup_vs_transformers"], "moe_tiny_tok_s": tiny["ours_tok_s"]}
     if not dry:
-        big = run_script(["benchmarks/moe_layer.py", "--tokens", "8192", "--dim", "1024", "--experts", "64",
-                          "--topk", "6", "--inter", "512", "--shared", "1", "--rounds", "10", "--no-loop", *device],
-                         PART_TIMEOUT_S["moe"])
+        big = run_script(
+            [
+                "benchmarks/moe_layer.py",
+                "--tokens",
+                "8192",
+                "--dim",
+                "1024",
+                "--experts",
+                "64",
+                "--topk",
+                "6",
+                "--inter",
+                "512",
+                "--shared",
+                "1",
+                "--rounds",
+                "10",
+                "--no-loop",
+                *device,
+            ],
+            PART_TIMEOUT_S["moe"],
+        )
         out.update(moe_v3_speedup=big["speedup_vs_transformers"], moe_v3_tok_s=big["ours_tok_s"])
     return out
 
 
 def part_mla(dry: bool) -> dict:
     contexts = ["128"] if dry else ["2048", "16384"]
-    figures = run_script(["benchmarks/mla_cache.py", "--contexts", *contexts, "--device", "cpu" if dry else "cuda",
-                          "--batch", "2" if dry else "8", "--steps", "2" if dry else "16", "--rounds",
-                          "1" if dry else "5"], PART_TIMEOUT_S["mla"])
+    figures = run_script(
+        [
+            "benchmarks/mla_cache.py",
+            "--contexts",
+            *contexts,
+            "--device",
+            "cpu" if dry else "cuda",
+            "--batch",
+            "2" if dry else "8",
+            "--steps",
+            "2" if dry else "16",
+            "--rounds",
+            "1" if dry else "5",
+        ],
+        PART_TIMEOUT_S["mla"],
+    )
     return {f"mla_absorb_speedup_{c}": figures[f"absorb_speedup_{c}"] for c in contexts}
 
 
@@ -138,8 +181,9 @@ def part_generate(dry: bool) -> dict:
     from pipeline.teacher.hf import DEFAULT_TEACHER, HFTeacher, default_cache_dir, resolve_model_dir
 
     device = "cpu" if dry else "cuda"
-    teacher = HFTeacher(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()),
-                        dtype="float32" if dry else "bfloat16", device=device)
+    teacher = HFTeacher(
+        resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()), dtype="float32" if dry else "bfloat16", device=device
+    )
     n, tokens = (2, 8) if dry else (64, 128)
     conversations = [teacher_messages("basic_arithmetic", f"Calculate {i} + {2 * i + 1}.") for i in range(n)]
     teacher.generate(conversations[:2], max_new_tokens=4)  # warm-up
@@ -164,11 +208,17 @@ def part_generate(dry: bool) -> dict:
 
 
 def part_serve(dry: bool) -> dict:
-    args = ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2"] if dry else \
-        ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16"]
+    args = (
+        ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2"]
+        if dry
+        else ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16"]
+    )
     figures = run_script(["benchmarks/serve_load.py", *args], PART_TIMEOUT_S["serve"])
-    return {"serve_speedup": figures["speedup_c16_vs_c1"], "serve_tok_s_concurrent": figures["tok_s_c16"],
-            "serve_p99_ttft_ms": figures["p99_ttft_ms"]}
+    return {
+        "serve_speedup": figures["speedup_c16_vs_c1"],
+        "serve_tok_s_concurrent": figures["tok_s_c16"],
+        "serve_p99_ttft_ms": figures["p99_ttft_ms"],
+    }
 
 
 def run_part(name: str, dry: bool) -> None:
@@ -209,13 +259,15 @@ def main() -> int:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
             print(f"FAILED {name}: exit {proc.returncode}\n" + "\n".join(f"    {line}" for line in tail))
             return 1
-        figures = json.loads(lines[-1][len("FIGURES "):])
+        figures = json.loads(lines[-1][len("FIGURES ") :])
         every.update(figures)
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
         print(f"PART {name} ok ({time.perf_counter() - t0:.0f} s): {shown}")
     if dry:
-        print("SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training, the student on CUDA: "
-              "need CUDA")
+        print(
+            "SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training, the student on CUDA: "
+            "need CUDA"
+        )
     print(f"gpu_check: all parts passed in {time.perf_counter() - started:.0f} s")
     print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in every.items()))
     return 0

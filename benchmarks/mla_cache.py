@@ -49,8 +49,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = model_preset("toy", vocab_size=VOCAB, max_seq_len=max(args.contexts) + args.steps + 8)
-    models = {impl: Transformer(cfg.model_copy(update={"attn_impl": impl})).eval().to(args.device)
-              for impl in ("naive", "absorb")}
+    models = {
+        impl: Transformer(cfg.model_copy(update={"attn_impl": impl})).eval().to(args.device)
+        for impl in ("naive", "absorb")
+    }
     models["naive"].load_state_dict(models["absorb"].state_dict())
     for ctx_len in args.contexts:
         caches = {}
@@ -73,6 +75,7 @@ def main() -> None:
                 cache.lengths[slots] = ctx_len
                 for _ in range(args.steps):
                     decode(models[impl], cache, slots, [1] * args.batch)
+
             return go
 
         with torch.no_grad():  # both paths agree before we time them
@@ -83,8 +86,10 @@ def main() -> None:
             torch.testing.assert_close(a, n, rtol=1e-3, atol=1e-3)
         sec = interleaved({impl: run(impl) for impl in models}, rounds=args.rounds, warmup=1)
         tok_s = {impl: args.batch * args.steps / s for impl, s in sec.items()}
-        print(f"context {ctx_len}: naive {tok_s['naive']:.0f} tok/s, absorb {tok_s['absorb']:.0f} tok/s "
-              f"(batch {args.batch})")
+        print(
+            f"context {ctx_len}: naive {tok_s['naive']:.0f} tok/s, absorb {tok_s['absorb']:.0f} tok/s "
+            f"(batch {args.batch})"
+        )
         figures[f"absorb_speedup_{ctx_len}"] = tok_s["absorb"] / tok_s["naive"]
         figures[f"absorb_tok_s_{ctx_len}"] = tok_s["absorb"]
     print(f"model: tiny preset, vocab {VOCAB}, on {args.device}; {describe(args.device)}")

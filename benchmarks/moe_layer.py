@@ -1,7 +1,7 @@
 """MoE layer forward+backward tokens/s: ours (batched dispatch) vs transformers' DeepseekV3MoE, identical weights.
 
-    .venv/bin/python benchmarks/moe_layer.py [--tokens 4096 --dim 256 --experts 16 --topk 4 --inter 128 --shared 1]
-                                             [--device cuda --dtype bfloat16]
+.venv/bin/python benchmarks/moe_layer.py [--tokens 4096 --dim 256 --experts 16 --topk 4 --inter 128 --shared 1]
+                                         [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     torch.manual_seed(0)
-    cfg = model_preset("toy", dim=args.dim, n_routed_experts=args.experts, n_activated_experts=args.topk,
-                       moe_inter_dim=args.inter, n_shared_experts=args.shared, route_scale=2.5)
+    cfg = model_preset(
+        "toy",
+        dim=args.dim,
+        n_routed_experts=args.experts,
+        n_activated_experts=args.topk,
+        moe_inter_dim=args.inter,
+        n_shared_experts=args.shared,
+        route_scale=2.5,
+    )
     ours = MoE(cfg).train()
     for p in ours.parameters():
         torch.nn.init.normal_(p, std=0.05)
@@ -54,17 +61,24 @@ def main() -> None:
         def run():
             xi = x.detach().requires_grad_(True)
             module(xi).sum().backward()
+
         return run
 
     fns = {"transformers": step(hf), "ours": step(ours), **({} if args.no_loop else {"ours_loop": step(loop)})}
     sec = interleaved(fns, rounds=args.rounds)
     for name, s in sec.items():
         print(f"{name:>13}: {s * 1e3:7.1f} ms per forward+backward, {args.tokens / s:8.0f} tokens/s")
-    print(f"config: {args.tokens} tokens, dim {args.dim}, {args.experts} routed experts, top-{args.topk}, "
-          f"expert width {args.inter}, {args.shared} shared, {args.dtype} on {args.device}; {describe(args.device)}")
+    print(
+        f"config: {args.tokens} tokens, dim {args.dim}, {args.experts} routed experts, top-{args.topk}, "
+        f"expert width {args.inter}, {args.shared} shared, {args.dtype} on {args.device}; {describe(args.device)}"
+    )
     loop_figure = {} if args.no_loop else {"loop_vs_transformers": sec["transformers"] / sec["ours_loop"]}
-    result(speedup_vs_transformers=sec["transformers"] / sec["ours"], ours_tok_s=args.tokens / sec["ours"],
-           transformers_tok_s=args.tokens / sec["transformers"], **loop_figure)
+    result(
+        speedup_vs_transformers=sec["transformers"] / sec["ours"],
+        ours_tok_s=args.tokens / sec["ours"],
+        transformers_tok_s=args.tokens / sec["transformers"],
+        **loop_figure,
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,13 @@ def timed_run(cwd: str, config: str, overrides: list[str]) -> tuple[float, str]:
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={
-        **__import__("os").environ, "COLUMNS": "160", "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "160", "PYTHONPATH": str(REPO)},
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

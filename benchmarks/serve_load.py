@@ -23,8 +23,12 @@ from pathlib import Path
 
 from _common import describe, result
 
-QUESTIONS = ["What is {a} + {b}?", "How many letters are in the word '{w}'?", "Add {a}, {b} and {a}.",
-             "Is {a} larger than {b}?"]
+QUESTIONS = [
+    "What is {a} + {b}?",
+    "How many letters are in the word '{w}'?",
+    "Add {a}, {b} and {a}.",
+    "Is {a} larger than {b}?",
+]
 WORDS = ["strawberry", "moeforge", "latent", "expert", "router", "teacher", "student", "batch"]
 
 
@@ -52,15 +56,25 @@ async def one(client, model: str, i: int, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     stamps, usage = [], None
     stream = await client.chat.completions.create(
-        model=model, messages=messages(i), max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=model,
+        messages=messages(i),
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - t0, "itl": [b - a for a, b in itertools.pairwise(stamps)],
-            "tokens": usage.completion_tokens, "end": time.perf_counter()}
+    return {
+        "ttft": stamps[0] - t0,
+        "itl": [b - a for a, b in itertools.pairwise(stamps)],
+        "tokens": usage.completion_tokens,
+        "end": time.perf_counter(),
+    }
 
 
 async def load(base_url: str, model: str, n: int, max_tokens: int, concurrent: bool) -> dict:
@@ -100,11 +114,20 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         build_student(Path(tmp) / "student")
-        ray.init(num_cpus=max(2, int(args.cpus)), num_gpus=int(args.gpus + 0.999), include_dashboard=False,
-                 log_to_driver=False)
-        settings = ServeConfig(max_batch_size=args.batch, max_ongoing_requests=max(32, args.requests),
-                               max_queued_requests=-1, num_cpus=args.cpus, num_gpus=args.gpus,
-                               max_tokens_limit=args.max_tokens)
+        ray.init(
+            num_cpus=max(2, int(args.cpus)),
+            num_gpus=int(args.gpus + 0.999),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        settings = ServeConfig(
+            max_batch_size=args.batch,
+            max_ongoing_requests=max(32, args.requests),
+            max_queued_requests=-1,
+            num_cpus=args.cpus,
+            num_gpus=args.gpus,
+            max_tokens_limit=args.max_tokens,
+        )
         url = start(settings, str(Path(tmp) / "student"), None)
         base = f"{url}/v1"
         try:
@@ -120,22 +143,38 @@ def main() -> None:
     def summary(runs: list[dict]) -> dict:
         ttft = [x for r in runs for x in r["ttft"]]
         itl = [x for r in runs for x in r["itl"]]
-        return {"tok_s": statistics.median(r["tok_s"] for r in runs), "p50_ttft": pct(ttft, 50),
-                "p99_ttft": pct(ttft, 99), "p50_itl": pct(itl, 50), "p99_itl": pct(itl, 99)}
+        return {
+            "tok_s": statistics.median(r["tok_s"] for r in runs),
+            "p50_ttft": pct(ttft, 50),
+            "p99_ttft": pct(ttft, 99),
+            "p50_itl": pct(itl, 50),
+            "p99_itl": pct(itl, 99),
+        }
 
     s1, s16 = summary(seq), summary(par)
-    print(f"{describe()}; replica CPUs {args.cpus}, GPUs {args.gpus}, engine slots {args.batch}; "
-          f"{args.requests} requests x "
-          f"{args.max_tokens} tokens, {args.rounds} rounds")
+    print(
+        f"{describe()}; replica CPUs {args.cpus}, GPUs {args.gpus}, engine slots {args.batch}; "
+        f"{args.requests} requests x "
+        f"{args.max_tokens} tokens, {args.rounds} rounds"
+    )
     print(f"{'':<14}{'tok/s':>8}{'p50 TTFT':>10}{'p99 TTFT':>10}{'p50 ITL':>9}{'p99 ITL':>9}   (ms)")
     for name, s in (("c=1", s1), (f"c={args.requests}", s16)):
-        print(f"{name:<14}{s['tok_s']:>8.1f}{s['p50_ttft']:>10.1f}{s['p99_ttft']:>10.1f}{s['p50_itl']:>9.1f}"
-              f"{s['p99_itl']:>9.1f}")
+        print(
+            f"{name:<14}{s['tok_s']:>8.1f}{s['p50_ttft']:>10.1f}{s['p99_ttft']:>10.1f}{s['p50_itl']:>9.1f}"
+            f"{s['p99_itl']:>9.1f}"
+        )
     speedup = s16["tok_s"] / s1["tok_s"]
     print(f"aggregate throughput at c={args.requests} vs one at a time: {speedup:.2f}x (target >= 5x)")
-    result(speedup_c16_vs_c1=speedup, p99_ttft_ms=s16["p99_ttft"], p50_ttft_ms=s16["p50_ttft"],
-           p50_itl_ms=s16["p50_itl"], p99_itl_ms=s16["p99_itl"], tok_s_c1=s1["tok_s"], tok_s_c16=s16["tok_s"],
-           p50_ttft_ms_c1=s1["p50_ttft"])
+    result(
+        speedup_c16_vs_c1=speedup,
+        p99_ttft_ms=s16["p99_ttft"],
+        p50_ttft_ms=s16["p50_ttft"],
+        p50_itl_ms=s16["p50_itl"],
+        p99_itl_ms=s16["p99_itl"],
+        tok_s_c1=s1["tok_s"],
+        tok_s_c16=s16["tok_s"],
+        p50_ttft_ms_c1=s1["p50_ttft"],
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from pipeline.config import load_config
 from pipeline.tracking import Tracker
 
 
-def stage_metrics(tracker: Tracker, run_id: str | None, stage: str = "evaluate",
-                  metric: str = "student.pass_at_1") -> tuple[str, dict[str, dict[str, float]]]:
+def stage_metrics(
+    tracker: Tracker, run_id: str | None, stage: str = "evaluate", metric: str = "student.pass_at_1"
+) -> tuple[str, dict[str, dict[str, float]]]:
     """(pipeline run id, {stage: metrics}) of the given run, or of the latest one whose `stage` logged `metric`
     (by default: the latest with an evaluation)."""
     candidates = [run_id] if run_id else [r.info.run_id for r in tracker.pipeline_runs()]
@@ -61,17 +62,24 @@ def main() -> None:
         misses += [f"{task or 'overall'}: {name}" for name, ok in checks if not ok]
         print(f"{task or 'overall':<20}{t:>9.3f}{tb:>14.3f}{s:>9.3f}{f:>8.3f}  {verdict}")
     active, cache = conv.get("active_param_ratio", math.nan), conv.get("cache_ratio", math.nan)
-    print(f"active non-embedding parameters per token: {active:.1%} of the teacher's (target <= 50%: "
-          f"{'met' if active <= 0.5 else 'MISSED'}); KV cache per token: {cache:.1%} (target <= 25%: "
-          f"{'met' if cache <= 0.25 else 'MISSED'}); KL to the teacher before training: "
-          f"{conv.get('kl_to_teacher', math.nan):.3f} nats/token")
+    print(
+        f"active non-embedding parameters per token: {active:.1%} of the teacher's (target <= 50%: "
+        f"{'met' if active <= 0.5 else 'MISSED'}); KV cache per token: {cache:.1%} (target <= 25%: "
+        f"{'met' if cache <= 0.25 else 'MISSED'}); KL to the teacher before training: "
+        f"{conv.get('kl_to_teacher', math.nan):.3f} nats/token"
+    )
     misses += [name for name, ok in (("active params", active <= 0.5), ("cache", cache <= 0.25)) if not ok]
     print(f"targets missed: {len(misses)}" + (f" ({'; '.join(misses)})" if misses else ""))
-    result(student_pass_at_1=f"{ev['student.pass_at_1']:.3f}", teacher_pass_at_1=f"{ev['teacher.pass_at_1']:.3f}",
-           teacher_best_pass_at_1=f"{ev.get('teacher_best.pass_at_1', math.nan):.3f}",
-           floor=f"{ev.get('floor.pass_at_1', math.nan):.3f}", active_param_ratio=f"{active:.3f}",
-           cache_ratio=f"{cache:.3f}", kl_to_teacher=f"{conv.get('kl_to_teacher', math.nan):.3f}",
-           targets_missed=len(misses))
+    result(
+        student_pass_at_1=f"{ev['student.pass_at_1']:.3f}",
+        teacher_pass_at_1=f"{ev['teacher.pass_at_1']:.3f}",
+        teacher_best_pass_at_1=f"{ev.get('teacher_best.pass_at_1', math.nan):.3f}",
+        floor=f"{ev.get('floor.pass_at_1', math.nan):.3f}",
+        active_param_ratio=f"{active:.3f}",
+        cache_ratio=f"{cache:.3f}",
+        kl_to_teacher=f"{conv.get('kl_to_teacher', math.nan):.3f}",
+        targets_missed=len(misses),
+    )
 
 
 if __name__ == "__main__":

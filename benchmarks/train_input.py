@@ -74,10 +74,15 @@ def main() -> None:
     tokens = train.batch_size * train.seq_len
     for name, s in sec.items():
         print(f"{name:>10}: {s:.3f} s per step, {tokens / s:6.0f} tokens/s")
-    print(f"tiny preset, batch {train.batch_size} x {train.seq_len}, {args.rows} rows; streamed input buffer "
-          f"{ours.data.capacity} windows (peak {ours.data.peak_buffered}); {describe()}")
-    result(streamed_vs_in_memory=sec["in_memory"] / sec["streamed"], streamed_tok_s=tokens / sec["streamed"],
-           in_memory_tok_s=tokens / sec["in_memory"])
+    print(
+        f"tiny preset, batch {train.batch_size} x {train.seq_len}, {args.rows} rows; streamed input buffer "
+        f"{ours.data.capacity} windows (peak {ours.data.peak_buffered}); {describe()}"
+    )
+    result(
+        streamed_vs_in_memory=sec["in_memory"] / sec["streamed"],
+        streamed_tok_s=tokens / sec["streamed"],
+        in_memory_tok_s=tokens / sec["in_memory"],
+    )
 
 
 if __name__ == "__main__":

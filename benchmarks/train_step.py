@@ -38,8 +38,10 @@ def main() -> None:
     batch = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
     inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     # the same optimizer for both: PyTorch's fused AdamW (what transformers' Trainer picks by default when present)
-    opts = {"ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True),
-            "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)}
+    opts = {
+        "ours": torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True),
+        "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True),
+    }
 
     def ours_step():
         ours.loss(inputs, targets).total.backward()
@@ -58,10 +60,15 @@ def main() -> None:
     for name, s in sec.items():
         print(f"{name:>13}: {s:.2f} s per step, {tokens / s:7.0f} tokens/s")
     params = ours.num_params()
-    print(f"model: tiny preset, vocab {VOCAB}, {params['total'] / 1e6:.1f}M params ({params['active'] / 1e6:.1f}M "
-          f"active); batch {args.batch} x {args.seq}; {describe()}")
-    result(speedup_vs_transformers=sec["transformers"] / sec["ours"], ours_tok_s=tokens / sec["ours"],
-           transformers_tok_s=tokens / sec["transformers"])
+    print(
+        f"model: tiny preset, vocab {VOCAB}, {params['total'] / 1e6:.1f}M params ({params['active'] / 1e6:.1f}M "
+        f"active); batch {args.batch} x {args.seq}; {describe()}"
+    )
+    result(
+        speedup_vs_transformers=sec["transformers"] / sec["ours"],
+        ours_tok_s=tokens / sec["ours"],
+        transformers_tok_s=tokens / sec["transformers"],
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,17 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
         positions = sum(mask)
         ids = rng.integers(0, VOCAB, (positions, K))
         lps = np.sort(np.log(rng.dirichlet(np.ones(K + 1), positions)[:, :K]), axis=1)[:, ::-1]
-        rows.append({"sample_id": f"s{i:05d}", "task": "synthetic", "token_ids": tokens, "loss_mask": mask,
-                     "topk_ids": ids.tolist(), "topk_logprobs": lps.tolist(),
-                     "tail_logmass": np.log1p(-np.exp(lps).sum(1).clip(max=0.999)).tolist()})
+        rows.append(
+            {
+                "sample_id": f"s{i:05d}",
+                "task": "synthetic",
+                "token_ids": tokens,
+                "loss_mask": mask,
+                "topk_ids": ids.tolist(),
+                "topk_logprobs": lps.tolist(),
+                "tail_logmass": np.log1p(-np.exp(lps).sum(1).clip(max=0.999)).tolist(),
+            }
+        )
     return rows
 
 
@@ -64,14 +72,23 @@ def main() -> None:
         exp = client.create_experiment("bench", artifact_location=f"{tmp}/artifacts")
         for workers in (1, 2):
             run_id = client.create_run(exp).info.run_id
-            train = TrainConfig(num_workers=workers, cpus_per_worker=2 / workers, max_steps=args.steps,
-                                warmup_steps=1, batch_size=8, seq_len=256, checkpoint_every=args.steps)
+            train = TrainConfig(
+                num_workers=workers,
+                cpus_per_worker=2 / workers,
+                max_steps=args.steps,
+                warmup_steps=1,
+                batch_size=8,
+                seq_len=256,
+                checkpoint_every=args.steps,
+            )
             fit(TrainJob(model, train, K, run_id, uri), ray.data.from_arrow(table), f"w{workers}", f"{tmp}/ckpt")
             history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
             speeds[workers] = statistics.median(m.value for m in history[3:])
             mfu = statistics.median(m.value for m in client.get_metric_history(run_id, "mfu"))
-            print(f"{workers} worker(s): {speeds[workers]:.0f} tokens/s (median of steps 4-{args.steps}), "
-                  f"MFU {mfu:.3f} of the measured matmul peak")
+            print(
+                f"{workers} worker(s): {speeds[workers]:.0f} tokens/s (median of steps 4-{args.steps}), "
+                f"MFU {mfu:.3f} of the measured matmul peak"
+            )
     print(describe())
     result(speedup_2_vs_1_workers=speeds[2] / speeds[1], tok_s_1_worker=speeds[1], tok_s_2_workers=speeds[2])
 

@@ -172,8 +172,9 @@ def _inside(root: Path, rel: str, name: str) -> Path:
     """`root / rel` for a manifest entry, refused unless it is a plain relative path that stays inside `root`."""
     pure = Path(rel)
     if not rel or pure.is_absolute() or ".." in pure.parts or rel != pure.as_posix():
-        raise ArtifactError(f"artifact {name!r} at {root}: manifest entry {rel!r} is not a plain relative path "
-                            "inside the artifact")
+        raise ArtifactError(
+            f"artifact {name!r} at {root}: manifest entry {rel!r} is not a plain relative path inside the artifact"
+        )
     path = root / pure
     if path.is_symlink() or not path.resolve().is_relative_to(root.resolve()):
         raise ArtifactError(f"artifact {name!r} at {root}: manifest entry {rel!r} leads outside the artifact")
@@ -202,8 +203,9 @@ def commit(root: Path, spec: ArtifactSpec) -> str:
         if missing or not any(f.endswith(".safetensors") for f in files):
             raise ArtifactError(f"checkpoint artifact {spec.name!r} needs config.json and *.safetensors")
     content_hash = _listing_hash(files)
-    write_json(root / MANIFEST, {"artifact": spec.name, "kind": spec.kind, "content_hash": content_hash,
-                                 "files": files})
+    write_json(
+        root / MANIFEST, {"artifact": spec.name, "kind": spec.kind, "content_hash": content_hash, "files": files}
+    )
     return content_hash
 
 
@@ -235,8 +237,11 @@ def verify(root: Path, name: str, expected_hash: str | None = None) -> dict[str,
             raise ArtifactError(f"artifact {name!r}: file {rel} is {state}: {size} bytes, expected {meta['bytes']}")
         if file_sha256(path) != meta["sha256"]:
             raise ArtifactError(f"artifact {name!r}: file {rel} is corrupt: its sha256 differs from the manifest")
-    extra = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and p != root / MANIFEST and p.relative_to(root).as_posix() not in files)
+    extra = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p != root / MANIFEST and p.relative_to(root).as_posix() not in files
+    )
     if extra:
         raise ArtifactError(f"artifact {name!r} at {root}: files not in its manifest: {', '.join(extra)}")
     return manifest
@@ -250,8 +255,11 @@ def _check_schema(spec: ArtifactSpec, path: Path) -> None:
     if not spec.accepts(schema):
         want = {f.name: str(f.type) for f in spec.schema}
         got = {f.name: str(f.type) for f in schema}
-        diffs = [f"{k}: expected {want.get(k, 'absent')}, found {got.get(k, 'absent')}"
-                 for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)]
+        diffs = [
+            f"{k}: expected {want.get(k, 'absent')}, found {got.get(k, 'absent')}"
+            for k in sorted(set(want) | set(got))
+            if want.get(k) != got.get(k)
+        ]
         raise ArtifactError(
             f"dataset artifact {spec.name!r}: {path.name} does not match the declared schema"
             + (f" ({'; '.join(diffs)})" if diffs else " (field order or nullability differs)")
@@ -265,7 +273,8 @@ def write_table(path: Path, table: pa.Table, spec: ArtifactSpec) -> None:
             table = table.cast(spec.schema)
         except (pa.ArrowInvalid, ValueError) as e:
             raise ArtifactError(
-                f"dataset artifact {spec.name!r}: table does not fit the declared schema: {e}") from None
+                f"dataset artifact {spec.name!r}: table does not fit the declared schema: {e}"
+            ) from None
     with atomic_path(Path(path)) as tmp:
         pq.write_table(table, tmp)
 
@@ -284,8 +293,9 @@ def read_table(root: Path, spec: ArtifactSpec, expected_hash: str | None = None)
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
 
-def write_checkpoint(root: Path, tensors: dict[str, Any], config: dict[str, Any],
-                     filename: str = "model.safetensors") -> None:
+def write_checkpoint(
+    root: Path, tensors: dict[str, Any], config: dict[str, Any], filename: str = "model.safetensors"
+) -> None:
     """Write safetensors weights and a JSON config into `root`, each file atomically."""
     from safetensors.torch import save_file
 
@@ -296,8 +306,9 @@ def write_checkpoint(root: Path, tensors: dict[str, Any], config: dict[str, Any]
     write_json(root / "config.json", config)
 
 
-def read_checkpoint(root: Path, name: str = "checkpoint", expected_hash: str | None = None,
-                    filename: str = "model.safetensors") -> tuple[dict[str, Any], dict[str, Any]]:
+def read_checkpoint(
+    root: Path, name: str = "checkpoint", expected_hash: str | None = None, filename: str = "model.safetensors"
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Verify a checkpoint artifact and return (tensors, config)."""
     from safetensors.torch import load_file
 
@@ -343,8 +354,9 @@ def fetch(ref: ArtifactRef, tracking_uri: str, workdir: Path) -> Path:
     with atomic_path(cached) as tmp:
         tmp.mkdir(parents=True)
         try:
-            downloaded = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=ref.uri, dst_path=str(tmp), tracking_uri=tracking_uri))
+            downloaded = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(tmp), tracking_uri=tracking_uri)
+            )
         except Exception as e:  # any store error becomes an artifact error naming the artifact
             raise ArtifactError(f"artifact {ref.name!r}: cannot download {ref.uri}: {e}") from e
         verify(downloaded, ref.name, ref.hash)

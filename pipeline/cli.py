@@ -18,8 +18,11 @@ from rich.table import Table
 from pipeline.config import ConfigError, MoeforgeConfig, load_config
 from pipeline.redaction import redact_uri
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Distil a teacher LLM into a DeepSeek-V3-style MoE student on Ray, tracked in MLflow.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Distil a teacher LLM into a DeepSeek-V3-style MoE student on Ray, tracked in MLflow.",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the resolved configuration.")
 app.add_typer(config_app, name="config")
 console = Console()
@@ -50,12 +53,21 @@ def run(
     force: Annotated[list[str] | None, typer.Option("--force", help="Re-run STAGE even if cached.")] = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="Re-run STAGE and everything after it.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after STAGE.")] = None,
-    only: Annotated[str | None, typer.Option(
-        "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none).")]
-    = None,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Also show library warnings and worker logs live (they always go to the run's log "
-                                "file under the work dir).")] = False,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            "--only", help="Run STAGE alone: its inputs come from cached upstream runs (an error if there are none)."
+        ),
+    ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show library warnings and worker logs live (they always go to the run's log "
+            "file under the work dir).",
+        ),
+    ] = False,
 ) -> None:
     """Run the pipeline (or resume it: finished stages with the same inputs and config are reused)."""
     from pipeline.run_log import RunLog
@@ -70,8 +82,9 @@ def run(
         run_log.uninstall()
 
 
-def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None,
-         only: str | None) -> None:
+def _run(
+    cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None, only: str | None
+) -> None:
     from pipeline.dag import DagError
     from pipeline.runner import StageFailed, run_pipeline
 
@@ -89,8 +102,15 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
 
     console.print(f"moeforge run [bold]{cfg.name}[/bold] (config {cfg.hash()[:12]})")
     try:
-        result = run_pipeline(cfg, force=force, from_stage=from_stage, until=until, only=only, report=report,
-                              on_ray_connect=run_log.route_worker_logs)
+        result = run_pipeline(
+            cfg,
+            force=force,
+            from_stage=from_stage,
+            until=until,
+            only=only,
+            report=report,
+            on_ray_connect=run_log.route_worker_logs,
+        )
     except (DagError, StageFailed) as e:
         err.print(f"[red]error:[/red] {e}")
         err.print(f"warnings and worker logs of this run: {run_log.path}")
@@ -100,8 +120,10 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
         raise
     hits = sum(s.cache_hit for s in result.stages)
     _print_outcome(result, cfg)
-    console.print(f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
-                  f"{len(result.stages)} stages, {hits} cached; tracking {redact_uri(result.tracking_uri)}")
+    console.print(
+        f"pipeline run {result.run_id} finished in {_duration(time.perf_counter() - started)}: "
+        f"{len(result.stages)} stages, {hits} cached; tracking {redact_uri(result.tracking_uri)}"
+    )
     if any(s.name == "serve" for s in result.stages):
         endpoint = _read_output(result, cfg, "endpoint", "endpoint.json")
         console.print(f"serving {endpoint['pinned_uri']} at {endpoint['openai_base_url']}")
@@ -133,45 +155,65 @@ def _print_outcome(result, cfg) -> None:
         table = Table("held-out pass@1", *(heads[m] for m in models), "constant-answer floor", title="evaluation")
         floor = summary.get("floor", {})
         for task in sorted(summary["teacher"]["pass_at_1_by_task"]):
-            table.add_row(task, *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in models),
-                          f"{floor.get('pass_at_1_by_task', {}).get(task, float('nan')):.3f} "
-                          f"({floor.get('answer_by_task', {}).get(task, '?')!r})")
-        table.add_row("[bold]overall[/bold]", *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]" for m in models),
-                      f"{floor.get('pass_at_1', float('nan')):.3f}")
+            table.add_row(
+                task,
+                *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in models),
+                f"{floor.get('pass_at_1_by_task', {}).get(task, float('nan')):.3f} "
+                f"({floor.get('answer_by_task', {}).get(task, '?')!r})",
+            )
+        table.add_row(
+            "[bold]overall[/bold]",
+            *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]" for m in models),
+            f"{floor.get('pass_at_1', float('nan')):.3f}",
+        )
         table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in models), "")
         table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}" for m in models), "")
         console.print(table)
         econ = summary.get("economics", {})
         if "active_param_ratio" in econ:  # a converted student (a scratch one has no teacher to compare with)
-            console.print(f"student cost vs teacher: active non-embedding parameters per token "
-                          f"{econ['student_params_active_nonembedding'] / 1e6:.1f}M vs "
-                          f"{econ['teacher_params_nonembedding'] / 1e6:.1f}M ({econ['active_param_ratio']:.0%}); KV "
-                          f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
-                          f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
-                          f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token")
+            console.print(
+                f"student cost vs teacher: active non-embedding parameters per token "
+                f"{econ['student_params_active_nonembedding'] / 1e6:.1f}M vs "
+                f"{econ['teacher_params_nonembedding'] / 1e6:.1f}M ({econ['active_param_ratio']:.0%}); KV "
+                f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
+                f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
+                f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token"
+            )
         speeds = sorted(k for k in econ if k.startswith("student_decode_tokens_per_s_batch"))
         if speeds:
-            console.print("decode tokens/s (this machine, greedy): " + "; ".join(
-                f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
-                f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}" for k in speeds))
+            console.print(
+                "decode tokens/s (this machine, greedy): "
+                + "; ".join(
+                    f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
+                    f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}"
+                    for k in speeds
+                )
+            )
     if "registration" in produced:
         reg = _read_output(result, cfg, "registration", "registration.json")
-        console.print(f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
-                      f"[/bold]: {reg['reason']} ({reg['model_uri']})")
+        console.print(
+            f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
+            f"[/bold]: {reg['reason']} ({reg['model_uri']})"
+        )
 
 
 @app.command()
 def serve(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option(
-        help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved student directory; "
-             "default: serve.model_uri, else models:/<registry.model_name>@champion.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved student directory; "
+            "default: serve.model_uri, else models:/<registry.model_name>@champion."
+        ),
+    ] = None,
     host: Annotated[str | None, typer.Option(help="Address the HTTP proxy binds (default serve.host).")] = None,
     port: Annotated[int | None, typer.Option(help="Port of the HTTP proxy (default serve.port).")] = None,
     replicas: Annotated[int | None, typer.Option(help="Fixed number of replicas (turns autoscaling off).")] = None,
-    detach: Annotated[bool, typer.Option(help="Return once deployed (a remote cluster keeps serving); "
-                                              "default: stay until Ctrl-C.")] = False,
+    detach: Annotated[
+        bool, typer.Option(help="Return once deployed (a remote cluster keeps serving); default: stay until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Serve a registered student behind an OpenAI-compatible API (Ray Serve) until Ctrl-C."""
     from actors.server import default_model_uri, start
@@ -197,8 +239,10 @@ def serve(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     if not url.endswith(f":{cfg.serve.port}"):
-        err.print(f"[yellow]note:[/yellow] Serve already runs on this cluster at {url}; port {cfg.serve.port} is "
-                  "not used (Serve's HTTP options are fixed until `serve shutdown`)")
+        err.print(
+            f"[yellow]note:[/yellow] Serve already runs on this cluster at {url}; port {cfg.serve.port} is "
+            "not used (Serve's HTTP options are fixed until `serve shutdown`)"
+        )
     _serve_until_interrupted(url, model, detach)
 
 
@@ -224,16 +268,22 @@ def _serve_until_interrupted(url: str, model: str, detach: bool) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def submit(
     ctx: typer.Context,
-    job: Annotated[str, typer.Argument(help="pipeline, a stage (generate, distill, train, evaluate, register) "
-                                            "or serve: runs `python -m jobs.JOB`.")] = "pipeline",
+    job: Annotated[
+        str,
+        typer.Argument(
+            help="pipeline, a stage (generate, distill, train, evaluate, register) or serve: runs `python -m jobs.JOB`."
+        ),
+    ] = "pipeline",
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    address: Annotated[str | None, typer.Option(help="Ray job server (dashboard) URL; default job.address, "
-                                                        "$RAY_ADDRESS, http://127.0.0.1:8265.")] = None,
-    wait: Annotated[bool, typer.Option(help="Follow the logs until the job ends (--no-wait: submit and return).")]
-    = True,
-    submission_id: Annotated[str | None, typer.Option(help="Job id to use (default moeforge-JOB-TIME-RAND).")]
-    = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray job server (dashboard) URL; default job.address, $RAY_ADDRESS, http://127.0.0.1:8265."),
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option(help="Follow the logs until the job ends (--no-wait: submit and return).")
+    ] = True,
+    submission_id: Annotated[str | None, typer.Option(help="Job id to use (default moeforge-JOB-TIME-RAND).")] = None,
 ) -> None:
     """Submit the pipeline (or one stage, or serve) to a Ray cluster as a Ray job; arguments after the options
     (e.g. `-- --until train`) go to the job."""
@@ -250,19 +300,23 @@ def submit(
             # a cluster on this machine: the job tracks into this workdir (not its temporary copy of the code)
             job_sets.append(f"tracking.workdir={Path(cfg.tracking.workdir).resolve()}")
         else:
-            err.print(f"[yellow]warning:[/yellow] no tracking server configured: the job tracks to a SQLite file on "
-                      f"the head node of {server}; set MLFLOW_TRACKING_URI (or tracking.uri) to a server every node "
-                      "reaches")
+            err.print(
+                f"[yellow]warning:[/yellow] no tracking server configured: the job tracks to a SQLite file on "
+                f"the head node of {server}; set MLFLOW_TRACKING_URI (or tracking.uri) to a server every node "
+                "reaches"
+            )
     try:
         jobs, sid = sub.submit(cfg, job, config, job_sets, list(ctx.args), submission_id)
     except sub.SubmitError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
-    console.print(f"submitted job [bold]{sid}[/bold] to {server} (Ray dashboard: {server}/#/jobs/{sid})",
-                  soft_wrap=True)
+    console.print(
+        f"submitted job [bold]{sid}[/bold] to {server} (Ray dashboard: {server}/#/jobs/{sid})", soft_wrap=True
+    )
     if not wait:
-        console.print(f"follow it with `ray job logs -f {sid} --address {server}`; `moeforge jobs` lists jobs",
-                      soft_wrap=True)
+        console.print(
+            f"follow it with `ray job logs -f {sid} --address {server}`; `moeforge jobs` lists jobs", soft_wrap=True
+        )
         return
     try:
         final = sub.follow(jobs, sid, lambda text: sys.stdout.write(text) and sys.stdout.flush())
@@ -272,8 +326,11 @@ def submit(
     tracker = Tracker(cfg.tracking.model_copy(update={"uri": uri}))
     for run in tracker.runs_of_job(sid):
         link = run_url(uri, run.info.experiment_id, run.info.run_id)
-        console.print(f"MLflow run {run.info.run_id} ({run.info.status.lower()}): "
-                      f"{link or f'{redact_uri(uri)} (`moeforge ui` opens it)'}", soft_wrap=True)
+        console.print(
+            f"MLflow run {run.info.run_id} ({run.info.status.lower()}): "
+            f"{link or f'{redact_uri(uri)} (`moeforge ui` opens it)'}",
+            soft_wrap=True,
+        )
     colour = "green" if final == "SUCCEEDED" else "red"
     console.print(f"job {sid}: [{colour}]{final}[/{colour}]")
     if final != "SUCCEEDED":
@@ -300,9 +357,13 @@ def list_jobs(
     for d in details:
         start = d.start_time / 1000 if d.start_time else None
         end = d.end_time / 1000 if d.end_time else (time.time() if start else None)
-        table.add_row(d.submission_id or d.job_id or "-", str(d.status).split(".")[-1], d.entrypoint,
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if start else "-",
-                      _duration(end - start if start else None))
+        table.add_row(
+            d.submission_id or d.job_id or "-",
+            str(d.status).split(".")[-1],
+            d.entrypoint,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start)) if start else "-",
+            _duration(end - start if start else None),
+        )
     console.print(table)
 
 
@@ -336,8 +397,10 @@ def status(
         err.print(f"{e.args[0]} (a stage run? `moeforge status` with no argument shows the latest pipeline run)")
         raise typer.Exit(1) from None
     run = view["run"]
-    console.print(f"pipeline run {run['run_id']} ({run['name']}): {(run['state'] or '?').upper()}, "
-                  f"code {run['code_version'] or '?'}, config {run['config_hash'] or '?'}")
+    console.print(
+        f"pipeline run {run['run_id']} ({run['name']}): {(run['state'] or '?').upper()}, "
+        f"code {run['code_version'] or '?'}, config {run['config_hash'] or '?'}"
+    )
     if run["error"]:
         console.print(f"[red]error:[/red] {run['error']}")
     table = Table("stage", "state", "duration", "cache", "key metrics", "run")
@@ -363,8 +426,14 @@ def stages() -> None:
     dag = Dag(default_stages())
     table = Table("#", "stage", "after", "inputs", "outputs", "config")
     for i, s in enumerate(dag.order, 1):
-        table.add_row(str(i), s.name, ", ".join(dag.upstream(s.name)) or "-", ", ".join(s.inputs) or "-",
-                      ", ".join(f"{o.name} ({o.kind})" for o in s.outputs) or "-", ", ".join(s.config_sections))
+        table.add_row(
+            str(i),
+            s.name,
+            ", ".join(dag.upstream(s.name)) or "-",
+            ", ".join(s.inputs) or "-",
+            ", ".join(f"{o.name} ({o.kind})" for o in s.outputs) or "-",
+            ", ".join(s.config_sections),
+        )
     console.print(table)
 
 
@@ -379,15 +448,24 @@ def config_show(config: ConfigOpt = "tiny", set_: SetOpt = None) -> None:
 def dashboard(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default: the page has no login).")]
-    = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind (loopback by default: the page has no login).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the dashboard.")] = 8270,
-    ray_dashboard: Annotated[str | None, typer.Option(
-        help="Ray dashboard URL (links, node metrics endpoints); default $RAY_ADDRESS if http(s), else "
-             "http://127.0.0.1:8265 when it answers.")] = None,
-    metrics_url: Annotated[list[str] | None, typer.Option(
-        help="Prometheus endpoint(s) of Ray nodes to read serving metrics from; default: every node's, from the "
-             "Ray dashboard.")] = None,
+    ray_dashboard: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray dashboard URL (links, node metrics endpoints); default $RAY_ADDRESS if http(s), else "
+            "http://127.0.0.1:8265 when it answers."
+        ),
+    ] = None,
+    metrics_url: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Prometheus endpoint(s) of Ray nodes to read serving metrics from; default: every node's, from the "
+            "Ray dashboard."
+        ),
+    ] = None,
 ) -> None:
     """A web page per pipeline run: stage DAG, progress, acceptance, loss curve, expert load, evaluation, serving."""
     import uvicorn
@@ -402,8 +480,10 @@ def dashboard(
     tracker = Tracker(cfg.tracking)
     ray_url = ray_dashboard or find_ray_dashboard()
     data = RunData(tracker, RayView(ray_url, tuple(metrics_url or ())), Dag(default_stages()))
-    console.print(f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.shown_uri}; Ray dashboard "
-                  f"{ray_url or 'not found'})  Ctrl-C to stop")
+    console.print(
+        f"moeforge dashboard: http://{host}:{port}/  (MLflow {tracker.shown_uri}; Ray dashboard "
+        f"{ray_url or 'not found'})  Ctrl-C to stop"
+    )
     uvicorn.run(create_app(data), host=host, port=port, log_level="warning")
 
 

@@ -45,8 +45,7 @@ class TeacherConfig(Section):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     # how this teacher's answers are found, in order (see pipeline/data/extract.py)
-    answer_extractors: list[Extractor] = Field(
-        default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
+    answer_extractors: list[Extractor] = Field(default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     request_timeout: float = Field(120.0, gt=0)  # openai: seconds per request
     max_retries: int = Field(3, ge=0)  # openai: retries of timeouts, connection errors, 429 and 5xx
 
@@ -73,9 +72,18 @@ class DataConfig(Section):
     # Sized to what the default 135M teacher can solve: one-digit sums and differences, short texts.
     tasks: list[TaskMix] = Field(
         default_factory=lambda: [
-            TaskMix(name="basic_arithmetic", params=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1,
-                                                         operators=["+", "-"], allow_parentheses=False,
-                                                         allow_negation=False)),
+            TaskMix(
+                name="basic_arithmetic",
+                params=dict(
+                    min_terms=2,
+                    max_terms=2,
+                    min_digits=1,
+                    max_digits=1,
+                    operators=["+", "-"],
+                    allow_parentheses=False,
+                    allow_negation=False,
+                ),
+            ),
             TaskMix(name="chain_sum", params=dict(min_terms=2, max_terms=3, min_digits=1, max_digits=1)),
             TaskMix(name="letter_counting", params=dict(min_words=1, max_words=3)),
         ],
@@ -302,8 +310,21 @@ class TrackingConfig(Section):
     artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
 
 
-SECTIONS = ("teacher", "data", "generate", "distill", "convert", "model", "train", "evaluate", "registry", "serve",
-            "ray", "job", "tracking")
+SECTIONS = (
+    "teacher",
+    "data",
+    "generate",
+    "distill",
+    "convert",
+    "model",
+    "train",
+    "evaluate",
+    "registry",
+    "serve",
+    "ray",
+    "job",
+    "tracking",
+)
 
 
 class MoeforgeConfig(Section):
@@ -410,8 +431,10 @@ def expand_model_preset(data: dict[str, Any]) -> None:
         return
     name = model.pop("preset")
     if name not in MODEL_PRESETS:
-        raise ConfigError(f"invalid configuration:\n  model.preset: unknown size preset {name!r}; "
-                          f"available: {', '.join(MODEL_PRESETS)}")
+        raise ConfigError(
+            f"invalid configuration:\n  model.preset: unknown size preset {name!r}; "
+            f"available: {', '.join(MODEL_PRESETS)}"
+        )
     data["model"] = {**MODEL_PRESETS[name], **model}
 
 

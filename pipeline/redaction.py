@@ -21,8 +21,19 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "<redacted>"
 # words of a snake_case / UPPER_CASE / kebab name that mark a secret (HF_TOKEN, AWS_SECRET_ACCESS_KEY, db_password,
 # api_key, auth); whole words only, so max_tokens or a tokenizer's name is not one
-_SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "token", "credential", "credentials", "apikey", "auth",
-                 "authorization", "cookie"}
+_SECRET_WORDS = {
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "credential",
+    "credentials",
+    "apikey",
+    "auth",
+    "authorization",
+    "cookie",
+}
 _SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key"), ("session", "key")}
 _WHERE_NOT_WHAT = {"env", "file", "path", "dir", "header"}  # a last word that names where the secret is kept
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@", re.I)

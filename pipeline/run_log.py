@@ -114,8 +114,9 @@ class RunLog:
 
         def handle(data: dict[str, Any]) -> None:
             self._last_line = time.monotonic()
-            source = " ".join(str(x) for x in (data.get("actor_name") or data.get("task_name"),
-                                                f"pid={data.get('pid')}") if x)
+            source = " ".join(
+                str(x) for x in (data.get("actor_name") or data.get("task_name"), f"pid={data.get('pid')}") if x
+            )
             lines = data.get("lines", [])
             self.write_lines(source, [line for line in lines if RAY_TQDM_MAGIC not in line])
             if self.verbose:

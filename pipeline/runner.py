@@ -61,13 +61,15 @@ def default_stages() -> list[Stage]:
 
 
 def stage_key(stage: Stage, config_slice: dict, inputs: dict[str, ArtifactRef], version: str) -> str:
-    return config_hash({
-        "code_version": version,
-        "stage": stage.name,
-        "stage_version": stage.version,
-        "config": config_slice,
-        "inputs": {name: ref.hash for name, ref in sorted(inputs.items())},
-    })
+    return config_hash(
+        {
+            "code_version": version,
+            "stage": stage.name,
+            "stage_version": stage.version,
+            "config": config_slice,
+            "inputs": {name: ref.hash for name, ref in sorted(inputs.items())},
+        }
+    )
 
 
 def ensure_ray(cfg: RayConfig, on_connect: Callable[[], object] | None = None) -> None:
@@ -83,8 +85,9 @@ def ensure_ray(cfg: RayConfig, on_connect: Callable[[], object] | None = None) -
     if address:
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, namespace=cfg.namespace,
-                 log_to_driver=True)
+        ray.init(
+            num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard, namespace=cfg.namespace, log_to_driver=True
+        )
     if on_connect is not None:
         on_connect()
 
@@ -102,8 +105,14 @@ def execute_stage(call: StageCall) -> dict[str, ArtifactRef]:
         ctx.cleanup(ok)
 
 
-def plan(dag: Dag, cfg: MoeforgeConfig, force: Sequence[str] = (), from_stage: str | None = None,
-         until: str | None = None, only: str | None = None) -> tuple[list[Stage], set[str], set[str]]:
+def plan(
+    dag: Dag,
+    cfg: MoeforgeConfig,
+    force: Sequence[str] = (),
+    from_stage: str | None = None,
+    until: str | None = None,
+    only: str | None = None,
+) -> tuple[list[Stage], set[str], set[str]]:
     """Which stages take part, which must re-run regardless of cache, and which must come from the cache.
 
     `only` is one stage alone (a stage's job entrypoint): everything upstream of it must come from the cache.
@@ -178,9 +187,11 @@ def run_pipeline(
                 report("cached", stage.name, {"from": cached.run_id})
             elif stage.name in cached_only:
                 flag = f"--only {only}" if only else f"--from {from_stage}"
-                error = DagError(f"{flag}: upstream stage {stage.name!r} has no finished run with this config and "
-                                 f"inputs; run the pipeline (or `--until {stage.name}`) without {flag.split()[0]} "
-                                 "first")
+                error = DagError(
+                    f"{flag}: upstream stage {stage.name!r} has no finished run with this config and "
+                    f"inputs; run the pipeline (or `--until {stage.name}`) without {flag.split()[0]} "
+                    "first"
+                )
                 tracker.fail(run_id, error)
                 raise error
             else:
@@ -189,7 +200,8 @@ def run_pipeline(
                 ensure_ray(cfg.ray, on_ray_connect)
                 call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
                 task = ray.remote(execute_stage).options(
-                    num_cpus=cfg.ray.stage_num_cpus, name=f"moeforge.{stage.name}", retry_exceptions=False)
+                    num_cpus=cfg.ray.stage_num_cpus, name=f"moeforge.{stage.name}", retry_exceptions=False
+                )
                 ref = task.remote(call)
                 try:
                     outputs = ray.get(ref)

@@ -120,8 +120,11 @@ class StageContext:
         try:
             self._scratch_lock.acquire(timeout=0)
         except Timeout:
-            log.warning("stage %s: another run holds %s (same stage, same cache key); waiting for it to finish",
-                        call.stage.name, self.scratch_dir)
+            log.warning(
+                "stage %s: another run holds %s (same stage, same cache key); waiting for it to finish",
+                call.stage.name,
+                self.scratch_dir,
+            )
             self._scratch_lock.acquire()
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
 
@@ -187,9 +190,7 @@ class StageContext:
         from mlflow.utils.time import get_current_time_millis
 
         now = get_current_time_millis()
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        )
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -206,8 +207,7 @@ class StageContext:
         """A side artifact of the run (a table, a plot), not a stage output."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def progress(self, iterable: Iterable | None = None, total: int | None = None,
-                 desc: str | None = None) -> Progress:
+    def progress(self, iterable: Iterable | None = None, total: int | None = None, desc: str | None = None) -> Progress:
         """A progress bar that Ray relays to the driver's terminal, also kept on the run as `progress.*` metrics.
 
         Iterate over it (wrapping `iterable`) or call `update(n)`. The metrics (`progress.done`, `progress.total`,

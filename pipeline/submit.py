@@ -52,8 +52,10 @@ def config_argument(config: str, working_dir: Path) -> str:
     try:
         return resolved.relative_to(working_dir.resolve()).as_posix()
     except ValueError:
-        raise SubmitError(f"config file {config} is outside the job's working dir {working_dir}: the job could not "
-                          "read it; move it under the working dir or set job.working_dir") from None
+        raise SubmitError(
+            f"config file {config} is outside the job's working dir {working_dir}: the job could not "
+            "read it; move it under the working dir or set job.working_dir"
+        ) from None
 
 
 def entrypoint(job: str, config: str, overrides: list[str], extra: list[str]) -> str:
@@ -65,10 +67,12 @@ def entrypoint(job: str, config: str, overrides: list[str], extra: list[str]) ->
     for o in overrides:
         key, _, value = (part.strip() for part in o.partition("="))
         if not key.startswith("job.") and (redact_url(value) != value or (value and secret_name(key.split(".")[-1]))):
-            raise SubmitError(f"--set {key}=...: the value holds a credential, and the job's command line is shown to "
-                              "anyone who lists jobs; give it to the job through its environment instead (e.g. "
-                              "MLFLOW_TRACKING_URI / MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set where "
-                              "the cluster runs)")
+            raise SubmitError(
+                f"--set {key}=...: the value holds a credential, and the job's command line is shown to "
+                "anyone who lists jobs; give it to the job through its environment instead (e.g. "
+                "MLFLOW_TRACKING_URI / MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD set where "
+                "the cluster runs)"
+            )
     return shlex.join(["python", "-m", f"jobs.{job}", "--config", config, *sets, *extra])
 
 
@@ -100,12 +104,15 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise SubmitError(f"cannot reach the Ray job server at {address}: {e} (start a cluster with `ray start "
-                          "--head`, or set RAY_ADDRESS / job.address to its dashboard URL)") from None
+        raise SubmitError(
+            f"cannot reach the Ray job server at {address}: {e} (start a cluster with `ray start "
+            "--head`, or set RAY_ADDRESS / job.address to its dashboard URL)"
+        ) from None
 
 
-def submit(cfg: MoeforgeConfig, job: str, config: str, overrides: list[str], extra: list[str],
-           submission_id: str | None = None) -> tuple[Any, str]:
+def submit(
+    cfg: MoeforgeConfig, job: str, config: str, overrides: list[str], extra: list[str], submission_id: str | None = None
+) -> tuple[Any, str]:
     """Submit `python -m jobs.<job>`; returns (client, submission id)."""
     working_dir = Path(cfg.job.working_dir)
     if not working_dir.is_dir():
@@ -117,7 +124,9 @@ def submit(cfg: MoeforgeConfig, job: str, config: str, overrides: list[str], ext
     while True:
         try:
             jobs.submit_job(
-                entrypoint=command, runtime_env=runtime_env(cfg), submission_id=sid,
+                entrypoint=command,
+                runtime_env=runtime_env(cfg),
+                submission_id=sid,
                 metadata={"moeforge.job": job, "moeforge.config": cfg.name, "moeforge.config_hash": cfg.hash()},
                 entrypoint_num_cpus=cfg.job.entrypoint_num_cpus or None,
                 entrypoint_num_gpus=cfg.job.entrypoint_num_gpus or None,
@@ -156,4 +165,3 @@ def recent(jobs, limit: int) -> list:
     details = jobs.list_jobs()
     details.sort(key=lambda d: d.start_time or 0, reverse=True)
     return details[:limit]
-

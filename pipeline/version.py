@@ -59,9 +59,13 @@ def code_version() -> str:
     running = version_of(Path(__file__).resolve().parent.parent)
     carried = os.environ.get(ENV)
     if carried and carried != running:
-        log.warning("%s is %s but the code this process runs is %s: using the code's own version (a stale image "
-                    "variable, or a submitted working dir shadowed by another copy of the code)", ENV, carried,
-                    running)
+        log.warning(
+            "%s is %s but the code this process runs is %s: using the code's own version (a stale image "
+            "variable, or a submitted working dir shadowed by another copy of the code)",
+            ENV,
+            carried,
+            running,
+        )
     return running
 
 

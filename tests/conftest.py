@@ -70,10 +70,23 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - the server's output for the session; closed at teardown
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", (root / "artifacts").as_uri(), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            (root / "artifacts").as_uri(),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -118,10 +131,25 @@ def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
     root = tmp_path_factory.mktemp("student")
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     torch.manual_seed(0)
-    model = Transformer.for_tokenizer(ModelConfig(init="scratch", dim=64, n_layers=2, n_heads=2, inter_dim=128,
-                                                  moe_inter_dim=32, n_routed_experts=8, n_shared_experts=1,
-                                                  n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=16,
-                                                  qk_rope_head_dim=8, v_head_dim=16, max_seq_len=256), tokenizer)
+    model = Transformer.for_tokenizer(
+        ModelConfig(
+            init="scratch",
+            dim=64,
+            n_layers=2,
+            n_heads=2,
+            inter_dim=128,
+            moe_inter_dim=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_activated_experts=2,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            max_seq_len=256,
+        ),
+        tokenizer,
+    )
     model.save_pretrained(root / "student", tokenizer)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)

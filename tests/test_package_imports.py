@@ -55,7 +55,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return [*path[path.index(n):], n]
+                return [*path[path.index(n) :], n]
             if n not in state and (cycle := visit(n)):
                 return cycle
         path.pop()
@@ -80,16 +80,21 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize(("imports", "absent"), [
-    # the model owns its config: nothing of the application's config, Ray or the pipeline's stages
-    ("pipeline.model, pipeline.model.config, pipeline.model.transformer, pipeline.model.generate, "
-     "pipeline.model.hf_compat", ("pipeline.config", "ray", "pipeline.stage", "mlflow")),
-    # the config loader (what `moeforge config show` needs) does not pay for torch
-    ("pipeline.config", ("torch", "ray", "mlflow")),
-])
+@pytest.mark.parametrize(
+    ("imports", "absent"),
+    [
+        # the model owns its config: nothing of the application's config, Ray or the pipeline's stages
+        (
+            "pipeline.model, pipeline.model.config, pipeline.model.transformer, pipeline.model.generate, "
+            "pipeline.model.hf_compat",
+            ("pipeline.config", "ray", "pipeline.stage", "mlflow"),
+        ),
+        # the config loader (what `moeforge config show` needs) does not pay for torch
+        ("pipeline.config", ("torch", "ray", "mlflow")),
+    ],
+)
 def test_imports_pull_in_only_what_they_need(imports, absent):
-    code = (f"import sys; import {imports}; "
-            f"print(','.join(m for m in {absent!r} if m in sys.modules))")
+    code = f"import sys; import {imports}; print(','.join(m for m in {absent!r} if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"import {imports} pulled in {proc.stdout.strip()}"

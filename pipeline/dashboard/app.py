@@ -1,9 +1,9 @@
 """The dashboard's web app: a static page (`static/`) and the JSON it polls.
 
-    GET /                      the page (`?run=RUN_ID`; default: the latest pipeline run)
-    GET /api/runs              recent pipeline runs
-    GET /api/runs/latest       the latest run's view
-    GET /api/runs/{run_id}     one run's view: stages, DAG edges, acceptance, loss, expert load, evaluation, serving
+GET /                      the page (`?run=RUN_ID`; default: the latest pipeline run)
+GET /api/runs              recent pipeline runs
+GET /api/runs/latest       the latest run's view
+GET /api/runs/{run_id}     one run's view: stages, DAG edges, acceptance, loss, expert load, evaluation, serving
 """
 
 from __future__ import annotations
@@ -30,15 +30,19 @@ def create_app(data: RunData) -> FastAPI:
 
     @app.get("/api/runs")
     def runs(limit: int = 20):
-        return {"runs": data.runs(limit), "tracking_uri": data.tracker.shown_uri,
-                "experiment": data.tracker.cfg.experiment}
+        return {
+            "runs": data.runs(limit),
+            "tracking_uri": data.tracker.shown_uri,
+            "experiment": data.tracker.cfg.experiment,
+        }
 
     @app.get("/api/runs/latest")
     def latest():
         found = data.runs(1)
         if not found:
-            raise HTTPException(404, f"no pipeline runs in experiment {data.tracker.cfg.experiment!r} at "
-                                     f"{data.tracker.shown_uri}")
+            raise HTTPException(
+                404, f"no pipeline runs in experiment {data.tracker.cfg.experiment!r} at {data.tracker.shown_uri}"
+            )
         return data.run(found[0]["run_id"])
 
     @app.get("/api/runs/{run_id}")

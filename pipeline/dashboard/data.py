@@ -18,8 +18,7 @@ from pipeline.tracking import P, Tracker, run_url
 
 log = logging.getLogger(__name__)
 
-STATES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed", "RUNNING": "running",
-          "SCHEDULED": "running"}
+STATES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed", "RUNNING": "running", "SCHEDULED": "running"}
 _SHARE = re.compile(r"^expert_share\.l(\d+)\.e(\d+)$")
 
 
@@ -31,7 +30,7 @@ def _seconds(run: Run) -> float | None:
 
 
 def _by_task(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
 
 
 def ray_auth_headers() -> dict[str, str]:
@@ -70,8 +69,9 @@ class RayView:
         if self.metrics_urls or not self.dashboard_url:
             return list(self.metrics_urls)
         try:
-            body = httpx.get(f"{self.dashboard_url}/nodes", params={"view": "summary"}, headers=ray_auth_headers(),
-                             timeout=5).json()
+            body = httpx.get(
+                f"{self.dashboard_url}/nodes", params={"view": "summary"}, headers=ray_auth_headers(), timeout=5
+            ).json()
         except (httpx.HTTPError, ValueError):
             return []
         urls = []
@@ -122,9 +122,12 @@ def histogram_summary(families: list, name: str, **match: str) -> dict[str, dict
         if not r["count"]:
             continue
         bounds = sorted(r["buckets"].items())
-        out[route] = {"count": r["count"], "mean_s": r["sum"] / r["count"],
-                      "p50_s": _bucket_quantile(bounds, r["count"], 0.5),
-                      "p95_s": _bucket_quantile(bounds, r["count"], 0.95)}
+        out[route] = {
+            "count": r["count"],
+            "mean_s": r["sum"] / r["count"],
+            "p50_s": _bucket_quantile(bounds, r["count"], 0.5),
+            "p95_s": _bucket_quantile(bounds, r["count"], 0.95),
+        }
     return out
 
 
@@ -137,8 +140,13 @@ def _bucket_quantile(bounds: list[tuple[float, float]], count: float, q: float) 
 
 
 def counter_total(families: list, name: str, **match: str) -> float:
-    return sum(s.value for f in families if f.name == name for s in f.samples
-               if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in match.items()))
+    return sum(
+        s.value
+        for f in families
+        if f.name == name
+        for s in f.samples
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in match.items())
+    )
 
 
 class RunData:
@@ -149,10 +157,18 @@ class RunData:
         self.client = tracker.client
 
     def runs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [{"run_id": r.info.run_id, "name": r.info.run_name, "state": STATES.get(r.info.status, "unknown"),
-                 "config": r.data.tags.get(P + "config_name"), "started": r.info.start_time,
-                 "seconds": _seconds(r), "ray_job": r.data.tags.get(P + "ray_job")}
-                for r in self.tracker.pipeline_runs(max_results=limit)]
+        return [
+            {
+                "run_id": r.info.run_id,
+                "name": r.info.run_name,
+                "state": STATES.get(r.info.status, "unknown"),
+                "config": r.data.tags.get(P + "config_name"),
+                "started": r.info.start_time,
+                "seconds": _seconds(r),
+                "ray_job": r.data.tags.get(P + "ray_job"),
+            }
+            for r in self.tracker.pipeline_runs(max_results=limit)
+        ]
 
     def run(self, run_id: str) -> dict[str, Any]:
         parent = self.client.get_run(run_id)
@@ -165,28 +181,43 @@ class RunData:
         known = {s.name for s in self.dag.stages}
         edges = [[up, name] for name in planned if name in known for up in self.dag.upstream(name) if up in planned]
         out: dict[str, Any] = {
-            "run": {"run_id": run_id, "name": parent.info.run_name, "state": STATES.get(parent.info.status),
-                    "seconds": _seconds(parent), "config": parent.data.tags.get(P + "config_name"),
-                    "config_hash": parent.data.tags.get(P + "config_hash", "")[:12],
-                    "code_version": parent.data.tags.get(P + "code_version"),
-                    "error": parent.data.tags.get(P + "error"), "ray_job": parent.data.tags.get(P + "ray_job")},
+            "run": {
+                "run_id": run_id,
+                "name": parent.info.run_name,
+                "state": STATES.get(parent.info.status),
+                "seconds": _seconds(parent),
+                "config": parent.data.tags.get(P + "config_name"),
+                "config_hash": parent.data.tags.get(P + "config_hash", "")[:12],
+                "code_version": parent.data.tags.get(P + "code_version"),
+                "error": parent.data.tags.get(P + "error"),
+                "ray_job": parent.data.tags.get(P + "ray_job"),
+            },
             "stages": stages,
             "edges": edges,
-            "links": {"mlflow": run_url(self.tracker.uri, parent.info.experiment_id, run_id),
-                      "ray": self.ray.dashboard_url, "tracking_uri": self.tracker.shown_uri},
+            "links": {
+                "mlflow": run_url(self.tracker.uri, parent.info.experiment_id, run_id),
+                "ray": self.ray.dashboard_url,
+                "tracking_uri": self.tracker.shown_uri,
+            },
         }
         if src := sources.get("generate"):
             m = src.data.metrics
-            out["acceptance"] = {"by_task": _by_task(m, "acceptance_rate."), "overall": m.get("acceptance_rate"),
-                                 "samples": m.get("samples"), "accepted": m.get("accepted")}
+            out["acceptance"] = {
+                "by_task": _by_task(m, "acceptance_rate."),
+                "overall": m.get("acceptance_rate"),
+                "samples": m.get("samples"),
+                "accepted": m.get("accepted"),
+            }
         if src := sources.get("train"):
             out["loss"] = self._loss(src)
             out["expert_load"] = self._expert_load(src.data.metrics)
         if src := sources.get("evaluate"):
             out["evaluation"] = self._evaluation(src.data.metrics)
         if src := sources.get("register"):
-            out["registration"] = {"version": src.data.metrics.get("version"),
-                                   "alias": "champion" if src.data.metrics.get("champion") else "challenger"}
+            out["registration"] = {
+                "version": src.data.metrics.get("version"),
+                "alias": "champion" if src.data.metrics.get("champion") else "challenger",
+            }
         if "serve" in planned:
             out["serving"] = self._serving()
         return out
@@ -205,11 +236,16 @@ class RunData:
         metrics = source.data.metrics
         stage = next((s for s in self.dag.stages if s.name == name), None)
         keys = stage.key_metrics if stage else sorted(metrics)[:3]  # a stage outside the product's DAG
-        out = {"name": name, "state": STATES.get(child.info.status, child.info.status.lower()),
-               "seconds": _seconds(child), "cache_hit": child.data.tags.get(P + "cache_hit") == "true",
-               "cached_from": child.data.tags.get(P + "cached_from"), "run_id": child.info.run_id,
-               "key_metrics": {k: metrics[k] for k in keys if k in metrics},
-               "error": child.data.tags.get(P + "error")}
+        out = {
+            "name": name,
+            "state": STATES.get(child.info.status, child.info.status.lower()),
+            "seconds": _seconds(child),
+            "cache_hit": child.data.tags.get(P + "cache_hit") == "true",
+            "cached_from": child.data.tags.get(P + "cached_from"),
+            "run_id": child.info.run_id,
+            "key_metrics": {k: metrics[k] for k in keys if k in metrics},
+            "error": child.data.tags.get(P + "error"),
+        }
         if child.info.status == "RUNNING":
             out["progress"] = self._progress(name, child)
         return out
@@ -239,22 +275,34 @@ class RunData:
             return None
         layers = sorted({layer for layer, _ in cells})
         experts = sorted({e for _, e in cells})
-        return {"layers": layers, "experts": experts,
-                "share": [[cells.get((layer, e)) for e in experts] for layer in layers]}
+        return {
+            "layers": layers,
+            "experts": experts,
+            "share": [[cells.get((layer, e)) for e in experts] for layer in layers],
+        }
 
     @staticmethod
     def _evaluation(metrics: dict[str, float]) -> dict[str, Any]:
         teacher = _by_task(metrics, "teacher.pass_at_1.")  # evaluate's metrics: <model>.pass_at_1.<task>
         student = _by_task(metrics, "student.pass_at_1.")
-        rows = [{"task": t, "teacher": teacher.get(t), "student": student.get(t)}
-                for t in sorted(set(teacher) | set(student))]
-        rows.append({"task": "overall", "teacher": metrics.get("teacher.pass_at_1"),
-                     "student": metrics.get("student.pass_at_1")})
+        rows = [
+            {"task": t, "teacher": teacher.get(t), "student": student.get(t)}
+            for t in sorted(set(teacher) | set(student))
+        ]
+        rows.append(
+            {
+                "task": "overall",
+                "teacher": metrics.get("teacher.pass_at_1"),
+                "student": metrics.get("student.pass_at_1"),
+            }
+        )
         return {"rows": rows}
 
     def _serving(self) -> dict[str, Any]:
         families = self.ray.scrape()
-        return {"latency": histogram_summary(families, "ray_moeforge_serve_latency_seconds"),
-                "ttft": histogram_summary(families, "ray_moeforge_serve_ttft_seconds"),
-                "requests": counter_total(families, "ray_moeforge_serve_requests"),
-                "scraped": len(self.ray.endpoints())}
+        return {
+            "latency": histogram_summary(families, "ray_moeforge_serve_latency_seconds"),
+            "ttft": histogram_summary(families, "ray_moeforge_serve_ttft_seconds"),
+            "requests": counter_total(families, "ray_moeforge_serve_requests"),
+            "scraped": len(self.ray.endpoints()),
+        }

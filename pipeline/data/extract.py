@@ -16,8 +16,9 @@ EXTRACTORS: tuple[Extractor, ...] = ("tag", "phrase", "last")
 
 _TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.I | re.S)
 # the answer ends at a sentence's period (one followed by a space or the line's end), so "1.5." gives "1.5"
-_PHRASE = re.compile(r"final answer\s*(?:is|:)\s*[:\s]*\**\s*\$?\\?(?:boxed\{)?([^\n]*?)\}?\$?\**\s*(?:\.(?=\s|$)|$)",
-                     re.I | re.M)
+_PHRASE = re.compile(
+    r"final answer\s*(?:is|:)\s*[:\s]*\**\s*\$?\\?(?:boxed\{)?([^\n]*?)\}?\$?\**\s*(?:\.(?=\s|$)|$)", re.I | re.M
+)
 _NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 

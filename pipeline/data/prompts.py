@@ -20,7 +20,7 @@ PromptStyle = Literal["worked_examples", "instruction"]
 
 INSTRUCTION = (
     "Solve the problem. Think step by step, then finish with one line of the form "
-    "\"The final answer is X.\" where X is only the answer."
+    '"The final answer is X." where X is only the answer.'
 )
 FINAL = "The final answer is {answer}."
 
@@ -32,22 +32,31 @@ WORKED_EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("Calculate 3 + 8.", "3 + 8 = 11. The final answer is 11."),
     ],
     "chain_sum": [
-        ("State the final answer to the following arithmetic problem: 4 + 2 + 5 =",
-         "4 + 2 = 6. 6 + 5 = 11. The final answer is 11."),
-        ("State the final answer to the following arithmetic problem: 9 - 3 =",
-         "9 - 3 = 6. The final answer is 6."),
+        (
+            "State the final answer to the following arithmetic problem: 4 + 2 + 5 =",
+            "4 + 2 = 6. 6 + 5 = 11. The final answer is 11.",
+        ),
+        ("State the final answer to the following arithmetic problem: 9 - 3 =", "9 - 3 = 6. The final answer is 6."),
     ],
     "letter_counting": [  # no letter-by-letter spelling: this teacher cannot spell and loops when it tries
-        ('How many times does the letter "o" appear in the text: "good day"?',
-         'In "good day" the letter "o" appears 2 times. The final answer is 2.'),
-        ('How many times does the letter "a" appear in the text: "green apple"?',
-         'In "green apple" the letter "a" appears 1 time. The final answer is 1.'),
+        (
+            'How many times does the letter "o" appear in the text: "good day"?',
+            'In "good day" the letter "o" appears 2 times. The final answer is 2.',
+        ),
+        (
+            'How many times does the letter "a" appear in the text: "green apple"?',
+            'In "green apple" the letter "a" appears 1 time. The final answer is 1.',
+        ),
     ],
     "spell_backward": [
-        ("Spell this word backward (example: sun -> nus): lamp",
-         "lamp is l-a-m-p. Backward: p-m-a-l. The final answer is pmal."),
-        ("Spell this word backward (example: sun -> nus): tree",
-         "tree is t-r-e-e. Backward: e-e-r-t. The final answer is eert."),
+        (
+            "Spell this word backward (example: sun -> nus): lamp",
+            "lamp is l-a-m-p. Backward: p-m-a-l. The final answer is pmal.",
+        ),
+        (
+            "Spell this word backward (example: sun -> nus): tree",
+            "tree is t-r-e-e. Backward: e-e-r-t. The final answer is eert.",
+        ),
     ],
 }
 

@@ -31,8 +31,9 @@ class Verdict:
     reason: str | None  # one of REJECT_REASONS, None when accepted
 
 
-def judge(prompt: Prompt, gen: Generation, extractors: Sequence[Extractor], threshold: float,
-          canonical: bool) -> Verdict:
+def judge(
+    prompt: Prompt, gen: Generation, extractors: Sequence[Extractor], threshold: float, canonical: bool
+) -> Verdict:
     """Grade one sample on its own (duplicates and quotas are per prompt: see `select`)."""
     if gen.finish_reason in ("bad_prompt", "error"):
         reason = "bad_prompt" if gen.finish_reason == "bad_prompt" else "teacher_error"

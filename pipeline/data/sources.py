@@ -68,8 +68,10 @@ def reasoning_gym_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
     out: dict[Split, list[Prompt]] = {"eval": [], "train": []}
     shown = {_normalise(q) for q in few_shot_questions()}  # answered in the prompt itself: in neither split
     seen: set[str] = set()
-    for split, total, base in (("eval", cfg.num_eval_prompts, cfg.seed * 2 * _SEED_STRIDE),
-                               ("train", cfg.num_train_prompts, (cfg.seed * 2 + 1) * _SEED_STRIDE)):
+    for split, total, base in (
+        ("eval", cfg.num_eval_prompts, cfg.seed * 2 * _SEED_STRIDE),
+        ("train", cfg.num_train_prompts, (cfg.seed * 2 + 1) * _SEED_STRIDE),
+    ):
         counts = allocate(cfg.tasks, total)
         for task in cfg.tasks:
             want = counts[task.name]
@@ -81,14 +83,24 @@ def reasoning_gym_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
                     key = _normalise(entry["question"])
                     if key in seen or key in shown or any(_normalise(p.question) == key for p in taken):
                         continue  # held-out question, or a repeat: never trained on, never counted twice
-                    taken.append(Prompt(_prompt_id(task.name, entry["question"]), task.name, entry["question"],
-                                        str(entry["answer"]), split, {"entry": entry}))
+                    taken.append(
+                        Prompt(
+                            _prompt_id(task.name, entry["question"]),
+                            task.name,
+                            entry["question"],
+                            str(entry["answer"]),
+                            split,
+                            {"entry": entry},
+                        )
+                    )
                     if len(taken) == want:
                         break
                 if len(taken) < want:
                     if size >= 64 * max(want, 8):
-                        raise DataError(f"reasoning-gym task {task.name!r} yields only {len(taken)} distinct "
-                                        f"{split} questions of the {want} asked; widen its params")
+                        raise DataError(
+                            f"reasoning-gym task {task.name!r} yields only {len(taken)} distinct "
+                            f"{split} questions of the {want} asked; widen its params"
+                        )
                     size *= 4
             out[split].extend(taken)
             if split == "eval":
@@ -125,8 +137,9 @@ def file_prompts(path: str | Path, split: Split = "train") -> list[Prompt]:
         if missing:
             raise DataError(f"{path}: row {i} has no {' or '.join(missing)} column (required: {', '.join(REQUIRED)})")
         task = str(row.get("task") or "user")
-        prompts.append(Prompt(_prompt_id(task, str(row["prompt"])), task, str(row["prompt"]), str(row["answer"]),
-                              split))
+        prompts.append(
+            Prompt(_prompt_id(task, str(row["prompt"])), task, str(row["prompt"]), str(row["answer"]), split)
+        )
     return prompts
 
 
@@ -139,8 +152,10 @@ def split_file_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:
     unique = list({p.prompt_id: p for p in reversed(file_prompts(cfg.path))}.values())[::-1]
     order = sorted(unique, key=lambda p: hashlib.sha256(f"{cfg.seed}:{p.prompt_id}".encode()).hexdigest())
     n_eval = min(cfg.num_eval_prompts, len(order) // 2)
-    return {"eval": [replace(p, split="eval") for p in order[:n_eval]],
-            "train": [replace(p, split="train") for p in order[n_eval:n_eval + cfg.num_train_prompts]]}
+    return {
+        "eval": [replace(p, split="eval") for p in order[:n_eval]],
+        "train": [replace(p, split="train") for p in order[n_eval : n_eval + cfg.num_train_prompts]],
+    }
 
 
 def load_prompts(cfg: DataConfig) -> dict[Split, list[Prompt]]:

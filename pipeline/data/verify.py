@@ -9,8 +9,19 @@ from __future__ import annotations
 from pipeline.data.sources import Prompt
 
 # reasoning-gym tasks whose answer is a single number, so "the last number" is a sound fallback for extraction
-NUMERIC_TASKS = frozenset({"basic_arithmetic", "chain_sum", "letter_counting", "decimal_arithmetic", "gsm_symbolic",
-                           "products", "count_bits", "gcd", "lcm"})
+NUMERIC_TASKS = frozenset(
+    {
+        "basic_arithmetic",
+        "chain_sum",
+        "letter_counting",
+        "decimal_arithmetic",
+        "gsm_symbolic",
+        "products",
+        "count_bits",
+        "gcd",
+        "lcm",
+    }
+)
 
 
 def is_numeric(task: str, reference: str = "") -> bool:

@@ -38,10 +38,15 @@ def loss_mask(length: int, start: int) -> list[bool]:
 
 def row(sample_id: str, task: str, token_ids: list[int], start: int, targets: SoftTargets | None) -> dict:
     """One stored row; `targets` None keeps only the sequence (sequence-level distillation, plain SFT)."""
-    return {"sample_id": sample_id, "task": task, "token_ids": token_ids, "loss_mask": loss_mask(len(token_ids), start),
-            "topk_ids": targets.topk_ids.tolist() if targets else [],
-            "topk_logprobs": targets.topk_logprobs.tolist() if targets else [],
-            "tail_logmass": targets.tail_logmass.tolist() if targets else []}
+    return {
+        "sample_id": sample_id,
+        "task": task,
+        "token_ids": token_ids,
+        "loss_mask": loss_mask(len(token_ids), start),
+        "topk_ids": targets.topk_ids.tolist() if targets else [],
+        "topk_logprobs": targets.topk_logprobs.tolist() if targets else [],
+        "tail_logmass": targets.tail_logmass.tolist() if targets else [],
+    }
 
 
 def topk_mass(targets: SoftTargets) -> np.ndarray:
@@ -51,8 +56,11 @@ def topk_mass(targets: SoftTargets) -> np.ndarray:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what token ids mean: the vocabulary (with added tokens) and the special tokens."""
-    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
-                       "special": tokenizer.special_tokens_map}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -62,4 +70,5 @@ def check_tokenizer(tokenizer, fingerprint: str, where: str = "the soft targets"
     if mine != fingerprint:
         raise TokenizerMismatch(
             f"tokenizer mismatch: {where} were computed with tokenizer {fingerprint}, the student's is {mine} "
-            f"({len(tokenizer)} tokens); the student must use the teacher's tokenizer (saved with the targets)")
+            f"({len(tokenizer)} tokens); the student must use the teacher's tokenizer (saved with the targets)"
+        )

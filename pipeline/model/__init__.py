@@ -19,14 +19,27 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and editors
     from pipeline.model.transformer import Output, Transformer
 
 _EXPORTS = {
-    "MODEL_PRESETS": "pipeline.model.config", "ModelConfig": "pipeline.model.config",
+    "MODEL_PRESETS": "pipeline.model.config",
+    "ModelConfig": "pipeline.model.config",
     "model_preset": "pipeline.model.config",
-    "Completion": "pipeline.model.generate", "SamplingParams": "pipeline.model.generate",
-    "load_imbalance": "pipeline.model.moe", "update_router_biases": "pipeline.model.moe",
-    "Output": "pipeline.model.transformer", "Transformer": "pipeline.model.transformer",
+    "Completion": "pipeline.model.generate",
+    "SamplingParams": "pipeline.model.generate",
+    "load_imbalance": "pipeline.model.moe",
+    "update_router_biases": "pipeline.model.moe",
+    "Output": "pipeline.model.transformer",
+    "Transformer": "pipeline.model.transformer",
 }
-__all__ = ["MODEL_PRESETS", "Completion", "ModelConfig", "Output", "SamplingParams", "Transformer", "load_imbalance",
-           "model_preset", "update_router_biases"]
+__all__ = [
+    "MODEL_PRESETS",
+    "Completion",
+    "ModelConfig",
+    "Output",
+    "SamplingParams",
+    "Transformer",
+    "load_imbalance",
+    "model_preset",
+    "update_router_biases",
+]
 assert sorted(__all__) == sorted(_EXPORTS)
 
 

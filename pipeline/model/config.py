@@ -99,9 +99,7 @@ class ModelConfig(Section):
         at_most("topk_group", "n_group", v, info)
         n, g, k = (info.data.get(f) for f in ("n_routed_experts", "n_group", "n_activated_experts"))
         if n is not None and g is not None and k is not None and v * (n // g) < k:
-            raise ValueError(
-                f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})"
-            )
+            raise ValueError(f"topk_group ({v}) groups of {n // g} experts hold fewer than n_activated_experts ({k})")
         return v
 
 
@@ -113,8 +111,16 @@ class ModelConfig(Section):
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # 28.9M total / 27.1M active with a 49,152-token vocabulary (num_params(); embedding and head dominate)
-    "toy": dict(init="scratch", n_layers=4, kv_lora_rank=64, qk_rope_head_dim=16, moe_inter_dim=128,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2),
+    "toy": dict(
+        init="scratch",
+        n_layers=4,
+        kv_lora_rank=64,
+        qk_rope_head_dim=16,
+        moe_inter_dim=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_activated_experts=2,
+    ),
     # one GPU, and a cluster: SmolLM2-135M-Instruct at the cost targets (24 layers, 4 rope pairs per KV head, a
     # 72-wide latent, 4 shared + 8 of 20 routed experts: <= 50% of the teacher's active parameters, <= 25% of its KV
     # cache), which needs more recovery training than a CPU gives

@@ -37,8 +37,21 @@ from pipeline.model.moe import MLP, MoE
 
 SUPPORTED = ("llama", "qwen2")
 # the fields a converted student takes from the teacher; the others are the compression knobs
-TEACHER_FIELDS = ("dim", "n_heads", "n_rope_heads", "qk_nope_head_dim", "v_head_dim", "inter_dim", "vocab_size",
-                  "rope_theta", "norm_eps", "kv_norm", "qkv_bias", "q_lora_rank", "route_weight")
+TEACHER_FIELDS = (
+    "dim",
+    "n_heads",
+    "n_rope_heads",
+    "qk_nope_head_dim",
+    "v_head_dim",
+    "inter_dim",
+    "vocab_size",
+    "rope_theta",
+    "norm_eps",
+    "kv_norm",
+    "qkv_bias",
+    "q_lora_rank",
+    "route_weight",
+)
 
 
 class ConversionError(ValueError):
@@ -73,17 +86,25 @@ class TeacherShape:
             raise ConversionError("the teacher uses sliding-window attention, which the student does not have")
         rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
         if rope.get("rope_type", "default") not in ("default", "llama3", "linear"):
-            raise ConversionError(f"the teacher's rope_type {rope.get('rope_type')!r} rescales attention; "
-                                  "only default, linear and llama3 RoPE convert exactly")
+            raise ConversionError(
+                f"the teacher's rope_type {rope.get('rope_type')!r} rescales attention; "
+                "only default, linear and llama3 RoPE convert exactly"
+            )
         heads = hf_config.num_attention_heads
-        return cls(kind, hf_config.hidden_size, hf_config.num_hidden_layers, heads,
-                   getattr(hf_config, "num_key_value_heads", None) or heads,
-                   getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-                   hf_config.intermediate_size, hf_config.vocab_size,
-                   float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
-                   float(hf_config.rms_norm_eps),
-                   bool(getattr(hf_config, "attention_bias", kind == "qwen2")),
-                   int(hf_config.max_position_embeddings))
+        return cls(
+            kind,
+            hf_config.hidden_size,
+            hf_config.num_hidden_layers,
+            heads,
+            getattr(hf_config, "num_key_value_heads", None) or heads,
+            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
+            hf_config.intermediate_size,
+            hf_config.vocab_size,
+            float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+            float(hf_config.rms_norm_eps),
+            bool(getattr(hf_config, "attention_bias", kind == "qwen2")),
+            int(hf_config.max_position_embeddings),
+        )
 
     @property
     def kv_width(self) -> int:
@@ -114,22 +135,38 @@ def student_config(teacher: TeacherShape, cfg: ModelConfig, shared_rope_key: boo
     nope = hd - cfg.qk_rope_head_dim
     full_rank = teacher.n_kv_heads * (nope + hd)
     if cfg.kv_lora_rank > full_rank:
-        raise ConversionError(f"model.kv_lora_rank ({cfg.kv_lora_rank}) exceeds the full rank of the teacher's "
-                              f"non-rope keys and values ({full_rank})")
+        raise ConversionError(
+            f"model.kv_lora_rank ({cfg.kv_lora_rank}) exceeds the full rank of the teacher's "
+            f"non-rope keys and values ({full_rank})"
+        )
     if cfg.n_layers > teacher.n_layers:
         raise ConversionError(f"model.n_layers ({cfg.n_layers}) exceeds the teacher's {teacher.n_layers} layers")
     moe_width = (cfg.n_shared_experts + cfg.n_routed_experts) * cfg.moe_inter_dim
     if cfg.n_layers > cfg.n_dense_layers and moe_width > teacher.inter_dim:
         raise ConversionError(
             f"(n_shared_experts + n_routed_experts) x moe_inter_dim = {moe_width} exceeds the teacher's FFN width "
-            f"({teacher.inter_dim}): experts are carved from its neurons")
-    return ModelConfig.model_validate({
-        **cfg.model_dump(), "init": "teacher", "dim": teacher.dim, "n_heads": teacher.n_heads,
-        "n_rope_heads": 1 if shared_rope_key else teacher.n_kv_heads, "qk_nope_head_dim": nope, "v_head_dim": hd,
-        "inter_dim": teacher.inter_dim, "vocab_size": teacher.vocab_size, "rope_theta": teacher.rope_theta,
-        "norm_eps": teacher.norm_eps, "kv_norm": False, "qkv_bias": teacher.qkv_bias, "q_lora_rank": 0,
-        "route_weight": "unit", "max_seq_len": min(cfg.max_seq_len, teacher.max_seq_len),
-    })
+            f"({teacher.inter_dim}): experts are carved from its neurons"
+        )
+    return ModelConfig.model_validate(
+        {
+            **cfg.model_dump(),
+            "init": "teacher",
+            "dim": teacher.dim,
+            "n_heads": teacher.n_heads,
+            "n_rope_heads": 1 if shared_rope_key else teacher.n_kv_heads,
+            "qk_nope_head_dim": nope,
+            "v_head_dim": hd,
+            "inter_dim": teacher.inter_dim,
+            "vocab_size": teacher.vocab_size,
+            "rope_theta": teacher.rope_theta,
+            "norm_eps": teacher.norm_eps,
+            "kv_norm": False,
+            "qkv_bias": teacher.qkv_bias,
+            "q_lora_rank": 0,
+            "route_weight": "unit",
+            "max_seq_len": min(cfg.max_seq_len, teacher.max_seq_len),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
@@ -163,8 +200,9 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 1024, batch_size: int = 8,
-              seed: int = 0) -> Calibration:
+def calibrate(
+    teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 1024, batch_size: int = 8, seed: int = 0
+) -> Calibration:
     """Run the teacher over `sequences` (token ids) and collect each layer's statistics.
 
     `ffn_sample` tokens per layer (spread over all sequences, seeded) keep their FFN inputs and activations for
@@ -199,6 +237,7 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
             moment[i].add_(x.T.double() @ x.double())
             q_norm[i].add_(pair_norms(module.q_proj(x), H))
             k_norm[i].add_(pair_norms(module.k_proj(x), G))
+
         return hook
 
     def on_mlp(i: int):
@@ -209,6 +248,7 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
             keep = state["keep"]
             ffn_in[i].append(x[keep])
             ffn_act[i].append(act[keep])
+
         return hook
 
     def on_block(i: int):
@@ -216,6 +256,7 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
             x = (args[0] if args else kwargs["hidden_states"])[state["mask"]].double()
             y = (output[0] if isinstance(output, tuple) else output)[state["mask"]].double()
             importance[i] += float((1 - nn.functional.cosine_similarity(x, y, dim=-1)).sum())
+
         return hook
 
     layers = teacher.model.layers
@@ -229,9 +270,9 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
     offset = 0
     try:
         for start in range(0, len(sequences), batch_size):
-            ids, mask = pad_batch(sequences[start:start + batch_size])
+            ids, mask = pad_batch(sequences[start : start + batch_size])
             n = int(mask.sum())
-            state["mask"], state["keep"] = mask, keep_T[offset:offset + n]
+            state["mask"], state["keep"] = mask, keep_T[offset : offset + n]
             offset += n
             teacher.model(input_ids=ids, attention_mask=mask.long())
     finally:
@@ -244,8 +285,16 @@ def calibrate(teacher, sequences: Sequence[Sequence[int]], ffn_sample: int = 102
         q = q_norm[i] / total
         k = k_norm[i] / total
         pair = (q.view(G, group, P) * k[:, None, :]).sum(1)
-        stats.append(LayerStats(moment[i] / total, pair, torch.cat(ffn_in[i]), torch.cat(ffn_act[i]),
-                                mass[i] / total, importance[i] / total))
+        stats.append(
+            LayerStats(
+                moment[i] / total,
+                pair,
+                torch.cat(ffn_in[i]),
+                torch.cat(ffn_act[i]),
+                mass[i] / total,
+                importance[i] / total,
+            )
+        )
     return Calibration(stats, total, len(sequences))
 
 
@@ -279,8 +328,14 @@ def _whitener(moment_DD: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def convert_attention(hf_attn, mla: MLA, shape: TeacherShape, pairs_GP: torch.Tensor,
-                      inv_freq_P: torch.Tensor, moment_DD: torch.Tensor | None) -> None:
+def convert_attention(
+    hf_attn,
+    mla: MLA,
+    shape: TeacherShape,
+    pairs_GP: torch.Tensor,
+    inv_freq_P: torch.Tensor,
+    moment_DD: torch.Tensor | None,
+) -> None:
     """One GQA attention layer into `mla` (partial RoPE on `pairs_GP`, joint low-rank keys and values).
 
     Query/key channels of head g split into rope channels (the kept pairs, interleaved as our RoPE rotates them)
@@ -319,7 +374,7 @@ def convert_attention(hf_attn, mla: MLA, shape: TeacherShape, pairs_GP: torch.Te
     q_idx = torch.cat(q_rows)
     mla.wq.weight.copy_(wq[q_idx])
     # stacked [k_nope_g ; v_g] per KV head: the rows the latent must reproduce
-    kv_rows_W = torch.cat([torch.cat([wk[k_nope_rows[g]], wv[g * hd:(g + 1) * hd]]) for g in range(G)])
+    kv_rows_W = torch.cat([torch.cat([wk[k_nope_rows[g]], wv[g * hd : (g + 1) * hd]]) for g in range(G)])
     if moment_DD is None:
         moment_DD = torch.eye(D, dtype=torch.float64)
     L = _whitener(moment_DD)
@@ -333,11 +388,11 @@ def convert_attention(hf_attn, mla: MLA, shape: TeacherShape, pairs_GP: torch.Te
     if bias:
         bq, bk, bv = hf_attn.q_proj.bias, hf_attn.k_proj.bias, hf_attn.v_proj.bias
         mla.wq.bias.copy_(bq[q_idx])
-        b_kv = torch.cat([torch.cat([bk[k_nope_rows[g]], bv[g * hd:(g + 1) * hd]]) for g in range(G)])
+        b_kv = torch.cat([torch.cat([bk[k_nope_rows[g]], bv[g * hd : (g + 1) * hd]]) for g in range(G)])
         rope_b = torch.stack([bk[r] for r in k_rope_rows])
         rope_b = rope_b.mean(0) if mla.n_rope_heads == 1 else rope_b.flatten()
         mla.wkv_a.bias.copy_(torch.cat([(U_C.T @ b_kv.double()).to(b_kv.dtype), rope_b]))
-    mla.inv_freq.copy_(inv_freq_P[pairs_GP[:mla.n_rope_heads]])
+    mla.inv_freq.copy_(inv_freq_P[pairs_GP[: mla.n_rope_heads]])
     assert mla.inv_freq.shape == (mla.n_rope_heads, n_keep)
 
 
@@ -376,8 +431,7 @@ def balanced_kmeans(features_NX: torch.Tensor, n_clusters: int, iters: int = 10,
 
 
 @torch.no_grad()
-def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, expert_width: int,
-                seed: int = 0) -> dict:
+def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, expert_width: int, seed: int = 0) -> dict:
     """One dense SwiGLU FFN into shared + routed experts; returns which neurons went where.
 
     Shared: the `n_shared` neurons of the largest mean |activation|. Routed: the next E·width neurons (fewer
@@ -390,7 +444,7 @@ def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, exper
     E = moe.n_experts
     order = stats.ffn_mass_F.argsort(descending=True) if stats is not None else torch.arange(gate.shape[0])
     shared_idx = order[:n_shared].sort().values
-    routed_pool = order[n_shared:n_shared + E * expert_width]
+    routed_pool = order[n_shared : n_shared + E * expert_width]
     if stats is not None:
         feats = stats.ffn_act_TF[:, routed_pool].abs().T.float()
         feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -431,8 +485,14 @@ class ConversionReport:
 
 
 @torch.no_grad()
-def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
-            keep_layers: Sequence[int] | None = None, seed: int = 0, shared_rope_key: bool = False):
+def convert(
+    teacher,
+    cfg: ModelConfig,
+    calibration: Calibration | None = None,
+    keep_layers: Sequence[int] | None = None,
+    seed: int = 0,
+    shared_rope_key: bool = False,
+):
     """The student of `teacher` (a transformers Llama/Qwen2 causal LM) under `cfg`'s compression knobs.
 
     Without `calibration` every mapping falls back to weights alone (identity input moment, pairs by index,
@@ -446,8 +506,9 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
     model = Transformer(scfg)
     model.train(False)
     n_pairs = scfg.qk_rope_head_dim // 2
-    importance = [s.importance for s in calibration.layers] if calibration else [float(-i) for i in range(
-        shape.n_layers)]
+    importance = (
+        [s.importance for s in calibration.layers] if calibration else [float(-i) for i in range(shape.n_layers)]
+    )
     chosen = choose_layers(importance, scfg.n_layers, keep_layers)
     inv_freq_P = teacher.model.rotary_emb.inv_freq.float()
     if getattr(teacher.model.rotary_emb, "attention_scaling", 1.0) != 1.0:
@@ -471,17 +532,30 @@ def convert(teacher, cfg: ModelConfig, calibration: Calibration | None = None,
             pairs_GP = torch.arange(n_pairs).expand(shape.n_kv_heads, -1)
         kept_pairs.append(pairs_GP.tolist())
         assert isinstance(block.attn, MLA)
-        convert_attention(layer.self_attn, block.attn, shape, pairs_GP, inv_freq_P,
-                          stats.attn_moment_DD if stats is not None else None)
+        convert_attention(
+            layer.self_attn,
+            block.attn,
+            shape,
+            pairs_GP,
+            inv_freq_P,
+            stats.attn_moment_DD if stats is not None else None,
+        )
         if isinstance(block.ffn, MLP):  # the first n_dense_layers
             block.ffn.w13.weight.copy_(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]))
             block.ffn.w2.weight.copy_(layer.mlp.down_proj.weight)
         else:
             assert isinstance(block.ffn, MoE)
-            convert_ffn(layer.mlp, block.ffn, stats, scfg.n_shared_experts * scfg.moe_inter_dim, scfg.moe_inter_dim,
-                        seed=seed + j)
-    return model, ConversionReport(chosen, kept_pairs, importance, shape.num_params(),
-                                   calibration.tokens if calibration else 0)
+            convert_ffn(
+                layer.mlp,
+                block.ffn,
+                stats,
+                scfg.n_shared_experts * scfg.moe_inter_dim,
+                scfg.moe_inter_dim,
+                seed=seed + j,
+            )
+    return model, ConversionReport(
+        chosen, kept_pairs, importance, shape.num_params(), calibration.tokens if calibration else 0
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- fidelity
@@ -506,7 +580,7 @@ def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: i
     student.train(False)
     teacher.train(False)
     for start in range(0, len(seqs), batch_size):
-        ids, mask = pad_batch(seqs[start:start + batch_size])
+        ids, mask = pad_batch(seqs[start : start + batch_size])
         t_logp = teacher(input_ids=ids, attention_mask=mask.long()).logits.float().log_softmax(-1)[:, :-1]
         s_logp = student(ids).float().log_softmax(-1)[:, :-1]
         valid = mask[:, 1:]
@@ -533,9 +607,16 @@ def economics(student_cfg: ModelConfig, student_params: dict[str, int], teacher:
     t_cache = teacher.n_layers * teacher.kv_width
     s_active = student_params["active"] - student_params["embedding"]
     t_active = t["total"] - t["embedding"]
-    return {"student_params_total": student_params["total"], "student_params_active": student_params["active"],
-            "student_params_active_nonembedding": s_active, "student_params_embedding": student_params["embedding"],
-            "teacher_params_total": t["total"], "teacher_params_nonembedding": t_active,
-            "teacher_params_embedding": t["embedding"], "active_param_ratio": s_active / t_active,
-            "student_cache_floats_per_token": s_cache, "teacher_cache_floats_per_token": t_cache,
-            "cache_ratio": s_cache / t_cache}
+    return {
+        "student_params_total": student_params["total"],
+        "student_params_active": student_params["active"],
+        "student_params_active_nonembedding": s_active,
+        "student_params_embedding": student_params["embedding"],
+        "teacher_params_total": t["total"],
+        "teacher_params_nonembedding": t_active,
+        "teacher_params_embedding": t["embedding"],
+        "active_param_ratio": s_active / t_active,
+        "student_cache_floats_per_token": s_cache,
+        "teacher_cache_floats_per_token": t_cache,
+        "cache_ratio": s_cache / t_cache,
+    }

@@ -73,8 +73,9 @@ def decode(model: Transformer, cache: LatentKVCache, slots: list[int], tokens: l
     return logits_B1V[:, 0]
 
 
-def sample(logits_BV: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(
+    logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
     """One token per row, each row with its own temperature / top-k / top-p and random stream.
 
     Sampled rows draw by inverse CDF: one uniform number per row from that row's generator, located in the
@@ -112,8 +113,9 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]],
-             params: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Completion]:
+def generate(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+) -> list[Completion]:
     """Complete a batch of ragged prompts; rows stop independently (stop token or max_new_tokens)."""
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
@@ -135,15 +137,16 @@ def generate(model: Transformer, prompts: list[list[int]],
                 results[i].tokens.append(tok)
                 if tok in params[i].stop_token_ids:
                     results[i].finish_reason = "stop"
-                elif len(results[i].tokens) >= params[i].max_new_tokens or \
-                        int(cache.lengths[slots[i]]) + 1 >= cache.max_len:
+                elif (
+                    len(results[i].tokens) >= params[i].max_new_tokens
+                    or int(cache.lengths[slots[i]]) + 1 >= cache.max_len
+                ):
                     results[i].finish_reason = "length"
                 else:
                     still.append(i)
             active = still
             if active:
-                logits_BV = decode(model, cache, [slots[i] for i in active],
-                                   [results[i].tokens[-1] for i in active])
+                logits_BV = decode(model, cache, [slots[i] for i in active], [results[i].tokens[-1] for i in active])
         return results
     finally:
         model.train(was_training)

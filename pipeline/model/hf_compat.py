@@ -19,22 +19,43 @@ def to_hf_config(cfg: ModelConfig):
 
     if cfg.vocab_size is None:
         raise ValueError("model.vocab_size is not set")
-    unsupported = {"n_rope_heads": cfg.n_rope_heads != 1, "kv_norm": not cfg.kv_norm, "qkv_bias": cfg.qkv_bias,
-                   "route_weight": cfg.route_weight != "normalized"}
+    unsupported = {
+        "n_rope_heads": cfg.n_rope_heads != 1,
+        "kv_norm": not cfg.kv_norm,
+        "qkv_bias": cfg.qkv_bias,
+        "route_weight": cfg.route_weight != "normalized",
+    }
     if bad := [k for k, v in unsupported.items() if v]:
         raise ValueError(f"transformers' DeepseekV3 has no equivalent of model.{', model.'.join(bad)} as set here")
     return DeepseekV3Config(  # type: ignore[call-arg]  # rope and MTP settings pass through **kwargs
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.inter_dim,
-        moe_intermediate_size=cfg.moe_inter_dim, num_hidden_layers=cfg.n_layers,
-        first_k_dense_replace=cfg.n_dense_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
-        n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
-        num_experts_per_tok=cfg.n_activated_experts, n_group=cfg.n_group, topk_group=cfg.topk_group,
-        routed_scaling_factor=cfg.route_scale, norm_topk_prob=True, kv_lora_rank=cfg.kv_lora_rank,
-        q_lora_rank=cfg.q_lora_rank or None, qk_nope_head_dim=cfg.qk_nope_head_dim,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps, rope_interleave=True, tie_word_embeddings=False,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.inter_dim,
+        moe_intermediate_size=cfg.moe_inter_dim,
+        num_hidden_layers=cfg.n_layers,
+        first_k_dense_replace=cfg.n_dense_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        n_shared_experts=cfg.n_shared_experts,
+        n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.n_activated_experts,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        routed_scaling_factor=cfg.route_scale,
+        norm_topk_prob=True,
+        kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank or None,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.norm_eps,
+        rope_interleave=True,
+        tie_word_embeddings=False,
         attention_bias=False,
-        num_nextn_predict_layers=0, hidden_act="silu",
+        num_nextn_predict_layers=0,
+        hidden_act="silu",
     )
 
 

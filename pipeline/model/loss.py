@@ -27,7 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if n_valid:
             buf_CV = scratch.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
             for s in range(0, N, chunk):
-                h_cD, t_c, v_c = h_ND[s:s + chunk].float(), targets_N[s:s + chunk], valid_N[s:s + chunk]
+                h_cD, t_c, v_c = h_ND[s : s + chunk].float(), targets_N[s : s + chunk], valid_N[s : s + chunk]
                 c = h_cD.shape[0]
                 rows = torch.arange(c, device=h_ND.device)
                 logits_cV = torch.mm(h_cD, w_VD.float().t(), out=buf_CV[:c])
@@ -38,7 +38,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if g_h_ND is not None and g_w_VD is not None:
                     probs_cV[rows, t_c.clamp_min(0)] -= 1
                     probs_cV.mul_((v_c.float() / n_valid)[:, None])
-                    torch.mm(probs_cV, w_VD.float(), out=g_h_ND[s:s + c])
+                    torch.mm(probs_cV, w_VD.float(), out=g_h_ND[s : s + c])
                     g_w_VD.addmm_(probs_cV.t(), h_cD)
         if g_h_ND is not None and g_w_VD is not None:
             g_h_ND, g_w_VD = g_h_ND.to(h_ND.dtype), g_w_VD.to(w_VD.dtype)
@@ -51,8 +51,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return g_h_ND * g_loss, g_w_VD * g_loss, None, None, None
 
 
-def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
-                         ignore_index: int = -100, chunk: int = 512) -> torch.Tensor:
+def linear_cross_entropy(
+    h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor, ignore_index: int = -100, chunk: int = 512
+) -> torch.Tensor:
     """mean over non-ignored rows of cross_entropy(h @ w^T, targets), without materialising all logits.
 
     Args:

@@ -72,8 +72,15 @@ class LatentKVCache:
     many tokens the slot holds.
     """
 
-    def __init__(self, cfg: ModelConfig, n_layers: int, max_batch: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_layers: int,
+        max_batch: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_batch, self.max_len = max_batch, max_len
         pe_width = cfg.n_rope_heads * cfg.qk_rope_head_dim
         self.kv_LBTC = torch.zeros(n_layers, max_batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
@@ -146,8 +153,12 @@ class MLA(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_rope_heads, self.impl = cfg.n_heads, cfg.n_rope_heads, cfg.attn_impl
-        self.nope, self.rope, self.v_dim, self.kv_rank = (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                                           cfg.v_head_dim, cfg.kv_lora_rank)
+        self.nope, self.rope, self.v_dim, self.kv_rank = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.kv_lora_rank,
+        )
         qk_dim = self.nope + self.rope
         if cfg.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, self.n_heads * qk_dim, bias=cfg.qkv_bias)
@@ -160,7 +171,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_rank, cfg.norm_eps) if cfg.kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(self.kv_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
-        self.scale = qk_dim ** -0.5
+        self.scale = qk_dim**-0.5
         freqs = rope_frequencies(self.rope, cfg.rope_theta)
         self.register_buffer("inv_freq", freqs.expand(self.n_rope_heads, -1).clone())
 
@@ -181,8 +192,9 @@ class MLA(nn.Module):
         cos_BSGR, sin_BSGR = rope_angles(pos_BS, self.inv_freq)
         q_BSHK = self._queries(x_BSD)
         q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope, self.rope], dim=-1)
-        q_pe_BSHR = apply_rope(q_pe_BSHR, cos_BSGR.repeat_interleave(per_group, dim=2),
-                               sin_BSGR.repeat_interleave(per_group, dim=2))
+        q_pe_BSHR = apply_rope(
+            q_pe_BSHR, cos_BSGR.repeat_interleave(per_group, dim=2), sin_BSGR.repeat_interleave(per_group, dim=2)
+        )
 
         kv_BSX = self.wkv_a(x_BSD)
         kv_BSC, k_pe_BSX = kv_BSX.split([self.kv_rank, G * self.rope], dim=-1)
@@ -212,8 +224,12 @@ class MLA(nn.Module):
         k_BTHK = torch.cat([k_nope_BTHN, pe_BTHR], dim=-1)
         q_BSHK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1)
         out_BHSV = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2), k_BTHK.transpose(1, 2), v_BTHV.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            q_BSHK.transpose(1, 2),
+            k_BTHK.transpose(1, 2),
+            v_BTHV.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
         )
         return out_BHSV.transpose(1, 2)
 
@@ -242,4 +258,3 @@ def init_linear(module: nn.Module, std: float = 0.02) -> None:
 def mha_cache_bytes_per_token(n_heads: int, head_dim: int, element_size: int = 4) -> int:
     """Bytes a standard multi-head attention layer caches per token: full K and V for every head."""
     return 2 * n_heads * head_dim * element_size
-

@@ -72,13 +72,19 @@ class Gate(nn.Module):
 # ---------------------------------------------------------------------------------------------------- experts
 
 
-def _segment_mm(a_PX: torch.Tensor, w_EYX: torch.Tensor, counts: list[int], out_PY: torch.Tensor,
-                transpose: bool = True, accumulate: bool = False) -> torch.Tensor:
+def _segment_mm(
+    a_PX: torch.Tensor,
+    w_EYX: torch.Tensor,
+    counts: list[int],
+    out_PY: torch.Tensor,
+    transpose: bool = True,
+    accumulate: bool = False,
+) -> torch.Tensor:
     """out[seg_e] (+)= a[seg_e] @ w[e]^T (or @ w[e]) for each expert's contiguous segment of rows."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            a, w, o = a_PX[start:start + n], (w_EYX[e].t() if transpose else w_EYX[e]), out_PY[start:start + n]
+            a, w, o = a_PX[start : start + n], (w_EYX[e].t() if transpose else w_EYX[e]), out_PY[start : start + n]
             torch.addmm(o, a, w, out=o) if accumulate else torch.mm(a, w, out=o)
         start += n
     return out_PY
@@ -89,7 +95,7 @@ def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], ou
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(g_PY[start:start + n].t(), a_PX[start:start + n], out=out_EYX[e])
+            torch.mm(g_PY[start : start + n].t(), a_PX[start : start + n], out=out_EYX[e])
         else:
             out_EYX[e].zero_()
         start += n
@@ -212,7 +218,8 @@ class MoE(nn.Module):
             return scores_BSE.new_zeros(())
         B, S, E = scores_BSE.shape
         hits_BE = torch.zeros(B, E, device=ids_BSK.device).scatter_add_(
-            1, ids_BSK.reshape(B, -1), torch.ones(B, ids_BSK[0].numel(), device=ids_BSK.device))
+            1, ids_BSK.reshape(B, -1), torch.ones(B, ids_BSK[0].numel(), device=ids_BSK.device)
+        )
         f_BE = hits_BE * E / (self.topk * S)
         p_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
         return self.alpha * (f_BE * p_BE).sum(dim=-1).mean()

@@ -15,8 +15,9 @@ class Scratch(threading.local):
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """A tensor of `shape` on `like`'s device (and dtype, unless given), reused by later calls with `name`.
 
         The contents are garbage; the caller owns it until its call returns.

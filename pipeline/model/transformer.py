@@ -123,8 +123,9 @@ class Transformer(nn.Module):
         pos_BS = torch.arange(S - 1, device=tokens_BS.device)[None]
         return m.norm(m.block(x_BSD, pos_BS))
 
-    def forward(self, tokens_BS: torch.Tensor, cache: CacheView | None = None,
-                return_aux: bool = False) -> torch.Tensor | Output:
+    def forward(
+        self, tokens_BS: torch.Tensor, cache: CacheView | None = None, return_aux: bool = False
+    ) -> torch.Tensor | Output:
         """Logits for every position.
 
         Args:
@@ -148,12 +149,17 @@ class Transformer(nn.Module):
         """
         h_BSD = self.trunk(tokens_BS)
         D = h_BSD.shape[-1]
-        ce = linear_cross_entropy(self.norm(h_BSD).reshape(-1, D), self.head.weight, targets_BS.reshape(-1),
-                                  ignore_index)
+        ce = linear_cross_entropy(
+            self.norm(h_BSD).reshape(-1, D), self.head.weight, targets_BS.reshape(-1), ignore_index
+        )
         mtp = None
         if self.mtp is not None and tokens_BS.shape[1] > 1:
-            mtp = linear_cross_entropy(self.mtp_hidden(h_BSD, tokens_BS).reshape(-1, D), self.head.weight,
-                                       targets_BS[:, 1:].reshape(-1), ignore_index)
+            mtp = linear_cross_entropy(
+                self.mtp_hidden(h_BSD, tokens_BS).reshape(-1, D),
+                self.head.weight,
+                targets_BS[:, 1:].reshape(-1),
+                ignore_index,
+            )
         balance = self.balance_loss()  # after the MTP block, whose MoE adds its own term
         total = ce + balance + (self.cfg.mtp_lambda * mtp if mtp is not None else 0)
         return Losses(total, ce, balance, mtp)
@@ -164,8 +170,9 @@ class Transformer(nn.Module):
 
     def new_cache(self, max_batch: int, max_len: int | None = None) -> LatentKVCache:
         p = self.head.weight
-        return LatentKVCache(self.cfg, self.cfg.n_layers, max_batch, max_len or self.cfg.max_seq_len,
-                             device=p.device, dtype=p.dtype)
+        return LatentKVCache(
+            self.cfg, self.cfg.n_layers, max_batch, max_len or self.cfg.max_seq_len, device=p.device, dtype=p.dtype
+        )
 
     # ------------------------------------------------------------------------------------------------ sizes
 
@@ -178,9 +185,12 @@ class Transformer(nn.Module):
             if isinstance(m, Experts):
                 per_expert = (m.w13.numel() + m.w2.numel()) // m.w13.shape[0]
                 inactive += per_expert * (m.w13.shape[0] - self.cfg.n_activated_experts)
-        return {"total": total, "active": total - inactive,
-                "embedding": self.embed.weight.numel() + self.head.weight.numel(),
-                "mtp": sum(p.numel() for name, p in self.named_parameters() if name.startswith("mtp."))}
+        return {
+            "total": total,
+            "active": total - inactive,
+            "embedding": self.embed.weight.numel() + self.head.weight.numel(),
+            "mtp": sum(p.numel() for name, p in self.named_parameters() if name.startswith("mtp.")),
+        }
 
     def flops_per_token(self, seq_len: int) -> tuple[float, float]:
         """Training FLOPs (forward + backward = 3x forward) per token: (trunk, output head), PaLM-style.

@@ -81,8 +81,9 @@ class GuardRequests:
         except ApiError as e:
             return await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
         except ValueError:  # a Content-Length that is not a number
-            return await JSONResponse(ApiError(400, "Invalid Content-Length header.").body(),
-                                      status_code=400)(scope, receive, send)
+            return await JSONResponse(ApiError(400, "Invalid Content-Length header.").body(), status_code=400)(
+                scope, receive, send
+            )
         sent = False
 
         async def replay():
@@ -95,8 +96,11 @@ class GuardRequests:
         await self.app(scope, replay, send)
 
     def _too_large(self) -> ApiError:
-        return ApiError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
-                        code="request_too_large")
+        return ApiError(
+            413,
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes.",
+            code="request_too_large",
+        )
 
 
 def create_app(server: ModelServer) -> FastAPI:
@@ -105,8 +109,13 @@ def create_app(server: ModelServer) -> FastAPI:
     The API key is checked once, by `GuardRequests`, for every route but /healthz.
     """
     # no /docs, /redoc or /openapi.json: a public endpoint does not publish its schema to anyone who asks
-    app = FastAPI(title="moeforge", description="OpenAI-compatible API of a moeforge student", docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="moeforge",
+        description="OpenAI-compatible API of a moeforge student",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     # outermost last: requests are counted (whatever their answer), then guarded before anything reads the body
     app.add_middleware(GuardRequests, max_bytes=server.settings.max_request_bytes, api_key=server.api_key)
     app.add_middleware(CountRequests, model=server.metric_model)
@@ -149,8 +158,9 @@ def create_app(server: ModelServer) -> FastAPI:
     async def respond(result):
         if isinstance(result, BaseModel):
             return JSONResponse(result.model_dump(mode="json"))
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            result, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     @app.post(CHAT)
     async def chat_completions(body: ChatCompletionRequest):

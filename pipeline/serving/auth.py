@@ -40,7 +40,8 @@ def require_key(settings: ServeConfig, api_key: str | None) -> None:
         raise ConfigError(
             f"serve.host is {settings.host!r}, reachable from other machines, and no API key is configured: set "
             f"serve.api_key_file (a file holding the key) or ${settings.api_key_env}, or bind serve.host=127.0.0.1; "
-            "to serve without authentication anyway, set serve.allow_unauthenticated=true")
+            "to serve without authentication anyway, set serve.allow_unauthenticated=true"
+        )
 
 
 def check_api_key(api_key: str | None, authorization: str | None) -> None:
@@ -49,7 +50,7 @@ def check_api_key(api_key: str | None, authorization: str | None) -> None:
         return
     if not authorization or not authorization.startswith("Bearer "):
         raise ApiError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="invalid_api_key")
-    if not hmac.compare_digest(authorization[len("Bearer "):].strip().encode(), api_key.encode()):
+    if not hmac.compare_digest(authorization[len("Bearer ") :].strip().encode(), api_key.encode()):
         raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 

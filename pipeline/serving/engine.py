@@ -91,14 +91,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------ callers
 
-    def submit(self, prompt: list[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop | None = None) -> Sequence:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Sequence:
         """Queue a sequence; its outputs arrive on `loop` (default: the running loop)."""
         if not prompt:
             raise ValueError("empty prompt: a sequence needs at least one token")
         if len(prompt) + params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
-                             f"context of {self.max_len} tokens")
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {params.max_new_tokens} exceeds the "
+                f"context of {self.max_len} tokens"
+            )
         if not self.alive:
             raise EngineError(f"the engine is not running ({self.last_error or 'stopped'})")
         seq = Sequence(next(self._ids), list(prompt), params, loop or asyncio.get_running_loop())
@@ -142,9 +145,14 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
-        return {"running": running, "waiting": waiting, "free_slots": self.max_batch_size - running,
-                "max_batch_size": self.max_batch_size, "decode_steps": self.steps,
-                "tokens_generated": self.tokens_generated}
+        return {
+            "running": running,
+            "waiting": waiting,
+            "free_slots": self.max_batch_size - running,
+            "max_batch_size": self.max_batch_size,
+            "decode_steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+        }
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -217,4 +225,3 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         seq._emit(StepOutput(token, reason, error))
-

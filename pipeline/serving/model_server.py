@@ -77,8 +77,15 @@ class ModelServer:
             to start unless `settings.allow_unauthenticated`.
     """
 
-    def __init__(self, source: ModelSource, settings: ServeConfig, tracking_uri: str | None, cache_dir: str | Path,
-                 device: str | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        settings: ServeConfig,
+        tracking_uri: str | None,
+        cache_dir: str | Path,
+        device: str | None = None,
+        api_key: str | None = None,
+    ):
         import torch
 
         from pipeline.data.prompts import INSTRUCTION
@@ -111,11 +118,22 @@ class ModelServer:
 
     def card(self) -> ModelCard:
         s, params = self.source, self.params
-        return ModelCard(id=self.model_id, created=self.created, root=s.pinned_uri, max_model_len=self.context,
-                         moeforge={"uri": s.uri, "registered_name": s.name if s.version else None,
-                                   "version": s.version, "alias": s.alias, "run_id": s.run_id,
-                                   "parameters": {"total": params["total"], "active": params["active"]},
-                                   "device": self.device, "max_batch_size": self.settings.max_batch_size})
+        return ModelCard(
+            id=self.model_id,
+            created=self.created,
+            root=s.pinned_uri,
+            max_model_len=self.context,
+            moeforge={
+                "uri": s.uri,
+                "registered_name": s.name if s.version else None,
+                "version": s.version,
+                "alias": s.alias,
+                "run_id": s.run_id,
+                "parameters": {"total": params["total"], "active": params["active"]},
+                "device": self.device,
+                "max_batch_size": self.settings.max_batch_size,
+            },
+        )
 
     def healthy(self) -> bool:
         return self.engine.alive
@@ -131,8 +149,7 @@ class ModelServer:
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         from pipeline.data.prompts import chat_token_ids
 
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         if self.system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         try:
@@ -151,35 +168,53 @@ class ModelServer:
             prompts.append(ids)
         return prompts
 
-    def choices(self, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
-                default_tokens: int | None) -> list[Choice]:
+    def choices(
+        self, req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], default_tokens: int | None
+    ) -> list[Choice]:
         """Check the request against this deployment's limits; one engine sequence per (prompt, n)."""
         s = self.settings
         if not self.accepts(req.model):
-            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_id}'.",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{req.model}' does not exist; this server serves '{self.model_id}'.",
+                param="model",
+                code="model_not_found",
+            )
         if req.n > s.max_n:
             raise ApiError(400, f"n is {req.n}; this server allows at most {s.max_n}.", param="n")
         requested = req.requested_tokens
         if requested is not None and requested > s.max_tokens_limit:
-            raise ApiError(400, f"max_tokens is {requested}; this server allows at most {s.max_tokens_limit}.",
-                           param="max_tokens")
+            raise ApiError(
+                400, f"max_tokens is {requested}; this server allows at most {s.max_tokens_limit}.", param="max_tokens"
+            )
         out = []
         for i, prompt in enumerate(prompts):
             room = self.context - len(prompt)
             tokens = requested or min(default_tokens or s.max_tokens_limit, s.max_tokens_limit, room)
             if tokens > room or room < 1:
-                raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
-                                    f"requested {len(prompt) + tokens} tokens ({len(prompt)} in the prompt, {tokens} "
-                                    "in the completion). Please reduce the prompt or max_tokens.",
-                               param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                               code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"This model's maximum context length is {self.context} tokens. However, you "
+                    f"requested {len(prompt) + tokens} tokens ({len(prompt)} in the prompt, {tokens} "
+                    "in the completion). Please reduce the prompt or max_tokens.",
+                    param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                    code="context_length_exceeded",
+                )
             for j in range(req.n):
                 index = i * req.n + j
-                out.append(Choice(index, prompt, SamplingParams(
-                    max_new_tokens=tokens, temperature=req.temperature, top_p=req.top_p,
-                    stop_token_ids=() if req.ignore_eos else (self.eos,),
-                    seed=None if req.seed is None else req.seed + index)))
+                out.append(
+                    Choice(
+                        index,
+                        prompt,
+                        SamplingParams(
+                            max_new_tokens=tokens,
+                            temperature=req.temperature,
+                            top_p=req.top_p,
+                            stop_token_ids=() if req.ignore_eos else (self.eos,),
+                            seed=None if req.seed is None else req.seed + index,
+                        ),
+                    )
+                )
         return out
 
     @property
@@ -244,8 +279,7 @@ class ModelServer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             if finished:
-                record("moeforge_serve_latency_seconds", time.perf_counter() - t0, model=self.metric_model,
-                       route=route)
+                record("moeforge_serve_latency_seconds", time.perf_counter() - t0, model=self.metric_model, route=route)
             record("moeforge_serve_generated_tokens", tokens, model=self.metric_model)
             self.record_load()
 
@@ -268,27 +302,42 @@ class ModelServer:
         choices = self.choices(req, [prompt], None)
         rid, created = new_id("chatcmpl"), now()
         if req.stream:
-            writer = ChunkWriter(rid, created, self.model_id, self.fingerprint, chat=True,
-                                 include_usage=req.include_usage)
+            writer = ChunkWriter(
+                rid, created, self.model_id, self.fingerprint, chat=True, include_usage=req.include_usage
+            )
             return self._stream(choices, req.stops, [prompt], writer, CHAT)
         final, completion_tokens = await self.complete(choices, req.stops, CHAT)
         return ChatCompletion(
-            id=rid, created=created, model=self.model_id, system_fingerprint=self.fingerprint,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=e.text), finish_reason=e.finish_reason)
-                     for i, e in sorted(final.items())],
-            usage=Usage.of([prompt], completion_tokens))
+            id=rid,
+            created=created,
+            model=self.model_id,
+            system_fingerprint=self.fingerprint,
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=e.text), finish_reason=e.finish_reason)
+                for i, e in sorted(final.items())
+            ],
+            usage=Usage.of([prompt], completion_tokens),
+        )
 
     def check_sequences(self, n_prompts: int, n: int) -> None:
         """A request's engine sequences (prompts x n) within the per-request cap, and room for them in the queue."""
         s = self.settings
         if n_prompts * n > s.max_sequences_per_request:
-            raise ApiError(400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} sequences; this server "
-                                f"allows at most {s.max_sequences_per_request} per request.",
-                           param="prompt" if n == 1 else "n")
+            raise ApiError(
+                400,
+                f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} sequences; this server "
+                f"allows at most {s.max_sequences_per_request} per request.",
+                param="prompt" if n == 1 else "n",
+            )
         waiting = self.engine.stats()["waiting"]
         if waiting + n_prompts * n > s.max_waiting_sequences:
-            raise ApiError(503, f"The server is busy ({waiting} sequences waiting); retry shortly.",
-                           type_="server_error", code="overloaded", headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                f"The server is busy ({waiting} sequences waiting); retry shortly.",
+                type_="server_error",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
 
     async def completions(self, req: CompletionRequest) -> TextCompletion | AsyncIterator[str]:
         self.check_sequences(len(req.prompts), req.n)  # before tokenizing what may be a huge list of prompts
@@ -296,22 +345,29 @@ class ModelServer:
         choices = self.choices(req, prompts, req.max_tokens)
         rid, created = new_id("cmpl"), now()
         if req.stream:
-            writer = ChunkWriter(rid, created, self.model_id, self.fingerprint, chat=False,
-                                 include_usage=req.include_usage)
+            writer = ChunkWriter(
+                rid, created, self.model_id, self.fingerprint, chat=False, include_usage=req.include_usage
+            )
             return self._stream(choices, req.stops, prompts, writer, COMPLETIONS)
         final, completion_tokens = await self.complete(choices, req.stops, COMPLETIONS)
         return TextCompletion(
-            id=rid, created=created, model=self.model_id, system_fingerprint=self.fingerprint,
-            choices=[CompletionChoice(index=i, text=e.text, finish_reason=e.finish_reason)
-                     for i, e in sorted(final.items())],
-            usage=Usage.of(prompts, completion_tokens))
+            id=rid,
+            created=created,
+            model=self.model_id,
+            system_fingerprint=self.fingerprint,
+            choices=[
+                CompletionChoice(index=i, text=e.text, finish_reason=e.finish_reason) for i, e in sorted(final.items())
+            ],
+            usage=Usage.of(prompts, completion_tokens),
+        )
 
     @property
     def fingerprint(self) -> str:
         return f"moeforge-{self.source.name}-{self.source.version or 'local'}"
 
-    async def _stream(self, choices: list[Choice], stops: list[str], prompts: list[list[int]], writer: ChunkWriter,
-                      route: str) -> AsyncIterator[str]:
+    async def _stream(
+        self, choices: list[Choice], stops: list[str], prompts: list[list[int]], writer: ChunkWriter, route: str
+    ) -> AsyncIterator[str]:
         """OpenAI's streaming format: one chunk per piece of text, a finish chunk per choice, usage, [DONE]."""
         total = 0
         if writer.chat:

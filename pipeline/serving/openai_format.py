@@ -31,8 +31,11 @@ class Usage(BaseModel):
     @classmethod
     def of(cls, prompts: list[list[int]], completion_tokens: int) -> Usage:
         prompt_tokens = sum(len(p) for p in prompts)
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class _Response(BaseModel):
@@ -153,8 +156,14 @@ class ChunkWriter:
 
     def _event(self, choices: list, usage: Usage | None = None) -> str:
         cls = ChatCompletionChunk if self.chat else TextCompletion
-        chunk = cls(id=self.id, created=self.created, model=self.model, system_fingerprint=self.system_fingerprint,
-                    choices=choices, usage=usage)
+        chunk = cls(
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            system_fingerprint=self.system_fingerprint,
+            choices=choices,
+            usage=usage,
+        )
         return sse(chunk, drop=() if self.include_usage else ("usage",))
 
     def role(self, index: int) -> str:

@@ -35,15 +35,23 @@ MAX_TOKEN_ID = 2**31 - 1  # ids are checked against the model's vocabulary later
 
 Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]],
-                     Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)
+]
 
 
 class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
@@ -87,8 +95,11 @@ class _Sampling(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1)
-    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | \
-        Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)]
+        | None
+    ) = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI documents it
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -181,7 +192,5 @@ def internal_error(e: BaseException, where: str, status: int, what: str) -> ApiE
     The exception is logged under that id, so an operator can find the details the client was not shown.
     """
     rid = new_id("req")
-    logging.getLogger(__name__).error("%s failed (request id %s): %s: %s", where, rid, type(e).__name__, e,
-                                      exc_info=e)
+    logging.getLogger(__name__).error("%s failed (request id %s): %s: %s", where, rid, type(e).__name__, e, exc_info=e)
     return ApiError(status, f"{what} (request id {rid}).", type_="server_error")
-

@@ -57,16 +57,20 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelSource:
             try:
                 mv = client.get_model_version_by_alias(m["name"], m["alias"])
             except MlflowException as e:
-                raise ModelSourceError(f"{uri}: registered model {m['name']!r} has no alias {m['alias']!r} "
-                                       f"in {tracking_uri or 'the default tracking store'} ({e.message})") from None
-            return ModelSource(uri, m["name"], str(mv.version), m["alias"], mv.run_id,
-                               content_hash=_recorded_hash(uri, mv))
+                raise ModelSourceError(
+                    f"{uri}: registered model {m['name']!r} has no alias {m['alias']!r} "
+                    f"in {tracking_uri or 'the default tracking store'} ({e.message})"
+                ) from None
+            return ModelSource(
+                uri, m["name"], str(mv.version), m["alias"], mv.run_id, content_hash=_recorded_hash(uri, mv)
+            )
         if m := _VERSION.match(uri):
             try:
                 mv = client.get_model_version(m["name"], m["version"])
             except MlflowException as e:
-                raise ModelSourceError(f"{uri}: no version {m['version']} of registered model {m['name']!r} "
-                                       f"({e.message})") from None
+                raise ModelSourceError(
+                    f"{uri}: no version {m['version']} of registered model {m['name']!r} ({e.message})"
+                ) from None
             return ModelSource(uri, m["name"], str(mv.version), None, mv.run_id, content_hash=_recorded_hash(uri, mv))
         raise ModelSourceError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     path = Path(uri).expanduser()
@@ -83,9 +87,11 @@ def _recorded_hash(uri: str, mv) -> str:
     """The content hash the registry recorded for version `mv`; a version without one is refused (fail closed)."""
     digest = (mv.tags or {}).get(CONTENT_HASH_TAG)
     if not digest:
-        raise ModelSourceError(f"{uri}: version {mv.version} of {mv.name!r} records no content hash (tag "
-                               f"{CONTENT_HASH_TAG}), so what is downloaded cannot be checked; register it again "
-                               "with this moeforge (the register stage, or pipeline.student.registry.log_student)")
+        raise ModelSourceError(
+            f"{uri}: version {mv.version} of {mv.name!r} records no content hash (tag "
+            f"{CONTENT_HASH_TAG}), so what is downloaded cannot be checked; register it again "
+            "with this moeforge (the register stage, or pipeline.student.registry.log_student)"
+        )
     return digest
 
 
@@ -102,8 +108,12 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
     dest = Path(cache_dir) / "models" / _safe(source.name) / str(source.version)  # the logged model's root
     student = dest / "artifacts" / STUDENT_ARTIFACT
     if (student / "config.json").is_file() and content_hash(student) != source.content_hash:
-        log.warning("model %s version %s: the cached copy at %s does not match its content hash; downloading again",
-                    source.name, source.version, dest)
+        log.warning(
+            "model %s version %s: the cached copy at %s does not match its content hash; downloading again",
+            source.name,
+            source.version,
+            dest,
+        )
         shutil.rmtree(dest)
     if not (student / "config.json").is_file():
         import tempfile
@@ -116,14 +126,16 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
         dest.parent.mkdir(parents=True, exist_ok=True)
         log.info("model %s version %s: downloading into %s", source.name, source.version, dest)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging, atomic_path(dest) as tmp:
-            downloaded = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging,
-                                                             tracking_uri=tracking_uri)
+            downloaded = mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=staging, tracking_uri=tracking_uri
+            )
             got = Path(downloaded) / "artifacts" / STUDENT_ARTIFACT
             if got.is_dir() and (digest := content_hash(got)) != source.content_hash:
                 raise ModelSourceError(
                     f"{source.pinned_uri}: the downloaded student's content hash {digest[:12]} is not the "
                     f"{str(source.content_hash)[:12]} recorded when it was registered: the stored model was changed "
-                    "or damaged; refusing to serve it")
+                    "or damaged; refusing to serve it"
+                )
             Path(downloaded).rename(tmp)
     if not (student / "config.json").is_file():
         raise ModelSourceError(f"{source.pinned_uri} is not a moeforge student model (no artifacts/{STUDENT_ARTIFACT})")

@@ -38,5 +38,5 @@ class TextStream:
 
     def _release(self, text: str, upto: int) -> str:
         self.text = text[:upto]
-        delta, self.sent = text[self.sent:upto], upto
+        delta, self.sent = text[self.sent : upto], upto
         return delta

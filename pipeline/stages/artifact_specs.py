@@ -20,46 +20,65 @@ from pipeline.data.sources import Prompt
 
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
-SAMPLE_SCHEMA = pa.schema([
-    ("sample_id", pa.string()),  # <prompt_id>-<sample index>
-    ("prompt_id", pa.string()),
-    ("partition", pa.int32()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("messages", MESSAGES),  # the conversation the teacher answered (instruction, worked examples, question)
-    ("completion", pa.string()),  # the text the student trains on (canonical answer line when accepted)
-    ("raw_completion", pa.string()),  # the teacher's text as generated
-    ("extracted_answer", pa.string()),
-    ("answer_source", pa.string()),  # the extractor that found it: tag, phrase or last
-    ("reference_answer", pa.string()),
-    ("score", pa.float64()),
-    ("accepted", pa.bool_()),
-    ("reject_reason", pa.string()),  # one of REJECT_REASONS; null when accepted
-    ("error", pa.string()),  # the teacher's error for teacher_error / bad_prompt
-    ("teacher_id", pa.string()),
-    ("sampling", pa.string()),  # JSON: temperature, top_p, max_new_tokens, seed of the partition
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("latency_s", pa.float64()),  # wall time of the batch the sample was generated in
-])
-PROMPT_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("answer", pa.string()),
-    ("metadata", pa.string()),  # JSON: what the task's verifier needs (the reasoning-gym entry)
-])
-SAMPLES = ArtifactSpec("samples", "dataset", SAMPLE_SCHEMA,
-                       "every teacher sample of the training prompts, accepted or flagged with its reason")
-EVAL_PROMPTS = ArtifactSpec("eval_prompts", "dataset", PROMPT_SCHEMA,
-                            "held-out prompts for evaluate, disjoint from the training prompts")
+SAMPLE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),  # <prompt_id>-<sample index>
+        ("prompt_id", pa.string()),
+        ("partition", pa.int32()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("messages", MESSAGES),  # the conversation the teacher answered (instruction, worked examples, question)
+        ("completion", pa.string()),  # the text the student trains on (canonical answer line when accepted)
+        ("raw_completion", pa.string()),  # the teacher's text as generated
+        ("extracted_answer", pa.string()),
+        ("answer_source", pa.string()),  # the extractor that found it: tag, phrase or last
+        ("reference_answer", pa.string()),
+        ("score", pa.float64()),
+        ("accepted", pa.bool_()),
+        ("reject_reason", pa.string()),  # one of REJECT_REASONS; null when accepted
+        ("error", pa.string()),  # the teacher's error for teacher_error / bad_prompt
+        ("teacher_id", pa.string()),
+        ("sampling", pa.string()),  # JSON: temperature, top_p, max_new_tokens, seed of the partition
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("latency_s", pa.float64()),  # wall time of the batch the sample was generated in
+    ]
+)
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("metadata", pa.string()),  # JSON: what the task's verifier needs (the reasoning-gym entry)
+    ]
+)
+SAMPLES = ArtifactSpec(
+    "samples",
+    "dataset",
+    SAMPLE_SCHEMA,
+    "every teacher sample of the training prompts, accepted or flagged with its reason",
+)
+EVAL_PROMPTS = ArtifactSpec(
+    "eval_prompts", "dataset", PROMPT_SCHEMA, "held-out prompts for evaluate, disjoint from the training prompts"
+)
 
 
 def prompts_table(prompts: list[Prompt]) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"prompt_id": p.prompt_id, "task": p.task, "question": p.question, "answer": p.answer,
-         "metadata": json.dumps(p.metadata, default=str)} for p in prompts], schema=PROMPT_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "prompt_id": p.prompt_id,
+                "task": p.task,
+                "question": p.question,
+                "answer": p.answer,
+                "metadata": json.dumps(p.metadata, default=str),
+            }
+            for p in prompts
+        ],
+        schema=PROMPT_SCHEMA,
+    )
 
 
 def prompt_from_row(row: dict) -> Prompt:
@@ -72,20 +91,27 @@ def prompt_from_row(row: dict) -> Prompt:
 
 def soft_targets_schema(logprob_dtype: str = "float16") -> pa.Schema:
     lp = pa.float16() if logprob_dtype == "float16" else pa.float32()
-    return pa.schema([
-        ("sample_id", pa.string()),
-        ("task", pa.string()),
-        ("token_ids", pa.list_(pa.int32())),  # [L] prompt + completion + end-of-turn
-        ("loss_mask", pa.list_(pa.bool_())),  # [L] true at i when token i + 1 is a completion token
-        ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [positions with loss_mask][k]; empty: no soft targets
-        ("topk_logprobs", pa.list_(pa.list_(lp))),  # [positions][k]
-        ("tail_logmass", pa.list_(pa.float32())),  # [positions] log of the mass outside the top k
-    ])
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("task", pa.string()),
+            ("token_ids", pa.list_(pa.int32())),  # [L] prompt + completion + end-of-turn
+            ("loss_mask", pa.list_(pa.bool_())),  # [L] true at i when token i + 1 is a completion token
+            ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # [positions with loss_mask][k]; empty: no soft targets
+            ("topk_logprobs", pa.list_(pa.list_(lp))),  # [positions][k]
+            ("tail_logmass", pa.list_(pa.float32())),  # [positions] log of the mass outside the top k
+        ]
+    )
 
 
-SOFT_TARGETS = ArtifactSpec("soft_targets", "dataset", soft_targets_schema("float16"),
-                            "per accepted sample: token ids, loss mask, teacher top-k ids + log-probs, tail mass; "
-                            "tokenizer/ and meta.json beside", variants=(soft_targets_schema("float32"),))
+SOFT_TARGETS = ArtifactSpec(
+    "soft_targets",
+    "dataset",
+    soft_targets_schema("float16"),
+    "per accepted sample: token ids, loss mask, teacher top-k ids + log-probs, tail mass; "
+    "tokenizer/ and meta.json beside",
+    variants=(soft_targets_schema("float32"),),
+)
 
 
 def read_meta(path) -> dict:
@@ -95,35 +121,49 @@ def read_meta(path) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- convert
 
-INITIAL_STUDENT = ArtifactSpec("initial_student", "checkpoint", description="the student before training: converted "
-                               "from the teacher's weights (or random, model.init scratch), with its tokenizer and "
-                               "conversion.json (kept layers, rope pairs, KL and perplexity vs the teacher, costs)")
+INITIAL_STUDENT = ArtifactSpec(
+    "initial_student",
+    "checkpoint",
+    description="the student before training: converted "
+    "from the teacher's weights (or random, model.init scratch), with its tokenizer and "
+    "conversion.json (kept layers, rope pairs, KL and perplexity vs the teacher, costs)",
+)
 
 
 # ---------------------------------------------------------------------------------------------------- train
 
-STUDENT = ArtifactSpec("student", "checkpoint", description="the trained MoE student: safetensors weights (router "
-                       "biases included), config.json and the teacher's tokenizer")
+STUDENT = ArtifactSpec(
+    "student",
+    "checkpoint",
+    description="the trained MoE student: safetensors weights (router "
+    "biases included), config.json and the teacher's tokenizer",
+)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 
-REPORT_SCHEMA = pa.schema([
-    ("model", pa.string()),  # teacher or student
-    ("prompt_id", pa.string()),
-    ("task", pa.string()),
-    ("question", pa.string()),
-    ("reference_answer", pa.string()),
-    ("completion", pa.string()),
-    ("extracted_answer", pa.string()),
-    ("correct", pa.bool_()),
-    ("format_ok", pa.bool_()),  # the answer was stated in the taught format (tag or "The final answer is")
-    ("reason", pa.string()),  # why it is not correct (truncated, no_answer, wrong_answer, …); null when correct
-    ("finish_reason", pa.string()),
-    ("completion_tokens", pa.int32()),
-])
-EVAL_REPORT = ArtifactSpec("eval_report", "dataset", REPORT_SCHEMA,
-                           "teacher and student answers to the held-out prompts, graded; summary.json beside")
+REPORT_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),  # teacher or student
+        ("prompt_id", pa.string()),
+        ("task", pa.string()),
+        ("question", pa.string()),
+        ("reference_answer", pa.string()),
+        ("completion", pa.string()),
+        ("extracted_answer", pa.string()),
+        ("correct", pa.bool_()),
+        ("format_ok", pa.bool_()),  # the answer was stated in the taught format (tag or "The final answer is")
+        ("reason", pa.string()),  # why it is not correct (truncated, no_answer, wrong_answer, …); null when correct
+        ("finish_reason", pa.string()),
+        ("completion_tokens", pa.int32()),
+    ]
+)
+EVAL_REPORT = ArtifactSpec(
+    "eval_report",
+    "dataset",
+    REPORT_SCHEMA,
+    "teacher and student answers to the held-out prompts, graded; summary.json beside",
+)
 
 
 # ---------------------------------------------------------------------------------------------------- register, serve

@@ -42,9 +42,11 @@ class Convert(Stage):
         out = ctx.output_dir("initial_student")
         if cfg.model.init == "scratch":
             if cfg.convert.recovery_steps:
-                raise ValueError(f"convert.recovery_steps={cfg.convert.recovery_steps} recovers a student converted "
-                                 "from the teacher, but model.init=scratch converts nothing: set "
-                                 "convert.recovery_steps=0 or model.init=teacher")
+                raise ValueError(
+                    f"convert.recovery_steps={cfg.convert.recovery_steps} recovers a student converted "
+                    "from the teacher, but model.init=scratch converts nothing: set "
+                    "convert.recovery_steps=0 or model.init=teacher"
+                )
             name = cfg.teacher.model if cfg.teacher.backend != "openai" else cfg.distill.tokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(name, default_cache_dir())))
             torch.manual_seed(cfg.convert.seed)
@@ -55,8 +57,10 @@ class Convert(Stage):
             write_json(out / "conversion.json", {"init": "scratch"})
             return
         if cfg.teacher.backend == "openai":
-            raise ValueError("model.init=teacher converts the teacher's weights, but teacher.backend=openai has none "
-                             "on this machine: use a local teacher (backend hf or vllm) or set model.init=scratch")
+            raise ValueError(
+                "model.init=teacher converts the teacher's weights, but teacher.backend=openai has none "
+                "on this machine: use a local teacher (backend hf or vllm) or set model.init=scratch"
+            )
         self.convert(ctx, resolve_model_dir(cfg.teacher.model, default_cache_dir()))
 
     def convert(self, ctx: StageContext, teacher_dir) -> None:
@@ -75,44 +79,69 @@ class Convert(Stage):
         texts = teacher_texts(ctx.read_table("samples", SAMPLES).to_pylist(), tokenizer, cfg.model.max_seq_len)
         random.Random(c.seed).shuffle(texts)
         if len(texts) < 2:
-            raise ValueError(f"convert needs at least 2 teacher samples with text, got {len(texts)}: raise "
-                             "data.num_train_prompts")
+            raise ValueError(
+                f"convert needs at least 2 teacher samples with text, got {len(texts)}: raise data.num_train_prompts"
+            )
         n_held = min(c.held_out_samples, len(texts) // 2)
-        held_out, calibration = texts[:n_held], texts[n_held:n_held + c.calibration_samples]
+        held_out, calibration = texts[:n_held], texts[n_held : n_held + c.calibration_samples]
         calib = calibrate(teacher, calibration, ffn_sample=c.ffn_sample_tokens, seed=c.seed)
         student, report = convert(teacher, cfg.model, calib, keep_layers=c.keep_layers, seed=c.seed)
         if len(tokenizer) != student.cfg.vocab_size:
-            raise ValueError(f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding "
-                             f"{student.cfg.vocab_size} rows")
+            raise ValueError(
+                f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding {student.cfg.vocab_size} rows"
+            )
         fid = fidelity(teacher, student, held_out)
         metrics = {}
         if c.recovery_steps:
-            metrics.update(self.recover(ctx, teacher, student, texts[n_held:]), kl_to_teacher_converted=fid.kl,
-                           student_ppl_converted=fid.student_ppl)
+            metrics.update(
+                self.recover(ctx, teacher, student, texts[n_held:]),
+                kl_to_teacher_converted=fid.kl,
+                student_ppl_converted=fid.student_ppl,
+            )
             fid = fidelity(teacher, student, held_out)
         costs = economics(student.cfg, student.num_params(), TeacherShape.of(teacher.config))
-        metrics.update({"kl_to_teacher": fid.kl, "student_ppl": fid.student_ppl, "teacher_ppl": fid.teacher_ppl,
-                        "held_out_tokens": fid.tokens, "calibration_tokens": calib.tokens, **costs})
+        metrics.update(
+            {
+                "kl_to_teacher": fid.kl,
+                "student_ppl": fid.student_ppl,
+                "teacher_ppl": fid.teacher_ppl,
+                "held_out_tokens": fid.tokens,
+                "calibration_tokens": calib.tokens,
+                **costs,
+            }
+        )
         ctx.log_metrics(metrics)
         ctx.set_tags({"moeforge.convert.layers": ",".join(map(str, report.layers))})
         student.save_pretrained(ctx.output_dir("initial_student"), tokenizer)
-        write_json(ctx.output_dir("initial_student") / "conversion.json", {
-            "init": "teacher", "teacher": str(cfg.teacher.model), "layers": report.layers,
-            "rope_pairs": report.rope_pairs, "block_importance": report.importance,
-            "calibration_samples": len(calibration), "held_out_samples": len(held_out), **metrics})
-
+        write_json(
+            ctx.output_dir("initial_student") / "conversion.json",
+            {
+                "init": "teacher",
+                "teacher": str(cfg.teacher.model),
+                "layers": report.layers,
+                "rope_pairs": report.rope_pairs,
+                "block_importance": report.importance,
+                "calibration_samples": len(calibration),
+                "held_out_samples": len(held_out),
+                **metrics,
+            },
+        )
 
     def recover(self, ctx: StageContext, teacher, student, texts: list[list[int]]) -> dict[str, float]:
         """Recovery on every non-held-out teacher text; its per-step KL is the `recovery_kl` series."""
         from pipeline.train.recovery import recover
 
         c = ctx.config.convert
-        report = recover(teacher, student, texts, c.recovery_steps, lr=c.recovery_lr,
-                         batch_size=c.recovery_batch_size, seed=c.seed)
+        report = recover(
+            teacher, student, texts, c.recovery_steps, lr=c.recovery_lr, batch_size=c.recovery_batch_size, seed=c.seed
+        )
         for step, kl in enumerate(report.losses, start=1):
             ctx.log_metrics({"recovery_kl": kl}, step=step)
-        return {"recovery_tokens": report.tokens, "recovery_seconds": report.seconds,
-                "recovery_tokens_per_s": report.tokens / max(report.seconds, 1e-9)}
+        return {
+            "recovery_tokens": report.tokens,
+            "recovery_seconds": report.seconds,
+            "recovery_tokens_per_s": report.tokens / max(report.seconds, 1e-9),
+        }
 
 
 def teacher_texts(rows: list[dict], tokenizer, max_len: int) -> list[list[int]]:

@@ -37,11 +37,13 @@ class Distill(Stage):
         cfg = ctx.config
         samples = ctx.read_table("samples", SAMPLES).filter(pc.field("accepted"))
         if samples.num_rows == 0:
-            raise ValueError("no accepted samples to distill: every sample of `generate` was rejected (see its "
-                             "rejected.* metrics); loosen generate.accept_threshold or use a stronger teacher")
+            raise ValueError(
+                "no accepted samples to distill: every sample of `generate` was rejected (see its "
+                "rejected.* metrics); loosen generate.accept_threshold or use a stronger teacher"
+            )
         rows = samples.select(["sample_id", "task", "question", "completion"]).to_pylist()
         size = cfg.distill.shard_size
-        parts = {i: rows[start:start + size] for i, start in enumerate(range(0, len(rows), size))}
+        parts = {i: rows[start : start + size] for i, start in enumerate(range(0, len(rows), size))}
         shards = Shards(ctx.scratch_dir, SOFT_TARGETS)
         dtype = soft_targets_schema(cfg.distill.logprob_dtype)
         out = ctx.output_dir("soft_targets")
@@ -54,13 +56,26 @@ class Distill(Stage):
         fingerprint = T.tokenizer_fingerprint(tokenizer)
         table = shards.read(sorted(parts))
         positions = sum(sum(m) for m in table["loss_mask"].to_pylist())
-        write_json(out / "meta.json", {"tokenizer_fingerprint": fingerprint, "teacher_id": teacher_id,
-                                       "top_k": cfg.distill.top_k, "logprob_dtype": cfg.distill.logprob_dtype,
-                                       "soft_targets": cfg.teacher.backend != "openai", "samples": table.num_rows,
-                                       "target_positions": positions})
+        write_json(
+            out / "meta.json",
+            {
+                "tokenizer_fingerprint": fingerprint,
+                "teacher_id": teacher_id,
+                "top_k": cfg.distill.top_k,
+                "logprob_dtype": cfg.distill.logprob_dtype,
+                "soft_targets": cfg.teacher.backend != "openai",
+                "samples": table.num_rows,
+                "target_positions": positions,
+            },
+        )
         ctx.set_tags({"moeforge.tokenizer_fingerprint": fingerprint})
-        ctx.log_metrics({"samples": table.num_rows, "target_positions": positions,
-                         "bytes_per_token": stored_bytes / max(positions, 1)})
+        ctx.log_metrics(
+            {
+                "samples": table.num_rows,
+                "target_positions": positions,
+                "bytes_per_token": stored_bytes / max(positions, 1),
+            }
+        )
 
     def score(self, ctx: StageContext, parts: dict, shards: Shards, schema: pa.Schema):
         from transformers import AutoTokenizer
@@ -74,19 +89,33 @@ class Distill(Stage):
             teacher = teacher.model_copy(update={"backend": "hf"})
         masses, tokens, t0 = [], 0, None
         todo = shards.missing(sorted(parts))
-        requests = [(i, ScoreRequest([(r["question"], r["completion"]) for r in parts[i]],
-                                     cfg.distill.top_k, cfg.distill.batch_size)) for i in todo]
+        requests = [
+            (
+                i,
+                ScoreRequest(
+                    [(r["question"], r["completion"]) for r in parts[i]], cfg.distill.top_k, cfg.distill.batch_size
+                ),
+            )
+            for i in todo
+        ]
         teacher_id = None
         if requests:
             bar = ctx.progress(total=sum(len(parts[i]) for i in todo), desc="distill")
-            with teacher_pool(teacher, f"distill-{ctx.run_id[:8]}.teacher",
-                              scheduling_strategy=ctx.scheduling_strategy) as pool:
+            with teacher_pool(
+                teacher, f"distill-{ctx.run_id[:8]}.teacher", scheduling_strategy=ctx.scheduling_strategy
+            ) as pool:
                 t0 = time.perf_counter()
                 for i, result in pool.map_unordered("score", requests, cfg.distill.max_attempts):
-                    shards.write(i, pa.Table.from_pylist([
-                        T.row(r["sample_id"], r["task"], seq, start, tg)
-                        for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets, strict=True)],
-                        schema=schema))
+                    shards.write(
+                        i,
+                        pa.Table.from_pylist(
+                            [
+                                T.row(r["sample_id"], r["task"], seq, start, tg)
+                                for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets, strict=True)
+                            ],
+                            schema=schema,
+                        ),
+                    )
                     masses += [T.topk_mass(tg) for tg in result.targets]
                     tokens += result.tokens
                     teacher_id = result.teacher_id
@@ -97,8 +126,11 @@ class Distill(Stage):
         metrics = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}
         if masses:
             mass = np.concatenate(masses)
-            metrics.update(topk_mass_mean=float(mass.mean()), topk_mass_p5=float(np.percentile(mass, 5)),
-                           score_tokens_per_s=tokens / (time.perf_counter() - t0))
+            metrics.update(
+                topk_mass_mean=float(mass.mean()),
+                topk_mass_p5=float(np.percentile(mass, 5)),
+                score_tokens_per_s=tokens / (time.perf_counter() - t0),
+            )
         ctx.log_metrics(metrics)
         model_dir = resolve_model_dir(teacher.model, default_cache_dir())
         return AutoTokenizer.from_pretrained(str(model_dir)), teacher_id or f"hf:{model_dir.name}"
@@ -110,14 +142,21 @@ class Distill(Stage):
         from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
 
         cfg = ctx.config
-        warning = (f"teacher backend {cfg.teacher.backend!r} gives no logits: sequence-level distillation (SFT on "
-                   f"the accepted completions) with tokenizer {cfg.distill.tokenizer!r}")
+        warning = (
+            f"teacher backend {cfg.teacher.backend!r} gives no logits: sequence-level distillation (SFT on "
+            f"the accepted completions) with tokenizer {cfg.distill.tokenizer!r}"
+        )
         ctx.set_tags({"moeforge.warning": warning})
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.distill.tokenizer, default_cache_dir())))
         for i in shards.missing(sorted(parts)):
-            shards.write(i, pa.Table.from_pylist([
-                T.row(r["sample_id"], r["task"], *T.encode(tokenizer, r["question"], r["completion"]), None)
-                for r in parts[i]], schema=schema))
+            shards.write(
+                i,
+                pa.Table.from_pylist(
+                    [
+                        T.row(r["sample_id"], r["task"], *T.encode(tokenizer, r["question"], r["completion"]), None)
+                        for r in parts[i]
+                    ],
+                    schema=schema,
+                ),
+            )
         return tokenizer, f"openai:{cfg.teacher.model}@{cfg.teacher.base_url}"
-
-

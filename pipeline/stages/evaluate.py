@@ -45,12 +45,17 @@ class Evaluate(Stage):
         if not prompts:
             raise ValueError("the held-out split is empty: set data.num_eval_prompts >= 1")
         size = ctx.config.evaluate.partition_size
-        parts = {i: prompts[s:s + size] for i, s in enumerate(range(0, len(prompts), size))}
-        generations = {"teacher": self.teacher_answers(ctx, parts, best=False),
-                       "teacher_best": self.teacher_answers(ctx, parts, best=True),
-                       "student": self.student_answers(ctx, parts)}
-        rows = [grade_row(model, p, gen, ctx.config.teacher.answer_extractors)
-                for model in MODELS for p, gen in zip(prompts, generations[model], strict=True)]
+        parts = {i: prompts[s : s + size] for i, s in enumerate(range(0, len(prompts), size))}
+        generations = {
+            "teacher": self.teacher_answers(ctx, parts, best=False),
+            "teacher_best": self.teacher_answers(ctx, parts, best=True),
+            "student": self.student_answers(ctx, parts),
+        }
+        rows = [
+            grade_row(model, p, gen, ctx.config.teacher.answer_extractors)
+            for model in MODELS
+            for p, gen in zip(prompts, generations[model], strict=True)
+        ]
         table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
         ctx.write_table("eval_report", table)
         summary = summarize(rows)
@@ -73,10 +78,15 @@ class Evaluate(Stage):
         ask = (lambda p: teacher_messages(p.task, p.question)) if best else (lambda p: student_messages(p.question))
         requests = [(i, GenerateRequest([ask(p) for p in part], seed=0)) for i, part in parts.items()]
         out: dict[int, list[Generation]] = {}
-        bar = ctx.progress(total=sum(len(p) for p in parts.values()),
-                           desc="evaluate teacher, worked examples" if best else "evaluate teacher")
-        with teacher_pool(teacher, f"evaluate-{ctx.run_id[:8]}.teacher{'-best' if best else ''}",
-                          scheduling_strategy=ctx.scheduling_strategy) as pool:
+        bar = ctx.progress(
+            total=sum(len(p) for p in parts.values()),
+            desc="evaluate teacher, worked examples" if best else "evaluate teacher",
+        )
+        with teacher_pool(
+            teacher,
+            f"evaluate-{ctx.run_id[:8]}.teacher{'-best' if best else ''}",
+            scheduling_strategy=ctx.scheduling_strategy,
+        ) as pool:
             for i, result in pool.map_unordered("generate", requests):
                 out[i] = result.generations
                 bar.update(len(result.generations))
@@ -90,21 +100,28 @@ class Evaluate(Stage):
 
         e = ctx.config.evaluate
         threads = max(1, int(e.num_cpus_per_actor)) if e.num_gpus_per_actor == 0 else None
-        requests = [(i, AnswerRequest([p.question for p in part], e.max_new_tokens, e.batch_size))
-                    for i, part in parts.items()]
+        requests = [
+            (i, AnswerRequest([p.question for p in part], e.max_new_tokens, e.batch_size)) for i, part in parts.items()
+        ]
         out: dict[int, list[Generation]] = {}
         bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc="evaluate student")
-        with ActorPool(StudentWorker, (ctx.call.inputs["student"], ctx.call.tracking_uri, str(ctx.workdir), threads),
-                       size=min(e.num_actors, len(parts)), name=f"evaluate-{ctx.run_id[:8]}.student",
-                       num_cpus=e.num_cpus_per_actor, num_gpus=e.num_gpus_per_actor,
-                       scheduling_strategy=ctx.scheduling_strategy) as pool:
+        with ActorPool(
+            StudentWorker,
+            (ctx.call.inputs["student"], ctx.call.tracking_uri, str(ctx.workdir), threads),
+            size=min(e.num_actors, len(parts)),
+            name=f"evaluate-{ctx.run_id[:8]}.student",
+            num_cpus=e.num_cpus_per_actor,
+            num_gpus=e.num_gpus_per_actor,
+            scheduling_strategy=ctx.scheduling_strategy,
+        ) as pool:
             for i, result in pool.map_unordered("answer", requests):
-                out[i] = [Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason,
-                                     result.seconds) for a in result.answers]
+                out[i] = [
+                    Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason, result.seconds)
+                    for a in result.answers
+                ]
                 bar.update(len(result.answers))
         bar.close()
         return [g for i in sorted(out) for g in out[i]]
-
 
     def decode_speeds(self, ctx: StageContext, prompt) -> dict[str, float]:
         """Decode tokens/s of both models at each `evaluate.decode_batches` size, in this process (all its cores)."""
@@ -129,8 +146,10 @@ class Evaluate(Stage):
             teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
         return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens)
 
-def decode_throughput(student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int
-                      ) -> dict[str, float]:
+
+def decode_throughput(
+    student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int
+) -> dict[str, float]:
     """Greedy decoding tokens/s of the student (our latent-cache `generate`) and the teacher (transformers'
     `generate` with its KV cache) on the same prompt, `new_tokens` per sequence, at each batch size.
 
@@ -152,8 +171,13 @@ def decode_throughput(student, teacher, prompt: list[int], batches: tuple[int, .
             ids = torch.tensor([list(prompt)] * b)
             t0 = time.perf_counter()
             with torch.no_grad():
-                teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False)
+                teacher.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                )
             out[f"teacher_decode_tokens_per_s_batch{b}"] = b * new_tokens / (time.perf_counter() - t0)
     return out
 
@@ -161,15 +185,34 @@ def decode_throughput(student, teacher, prompt: list[int], batches: tuple[int, .
 def grade_row(model: str, prompt, gen: Generation, extractors) -> dict:
     verdict = judge(prompt, gen, extractors, threshold=1.0, canonical=False)
     stated, _ = extract(gen.text, is_numeric(prompt.task, prompt.answer), ("tag", "phrase"))
-    return {"model": model, "prompt_id": prompt.prompt_id, "task": prompt.task, "question": prompt.question,
-            "reference_answer": prompt.answer, "completion": gen.text, "extracted_answer": verdict.answer,
-            "correct": verdict.accepted, "format_ok": stated is not None, "reason": verdict.reason,
-            "finish_reason": gen.finish_reason, "completion_tokens": gen.completion_tokens}
+    return {
+        "model": model,
+        "prompt_id": prompt.prompt_id,
+        "task": prompt.task,
+        "question": prompt.question,
+        "reference_answer": prompt.answer,
+        "completion": gen.text,
+        "extracted_answer": verdict.answer,
+        "correct": verdict.accepted,
+        "format_ok": stated is not None,
+        "reason": verdict.reason,
+        "finish_reason": gen.finish_reason,
+        "completion_tokens": gen.completion_tokens,
+    }
 
 
-ECONOMICS = ("student_params_total", "student_params_active", "student_params_active_nonembedding",
-             "teacher_params_total", "teacher_params_nonembedding", "active_param_ratio",
-             "student_cache_floats_per_token", "teacher_cache_floats_per_token", "cache_ratio", "kl_to_teacher")
+ECONOMICS = (
+    "student_params_total",
+    "student_params_active",
+    "student_params_active_nonembedding",
+    "teacher_params_total",
+    "teacher_params_nonembedding",
+    "active_param_ratio",
+    "student_cache_floats_per_token",
+    "teacher_cache_floats_per_token",
+    "cache_ratio",
+    "kl_to_teacher",
+)
 
 
 def constant_answer_floor(rows: list[dict]) -> dict:
@@ -183,8 +226,11 @@ def constant_answer_floor(rows: list[dict]) -> dict:
         answer, count = Counter(answers_of_task).most_common(1)[0]
         by_task[task], answers[task] = count / len(answers_of_task), answer
         hits += count
-    return {"pass_at_1": hits / max(sum(len(v) for v in refs.values()), 1), "pass_at_1_by_task": by_task,
-            "answer_by_task": answers}
+    return {
+        "pass_at_1": hits / max(sum(len(v) for v in refs.values()), 1),
+        "pass_at_1_by_task": by_task,
+        "answer_by_task": answers,
+    }
 
 
 def summarize(rows: list[dict]) -> dict:

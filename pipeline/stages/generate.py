@@ -37,22 +37,30 @@ class Partition:
 
 def partitions(prompts: list[Prompt], shard_size: int, seed: int) -> list[Partition]:
     """Fixed, seeded partitions of the training prompts: the unit of work, retry and output shard."""
-    return [Partition(i, prompts[start:start + shard_size], int(config_hash([seed, i])[:8], 16))
-            for i, start in enumerate(range(0, len(prompts), shard_size))]
+    return [
+        Partition(i, prompts[start : start + shard_size], int(config_hash([seed, i])[:8], 16))
+        for i, start in enumerate(range(0, len(prompts), shard_size))
+    ]
 
 
 def conversations(part: Partition, cfg) -> list[list[dict]]:
     """The teacher conversations of a partition: `samples_per_prompt` per prompt, empty prompts left out."""
-    return [teacher_messages(p.task, p.question, cfg.data.prompt_style)
-            for p in part.prompts if p.question.strip() for _ in range(cfg.generate.samples_per_prompt)]
+    return [
+        teacher_messages(p.task, p.question, cfg.data.prompt_style)
+        for p in part.prompts
+        if p.question.strip()
+        for _ in range(cfg.generate.samples_per_prompt)
+    ]
 
 
 def grade(part: Partition, generations: list[Generation], teacher_id: str, cfg) -> pa.Table:
     """Every sample of a partition as rows: judged one by one, then per prompt (duplicates, quota)."""
     g, t = cfg.generate, cfg.teacher
     it = iter(generations)
-    sampling = json.dumps({"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens,
-                           "seed": part.seed}, sort_keys=True)
+    sampling = json.dumps(
+        {"temperature": t.temperature, "top_p": t.top_p, "max_new_tokens": t.max_new_tokens, "seed": part.seed},
+        sort_keys=True,
+    )
     rows = []
     for p in part.prompts:
         messages = teacher_messages(p.task, p.question, cfg.data.prompt_style)
@@ -62,15 +70,35 @@ def grade(part: Partition, generations: list[Generation], teacher_id: str, cfg) 
             verdicts.append(judge(p, gen, t.answer_extractors, g.accept_threshold, g.canonical_answer))
             rows.append((p, j, messages, gen, verdicts[-1]))
         select(verdicts, g.max_accepted_per_prompt)
-    return pa.Table.from_pylist([{
-        "sample_id": f"{p.prompt_id}-{j}", "prompt_id": p.prompt_id, "partition": part.index, "task": p.task,
-        "question": p.question, "messages": messages,
-        "completion": v.completion, "raw_completion": gen.text, "extracted_answer": v.answer,
-        "answer_source": v.answer_source, "reference_answer": p.answer, "score": v.score,
-        "accepted": v.accepted, "reject_reason": v.reason, "error": gen.error, "teacher_id": teacher_id,
-        "sampling": sampling, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
-        "completion_tokens": gen.completion_tokens, "latency_s": gen.seconds,
-    } for p, j, messages, gen, v in rows], schema=SAMPLE_SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "sample_id": f"{p.prompt_id}-{j}",
+                "prompt_id": p.prompt_id,
+                "partition": part.index,
+                "task": p.task,
+                "question": p.question,
+                "messages": messages,
+                "completion": v.completion,
+                "raw_completion": gen.text,
+                "extracted_answer": v.answer,
+                "answer_source": v.answer_source,
+                "reference_answer": p.answer,
+                "score": v.score,
+                "accepted": v.accepted,
+                "reject_reason": v.reason,
+                "error": gen.error,
+                "teacher_id": teacher_id,
+                "sampling": sampling,
+                "finish_reason": gen.finish_reason,
+                "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens,
+                "latency_s": gen.seconds,
+            }
+            for p, j, messages, gen, v in rows
+        ],
+        schema=SAMPLE_SCHEMA,
+    )
 
 
 class Generate(Stage):
@@ -99,21 +127,33 @@ class Generate(Stage):
         stats = _Stats()
         if requests:
             t_pool = time.perf_counter()
-            with teacher_pool(cfg.teacher, f"generate-{ctx.run_id[:8]}.teacher",
-                              cfg.generate.max_in_flight_per_actor, ctx.scheduling_strategy) as pool:
+            with teacher_pool(
+                cfg.teacher,
+                f"generate-{ctx.run_id[:8]}.teacher",
+                cfg.generate.max_in_flight_per_actor,
+                ctx.scheduling_strategy,
+            ) as pool:
                 stats = _Stats()  # throughput counts from a loaded pool; startup is its own metric
                 ctx.log_metrics({"actor_startup_s": stats.start - t_pool})
-                for index, result in pool.map_unordered("generate", requests, cfg.generate.max_attempts,
-                                                        on_retry=lambda key, _: retries.update([key])):
+                for index, result in pool.map_unordered(
+                    "generate", requests, cfg.generate.max_attempts, on_retry=lambda key, _: retries.update([key])
+                ):
                     table = grade(parts[index], result.generations, result.teacher_id, cfg)
                     shards.write(index, table)
                     stats.add(table, result)
                     record_partition(ctx, table, result.completion_tokens, stats)
                     bar.update(table.num_rows)
-                    bar.set_description(f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
-                                        f"accepted {stats.accepted / max(stats.samples, 1):.0%}")
-                    ctx.log_metrics({"samples_done": stats.samples, "acceptance_rate_so_far":
-                                     stats.accepted / max(stats.samples, 1)}, step=stats.partitions)
+                    bar.set_description(
+                        f"generate {stats.samples / stats.elapsed:.1f} samples/s, "
+                        f"accepted {stats.accepted / max(stats.samples, 1):.0%}"
+                    )
+                    ctx.log_metrics(
+                        {
+                            "samples_done": stats.samples,
+                            "acceptance_rate_so_far": stats.accepted / max(stats.samples, 1),
+                        },
+                        step=stats.partitions,
+                    )
                 replaced = pool.replacements
         else:
             replaced = 0
@@ -122,9 +162,17 @@ class Generate(Stage):
         out = ctx.output_dir("samples")
         shards.publish([p.index for p in parts], out)
         samples = shards.read([p.index for p in parts])
-        ctx.log_metrics({**summarize(samples), **stats.throughput(), "partitions": len(parts),
-                         "resumed_partitions": resumed, "retried_partitions": len(retries),
-                         "replaced_actors": replaced, "eval_prompts": len(splits["eval"])})
+        ctx.log_metrics(
+            {
+                **summarize(samples),
+                **stats.throughput(),
+                "partitions": len(parts),
+                "resumed_partitions": resumed,
+                "retried_partitions": len(retries),
+                "replaced_actors": replaced,
+                "eval_prompts": len(splits["eval"]),
+            }
+        )
         self.log_dataset(ctx, samples)
 
     def log_dataset(self, ctx: StageContext, samples: pa.Table) -> None:
@@ -137,10 +185,21 @@ class Generate(Stage):
         with warnings.catch_warnings():  # MLflow's hints about inferring a model signature do not apply here
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(df, source=dataset_source(uri, ctx.call.tracking_uri), name="samples")
-        ctx.client.log_inputs(ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                        [InputTag("mlflow.data.context", "output")])])
-        preview = df[["sample_id", "task", "question", "completion", "extracted_answer", "reference_answer",
-                      "accepted", "reject_reason"]]
+        ctx.client.log_inputs(
+            ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "output")])]
+        )
+        preview = df[
+            [
+                "sample_id",
+                "task",
+                "question",
+                "completion",
+                "extracted_answer",
+                "reference_answer",
+                "accepted",
+                "reject_reason",
+            ]
+        ]
         preview = preview.groupby("accepted", group_keys=False).head(20)
         ctx.client.log_table(ctx.run_id, preview, "samples_preview.json")
 
@@ -154,8 +213,9 @@ def dataset_source(uri: str, tracking_uri: str):
 
     parsed = urlparse(uri)
     if parsed.scheme == "mlflow-artifacts":
-        base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else \
-            f"http://{parsed.netloc}"
+        base = (
+            tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else f"http://{parsed.netloc}"
+        )
         return HTTPDatasetSource(f"{base}/api/2.0/mlflow-artifacts/artifacts{parsed.path}")
     return uri
 
@@ -184,8 +244,11 @@ class _Stats:
     def throughput(self) -> dict[str, float]:
         if not self.partitions:
             return {}
-        out = {"tokens_per_s": self.tokens / self.elapsed, "samples_per_s": self.samples / self.elapsed,
-               "generate_seconds": self.elapsed}
+        out = {
+            "tokens_per_s": self.tokens / self.elapsed,
+            "samples_per_s": self.samples / self.elapsed,
+            "generate_seconds": self.elapsed,
+        }
         for i, worker in enumerate(sorted(self.worker_tokens)):
             out[f"actor_{i}.tokens_per_s"] = self.worker_tokens[worker] / max(self.worker_seconds[worker], 1e-9)
         return out
@@ -195,8 +258,7 @@ def record_partition(ctx: StageContext, table: pa.Table, tokens: int, stats: _St
     """Live metrics of one graded partition: prompts and samples per task, accepted or not; throughput."""
     by_task: dict[str, dict[str, set | int]] = {}
     for row in table.select(["task", "prompt_id", "accepted"]).to_pylist():
-        t = by_task.setdefault(row["task"], {"prompts": set(), "accepted_prompts": set(), "samples": 0,
-                                             "accepted": 0})
+        t = by_task.setdefault(row["task"], {"prompts": set(), "accepted_prompts": set(), "samples": 0, "accepted": 0})
         t["prompts"].add(row["prompt_id"])
         t["samples"] += 1
         if row["accepted"]:
@@ -215,10 +277,13 @@ def summarize(samples: pa.Table) -> dict[str, float]:
     """Acceptance overall, per task and per reject reason; completion lengths."""
     rows = samples.select(["task", "accepted", "reject_reason", "completion_tokens"]).to_pylist()
     n = len(rows)
-    out = {"samples": n, "accepted": sum(r["accepted"] for r in rows),
-           "acceptance_rate": sum(r["accepted"] for r in rows) / max(n, 1),
-           "format_failure_rate": sum(r["reject_reason"] == "no_answer" for r in rows) / max(n, 1),
-           "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(n, 1)}
+    out = {
+        "samples": n,
+        "accepted": sum(r["accepted"] for r in rows),
+        "acceptance_rate": sum(r["accepted"] for r in rows) / max(n, 1),
+        "format_failure_rate": sum(r["reject_reason"] == "no_answer" for r in rows) / max(n, 1),
+        "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(n, 1),
+    }
     for task in sorted({r["task"] for r in rows}):
         of_task = [r for r in rows if r["task"] == task]
         out[f"acceptance_rate.{task}"] = sum(r["accepted"] for r in of_task) / len(of_task)

@@ -38,15 +38,45 @@ class Register(Stage):
         version = register_run_model(ctx.client, ctx.call.tracking_uri, name, train_run)
         champion = champion_pass_at_1(ctx.client, name, exclude_version=version.version)
         floor = summary.get("floor", {}).get("pass_at_1_by_task")
-        alias, reason = gate(student, teacher, champion, cfg.gate_ratio, cfg.must_beat_champion,
-                             summary["student"]["pass_at_1_by_task"], floor)
-        promote(ctx.client, version, alias, {
-            "moeforge.pass_at_1": student, "moeforge.teacher_pass_at_1": teacher, "moeforge.alias": alias,
-            "moeforge.gate_reason": reason, "moeforge.eval_run_id": ctx.call.inputs["eval_report"].run_id})
-        ctx.set_tags({"moeforge.registered_model": f"{name}/{version.version}", "moeforge.alias": alias,
-                      "moeforge.gate_reason": reason})
+        alias, reason = gate(
+            student,
+            teacher,
+            champion,
+            cfg.gate_ratio,
+            cfg.must_beat_champion,
+            summary["student"]["pass_at_1_by_task"],
+            floor,
+        )
+        promote(
+            ctx.client,
+            version,
+            alias,
+            {
+                "moeforge.pass_at_1": student,
+                "moeforge.teacher_pass_at_1": teacher,
+                "moeforge.alias": alias,
+                "moeforge.gate_reason": reason,
+                "moeforge.eval_run_id": ctx.call.inputs["eval_report"].run_id,
+            },
+        )
+        ctx.set_tags(
+            {
+                "moeforge.registered_model": f"{name}/{version.version}",
+                "moeforge.alias": alias,
+                "moeforge.gate_reason": reason,
+            }
+        )
         ctx.log_metrics({"version": int(version.version), "champion": float(alias == "champion")})
-        write_json(ctx.output_dir("registration") / "registration.json",
-                   {"name": name, "version": int(version.version), "alias": alias, "reason": reason,
-                    "model_uri": f"models:/{name}@{alias}", "student_pass_at_1": student,
-                    "teacher_pass_at_1": teacher, "champion_pass_at_1": champion})
+        write_json(
+            ctx.output_dir("registration") / "registration.json",
+            {
+                "name": name,
+                "version": int(version.version),
+                "alias": alias,
+                "reason": reason,
+                "model_uri": f"models:/{name}@{alias}",
+                "student_pass_at_1": student,
+                "teacher_pass_at_1": teacher,
+                "champion_pass_at_1": champion,
+            },
+        )

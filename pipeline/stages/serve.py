@@ -44,11 +44,19 @@ class Serve(Stage):
                 raise ModelSourceError(
                     f"nothing to serve: {e}; this run's version {registration['version']} became "
                     f"{registration['alias']} ({registration['reason']}). Serve it explicitly with "
-                    f"serve.model_uri={registration['model_uri']}") from None
+                    f"serve.model_uri={registration['model_uri']}"
+                ) from None
             raise
         url = start(settings, model, ctx.call.tracking_uri)
-        endpoint = {"url": url, "openai_base_url": f"{url}/v1", "model": source.name, "model_uri": model,
-                    "pinned_uri": source.pinned_uri, "version": source.version, "alias": source.alias}
+        endpoint = {
+            "url": url,
+            "openai_base_url": f"{url}/v1",
+            "model": source.name,
+            "model_uri": model,
+            "pinned_uri": source.pinned_uri,
+            "version": source.version,
+            "alias": source.alias,
+        }
         write_json(ctx.output_dir("endpoint") / "endpoint.json", endpoint)
         ctx.set_tags({"moeforge.serve_url": url, "moeforge.served_model": source.pinned_uri})
         if source.version:

@@ -44,8 +44,10 @@ class Train(Stage):
         check_tokenizer(tokenizer, meta["tokenizer_fingerprint"], "the soft targets' saved tokenizer")
         model = Transformer.from_pretrained(ctx.input_path("initial_student"))
         if model.cfg.vocab_size != len(tokenizer):
-            raise ValueError(f"the initial student's vocabulary ({model.cfg.vocab_size}) is not the soft targets' "
-                             f"tokenizer's ({len(tokenizer)} tokens): convert and distill used different tokenizers")
+            raise ValueError(
+                f"the initial student's vocabulary ({model.cfg.vocab_size}) is not the soft targets' "
+                f"tokenizer's ({len(tokenizer)} tokens): convert and distill used different tokenizers"
+            )
         sizes = model.num_params()
         ctx.log_metrics({"params_total": sizes["total"], "params_active": sizes["active"]})
         if not meta.get("soft_targets", True):
@@ -63,9 +65,16 @@ class Train(Stage):
         val_rows = dataset.filter(lambda r: is_held_out(r["sample_id"], t.val_fraction, t.seed)).take_all()
         train_rows = dataset.filter(lambda r: not is_held_out(r["sample_id"], t.val_fraction, t.seed))
         ctx.log_metrics({"val_samples": len(val_rows)})
-        job = TrainJob(model.cfg, t, meta["top_k"], ctx.run_id, ctx.call.tracking_uri,
-                       parent_run_id=ctx.call.parent_run_id, initial_state=ray.put(model.state_dict()),
-                       val_rows=[dict(r) for r in val_rows])
+        job = TrainJob(
+            model.cfg,
+            t,
+            meta["top_k"],
+            ctx.run_id,
+            ctx.call.tracking_uri,
+            parent_run_id=ctx.call.parent_run_id,
+            initial_state=ray.put(model.state_dict()),
+            val_rows=[dict(r) for r in val_rows],
+        )
         result = fit(job, train_rows, run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")

@@ -30,19 +30,28 @@ class Student:
         self.model = Transformer.from_pretrained(directory, map_location=device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
 
-    def answer(self, questions: list[str], max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int | None = None, batch_size: int = 8) -> list[Answer]:
+    def answer(
+        self,
+        questions: list[str],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        batch_size: int = 8,
+    ) -> list[Answer]:
         """Greedy (temperature 0) or sampled answers, `batch_size` questions per decoding batch."""
         from pipeline.data.prompts import chat_token_ids, student_messages
         from pipeline.model.generate import SamplingParams, generate
 
         eos = self.tokenizer.eos_token_id
-        sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  stop_token_ids=(eos,), seed=seed)
+        sampling = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop_token_ids=(eos,), seed=seed
+        )
         out: list[Answer] = []
         for start in range(0, len(questions), batch_size):
-            prompts = [chat_token_ids(self.tokenizer, student_messages(str(q)))
-                       for q in questions[start:start + batch_size]]
+            prompts = [
+                chat_token_ids(self.tokenizer, student_messages(str(q))) for q in questions[start : start + batch_size]
+            ]
             for prompt, c in zip(prompts, generate(self.model, prompts, sampling), strict=True):
                 text = self.tokenizer.decode([t for t in c.tokens if t != eos], skip_special_tokens=True)
                 out.append(Answer(text, len(prompt), len(c.tokens), c.finish_reason or "length"))

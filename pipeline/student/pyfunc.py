@@ -22,10 +22,13 @@ class StudentModel(mlflow.pyfunc.PythonModel):
         questions = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         params = params or {}
         seed = params.get("seed")
-        answers = self.student.answer([str(q) for q in questions],
-                                      max_new_tokens=int(params.get("max_new_tokens", 128)),
-                                      temperature=float(params.get("temperature", 0.0)),
-                                      top_p=float(params.get("top_p", 1.0)), seed=None if seed is None else int(seed))
+        answers = self.student.answer(
+            [str(q) for q in questions],
+            max_new_tokens=int(params.get("max_new_tokens", 128)),
+            temperature=float(params.get("temperature", 0.0)),
+            top_p=float(params.get("top_p", 1.0)),
+            seed=None if seed is None else int(seed),
+        )
         return [a.text for a in answers]
 
 

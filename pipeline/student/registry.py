@@ -30,15 +30,21 @@ def log_student(model_dir: str | Path, run_id: str, tracking_uri: str, registere
     from pipeline.tracking import using_tracking_uri
 
     digest = content_hash(Path(model_dir))
-    signature = infer_signature(pd.DataFrame({"prompt": ["What is 2 + 2?"]}), ["The final answer is 4."],
-                                params={"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0})
+    signature = infer_signature(
+        pd.DataFrame({"prompt": ["What is 2 + 2?"]}),
+        ["The final answer is 4."],
+        params={"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0},
+    )
     with using_tracking_uri(tracking_uri):
         with mlflow.start_run(run_id=run_id):
             # models-from-code: the model is the source file, not a pickled object
-            info = mlflow.pyfunc.log_model(name="model",
-                                           python_model=str(Path(__file__).with_name("pyfunc.py")),
-                                           artifacts={STUDENT_ARTIFACT: str(model_dir)}, signature=signature,
-                                           pip_requirements=_requirements())
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc.py")),
+                artifacts={STUDENT_ARTIFACT: str(model_dir)},
+                signature=signature,
+                pip_requirements=_requirements(),
+            )
             mlflow.set_tag(CONTENT_HASH_TAG, digest)
         if registered_name is None:
             return info
@@ -64,11 +70,14 @@ def register_run_model(client, tracking_uri: str, name: str, train_run: str):
     tags = client.get_run(train_run).data.tags
     model_uri, digest = tags.get("moeforge.model_uri"), tags.get(CONTENT_HASH_TAG)
     if not model_uri or not digest:
-        raise RuntimeError(f"train run {train_run} logged no MLflow model with a content hash (tags "
-                           f"moeforge.model_uri and {CONTENT_HASH_TAG} are needed)")
+        raise RuntimeError(
+            f"train run {train_run} logged no MLflow model with a content hash (tags "
+            f"moeforge.model_uri and {CONTENT_HASH_TAG} are needed)"
+        )
     with using_tracking_uri(tracking_uri):
-        return mlflow.register_model(model_uri, name, tags={"moeforge.train_run_id": train_run,
-                                                            CONTENT_HASH_TAG: digest})
+        return mlflow.register_model(
+            model_uri, name, tags={"moeforge.train_run_id": train_run, CONTENT_HASH_TAG: digest}
+        )
 
 
 def champion_pass_at_1(client, name: str, exclude_version: str | None = None) -> float | None:
@@ -84,9 +93,15 @@ def champion_pass_at_1(client, name: str, exclude_version: str | None = None) ->
     return float(current.tags["moeforge.pass_at_1"])
 
 
-def gate(student: float, teacher: float, champion: float | None, ratio: float, must_beat_champion: bool,
-         student_by_task: dict[str, float] | None = None, floor_by_task: dict[str, float] | None = None
-         ) -> tuple[str, str]:
+def gate(
+    student: float,
+    teacher: float,
+    champion: float | None,
+    ratio: float,
+    must_beat_champion: bool,
+    student_by_task: dict[str, float] | None = None,
+    floor_by_task: dict[str, float] | None = None,
+) -> tuple[str, str]:
     """(alias, reason) for a new version with `student` pass@1, given the teacher's (same prompt) and the champion's.
 
     Champion only when the student reaches `ratio` x the teacher's pass@1 and, on every task, beats the
@@ -97,11 +112,15 @@ def gate(student: float, teacher: float, champion: float | None, ratio: float, m
     if student == 0:
         return "challenger", "student pass@1 is 0: it solved none of the held-out prompts"
     if student < need:
-        return "challenger", (f"student pass@1 {student:.3f} < gate_ratio {ratio:g} x teacher pass@1 "
-                              f"{teacher:.3f} = {need:.3f}")
+        return "challenger", (
+            f"student pass@1 {student:.3f} < gate_ratio {ratio:g} x teacher pass@1 {teacher:.3f} = {need:.3f}"
+        )
     floors = floor_by_task or {}
-    below = [f"{t} {(student_by_task or {}).get(t, 0.0):.3f} <= floor {f:.3f}" for t, f in sorted(floors.items())
-             if (student_by_task or {}).get(t, 0.0) <= f]
+    below = [
+        f"{t} {(student_by_task or {}).get(t, 0.0):.3f} <= floor {f:.3f}"
+        for t, f in sorted(floors.items())
+        if (student_by_task or {}).get(t, 0.0) <= f
+    ]
     if below:
         return "challenger", f"student does not beat the constant-answer floor on {'; '.join(below)}"
     if must_beat_champion and champion is not None and student < champion:

@@ -21,8 +21,14 @@ from pipeline.teacher.base import Generation
 class Teacher(Protocol):
     teacher_id: str
 
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]: ...
+    def generate(
+        self,
+        conversations: list[list[dict[str, str]]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]: ...
 
 
 def load_teacher(cfg: TeacherConfig, cache_dir: str | Path) -> Teacher:
@@ -34,8 +40,14 @@ def load_teacher(cfg: TeacherConfig, cache_dir: str | Path) -> Teacher:
     if cfg.backend == "openai":
         from pipeline.teacher.openai_http import OpenAITeacher
 
-        return OpenAITeacher(cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout=cfg.request_timeout,
-                             max_retries=cfg.max_retries, concurrency=cfg.batch_size)
+        return OpenAITeacher(
+            cfg.base_url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            timeout=cfg.request_timeout,
+            max_retries=cfg.max_retries,
+            concurrency=cfg.batch_size,
+        )
     from pipeline.teacher.vllm_engine import VLLMTeacher
 
     return VLLMTeacher(cfg.model, dtype=cfg.dtype, cache_dir=cache_dir)

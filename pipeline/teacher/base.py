@@ -17,15 +17,24 @@ class Generation:
     error: str | None = None  # why (finish_reason "error" or "bad_prompt"); the sample is kept, flagged
 
 
-def split_over_context(prompts: list[list[int]], max_new_tokens: int,
-                       max_context: int) -> tuple[list[Generation | None], list[int]]:
+def split_over_context(
+    prompts: list[list[int]], max_new_tokens: int, max_context: int
+) -> tuple[list[Generation | None], list[int]]:
     """Flag prompts that cannot fit the context with `max_new_tokens` more; return (results, indices to run)."""
     results: list[Generation | None] = [None] * len(prompts)
     for i, p in enumerate(prompts):
         if len(p) + max_new_tokens > max_context:
-            results[i] = Generation("", len(p), 0, "bad_prompt", 0.0, error=(
-                f"prompt too long: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the teacher's "
-                f"context of {max_context}"))
+            results[i] = Generation(
+                "",
+                len(p),
+                0,
+                "bad_prompt",
+                0.0,
+                error=(
+                    f"prompt too long: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the teacher's "
+                    f"context of {max_context}"
+                ),
+            )
     return results, [i for i, r in enumerate(results) if r is None]
 
 

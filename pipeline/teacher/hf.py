@@ -146,8 +146,14 @@ class HFTeacher:
         return chat_token_ids(self.tokenizer, messages)
 
     @torch.no_grad()
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: list[list[dict[str, str]]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
         """One completion per conversation, batched.
 
         Conversations that share everything but their last message (a task's instruction and worked examples)
@@ -162,8 +168,13 @@ class HFTeacher:
         for i in todo:
             groups.setdefault(json.dumps(conversations[i][:-1]), []).append(i)
         for g, rows in enumerate(groups.values()):
-            outs = self._generate([prompts[i] for i in rows], max_new_tokens, temperature, top_p,
-                                  None if seed is None else seed + 7919 * g)
+            outs = self._generate(
+                [prompts[i] for i in rows],
+                max_new_tokens,
+                temperature,
+                top_p,
+                None if seed is None else seed + 7919 * g,
+            )
             for i, out in zip(rows, outs, strict=True):
                 results[i] = out
         return results
@@ -181,8 +192,9 @@ class HFTeacher:
             self._prefixes[key] = cache
         return self._prefixes[key]
 
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                  seed: int | None) -> list[Generation]:
+    def _generate(
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> list[Generation]:
         if seed is not None:
             torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -203,20 +215,35 @@ class HFTeacher:
             mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
             extra = {}
         input_ids = torch.tensor(ids, device=self.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=self.device),
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling, **extra)
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p)
+            if temperature > 0
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        )
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.tensor(mask, device=self.device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+            **extra,
+        )
         seconds = time.perf_counter() - t0
         eos = self.tokenizer.eos_token_id
         results = []
-        for row, prompt in zip(out[:, input_ids.shape[1]:].tolist(), prompts, strict=True):
+        for row, prompt in zip(out[:, input_ids.shape[1] :].tolist(), prompts, strict=True):
             ended = eos in row
             tokens = row[: row.index(eos)] if ended else row
-            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(prompt),
-                                      len(tokens), "stop" if ended else "length", seconds))
+            results.append(
+                Generation(
+                    self.tokenizer.decode(tokens, skip_special_tokens=True),
+                    len(prompt),
+                    len(tokens),
+                    "stop" if ended else "length",
+                    seconds,
+                )
+            )
         return results
-
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], starts: list[int], top_k: int) -> list[SoftTargets]:
@@ -235,7 +262,7 @@ class HFTeacher:
         for b, (seq, start) in enumerate(zip(sequences, starts, strict=True)):
             if not 1 <= start < len(seq):
                 raise ValueError(f"sequence {b}: completion start {start} outside 1..{len(seq) - 1}")
-            logp_NV = torch.log_softmax(logits_BLV[b, start - 1:len(seq) - 1].float(), dim=-1)
+            logp_NV = torch.log_softmax(logits_BLV[b, start - 1 : len(seq) - 1].float(), dim=-1)
             top_lp_NK, top_ids_NK = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
             # the mass outside the top k, summed over the tokens themselves (1 - covered would lose it to rounding)
             tail_N = logp_NV.scatter(-1, top_ids_NK, float("-inf")).logsumexp(-1)  # -inf when k is the vocabulary

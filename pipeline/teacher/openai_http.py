@@ -35,12 +35,23 @@ class OpenAITeacher:
         concurrency: requests in flight at once.
     """
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 3, concurrency: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        concurrency: int = 8,
+    ):
         self.teacher_id = f"openai:{model}@{base_url.rstrip('/')}"
         self.model, self.max_retries, self.timeout, self.concurrency = model, max_retries, timeout, concurrency
-        self.client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=os.environ.get(api_key_env) or "EMPTY",
-                                    timeout=timeout, max_retries=max_retries)
+        self.client = openai.OpenAI(
+            base_url=base_url.rstrip("/"),
+            api_key=os.environ.get(api_key_env) or "EMPTY",
+            timeout=timeout,
+            max_retries=max_retries,
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -64,14 +75,24 @@ class OpenAITeacher:
         try:
             choice = resp.choices[0]
             usage = resp.usage
-            return Generation(choice.message.content or "", usage.prompt_tokens if usage else 0,
-                              usage.completion_tokens if usage else 0, choice.finish_reason or "stop",
-                              time.perf_counter() - t0)
+            return Generation(
+                choice.message.content or "",
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+                choice.finish_reason or "stop",
+                time.perf_counter() - t0,
+            )
         except (AttributeError, IndexError, TypeError) as e:
             return failed(f"malformed response ({type(e).__name__}: {e})")
 
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: list[list[dict[str, str]]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
         """One completion per conversation, in order; failures come back flagged (`finish_reason == "error"`)."""
         body = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
         if seed is not None:

@@ -19,8 +19,10 @@ class VLLMTeacher:
         try:
             import vllm
         except ImportError:
-            raise ImportError("teacher.backend 'vllm' needs vLLM on the actor's node: pip install 'moeforge[vllm]' "
-                              "(GPU only), or use backend 'hf' or 'openai'") from None
+            raise ImportError(
+                "teacher.backend 'vllm' needs vLLM on the actor's node: pip install 'moeforge[vllm]' "
+                "(GPU only), or use backend 'hf' or 'openai'"
+            ) from None
         model_dir = resolve_model_dir(model, cache_dir)
         self.teacher_id = f"vllm:{Path(model_dir).name}"
         self.llm = vllm.LLM(model=str(model_dir), dtype=dtype)
@@ -28,17 +30,23 @@ class VLLMTeacher:
         self.max_context = self.llm.llm_engine.model_config.max_model_len
         self._vllm = vllm
 
-    def generate(self, conversations: list[list[dict[str, str]]], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: list[list[dict[str, str]]],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Generation]:
         prompts = [chat_token_ids(self.tokenizer, c) for c in conversations]
-        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                           seed=seed)
+        params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         results, todo = split_over_context(prompts, max_new_tokens, self.max_context)
         t0 = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in todo], params, use_tqdm=False)
         seconds = time.perf_counter() - t0
         for i, out in zip(todo, outputs, strict=True):
             c = out.outputs[0]
-            results[i] = Generation(c.text, len(prompts[i]), len(c.token_ids),
-                                    "length" if c.finish_reason == "length" else "stop", seconds)
+            results[i] = Generation(
+                c.text, len(prompts[i]), len(c.token_ids), "length" if c.finish_reason == "length" else "stop", seconds
+            )
         return results

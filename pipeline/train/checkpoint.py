@@ -49,8 +49,10 @@ def restore(state: TrainState, rank: int, directory: Path, device: torch.device 
         data = torch.load(mine, weights_only=True)
         for name, bias in data.pop("router_biases").items():
             if not torch.equal(bias.to(full["model"][name].device), full["model"][name]):
-                raise RuntimeError(f"checkpoint {directory}: rank {rank}'s {name} differs from rank 0's; "
-                                   "the replicas' router biases diverged")
+                raise RuntimeError(
+                    f"checkpoint {directory}: rank {rank}'s {name} differs from rank 0's; "
+                    "the replicas' router biases diverged"
+                )
         full.update(data)
     else:
         full.update(epoch=0, position=0, torch_rng=torch.get_rng_state())

@@ -43,5 +43,8 @@ def expert_metrics(model: Transformer, counts_LE: torch.Tensor) -> dict[str, flo
 
 def expert_shares(model: Transformer, counts_LE: torch.Tensor) -> dict[str, float]:
     """The full layer x expert share matrix as metrics (`expert_share.l<layer>.e<expert>`), for heatmaps."""
-    return {f"expert_share.l{layer}.e{e}": float(s)
-            for layer, _, share_E in shares(model, counts_LE) for e, s in enumerate(share_E)}
+    return {
+        f"expert_share.l{layer}.e{e}": float(s)
+        for layer, _, share_E in shares(model, counts_LE)
+        for e, s in enumerate(share_E)
+    }

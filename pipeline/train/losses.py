@@ -39,8 +39,9 @@ def student_buckets(logits_NV: torch.Tensor, topk_ids_NK: torch.Tensor, temperat
     return torch.cat([logq_NK, tail_N1], dim=-1)
 
 
-def teacher_buckets(topk_logprobs_NK: torch.Tensor, tail_logmass_N: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
+def teacher_buckets(
+    topk_logprobs_NK: torch.Tensor, tail_logmass_N: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """The teacher's stored log-probabilities with the tail bucket, softened by `temperature`: [N, K + 1]."""
     logp = torch.cat([topk_logprobs_NK.float(), tail_logmass_N.float().unsqueeze(-1)], dim=-1)
     return logp if temperature == 1.0 else torch.log_softmax(logp / temperature, dim=-1)
@@ -70,11 +71,18 @@ class DistillLoss:
     ce: torch.Tensor
 
 
-def distill_loss(logits_NV: torch.Tensor, targets_N: torch.Tensor, mask_N: torch.Tensor,
-                 topk_ids_NK: torch.Tensor | None, topk_logprobs_NK: torch.Tensor | None,
-                 tail_logmass_N: torch.Tensor | None, alpha: float = 0.5, temperature: float = 1.0,
-                 kind: Literal["forward_kl", "reverse_kl"] = "forward_kl",
-                 soft_N: torch.Tensor | None = None) -> DistillLoss:
+def distill_loss(
+    logits_NV: torch.Tensor,
+    targets_N: torch.Tensor,
+    mask_N: torch.Tensor,
+    topk_ids_NK: torch.Tensor | None,
+    topk_logprobs_NK: torch.Tensor | None,
+    tail_logmass_N: torch.Tensor | None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    kind: Literal["forward_kl", "reverse_kl"] = "forward_kl",
+    soft_N: torch.Tensor | None = None,
+) -> DistillLoss:
     """The training loss on completion positions: `alpha * KD + (1 - alpha) * CE`.
 
     Args:
@@ -95,5 +103,5 @@ def distill_loss(logits_NV: torch.Tensor, targets_N: torch.Tensor, mask_N: torch
     logq = student_buckets(logits_NV, topk_ids_NK, temperature)
     logp = teacher_buckets(topk_logprobs_NK, tail_logmass_N, temperature)
     per_position = (forward_kl if kind == "forward_kl" else reverse_kl)(logp, logq)
-    kd = _masked_mean(per_position, soft_N) * temperature ** 2
+    kd = _masked_mean(per_position, soft_N) * temperature**2
     return DistillLoss(alpha * kd + (1 - alpha) * ce, kd, ce)

@@ -11,8 +11,16 @@ import time
 import torch
 
 # Dense bf16 peak of common accelerators (FLOP/s), for the MFU estimate; see docs/architecture.md.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
-                  "V100": 125e12, "T4": 65e12}
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 
 def flops_per_step(per_token: tuple[float, float], trunk_tokens: int, head_tokens: int) -> float:

@@ -41,16 +41,25 @@ def objective(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainConf
     hidden_ND = model.norm(h_BTD)[mask_BT]
     logits_NV = model.head(hidden_ND)
     soft_N = batch["soft_BT"][mask_BT]
-    losses = distill_loss(logits_NV, batch["targets_BT"][mask_BT], torch.ones_like(soft_N),
-                          batch["topk_ids_BTK"][mask_BT], batch["topk_logprobs_BTK"][mask_BT],
-                          batch["tail_logmass_BT"][mask_BT], alpha=cfg.kd_alpha, temperature=cfg.kd_temperature,
-                          kind=cfg.kd_loss, soft_N=soft_N)
+    losses = distill_loss(
+        logits_NV,
+        batch["targets_BT"][mask_BT],
+        torch.ones_like(soft_N),
+        batch["topk_ids_BTK"][mask_BT],
+        batch["topk_logprobs_BTK"][mask_BT],
+        batch["tail_logmass_BT"][mask_BT],
+        alpha=cfg.kd_alpha,
+        temperature=cfg.kd_temperature,
+        kind=cfg.kd_loss,
+        soft_N=soft_N,
+    )
     mtp = None
     if model.mtp is not None and tokens_BT.shape[1] > 1:
         D = h_BTD.shape[-1]
         ignore = torch.where(mask_BT, batch["targets_BT"], torch.full_like(batch["targets_BT"], -100))
-        mtp = linear_cross_entropy(model.mtp_hidden(h_BTD, tokens_BT).reshape(-1, D), model.head.weight,
-                                   ignore[:, 1:].reshape(-1), -100)
+        mtp = linear_cross_entropy(
+            model.mtp_hidden(h_BTD, tokens_BT).reshape(-1, D), model.head.weight, ignore[:, 1:].reshape(-1), -100
+        )
     balance = model.balance_loss()
     total = losses.total + balance + (model.cfg.mtp_lambda * mtp if mtp is not None else 0)
     return StepLoss(total, losses.kd, losses.ce, balance, mtp, int(mask_BT.sum()))

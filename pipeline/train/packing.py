@@ -39,9 +39,9 @@ def _stream(rows: list[dict], k: int):
     at = 0
     for r in rows:
         length = len(r["token_ids"])
-        tokens[at:at + length] = r["token_ids"]
+        tokens[at : at + length] = r["token_ids"]
         m = np.asarray(r["loss_mask"], bool)
-        mask[at:at + length] = m
+        mask[at : at + length] = m
         if len(r["topk_ids"]):
             where = at + np.flatnonzero(m)
             soft[where] = True
@@ -72,9 +72,12 @@ class Window:
 
 def stack(windows: list[Window]) -> PackedBatch:
     """Windows as a [B, T] batch."""
-    return PackedBatch(*(np.stack([getattr(w, f) for w in windows])
-                         for f in ("tokens_T", "targets_T", "mask_T", "soft_T", "topk_ids_TK", "topk_logprobs_TK",
-                                   "tail_logmass_T")))
+    return PackedBatch(
+        *(
+            np.stack([getattr(w, f) for w in windows])
+            for f in ("tokens_T", "targets_T", "mask_T", "soft_T", "topk_ids_TK", "topk_logprobs_TK", "tail_logmass_T")
+        )
+    )
 
 
 class Packer:
@@ -106,8 +109,14 @@ class Packer:
         out = []
         if len(self.carry[0]) > 1:  # at least one position still has a next token to predict
             pad = self.T + 1 - len(self.carry[0])
-            fill = (np.zeros(pad, np.int64), np.zeros(pad, bool), np.zeros(pad, bool), np.zeros((pad, self.k),
-                    np.int64), np.zeros((pad, self.k), np.float32), np.full(pad, -np.inf, np.float32))
+            fill = (
+                np.zeros(pad, np.int64),
+                np.zeros(pad, bool),
+                np.zeros(pad, bool),
+                np.zeros((pad, self.k), np.int64),
+                np.zeros((pad, self.k), np.float32),
+                np.full(pad, -np.inf, np.float32),
+            )
             self.carry = tuple(np.concatenate([c, f]) for c, f in zip(self.carry, fill, strict=True))
             out.append(self._cut())
         self._reset()
@@ -121,8 +130,16 @@ class Packer:
         started = []
         while self.starts and self.starts[0][0] < self.offset + T:
             started.append(self.starts.popleft()[1])
-        window = Window(tokens[:T].copy(), tokens[1:T + 1].copy(), mask[:T].copy(), soft[:T].copy(), ids[:T].copy(),
-                        lps[:T].copy(), tail[:T].copy(), tuple(started))
+        window = Window(
+            tokens[:T].copy(),
+            tokens[1 : T + 1].copy(),
+            mask[:T].copy(),
+            soft[:T].copy(),
+            ids[:T].copy(),
+            lps[:T].copy(),
+            tail[:T].copy(),
+            tuple(started),
+        )
         self.carry = tuple(c[T:] for c in self.carry)
         self.offset += T
         return window

@@ -43,8 +43,17 @@ def kl_to_teacher(teacher, student, ids_BS: torch.Tensor, mask_BS: torch.Tensor)
     return kl_BS[valid_BS].sum() / max(n, 1), n
 
 
-def recover(teacher, student, sequences: Sequence[Sequence[int]], steps: int, lr: float = 1e-4,
-            batch_size: int = 4, warmup_steps: int = 2, grad_clip: float = 1.0, seed: int = 0) -> RecoveryReport:
+def recover(
+    teacher,
+    student,
+    sequences: Sequence[Sequence[int]],
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    warmup_steps: int = 2,
+    grad_clip: float = 1.0,
+    seed: int = 0,
+) -> RecoveryReport:
     """Train `student` in place for `steps` AdamW steps to match `teacher` on `sequences` (token ids).
 
     Batches are drawn without replacement, reshuffled each epoch (seeded); the learning rate warms up linearly,

@@ -51,18 +51,27 @@ class Replica:
         device: where it trains.
     """
 
-    def __init__(self, job: TrainJob, rows: list[dict] | RowSource, rank: int = 0, world: int = 1,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        job: TrainJob,
+        rows: list[dict] | RowSource,
+        rank: int = 0,
+        world: int = 1,
+        device: torch.device | str = "cpu",
+    ):
         if isinstance(rows, list):
             if not rows:
-                raise ValueError(f"training replica {rank} received no soft-target rows: the dataset has fewer "
-                                 f"samples than train.num_workers ({world})")
+                raise ValueError(
+                    f"training replica {rank} received no soft-target rows: the dataset has fewer "
+                    f"samples than train.num_workers ({world})"
+                )
             listed = rows
             rows = lambda: listed
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.device = torch.device(device)
-        capacity = buffer_windows(int(self.cfg.input_buffer_mb * 2**20), self.cfg.seq_len, job.top_k,
-                                  self.cfg.batch_size)
+        capacity = buffer_windows(
+            int(self.cfg.input_buffer_mb * 2**20), self.cfg.seq_len, job.top_k, self.cfg.batch_size
+        )
         self.data = WindowStream(rows, self.cfg.seq_len, job.top_k, capacity, self.cfg.seed, rank)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every replica (DDP also broadcasts them)
         self.model = Transformer(job.model)
@@ -78,8 +87,12 @@ class Replica:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # unused routed experts have no gradient; biases stay equal through the all-reduced counts, not a copy
-            self.forward = DDP(self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                               find_unused_parameters=True, broadcast_buffers=False)
+            self.forward = DDP(
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+                broadcast_buffers=False,
+            )
             self.all_reduce = dist.all_reduce
         self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
         self.flops_per_token = self.model.flops_per_token(self.cfg.seq_len)  # fixed by the architecture
@@ -105,17 +118,27 @@ class Replica:
         t0 = time.perf_counter()
         m = self.state.train_step(all_reduce=self.all_reduce, forward=self._forward)
         trunk = self.cfg.batch_size * self.cfg.seq_len
-        stats = torch.tensor([m["loss"], m["kd"], m["ce"], m["balance"], float(m["tokens"]), float(trunk)],
-                             dtype=torch.float64)
+        stats = torch.tensor(
+            [m["loss"], m["kd"], m["ce"], m["balance"], float(m["tokens"]), float(trunk)], dtype=torch.float64
+        )
         if self.all_reduce is not None:
             self.all_reduce(stats)
             stats[:4] /= self.world
         seconds = time.perf_counter() - t0
         loss, kd, ce, balance, head_tokens, trunk_tokens = stats.tolist()
         flops = flops_per_step(self.flops_per_token, int(trunk_tokens), int(head_tokens))
-        out = {"loss": loss, "kd": kd, "ce": ce, "balance": balance, "lr": m["lr"], "grad_norm": m["grad_norm"],
-               "tokens_per_s": trunk_tokens / seconds, "completion_tokens": head_tokens,
-               "mfu": flops / seconds / (self.peak * self.world), "step_seconds": seconds}
+        out = {
+            "loss": loss,
+            "kd": kd,
+            "ce": ce,
+            "balance": balance,
+            "lr": m["lr"],
+            "grad_norm": m["grad_norm"],
+            "tokens_per_s": trunk_tokens / seconds,
+            "completion_tokens": head_tokens,
+            "mfu": flops / seconds / (self.peak * self.world),
+            "step_seconds": seconds,
+        }
         if "mtp" in m:
             out["mtp"] = m["mtp"]
         out.update(expert_metrics(self.model, self.last_counts))
@@ -136,11 +159,12 @@ class Replica:
         try:
             windows = pack(self.job.val_rows, self.cfg.seq_len, self.job.top_k)
             for start in range(0, windows.tokens_BT.shape[0], self.cfg.batch_size):
-                part = PackedBatch(**{k: v[start:start + self.cfg.batch_size] for k, v in vars(windows).items()})
+                part = PackedBatch(**{k: v[start : start + self.cfg.batch_size] for k, v in vars(windows).items()})
                 batch = to_tensors(part, self.device)
                 loss = self._forward_eval(batch)
-                sums += torch.tensor([float(loss.total), float(loss.kd), float(loss.ce)],
-                                     dtype=torch.float64) * loss.tokens
+                sums += (
+                    torch.tensor([float(loss.total), float(loss.kd), float(loss.ce)], dtype=torch.float64) * loss.tokens
+                )
                 tokens += loss.tokens
         finally:
             self.model.train(was_training)

@@ -34,8 +34,9 @@ class TrainState:
         self.model, self.cfg, self.data = model, cfg, data
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
         self.last_counts = torch.zeros(0, 0)  # (MoE layers, experts) tokens routed in the last step, all replicas
@@ -56,8 +57,11 @@ class TrainState:
 
     # ------------------------------------------------------------------------------------------------ step
 
-    def train_step(self, all_reduce: Callable[[torch.Tensor], object] | None = None,
-                   forward: Callable[[dict], StepLoss] | None = None) -> dict[str, float]:
+    def train_step(
+        self,
+        all_reduce: Callable[[torch.Tensor], object] | None = None,
+        forward: Callable[[dict], StepLoss] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step; `forward` lets a DDP wrapper run the objective (default: the plain model)."""
         self.model.train()
         loss = (forward or (lambda b: objective(self.model, b, self.cfg)))(self.next_batch())
@@ -70,9 +74,16 @@ class TrainState:
         self.last_counts = counts_LE
         self.step += 1
         share_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
-        out = {"loss": loss.total.item(), "kd": loss.kd.item(), "ce": loss.ce.item(),
-               "balance": loss.balance.item(), "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-               "tokens": loss.tokens, "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0}
+        out = {
+            "loss": loss.total.item(),
+            "kd": loss.kd.item(),
+            "ce": loss.ce.item(),
+            "balance": loss.balance.item(),
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": loss.tokens,
+            "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0,
+        }
         if loss.mtp is not None:
             out["mtp"] = loss.mtp.item()
         return out
@@ -84,9 +95,15 @@ class TrainState:
     # ------------------------------------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "position": self.position, "torch_rng": torch.get_rng_state()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "torch_rng": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -84,8 +84,10 @@ class WindowStream:
         self._windows = self._epoch_windows(epoch)
         for _ in range(position):
             if next(self._windows, None) is None:
-                raise ValueError(f"cannot resume at window {position} of epoch {epoch}: this replica's rows give "
-                                 f"only {self.position} windows per epoch (a different dataset or split?)")
+                raise ValueError(
+                    f"cannot resume at window {position} of epoch {epoch}: this replica's rows give "
+                    f"only {self.position} windows per epoch (a different dataset or split?)"
+                )
             self.position += 1
 
     def next_window(self) -> Window:

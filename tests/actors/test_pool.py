@@ -17,8 +17,15 @@ class Worker:
     """Squares numbers slowly; fails on keys listed in `fail_once` the first time (marker files), always on
     `fail_always`."""
 
-    def __init__(self, marker_dir: str = "", fail_once: tuple = (), fail_always: tuple = (), broken: bool = False,
-                 start_seconds: float = 0.0, broken_after: str = ""):
+    def __init__(
+        self,
+        marker_dir: str = "",
+        fail_once: tuple = (),
+        fail_always: tuple = (),
+        broken: bool = False,
+        start_seconds: float = 0.0,
+        broken_after: str = "",
+    ):
         time.sleep(start_seconds)  # loading a model
         if broken or (broken_after and os.path.exists(broken_after)):
             raise RuntimeError("model file not found: /nowhere")
@@ -51,8 +58,10 @@ def test_a_flaky_item_is_retried_and_a_failing_one_is_named(tmp_path):
         retried = []
         out = dict(pool.map_unordered("work", [(i, i) for i in range(5)], on_retry=lambda k, e: retried.append(k)))
     assert sorted(out) == list(range(5)) and retried == [3]
-    with (ActorPool(Worker, (str(tmp_path), (), (2,)), size=1, name="t-failing", num_cpus=0) as pool,
-          pytest.raises(PoolError, match=r"item 2 failed 3 times; last error: .*cannot do 2")):
+    with (
+        ActorPool(Worker, (str(tmp_path), (), (2,)), size=1, name="t-failing", num_cpus=0) as pool,
+        pytest.raises(PoolError, match=r"item 2 failed 3 times; last error: .*cannot do 2"),
+    ):
         list(pool.map_unordered("work", [(i, i) for i in range(4)], max_attempts=3))
 
 
@@ -85,8 +94,9 @@ def test_a_replacement_whose_constructor_raises_fails_fast_with_its_error(tmp_pa
     """An actor killed mid-work is replaced; if the replacement cannot start (the model is gone now), the pool stops
     at once with the constructor's error instead of spending its replacements on the same error."""
     gone = tmp_path / "model-deleted"
-    with ActorPool(Worker, kwargs={"broken_after": str(gone)}, size=1, name="t-broken-later", num_cpus=0,
-                   max_replacements=8) as pool:
+    with ActorPool(
+        Worker, kwargs={"broken_after": str(gone)}, size=1, name="t-broken-later", num_cpus=0, max_replacements=8
+    ) as pool:
         gone.touch()
         killer = KillWhen("Worker.work", timeout=30)
         done = []

@@ -37,13 +37,17 @@ def test_teacher_and_scorer_actors_killed_at_start_and_mid_work(role, method):
     cfg = TeacherConfig(num_actors=1, num_cpus_per_actor=1, temperature=0.0, max_new_tokens=24, batch_size=2)
     name = f"t-sigkill-{role}"
     if method == "generate":
-        items = [(i, GenerateRequest([[{"role": "user", "content": f"Count to {i + 3}."}]] * 2, seed=i))
-                 for i in range(4)]
+        items = [
+            (i, GenerateRequest([[{"role": "user", "content": f"Count to {i + 3}."}]] * 2, seed=i)) for i in range(4)
+        ]
     else:
-        items = [(i, ScoreRequest([(f"What is {i} + 1?", f"The answer is {i + 1}.")] * 2, top_k=4, batch_size=2))
-                 for i in range(4)]
-    out, pool = run_with_kills(lambda: teacher_pool(cfg, name, max_in_flight_per_actor=1), "TeacherWorker", name,
-                               method, items)
+        items = [
+            (i, ScoreRequest([(f"What is {i} + 1?", f"The answer is {i + 1}.")] * 2, top_k=4, batch_size=2))
+            for i in range(4)
+        ]
+    out, pool = run_with_kills(
+        lambda: teacher_pool(cfg, name, max_in_flight_per_actor=1), "TeacherWorker", name, method, items
+    )
     assert sorted(out) == [0, 1, 2, 3] and pool.replacements == 2
     if method == "generate":
         assert all(len(r.generations) == 2 and r.completion_tokens > 0 for r in out.values())
@@ -60,11 +64,23 @@ def test_student_actors_killed_at_start_and_mid_work(registered_student, tmp_pat
     shutil.copytree(registered_student.directory, artifact)
     ref = ArtifactRef("student", str(artifact), commit(artifact, STUDENT))
     name = "t-sigkill-student"
-    items = [(i, AnswerRequest([f"What is {i} + {j}?" for j in range(4)], max_new_tokens=48, batch_size=2))
-             for i in range(4)]
+    items = [
+        (i, AnswerRequest([f"What is {i} + {j}?" for j in range(4)], max_new_tokens=48, batch_size=2)) for i in range(4)
+    ]
     out, pool = run_with_kills(
-        lambda: ActorPool(StudentWorker, (ref, "", str(tmp_path / "work"), 1), size=1, name=name, num_cpus=1,
-                          max_in_flight_per_actor=1), "StudentWorker", name, "answer", items)
+        lambda: ActorPool(
+            StudentWorker,
+            (ref, "", str(tmp_path / "work"), 1),
+            size=1,
+            name=name,
+            num_cpus=1,
+            max_in_flight_per_actor=1,
+        ),
+        "StudentWorker",
+        name,
+        "answer",
+        items,
+    )
     assert sorted(out) == [0, 1, 2, 3] and pool.replacements == 2
     assert all(len(r.answers) == 4 for r in out.values())
 
@@ -77,8 +93,12 @@ def test_a_trainer_worker_killed_while_starting_restarts_its_group_and_finishes(
     from tests.pipeline.train.test_replica import job
 
     killer = KillWhen("RayTrainWorker.init_train_context", timeout=120)
-    result = fit(job(num_workers=2, max_steps=8, checkpoint_every=4, max_failures=1), dataset(16), "start-kill",
-                 str(tmp_path / "ckpt"))
+    result = fit(
+        job(num_workers=2, max_steps=8, checkpoint_every=4, max_failures=1),
+        dataset(16),
+        "start-kill",
+        str(tmp_path / "ckpt"),
+    )
     assert killer.join(), "no Ray Train worker was found starting"
     assert result.error is None and result.metrics["step"] == 8
     assert result.metrics["resumed_from_step"] == 0  # nothing was checkpointed before the kill

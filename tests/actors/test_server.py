@@ -36,10 +36,20 @@ def app(ray_cluster, registered_student):
 
     from actors.server import APP_NAME, start
 
-    settings = ServeConfig.model_validate({
-        "port": free_port(), "max_ongoing_requests": 16, "max_queued_requests": 16, "max_batch_size": 8,
-        "max_tokens_limit": 200, "max_n": 3, "max_sequences_per_request": 8, "num_cpus": 1,
-        "health_check_period_s": 1, "health_check_timeout_s": 10})
+    settings = ServeConfig.model_validate(
+        {
+            "port": free_port(),
+            "max_ongoing_requests": 16,
+            "max_queued_requests": 16,
+            "max_batch_size": 8,
+            "max_tokens_limit": 200,
+            "max_n": 3,
+            "max_sequences_per_request": 8,
+            "num_cpus": 1,
+            "health_check_period_s": 1,
+            "health_check_timeout_s": 10,
+        }
+    )
     os.environ[settings.api_key_env] = KEY
     try:
         url = start(settings, f"models:/{MODEL}@champion", registered_student.tracking_uri)
@@ -73,9 +83,13 @@ def stats(app: str) -> dict:
 
 def test_overload_is_refused_with_503_not_queued_without_bound(app):
     """16 ongoing + 16 queued are allowed; 64 at once: the rest are refused at once, and nothing is a 500."""
+
     async def one(c: httpx.AsyncClient) -> int:
-        r = await c.post(f"{app}/v1/completions", json={"model": MODEL, "prompt": "Load", "max_tokens": 120,
-                                                        "ignore_eos": True}, headers={"Authorization": f"Bearer {KEY}"})
+        r = await c.post(
+            f"{app}/v1/completions",
+            json={"model": MODEL, "prompt": "Load", "max_tokens": 120, "ignore_eos": True},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
         return r.status_code
 
     async def main():
@@ -86,6 +100,7 @@ def test_overload_is_refused_with_503_not_queued_without_bound(app):
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 10 and codes.count(200) >= 16, codes
     assert stats(app)["running"] == 0
+
 
 # ---------------------------------------------------------------------------------------------- abuse, field by field
 # Every dimension a client controls, grown past its cap: the count of prompts and n, the body's bytes (with and
@@ -200,8 +215,11 @@ def test_a_killed_replica_is_replaced_and_requests_succeed_again(app, client):
     from ray.util.state import list_actors
 
     def replicas():
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                if a.class_name.startswith("ServeReplica:moeforge:OpenAIServer")]
+        return [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name.startswith("ServeReplica:moeforge:OpenAIServer")
+        ]
 
     (old,) = replicas()
     ray.kill(ray.get_actor(old.name, namespace=old.ray_namespace), no_restart=True)

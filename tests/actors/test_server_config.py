@@ -27,8 +27,11 @@ def test_the_shipped_serve_config_validates_and_builds(registered_student):
     builder = getattr(__import__(module, fromlist=[name]), name)
     assert builder is build_app
     # the file names a cluster registry; here the same args point at the test registry
-    args = {**app_cfg.args, "model": f"models:/{registered_student.name}@champion",
-            "tracking_uri": registered_student.tracking_uri}
+    args = {
+        **app_cfg.args,
+        "model": f"models:/{registered_student.name}@champion",
+        "tracking_uri": registered_student.tracking_uri,
+    }
     d = deployment_of(builder(args))
     assert d.name == "OpenAIServer"
     assert d._deployment_config.autoscaling_config.max_replicas == 4
@@ -42,7 +45,8 @@ def test_the_shipped_serve_config_validates_and_builds(registered_student):
 
 
 def test_a_public_app_without_a_key_fails_closed_and_an_env_key_reaches_replicas_as_an_argument(
-        registered_student, monkeypatch):
+    registered_student, monkeypatch
+):
     monkeypatch.delenv("MOEFORGE_API_KEY", raising=False)
     args = {"model": str(registered_student.directory), "host": "0.0.0.0"}
     with pytest.raises(ConfigError, match=r"serve\.api_key_file"):
@@ -55,8 +59,11 @@ def test_a_public_app_without_a_key_fails_closed_and_an_env_key_reaches_replicas
 
 
 def test_deployment_options_follow_the_serve_section():
-    fixed = deployment_options(ServeConfig(num_replicas=3, max_ongoing_requests=5, max_queued_requests=7,
-                                           num_gpus=0.5, health_check_period_s=2))
+    fixed = deployment_options(
+        ServeConfig(
+            num_replicas=3, max_ongoing_requests=5, max_queued_requests=7, num_gpus=0.5, health_check_period_s=2
+        )
+    )
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert (fixed["max_ongoing_requests"], fixed["max_queued_requests"]) == (5, 7)
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5} and fixed["health_check_period_s"] == 2

@@ -30,8 +30,11 @@ def dataset(n: int):
 def worker_pids() -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))
+    ]
 
 
 def registered_checkpoint(run_dir) -> bool:
@@ -84,8 +87,9 @@ def test_the_split_shards_streamed_through_a_small_buffer_give_every_row_once_pe
     split = contiguous_split(ds, 2).configure({"train": ds}, world_size=2)
     seen, buffered = [], 0
     for rank in range(2):
-        stream = WindowStream(shard_rows(split[rank]["train"], rows_per_read=16), seq_len=16, k=3, buffer_windows=4,
-                              seed=0, rank=rank)
+        stream = WindowStream(
+            shard_rows(split[rank]["train"], rows_per_read=16), seq_len=16, k=3, buffer_windows=4, seed=0, rank=rank
+        )
         while True:
             window = stream.next_window()
             if stream.epoch != 0:
@@ -131,10 +135,14 @@ def test_two_workers_train_on_every_row_once_per_epoch_through_a_buffer_smaller_
     n = 96
     j = job(num_workers=2, max_steps=10, seq_len=32, batch_size=4, input_buffer_mb=0.001)
     ds = dataset(n)
-    TorchTrainer(_recording_loop, train_loop_config={"job": j, "out": str(tmp_path)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 torch_config=TorchConfig(backend="gloo"), datasets={"train": ds},
-                 dataset_config=contiguous_split(ds, 2)).fit()
+    TorchTrainer(
+        _recording_loop,
+        train_loop_config={"job": j, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        datasets={"train": ds},
+        dataset_config=contiguous_split(ds, 2),
+    ).fit()
     seen: dict[int, list[str]] = {0: [], 1: []}
     for rank in (0, 1):
         steps = [json.loads(line) for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
@@ -159,8 +167,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
     from pipeline.train.stream import buffer_windows
 
     store = tmp_path / "ckpt"
-    j = job(num_workers=2, max_steps=30, checkpoint_every=3, max_failures=1, seq_len=32, batch_size=4,
-            input_buffer_mb=0.001)
+    j = job(
+        num_workers=2, max_steps=30, checkpoint_every=3, max_failures=1, seq_len=32, batch_size=4, input_buffer_mb=0.001
+    )
     capacity = buffer_windows(int(0.001 * 2**20), 32, j.top_k, 4)
     assert capacity == 4 and len(pack(rows(96)[:48], 32, j.top_k).tokens_BT) >= 4 * capacity
     killed: list[int] = []

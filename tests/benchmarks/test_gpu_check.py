@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=REPO, capture_output=True,
-                          text=True, timeout=840)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=840
+    )
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-5000:]
     for part in ("train", "moe", "mla", "generate", "serve"):
@@ -33,6 +34,7 @@ def test_without_cuda_the_full_run_refuses_and_says_how_to_dry_run():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the full run would start")
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1 and "FAILED setup: no CUDA device here" in proc.stdout and "--dry-run" in proc.stdout

@@ -18,8 +18,15 @@ import jsonpatch
 import yaml
 
 SUPPORTED = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "configMapGenerator"}
-CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "StorageClass",
-                  "PriorityClass", "PersistentVolume"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "StorageClass",
+    "PriorityClass",
+    "PersistentVolume",
+}
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
@@ -69,5 +76,7 @@ def render(directory: Path) -> list[dict[str, Any]]:
 
 def canonical(objects: list[dict]) -> dict[tuple[str, str, str], str]:
     """Objects keyed by (kind, namespace, name), as sorted JSON: for comparing two renderings."""
-    return {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): json.dumps(o, sort_keys=True)
-            for o in objects}
+    return {
+        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): json.dumps(o, sort_keys=True)
+        for o in objects
+    }

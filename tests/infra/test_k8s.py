@@ -36,8 +36,13 @@ def rendered(overlay: str) -> tuple[dict, ...]:
     """`kubectl kustomize` when available (what users run), else the repository's small renderer."""
     kubectl = shutil.which("kubectl")
     if kubectl:
-        out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                             text=True, check=True, timeout=60).stdout
+        out = subprocess.run(
+            [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
         return tuple(o for o in yaml.safe_load_all(out) if o)
     return tuple(render(K8S / "overlays" / overlay))
 
@@ -59,9 +64,13 @@ def walk(node, path=()):
 
 
 def containers(obj: dict) -> list[tuple[tuple, dict]]:
-    return [((*path, key, i), c) for path, node in walk(obj) for key in CONTAINER_LISTS
-            if isinstance(node.get(key), list) and path and path[-1] == "spec"
-            for i, c in enumerate(node[key])]
+    return [
+        ((*path, key, i), c)
+        for path, node in walk(obj)
+        for key in CONTAINER_LISTS
+        if isinstance(node.get(key), list) and path and path[-1] == "spec"
+        for i, c in enumerate(node[key])
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- schemas
@@ -71,8 +80,11 @@ def closed(schema: dict) -> dict:
     """The CRD's schema with unknown fields rejected, as the API server does for structural schemas."""
     schema = copy.deepcopy(schema)
     for _, node in walk(schema):
-        if "properties" in node and "additionalProperties" not in node \
-                and not node.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
     return schema
 
@@ -88,8 +100,7 @@ def crd_validator(kind: str) -> jsonschema.Draft7Validator:
 
 
 def crd_errors(obj: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
-            for e in crd_validator(obj["kind"]).iter_errors(obj)]
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(obj["kind"]).iter_errors(obj)]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -109,11 +120,14 @@ def test_ray_objects_validate_against_the_vendored_kuberay_crds(overlay):
         assert crd_errors(obj) == [], obj["kind"]
 
 
-@pytest.mark.parametrize("where, typo", [
-    (("spec",), ("shutdownAfterJobFinishes", "shutdownAfterJobFinish")),
-    (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0), ("resources", "resource")),
-    (("spec", "rayClusterSpec"), ("enableInTreeAutoscaling", "enableInTreeAutoScaling")),
-])
+@pytest.mark.parametrize(
+    "where, typo",
+    [
+        (("spec",), ("shutdownAfterJobFinishes", "shutdownAfterJobFinish")),
+        (("spec", "rayClusterSpec", "headGroupSpec", "template", "spec", "containers", 0), ("resources", "resource")),
+        (("spec", "rayClusterSpec"), ("enableInTreeAutoscaling", "enableInTreeAutoScaling")),
+    ],
+)
 def test_a_misspelt_field_fails_validation(where, typo):
     (job,) = [o for o in objects("dev", "ray.io") if o["kind"] == "RayJob"]
     node = job
@@ -193,8 +207,13 @@ def test_the_rayservice_names_the_serve_builder_with_valid_args(overlay):
     assert a.model == f"models:/{cfg.registry.model_name}@champion"
     # the key file the app reads is the mounted Secret, on every pod of the cluster
     mount_dir = str(Path(settings.api_key_file).parent)
-    pods = [g["template"]["spec"] for g in [svc["spec"]["rayClusterConfig"]["headGroupSpec"],
-                                             *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"]]]
+    pods = [
+        g["template"]["spec"]
+        for g in [
+            svc["spec"]["rayClusterConfig"]["headGroupSpec"],
+            *svc["spec"]["rayClusterConfig"]["workerGroupSpecs"],
+        ]
+    ]
     for pod in pods:
         (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == mount_dir]
         (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
@@ -249,8 +268,11 @@ def test_services_select_pods_and_probes_use_declared_ports(overlay):
     objs = objects(overlay)
     workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
     for svc in (o for o in objs if o["kind"] == "Service"):
-        (target,) = [w for w in workloads
-                     if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        (target,) = [
+            w
+            for w in workloads
+            if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
         ports = {p["name"] for c in target["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
     for w in workloads:
@@ -276,8 +298,9 @@ def test_mlflow_is_cluster_internal_with_a_database_and_proxied_artifacts():
     assert not any("postgresql" in a or "PASSWORD" in a for a in container["args"])
     env = {e["name"]: e for e in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "moeforge-mlflow-db", "key": "uri"}
-    assert "moeforge-mlflow-db --from-literal=uri=\"postgresql://mlflow:${PG_PASSWORD}@postgres:5432/mlflow\"" in \
-        (K8S / "secret.example").read_text().replace("\\\n  ", "")
+    assert 'moeforge-mlflow-db --from-literal=uri="postgresql://mlflow:${PG_PASSWORD}@postgres:5432/mlflow"' in (
+        K8S / "secret.example"
+    ).read_text().replace("\\\n  ", "")
 
 
 # ---------------------------------------------------------------------------------------------------- security
@@ -285,8 +308,11 @@ def test_mlflow_is_cluster_internal_with_a_database_and_proxied_artifacts():
 
 def pod_templates(obj: dict) -> list[tuple[tuple, dict]]:
     """Every pod template in an object (workloads, Jobs, each Ray group, the RayJob's submitter): (path, template)."""
-    return [(path, node) for path, node in walk(obj)
-            if isinstance(node.get("spec"), dict) and "containers" in node["spec"] and "metadata" in node]
+    return [
+        (path, node)
+        for path, node in walk(obj)
+        if isinstance(node.get("spec"), dict) and "containers" in node["spec"] and "metadata" in node
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -320,8 +346,11 @@ def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay)
 def test_every_ray_cluster_requires_ray_token_auth(overlay):
     specs = []
     for obj in objects(overlay, "ray.io"):
-        spec = {"RayCluster": lambda o: o["spec"], "RayJob": lambda o: o["spec"]["rayClusterSpec"],
-                "RayService": lambda o: o["spec"]["rayClusterConfig"]}[obj["kind"]](obj)
+        spec = {
+            "RayCluster": lambda o: o["spec"],
+            "RayJob": lambda o: o["spec"]["rayClusterSpec"],
+            "RayService": lambda o: o["spec"]["rayClusterConfig"],
+        }[obj["kind"]](obj)
         assert spec["authOptions"]["mode"] == "token", obj["kind"]
         specs.append(obj["kind"])
     assert sorted(specs) == ["RayCluster", "RayJob", "RayService"]
@@ -403,13 +432,19 @@ def rule_allows(rule: dict, peers_key: str, other: Endpoint, port: int, protocol
 def allowed(policies: list[dict], src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> bool:
     """NetworkPolicy semantics for one connection: both the destination's ingress (if it is one of ours) and the
     source's egress (if it is one of ours) must allow it."""
+
     def side(e: Endpoint, direction: str, peers_key: str, other: Endpoint) -> bool:
         if e.ip or e.namespace != NAMESPACE:
             return True  # not ours to police
-        mine = [p["spec"] for p in policies if direction in p["spec"]["policyTypes"]
-                and selects(p["spec"]["podSelector"], dict(e.labels))]
-        return not mine or any(rule_allows(r, peers_key, other, port, protocol)
-                               for spec in mine for r in spec.get(direction.lower(), []))
+        mine = [
+            p["spec"]
+            for p in policies
+            if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], dict(e.labels))
+        ]
+        return not mine or any(
+            rule_allows(r, peers_key, other, port, protocol) for spec in mine for r in spec.get(direction.lower(), [])
+        )
+
     return side(dst, "Ingress", "from", src) and side(src, "Egress", "to", dst)
 
 
@@ -417,9 +452,17 @@ CLUSTERS = {"standing": "moeforge", "job": "moeforge-pipeline", "serve": "moefor
 ROLES = {
     **{name: named(name) for name in ("postgres", "minio", "mlflow")},
     "buckets": named("minio-buckets"),
-    **{f"{short}-{part}": pod({"app.kubernetes.io/name": "ray", "app.kubernetes.io/instance": instance,
-                               "app.kubernetes.io/component": component})
-       for short, instance in CLUSTERS.items() for part, component in (("head", "head"), ("worker", "cpu-worker"))},
+    **{
+        f"{short}-{part}": pod(
+            {
+                "app.kubernetes.io/name": "ray",
+                "app.kubernetes.io/instance": instance,
+                "app.kubernetes.io/component": component,
+            }
+        )
+        for short, instance in CLUSTERS.items()
+        for part, component in (("head", "head"), ("worker", "cpu-worker"))
+    },
     "submitter": named("ray-job-submitter", **{"app.kubernetes.io/instance": "moeforge-pipeline"}),
     "dns": pod({"k8s-app": "kube-dns"}, "kube-system"),
     "operator": named("kuberay-operator", "kuberay-system"),
@@ -430,25 +473,47 @@ ROLES = {
     "outside": Endpoint(ip=True),
 }
 EXPECT = [  # (source, destination, port, allowed)
-    ("mlflow", "postgres", 5432, True), ("job-worker", "postgres", 5432, False),
-    ("serve-head", "postgres", 5432, False), ("intruder-in-namespace", "postgres", 5432, False),
-    ("mlflow", "minio", 9000, True), ("buckets", "minio", 9000, True), ("job-worker", "minio", 9000, True),
-    ("standing-worker", "minio", 9000, True), ("serve-worker", "minio", 9000, False),
-    ("other-pod", "minio", 9000, False), ("mlflow", "minio", 9001, False), ("submitter", "minio", 9000, False),
-    ("job-worker", "mlflow", 5000, True), ("serve-worker", "mlflow", 5000, True),
-    ("standing-head", "mlflow", 5000, True), ("other-pod", "mlflow", 5000, False),
-    ("ingress", "mlflow", 5000, False), ("submitter", "mlflow", 5000, False), ("postgres", "mlflow", 5000, False),
-    ("submitter", "job-head", 8265, True), ("other-pod", "job-head", 8265, False),
-    ("other-pod", "standing-head", 8265, False), ("intruder-in-namespace", "standing-head", 8265, False),
-    ("job-worker", "job-head", 6379, True), ("serve-worker", "serve-head", 6379, True),
-    ("standing-worker", "job-head", 6379, False), ("serve-worker", "standing-head", 6379, False),
+    ("mlflow", "postgres", 5432, True),
+    ("job-worker", "postgres", 5432, False),
+    ("serve-head", "postgres", 5432, False),
+    ("intruder-in-namespace", "postgres", 5432, False),
+    ("mlflow", "minio", 9000, True),
+    ("buckets", "minio", 9000, True),
+    ("job-worker", "minio", 9000, True),
+    ("standing-worker", "minio", 9000, True),
+    ("serve-worker", "minio", 9000, False),
+    ("other-pod", "minio", 9000, False),
+    ("mlflow", "minio", 9001, False),
+    ("submitter", "minio", 9000, False),
+    ("job-worker", "mlflow", 5000, True),
+    ("serve-worker", "mlflow", 5000, True),
+    ("standing-head", "mlflow", 5000, True),
+    ("other-pod", "mlflow", 5000, False),
+    ("ingress", "mlflow", 5000, False),
+    ("submitter", "mlflow", 5000, False),
+    ("postgres", "mlflow", 5000, False),
+    ("submitter", "job-head", 8265, True),
+    ("other-pod", "job-head", 8265, False),
+    ("other-pod", "standing-head", 8265, False),
+    ("intruder-in-namespace", "standing-head", 8265, False),
+    ("job-worker", "job-head", 6379, True),
+    ("serve-worker", "serve-head", 6379, True),
+    ("standing-worker", "job-head", 6379, False),
+    ("serve-worker", "standing-head", 6379, False),
     ("job-head", "serve-worker", 10002, False),
-    ("operator", "standing-head", 8265, True), ("operator", "serve-head", 8265, True),
-    ("operator", "job-worker", 52365, True), ("operator", "job-head", 6379, False),
-    ("ingress", "serve-head", 8000, True), ("outside", "serve-worker", 8000, True),
-    ("outside", "serve-head", 8265, False), ("outside", "standing-head", 8000, False),
-    ("standing-head", "outside", 443, True), ("serve-head", "outside", 6443, True),
-    ("standing-worker", "outside", 443, False), ("mlflow", "outside", 443, False), ("job-worker", "outside", 80, False),
+    ("operator", "standing-head", 8265, True),
+    ("operator", "serve-head", 8265, True),
+    ("operator", "job-worker", 52365, True),
+    ("operator", "job-head", 6379, False),
+    ("ingress", "serve-head", 8000, True),
+    ("outside", "serve-worker", 8000, True),
+    ("outside", "serve-head", 8265, False),
+    ("outside", "standing-head", 8000, False),
+    ("standing-head", "outside", 443, True),
+    ("serve-head", "outside", 6443, True),
+    ("standing-worker", "outside", 443, False),
+    ("mlflow", "outside", 443, False),
+    ("job-worker", "outside", 80, False),
     ("serve-head", "outside", 80, False),
 ]
 
@@ -458,8 +523,11 @@ def test_network_policies_deny_by_default_and_allow_what_each_component_needs(ov
     policies = [o for o in objects(overlay) if o["kind"] == "NetworkPolicy"]
     (deny,) = [p for p in policies if p["metadata"]["name"] == "default-deny"]
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
-    wrong = [(src, dst, port, want) for src, dst, port, want in EXPECT
-             if allowed(policies, ROLES[src], ROLES[dst], port) is not want]
+    wrong = [
+        (src, dst, port, want)
+        for src, dst, port, want in EXPECT
+        if allowed(policies, ROLES[src], ROLES[dst], port) is not want
+    ]
     assert not wrong, wrong
     for role in ROLES.values():  # every pod of the namespace resolves names
         if role.namespace == NAMESPACE:
@@ -490,8 +558,9 @@ def test_the_podmonitor_scrapes_the_ray_pods_metrics_port():
     (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
     selector = monitor["spec"]["selector"]["matchLabels"]
     port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
-    pods = [node for o in objs if o["apiVersion"].startswith("ray.io") for _, node in walk(o)
-            if "rayStartParams" in node]
+    pods = [
+        node for o in objs if o["apiVersion"].startswith("ray.io") for _, node in walk(o) if "rayStartParams" in node
+    ]
     assert pods
     for group in pods:
         assert selector.items() <= group["template"]["metadata"]["labels"].items()
@@ -513,6 +582,6 @@ def test_the_images_install_the_way_the_readme_does():
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     for dockerfile in ("Dockerfile", "Dockerfile.cuda"):
         text = (REPO / "infra" / "docker" / dockerfile).read_text()
-        assert re.search(r'^RUN sh infra/install\.sh python ', text, re.M), dockerfile
+        assert re.search(r"^RUN sh infra/install\.sh python ", text, re.M), dockerfile
         copied = set(re.findall(r"^COPY --chown=\S+ (\S+) \1$", text, re.M))
         assert {p.split(".")[0] for p in packages} | {"configs"} <= copied, dockerfile  # top-level packages

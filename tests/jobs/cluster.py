@@ -48,33 +48,65 @@ def cluster_env(temp_dir: Path) -> dict[str, str]:
 def node_ports() -> list[str]:
     """Free ports for a node's agents and managers: the defaults (e.g. the agent's 52365) may be taken by another
     local cluster, such as the one the rest of the test session uses."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}", "--min-worker-port=0", "--max-worker-port=0"]
+    return [
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]
 
 
 def start(temp_dir: Path) -> TwoNodeCluster:
     gcs_port, dash_port = free_port(), free_port()
     head_metrics, worker_metrics = free_port(), free_port()
     env = cluster_env(temp_dir)
-    cluster = TwoNodeCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}",
-                             {"head": f"http://127.0.0.1:{head_metrics}/metrics",
-                              "worker": f"http://127.0.0.1:{worker_metrics}/metrics"}, env, temp_dir)
+    cluster = TwoNodeCluster(
+        f"127.0.0.1:{gcs_port}",
+        f"http://127.0.0.1:{dash_port}",
+        {"head": f"http://127.0.0.1:{head_metrics}/metrics", "worker": f"http://127.0.0.1:{worker_metrics}/metrics"},
+        env,
+        temp_dir,
+    )
     # metrics every second instead of every ten: the test watches them while a short pipeline runs
     system = json.dumps({"metrics_report_interval_ms": 1000})
-    cluster.ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
-                "--resources", json.dumps({"head_node": 1}), "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--metrics-export-port={head_metrics}",
-                f"--ray-client-server-port={free_port()}", *node_ports(),
-                f"--temp-dir={temp_dir}", f"--system-config={system}", "--disable-usage-stats")
-    cluster.ray("start", f"--address={cluster.gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                "--resources", json.dumps({"worker_node": 1}), f"--metrics-export-port={worker_metrics}",
-                *node_ports(), "--disable-usage-stats")
+    cluster.ray(
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        "--num-cpus=2",
+        "--resources",
+        json.dumps({"head_node": 1}),
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--metrics-export-port={head_metrics}",
+        f"--ray-client-server-port={free_port()}",
+        *node_ports(),
+        f"--temp-dir={temp_dir}",
+        f"--system-config={system}",
+        "--disable-usage-stats",
+    )
+    cluster.ray(
+        "start",
+        f"--address={cluster.gcs}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--resources",
+        json.dumps({"worker_node": 1}),
+        f"--metrics-export-port={worker_metrics}",
+        *node_ports(),
+        "--disable-usage-stats",
+    )
     deadline = time.monotonic() + 90
     nodes: list[dict] = []
     while time.monotonic() < deadline:
-        listed = cluster.ray("list", "nodes", "--format=json", "--detail", f"--address={cluster.dashboard}",
-                             check=False)
+        listed = cluster.ray(
+            "list", "nodes", "--format=json", "--detail", f"--address={cluster.dashboard}", check=False
+        )
         if listed.returncode == 0:
             nodes = [n for n in json.loads(listed.stdout) if n["state"] == "ALIVE"]
             if len(nodes) == 2:
@@ -94,7 +126,8 @@ def stop(cluster: TwoNodeCluster) -> None:
     for proc in psutil.process_iter():
         try:
             if proc.environ().get("RAY_TMPDIR") == str(cluster.temp_dir) or str(cluster.temp_dir) in " ".join(
-                    proc.cmdline()):
+                proc.cmdline()
+            ):
                 mine.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

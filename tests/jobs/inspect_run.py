@@ -36,8 +36,12 @@ def main() -> None:
     outputs, nodes = json.loads(sys.argv[4]), json.loads(sys.argv[5])
     ray.init(address=gcs, log_to_driver=False, namespace="read-artifacts")
     task = ray.remote(read_all)
-    refs = [task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(tracking_uri, outputs) for node in nodes.values()]
+    refs = [
+        task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+            tracking_uri, outputs
+        )
+        for node in nodes.values()
+    ]
     reads = dict(ray.get(refs))
     from ray.util.state import list_actors
 

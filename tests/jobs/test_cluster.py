@@ -30,12 +30,24 @@ from tests.jobs.cluster import RAY, TwoNodeCluster, start, stop
 
 pytestmark = pytest.mark.slow
 
-SMALL = {"data.num_train_prompts": 8, "data.num_eval_prompts": 2, "generate.shard_size": 2,
-         "teacher.max_new_tokens": 40, "teacher.num_cpus_per_actor": 0.5, "train.max_steps": 4,
-         "train.batch_size": 2, "train.checkpoint_every": 2, "evaluate.max_new_tokens": 16,
-         "evaluate.num_cpus_per_actor": 0.5, "evaluate.decode_tokens": 0,  # decode speed has its own test
-         # a small student from scratch: the teacher conversion has its own tests; this one is about the cluster
-         "model.init": "scratch", "model.n_layers": 4, "model.n_routed_experts": 8, "model.n_activated_experts": 2}
+SMALL = {
+    "data.num_train_prompts": 8,
+    "data.num_eval_prompts": 2,
+    "generate.shard_size": 2,
+    "teacher.max_new_tokens": 40,
+    "teacher.num_cpus_per_actor": 0.5,
+    "train.max_steps": 4,
+    "train.batch_size": 2,
+    "train.checkpoint_every": 2,
+    "evaluate.max_new_tokens": 16,
+    "evaluate.num_cpus_per_actor": 0.5,
+    "evaluate.decode_tokens": 0,  # decode speed has its own test
+    # a small student from scratch: the teacher conversion has its own tests; this one is about the cluster
+    "model.init": "scratch",
+    "model.n_layers": 4,
+    "model.n_routed_experts": 8,
+    "model.n_activated_experts": 2,
+}
 STAGES = ["generate", "distill", "convert", "train", "evaluate", "register", "serve"]
 
 
@@ -134,44 +146,93 @@ def finished(cluster, mlflow_server, tmp_path_factory) -> FinishedRun:
     experiment, model_name = f"cluster-{tag}", f"cluster-student-{tag}"
     workdir = tmp_path_factory.mktemp("cluster-work")
     serve_port = free_port()
-    sets = [f"tracking.workdir={workdir}", f"tracking.experiment={experiment}", f"registry.model_name={model_name}",
-            *(f"{k}={v}" for k, v in SMALL.items()),
-            "serve.enabled=true", f"serve.model_uri=models:/{model_name}/1", f"serve.port={serve_port}",
-            "serve.proxy_location=HeadOnly", "serve.num_cpus=0.5"]
+    sets = [
+        f"tracking.workdir={workdir}",
+        f"tracking.experiment={experiment}",
+        f"registry.model_name={model_name}",
+        *(f"{k}={v}" for k, v in SMALL.items()),
+        "serve.enabled=true",
+        f"serve.model_uri=models:/{model_name}/1",
+        f"serve.port={serve_port}",
+        "serve.proxy_location=HeadOnly",
+        "serve.num_cpus=0.5",
+    ]
     sid = f"test-pipeline-{tag}"
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri,
-                                "MOEFORGE_CACHE_DIR": os.environ["MOEFORGE_CACHE_DIR"]},
-                   "excludes": [".venv", ".moeforge", ".git", "test-artifacts"]}
+    runtime_env = {
+        "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri, "MOEFORGE_CACHE_DIR": os.environ["MOEFORGE_CACHE_DIR"]},
+        "excludes": [".venv", ".moeforge", ".git", "test-artifacts"],
+    }
     scraper = Scraper(cluster.metrics)
     scraper.start()
     try:
         for _ in range(30):  # the head's job agent can come up some seconds after the node: Ray says retry
             proc = subprocess.run(
-                [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-                 "--submission-id", sid, "--runtime-env-json", json.dumps(runtime_env), "--",
-                 "python", "-m", "jobs.pipeline", "--config", "tiny", *(a for s in sets for a in ("--set", s))],
-                env=cluster.env, capture_output=True, text=True, timeout=1200)
+                [
+                    RAY,
+                    "job",
+                    "submit",
+                    "--address",
+                    cluster.dashboard,
+                    "--working-dir",
+                    str(REPO),
+                    "--submission-id",
+                    sid,
+                    "--runtime-env-json",
+                    json.dumps(runtime_env),
+                    "--",
+                    "python",
+                    "-m",
+                    "jobs.pipeline",
+                    "--config",
+                    "tiny",
+                    *(a for s in sets for a in ("--set", s)),
+                ],
+                env=cluster.env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             if "No available agent to submit job" not in proc.stderr:
                 break
             time.sleep(2)
         assert proc.returncode == 0, f"ray job submit failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
         client = MlflowClient(mlflow_server.uri)
-        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
-                                  filter_string=f"tags.`moeforge.ray_job` = '{sid}'")
+        runs = client.search_runs(
+            [client.get_experiment_by_name(experiment).experiment_id],
+            filter_string=f"tags.`moeforge.ray_job` = '{sid}'",
+        )
         assert len(runs) == 1, [r.info.run_id for r in runs]
         serve_url = f"http://127.0.0.1:{serve_port}"
         served = 0
         for i in range(4):  # a few real requests, so the serving metrics have something to say
-            r = httpx.post(f"{serve_url}/v1/chat/completions", timeout=120, json={
-                "model": model_name, "messages": [{"role": "user", "content": f"What is {i} + 2?"}],
-                "max_tokens": 8, "stream": i % 2 == 1})
+            r = httpx.post(
+                f"{serve_url}/v1/chat/completions",
+                timeout=120,
+                json={
+                    "model": model_name,
+                    "messages": [{"role": "user", "content": f"What is {i} + 2?"}],
+                    "max_tokens": 8,
+                    "stream": i % 2 == 1,
+                },
+            )
             assert r.status_code == 200, r.text
             served += 1
         time.sleep(4)  # two report intervals
     finally:
         scraper.stop()
-    return FinishedRun(cluster, mlflow_server.uri, experiment, sid, proc, runs[0].info.run_id, serve_url, scraper,
-                       served, workdir, sets)
+    return FinishedRun(
+        cluster,
+        mlflow_server.uri,
+        experiment,
+        sid,
+        proc,
+        runs[0].info.run_id,
+        serve_url,
+        scraper,
+        served,
+        workdir,
+        sets,
+    )
 
 
 @pytest.mark.timeout(1500)
@@ -193,22 +254,46 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
     client = MlflowClient(finished.tracking_uri)
     parent = client.get_run(finished.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["moeforge.ray_job"] == finished.submission_id
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'"
+    )
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in children)  # the server's store
 
     # every committed artifact is readable, and matches its content hash, from a process on each node
-    outputs = {k[len("moeforge.output."):-len(".uri")]: (v, r.data.tags[k[:-len(".uri")] + ".hash"])
-               for r in children for k, v in r.data.tags.items()
-               if k.startswith("moeforge.output.") and k.endswith(".uri")}
-    assert set(outputs) == {"samples", "eval_prompts", "soft_targets", "initial_student", "student", "eval_report",
-                            "registration", "endpoint"}
+    outputs = {
+        k[len("moeforge.output.") : -len(".uri")]: (v, r.data.tags[k[: -len(".uri")] + ".hash"])
+        for r in children
+        for k, v in r.data.tags.items()
+        if k.startswith("moeforge.output.") and k.endswith(".uri")
+    }
+    assert set(outputs) == {
+        "samples",
+        "eval_prompts",
+        "soft_targets",
+        "initial_student",
+        "student",
+        "eval_report",
+        "registration",
+        "endpoint",
+    }
     check = subprocess.run(
-        [sys.executable, "-m", "tests.jobs.inspect_run", c.gcs, c.dashboard, finished.tracking_uri,
-         json.dumps(outputs), json.dumps(c.node_ids)],
-        env={**c.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "tests.jobs.inspect_run",
+            c.gcs,
+            c.dashboard,
+            finished.tracking_uri,
+            json.dumps(outputs),
+            json.dumps(c.node_ids),
+        ],
+        env={**c.env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-4000:]
     report = json.loads(check.stdout.strip().splitlines()[-1])
 
@@ -230,9 +315,13 @@ def test_project_metrics_on_rays_prometheus_endpoints(finished):
 
     s = finished.scraper
     client = MlflowClient(finished.tracking_uri)
-    stages = {r.info.run_name: r for r in client.search_runs(
-        [client.get_run(finished.run_id).info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'")}
+    stages = {
+        r.info.run_name: r
+        for r in client.search_runs(
+            [client.get_run(finished.run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'",
+        )
+    }
     gen = stages["generate"].data.metrics
     run = {"run": finished.run_id}
 
@@ -251,11 +340,19 @@ def test_project_metrics_on_rays_prometheus_endpoints(finished):
 
     # train: seen while the workers lived: steps up to max_steps, losses that the MLflow history also holds
     history = {m.step: m.value for m in client.get_metric_history(stages["train"].info.run_id, "loss")}
-    seen_steps = {v for (node, name, labels), vals in s.history.items() if name == "ray_moeforge_train_step"
-                  and dict(labels).get("run") == finished.run_id for v in vals}
+    seen_steps = {
+        v
+        for (node, name, labels), vals in s.history.items()
+        if name == "ray_moeforge_train_step" and dict(labels).get("run") == finished.run_id
+        for v in vals
+    }
     assert seen_steps and seen_steps <= set(range(1, SMALL["train.max_steps"] + 1))
-    seen_losses = [v for (node, name, labels), vals in s.history.items() if name == "ray_moeforge_train_loss"
-                   and dict(labels).get("run") == finished.run_id for v in vals]
+    seen_losses = [
+        v
+        for (node, name, labels), vals in s.history.items()
+        if name == "ray_moeforge_train_loss" and dict(labels).get("run") == finished.run_id
+        for v in vals
+    ]
     assert seen_losses and all(any(math.isclose(v, h, rel_tol=1e-6) for h in history.values()) for v in seen_losses)
     # expert load: shares in [0, 1]; in a scrape that saw one step's gauges, each MoE layer's 8 experts sum to 1
     assert all(0 <= v <= 1 for v in s.series("ray_moeforge_expert_load", **run).values())
@@ -267,8 +364,7 @@ def test_project_metrics_on_rays_prometheus_endpoints(finished):
                 by_layer.setdefault(dict(labels)["layer"], []).append(v)
         if len(by_layer) == 3 and all(len(v) == 8 for v in by_layer.values()):
             complete.append(by_layer)
-    assert complete and any(all(math.isclose(sum(v), 1.0, abs_tol=1e-3) for v in layer.values())
-                            for layer in complete)
+    assert complete and any(all(math.isclose(sum(v), 1.0, abs_tol=1e-3) for v in layer.values()) for layer in complete)
     assert s.total("ray_moeforge_train_tokens_total", **run) > 0
 
     # serve: every answered request counted, latency and TTFT observed for each, TTFT within latency
@@ -281,7 +377,8 @@ def test_project_metrics_on_rays_prometheus_endpoints(finished):
     ttft_sum = s.total("ray_moeforge_serve_ttft_seconds_sum", route="/v1/chat/completions")
     assert 0 < ttft_sum < 120 * ttft_count and 0 < latency_sum < 120 * latency_count
     assert s.series("ray_moeforge_serve_queue_depth") and all(
-        v >= 0 for v in s.series("ray_moeforge_serve_queue_depth").values())
+        v >= 0 for v in s.series("ray_moeforge_serve_queue_depth").values()
+    )
 
     # every series the code declares showed up (so the Grafana dashboard, which uses only these, has data)
     seen = {name for (_, name, _) in s.latest}
@@ -299,25 +396,39 @@ def test_moeforge_submit_follows_a_stage_job_and_lists_it(finished):
     moeforge = str(Path(sys.executable).parent / "moeforge")
     sets = [a for s in [*finished.sets, f"job.env_vars={{HF_TOKEN: {secret}}}"] for a in ("--set", s)]
     # stage `evaluate` alone: its upstream is cached from the pipeline job, and so is evaluate itself
-    proc = subprocess.run([moeforge, "submit", "evaluate", "--config", "tiny", *sets], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [moeforge, "submit", "evaluate", "--config", "tiny", *sets],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     sid = out.split("submitted job ", 1)[1].split()[0]
     assert "evaluate" in out and "cached" in out  # the job's own log, followed
     assert f"{finished.tracking_uri}/#/experiments/" in out and "SUCCEEDED" in out
-    listed = subprocess.run([moeforge, "jobs", "--address", c.dashboard], env=env, capture_output=True, text=True,
-                            timeout=120)
+    listed = subprocess.run(
+        [moeforge, "jobs", "--address", c.dashboard], env=env, capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0 and sid[:20] in listed.stdout and finished.submission_id[:20] in listed.stdout
     for text in (out, listed.stdout + listed.stderr):
         assert secret not in text and password not in text
     # a stage alone with no cached upstream fails, says why, and the submit exits non-zero
-    bad = subprocess.run([moeforge, "submit", "train", "--config", "tiny", *sets, "--set", "distill.top_k=10"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    bad = subprocess.run(
+        [moeforge, "submit", "train", "--config", "tiny", *sets, "--set", "distill.top_k=10"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert bad.returncode == 1 and "FAILED" in bad.stdout and "no finished run" in bad.stdout + bad.stderr
     # bad input to submit itself: an unknown job, a config file the job could not read
-    unknown = subprocess.run([moeforge, "submit", "nonsense"], cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=60)
+    unknown = subprocess.run(
+        [moeforge, "submit", "nonsense"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert unknown.returncode == 2 and "unknown job 'nonsense'" in unknown.stderr
 
 
@@ -333,9 +444,21 @@ def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
     env = {**finished.cluster.env, "MLFLOW_TRACKING_URI": finished.tracking_uri}
     log = open(tmp_path / "dashboard.log", "w")  # noqa: SIM115 - the server's output while it runs; closed below
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moeforge"), "dashboard", "--set",
-         f"tracking.experiment={finished.experiment}", "--port", str(port), "--ray-dashboard",
-         finished.cluster.dashboard], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        [
+            str(Path(sys.executable).parent / "moeforge"),
+            "dashboard",
+            "--set",
+            f"tracking.experiment={finished.experiment}",
+            "--port",
+            str(port),
+            "--ray-dashboard",
+            finished.cluster.dashboard,
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and driver_bin, "Debian's chromium and chromium-driver are missing: run tests/install_browser.sh"
     options = webdriver.ChromeOptions()
@@ -348,13 +471,18 @@ def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
         browser = webdriver.Chrome(service=Service(driver_bin), options=options)
         browser.get(f"http://127.0.0.1:{port}/?run={finished.run_id}")
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
-        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == finished.run_id, \
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == finished.run_id, (
             browser.find_element(By.ID, "error").text
+        )
 
         client = MlflowClient(finished.tracking_uri)
-        children = {r.info.run_name: r for r in client.search_runs(
-            [client.get_run(finished.run_id).info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'")}
+        children = {
+            r.info.run_name: r
+            for r in client.search_runs(
+                [client.get_run(finished.run_id).info.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{finished.run_id}'",
+            )
+        }
         # the stages: DAG nodes and table rows, each finished
         nodes = browser.find_elements(By.CSS_SELECTOR, "#dag g.dag-node")
         assert [n.get_attribute("data-stage") for n in nodes] == STAGES
@@ -368,8 +496,9 @@ def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
         assert int(line.get_attribute("data-points")) == len(history) == SMALL["train.max_steps"]
         assert len(line.get_attribute("points").split()) == len(history)
         last = browser.find_element(By.ID, "loss-last").text
-        assert last == f"loss {history[-1].value:.4g} at step {history[-1].step}" or \
-            float(last.split()[1]) == pytest.approx(history[-1].value, rel=1e-3)
+        assert last == f"loss {history[-1].value:.4g} at step {history[-1].step}" or float(
+            last.split()[1]
+        ) == pytest.approx(history[-1].value, rel=1e-3)
         # the evaluation table: teacher and student pass@1 per task and overall, the evaluate run's numbers
         ev = children["evaluate"].data.metrics
         rows = browser.find_elements(By.CSS_SELECTOR, "#eval-table tbody tr")

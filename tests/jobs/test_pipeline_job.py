@@ -18,8 +18,12 @@ def test_there_is_a_job_for_every_stage():
 
 @pytest.mark.timeout(300)
 def test_a_stage_job_without_cached_inputs_fails_naming_what_to_run_first(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "tiny", "--set",
-                           f"tracking.workdir={tmp_path}"], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--config", "tiny", "--set", f"tracking.workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "--only train: upstream stage 'generate' has no finished run" in proc.stderr.replace("\n", " ")
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # decided before any Ray work
@@ -27,6 +31,10 @@ def test_a_stage_job_without_cached_inputs_fails_naming_what_to_run_first(tmp_pa
 
 @pytest.mark.timeout(300)
 def test_a_bad_config_is_reported_with_the_key(tmp_path):
-    bad = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--set", "train.max_steps=-1"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--set", "train.max_steps=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "train.max_steps" in bad.stderr

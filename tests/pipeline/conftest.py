@@ -25,8 +25,16 @@ def openai_server(teacher):
     faults["stall"] = n (with "stall_s") to stall them, to check retries and flagging; "retry_after" adds that
     header to injected failures.
     """
-    faults = {"fail": 0, "status": 500, "retry_after": None, "stall": 0, "stall_s": 0.0, "requests": 0,
-              "auth": None, "arrivals": []}
+    faults = {
+        "fail": 0,
+        "status": 500,
+        "retry_after": None,
+        "stall": 0,
+        "stall_s": 0.0,
+        "requests": 0,
+        "auth": None,
+        "arrivals": [],
+    }
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
@@ -62,13 +70,29 @@ def openai_server(teacher):
                 time.sleep(faults["stall_s"])
             if not body.get("messages"):
                 return self._send(400, {"error": {"message": "messages must not be empty"}})
-            out = teacher.generate([body["messages"]], max_new_tokens=body.get("max_tokens", 16),
-                                   temperature=body.get("temperature", 0.0))[0]
-            self._send(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                          "finish_reason": out.finish_reason}],
-                             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-                                       "total_tokens": out.prompt_tokens + out.completion_tokens}})
+            out = teacher.generate(
+                [body["messages"]], max_new_tokens=body.get("max_tokens", 16), temperature=body.get("temperature", 0.0)
+            )[0]
+            self._send(
+                200,
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": out.text},
+                            "finish_reason": out.finish_reason,
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": out.prompt_tokens,
+                        "completion_tokens": out.completion_tokens,
+                        "total_tokens": out.prompt_tokens + out.completion_tokens,
+                    },
+                },
+            )
 
     class Server(ThreadingHTTPServer):
         daemon_threads = False  # so server_close() waits for stalled requests instead of abandoning them

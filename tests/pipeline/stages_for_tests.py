@@ -37,8 +37,7 @@ class Numbers(Stage):
     def run(self, ctx: StageContext) -> None:
         _log_call(self.calls, self.name)
         n = ctx.config.data.num_train_prompts
-        ctx.write_table("numbers", pa.table({"i": pa.array(range(n), pa.int64()),
-                                              "x": pa.array(range(n), pa.int64())}))
+        ctx.write_table("numbers", pa.table({"i": pa.array(range(n), pa.int64()), "x": pa.array(range(n), pa.int64())}))
         ctx.log_metrics({"rows": n})
 
 
@@ -55,8 +54,13 @@ class Scale(Stage):
     config_sections = ("distill",)
     key_metrics = ("rows_done", "resumed_at")
 
-    def __init__(self, calls: str | None = None, fail_after: int | None = None, fail_marker: str | None = None,
-                 hang: bool = False):
+    def __init__(
+        self,
+        calls: str | None = None,
+        fail_after: int | None = None,
+        fail_marker: str | None = None,
+        hang: bool = False,
+    ):
         self.calls, self.fail_after, self.fail_marker, self.hang = calls, fail_after, fail_marker, hang
 
     def run(self, ctx: StageContext) -> None:
@@ -69,7 +73,7 @@ class Scale(Stage):
         out_dir = ctx.output_dir("scaled")
         (out_dir / "partial.txt").write_text("half-written")  # a half-written output that must never be committed
         with open(progress, "a") as f:
-            for row in ctx.progress(table.to_pylist()[len(done):], desc="scale rows"):
+            for row in ctx.progress(table.to_pylist()[len(done) :], desc="scale rows"):
                 if self.fail_after is not None and len(done) == self.fail_after and not Path(self.fail_marker).exists():
                     Path(self.fail_marker).touch()
                     if self.hang:

@@ -52,8 +52,15 @@ def test_stages_lists_the_product_dag(cli):
 
 
 # the README's command at a tenth of the work (the full-size run is benchmarks/pipeline_tiny.py)
-SMALLER = ["data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=48", "train.max_steps=4",
-           "train.batch_size=2", "evaluate.max_new_tokens=32", "evaluate.decode_tokens=8"]
+SMALLER = [
+    "data.num_train_prompts=12",
+    "data.num_eval_prompts=4",
+    "teacher.max_new_tokens=48",
+    "train.max_steps=4",
+    "train.batch_size=2",
+    "evaluate.max_new_tokens=32",
+    "evaluate.decode_tokens=8",
+]
 
 
 @pytest.mark.slow
@@ -85,16 +92,31 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     assert 0 < kl < float("inf") and convert.data.metrics["student_ppl"] >= 1
     assert convert.data.metrics["cache_ratio"] == pytest.approx(30 * (192 + 3 * 32) / (30 * 2 * 3 * 64))
     # the quality benchmark reads this run's evaluation and conversion and ends with its RESULT line
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "student_quality.py")], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "student_quality.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT student_pass_at_1=") and "floor=" in last and "cache_ratio=0.750" in last
 
     # the optional last stage: a challenger-only registry has no champion to serve, and says what to do instead
     port = free_port()
-    serve_sets = [*sets, "--set", "serve.enabled=true", "--set", f"serve.port={port}", "--set", "serve.num_cpus=1",
-                  "--set", "registry.gate_ratio=100"]
+    serve_sets = [
+        *sets,
+        "--set",
+        "serve.enabled=true",
+        "--set",
+        f"serve.port={port}",
+        "--set",
+        "serve.num_cpus=1",
+        "--set",
+        "registry.gate_ratio=100",
+    ]
     res = cli("run", "--config", "tiny", *serve_sets)
     aliases = tracker.client.get_model_version("moeforge-student", "1").aliases
     if "champion" not in aliases:  # gate_ratio 100 is out of reach unless the teacher solved nothing
@@ -107,8 +129,9 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         (card,) = client.models.list().data
         assert card.id == "moeforge-student" and card.model_extra["moeforge"]["version"] == "1"
-        answer = client.chat.completions.create(model="moeforge-student", max_tokens=8,
-                                                messages=[{"role": "user", "content": "What is 2 + 2?"}])
+        answer = client.chat.completions.create(
+            model="moeforge-student", max_tokens=8, messages=[{"role": "user", "content": "What is 2 + 2?"}]
+        )
         assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
     finally:
         serve.shutdown()
@@ -135,8 +158,20 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
-    assert cli("run", "--until", "generate", "--set", f"tracking.workdir={tmp_path / 'w'}", "--set",
-               "data.num_train_prompts=2", "--set", "teacher.max_new_tokens=8").exit_code == 0
+    assert (
+        cli(
+            "run",
+            "--until",
+            "generate",
+            "--set",
+            f"tracking.workdir={tmp_path / 'w'}",
+            "--set",
+            "data.num_train_prompts=2",
+            "--set",
+            "teacher.max_new_tokens=8",
+        ).exit_code
+        == 0
+    )
     res = cli("status", "0123456789abcdef", "--set", f"tracking.workdir={tmp_path / 'w'}")
     assert res.exit_code == 1 and "no run '0123456789abcdef'" in res.output
 
@@ -153,8 +188,13 @@ def test_ui_serves_the_mlflow_ui_on_loopback(tmp_path):
 
     port = free_port()
     moeforge = str(Path(sys.executable).parent / "moeforge")
-    proc = subprocess.Popen([moeforge, "ui", "--port", str(port), "--set", f"tracking.workdir={tmp_path / 'w'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [moeforge, "ui", "--port", str(port), "--set", f"tracking.workdir={tmp_path / 'w'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
         import httpx
@@ -173,17 +213,40 @@ def test_serve_deploys_the_model_it_is_given_and_names_a_bad_one(cli, registered
     res = cli("serve", "--model", f"models:/{s.name}@nope", "--set", f"tracking.uri={s.tracking_uri}")
     assert res.exit_code == 2 and "has no alias 'nope'" in res.output
     port = free_port()
-    res = cli("serve", "--model", str(s.directory), "--port", str(port), "--replicas", "1",
-              "--set", "serve.num_cpus=1", "--detach")
+    res = cli(
+        "serve",
+        "--model",
+        str(s.directory),
+        "--port",
+        str(port),
+        "--replicas",
+        "1",
+        "--set",
+        "serve.num_cpus=1",
+        "--detach",
+    )
     try:
         assert res.exit_code == 0, res.output
         assert f"at http://127.0.0.1:{port}/v1" in res.output
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": "student", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            timeout=60,
+            json={"model": "student", "prompt": "Hi", "max_tokens": 3, "ignore_eos": True},
+        )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         # Serve's port is fixed while it runs: asking for another one says so and names where it really is
-        again = cli("serve", "--model", str(s.directory), "--port", str(free_port()), "--replicas", "1",
-                    "--set", "serve.num_cpus=1", "--detach")
+        again = cli(
+            "serve",
+            "--model",
+            str(s.directory),
+            "--port",
+            str(free_port()),
+            "--replicas",
+            "1",
+            "--set",
+            "serve.num_cpus=1",
+            "--detach",
+        )
         assert again.exit_code == 0 and f"Serve already runs on this cluster at http://127.0.0.1:{port}" in again.output
     finally:
         serve.shutdown()

@@ -13,8 +13,16 @@ def test_presets_load_and_tiny_is_the_embedded_default():
 
 
 def test_overrides_apply_with_yaml_types():
-    cfg = load_config("tiny", ["train.max_steps=50", "train.use_gpu=true", "teacher.temperature=0.7",
-                               "ray.address=ray://head:10001", "data.tasks=[{name: chain_sum, weight: 2}]"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.max_steps=50",
+            "train.use_gpu=true",
+            "teacher.temperature=0.7",
+            "ray.address=ray://head:10001",
+            "data.tasks=[{name: chain_sum, weight: 2}]",
+        ],
+    )
     assert cfg.train.max_steps == 50 and cfg.train.use_gpu is True and cfg.teacher.temperature == 0.7
     assert cfg.ray.address == "ray://head:10001"
     assert [(t.name, t.weight) for t in cfg.data.tasks] == [("chain_sum", 2.0)]
@@ -28,8 +36,10 @@ def test_config_hash_tracks_content():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["model.n_activated_experts=21"],
-         "model.n_activated_experts: n_activated_experts (21) must be <= n_routed_experts (20)"),
+        (
+            ["model.n_activated_experts=21"],
+            "model.n_activated_experts: n_activated_experts (21) must be <= n_routed_experts (20)",
+        ),
         (["model.n_group=3"], "model.n_group: n_group (3) must divide n_routed_experts (20)"),
         (["model.n_group=4", "model.topk_group=1", "model.n_activated_experts=6"], "model.topk_group"),
         (["model.qk_rope_head_dim=15"], "model.qk_rope_head_dim: qk_rope_head_dim (15) must be even"),

@@ -11,9 +11,16 @@ from tests.pipeline.stages_for_tests import Numbers, Scale, Summarize, chain
 
 
 def _stage(name, inputs=(), outputs=(), sections=()):
-    return type(name.title(), (Stage,), {"name": name, "inputs": tuple(inputs),
-                                         "outputs": tuple(ArtifactSpec(o) for o in outputs),
-                                         "config_sections": tuple(sections)})()
+    return type(
+        name.title(),
+        (Stage,),
+        {
+            "name": name,
+            "inputs": tuple(inputs),
+            "outputs": tuple(ArtifactSpec(o) for o in outputs),
+            "config_sections": tuple(sections),
+        },
+    )()
 
 
 def test_order_follows_artifacts_not_declaration():

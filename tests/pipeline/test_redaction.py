@@ -17,11 +17,27 @@ from pipeline.redaction import REDACTED, redact, redact_uri, redact_url, secret_
 SECRETS = ("sk-planted-env-0451", "planted-mlflow-pw-77", "planted-teacher-pw-99")
 
 
-@pytest.mark.parametrize("name, secret", [
-    ("HF_TOKEN", True), ("AWS_SECRET_ACCESS_KEY", True), ("db_password", True), ("api_key", True),
-    ("OPENAI_API_KEY", True), ("auth", True), ("MLFLOW_TRACKING_PASSWORD", True), ("access-key", True),
-    ("api_key_env", False), ("api_key_file", False), ("max_tokens", False), ("tokenizer", False),
-    ("max_new_tokens", False), ("keep_running", False), ("allow_unauthenticated", False), ("model", False)])
+@pytest.mark.parametrize(
+    "name, secret",
+    [
+        ("HF_TOKEN", True),
+        ("AWS_SECRET_ACCESS_KEY", True),
+        ("db_password", True),
+        ("api_key", True),
+        ("OPENAI_API_KEY", True),
+        ("auth", True),
+        ("MLFLOW_TRACKING_PASSWORD", True),
+        ("access-key", True),
+        ("api_key_env", False),
+        ("api_key_file", False),
+        ("max_tokens", False),
+        ("tokenizer", False),
+        ("max_new_tokens", False),
+        ("keep_running", False),
+        ("allow_unauthenticated", False),
+        ("model", False),
+    ],
+)
 def test_secret_names(name, secret):
     assert secret_name(name) is secret
 
@@ -35,13 +51,16 @@ def test_urls_lose_their_credentials_and_nothing_else():
 
 
 def test_redact_hides_env_values_secret_fields_and_url_credentials_only():
-    cfg = {"job": {"env_vars": {"HF_HUB_OFFLINE": "1", "X": "sk-1"}, "pip": ["rich"]},
-           "teacher": {"api_key_env": "OPENAI_API_KEY", "base_url": "http://u:p@host/v1", "max_new_tokens": 8},
-           "custom": {"db_password": "hunter2", "token_count": 3, "tokens": ["a"]}}
+    cfg = {
+        "job": {"env_vars": {"HF_HUB_OFFLINE": "1", "X": "sk-1"}, "pip": ["rich"]},
+        "teacher": {"api_key_env": "OPENAI_API_KEY", "base_url": "http://u:p@host/v1", "max_new_tokens": 8},
+        "custom": {"db_password": "hunter2", "token_count": 3, "tokens": ["a"]},
+    }
     assert redact(cfg) == {
         "job": {"env_vars": {"HF_HUB_OFFLINE": REDACTED, "X": REDACTED}, "pip": ["rich"]},
         "teacher": {"api_key_env": "OPENAI_API_KEY", "base_url": f"http://{REDACTED}@host/v1", "max_new_tokens": 8},
-        "custom": {"db_password": REDACTED, "token_count": 3, "tokens": ["a"]}}
+        "custom": {"db_password": REDACTED, "token_count": 3, "tokens": ["a"]},
+    }
 
 
 @pytest.mark.slow
@@ -60,10 +79,17 @@ def test_a_planted_secret_appears_nowhere_a_run_shows(tmp_path, mlflow_server, m
     server = urlparse(mlflow_server.uri)
     tracking = f"http://moeforge:{mlflow_pw}@{server.netloc}"  # the server ignores the credentials; they still count
     config = tmp_path / "planted.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "planted", "job": {"env_vars": {"HF_TOKEN": env_secret}}, "data": {"num_train_prompts": 10},
-        "teacher": {"base_url": f"http://teacher:{teacher_pw}@127.0.0.1:9/v1"},
-        "tracking": {"uri": tracking, "experiment": "planted-secrets", "workdir": str(tmp_path / "work")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "planted",
+                "job": {"env_vars": {"HF_TOKEN": env_secret}},
+                "data": {"num_train_prompts": 10},
+                "teacher": {"base_url": f"http://teacher:{teacher_pw}@127.0.0.1:9/v1"},
+                "tracking": {"uri": tracking, "experiment": "planted-secrets", "workdir": str(tmp_path / "work")},
+            }
+        )
+    )
     cfg = load_config(str(config))
     assert cfg.job.env_vars["HF_TOKEN"] == env_secret  # what runs keeps the real values
 

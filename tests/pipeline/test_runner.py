@@ -25,8 +25,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 def setup(tmp_path, mlflow_server, request):
     """A config on its own experiment of the shared server, and a file counting real stage executions."""
     experiment = request.node.name.replace("[", "-").replace("]", "")
-    cfg = load_config("tiny", [f"tracking.uri={mlflow_server.uri}", f"tracking.experiment={experiment}",
-                               f"tracking.workdir={tmp_path / 'work'}", "data.num_train_prompts=10"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"tracking.uri={mlflow_server.uri}",
+            f"tracking.experiment={experiment}",
+            f"tracking.workdir={tmp_path / 'work'}",
+            "data.num_train_prompts=10",
+        ],
+    )
     calls = tmp_path / "calls.txt"
     calls.touch()
     return cfg, calls
@@ -69,8 +76,7 @@ def test_run_tree_params_tags_and_lineage(setup, mlflow_server):
     assert by_name["numbers"].data.metrics["rows"] == 10
     # the committed artifact is in the server's store, and readable through it from a fresh cache
     ref = result["scale"].outputs["scaled"]
-    table = read_table(
-        fetch(ref, mlflow_server.uri, Path(cfg.tracking.workdir) / "other-node"), SCALED, ref.hash)
+    table = read_table(fetch(ref, mlflow_server.uri, Path(cfg.tracking.workdir) / "other-node"), SCALED, ref.hash)
     assert table.column("x").to_pylist() == [i * cfg.distill.top_k for i in range(10)]
     assert [a.path for a in client.list_artifacts(by_name["scale"].info.run_id, "outputs")] == ["outputs/scaled"]
 
@@ -188,8 +194,12 @@ def test_killed_driver_is_reaped_and_rerun_resumes(tmp_path):
     overrides = [f"tracking.workdir={tmp_path / 'work'}", "tracking.experiment=killed", "data.num_train_prompts=10"]
     calls, marker = tmp_path / "calls.txt", tmp_path / "hung"
     calls.touch()
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *overrides, str(calls), str(marker)],
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, *overrides, str(calls), str(marker)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():

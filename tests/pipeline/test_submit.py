@@ -16,10 +16,22 @@ from tests.conftest import REPO, free_port
 
 
 def test_entrypoint_runs_a_jobs_module_with_the_config_and_overrides():
-    cmd = sub.entrypoint("train", "tiny", ["train.max_steps=5", "data.tasks=[{name: 'chain_sum'}]"], ["--force",
-                                                                                                       "train"])
-    assert shlex.split(cmd) == ["python", "-m", "jobs.train", "--config", "tiny", "--set", "train.max_steps=5",
-                                "--set", "data.tasks=[{name: 'chain_sum'}]", "--force", "train"]
+    cmd = sub.entrypoint(
+        "train", "tiny", ["train.max_steps=5", "data.tasks=[{name: 'chain_sum'}]"], ["--force", "train"]
+    )
+    assert shlex.split(cmd) == [
+        "python",
+        "-m",
+        "jobs.train",
+        "--config",
+        "tiny",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        "data.tasks=[{name: 'chain_sum'}]",
+        "--force",
+        "train",
+    ]
     with_job = sub.entrypoint("pipeline", "tiny", ["job.env_vars={HF_TOKEN: sk-secret}", "train.max_steps=5"], [])
     assert "sk-secret" not in with_job and "train.max_steps=5" in with_job  # the job gets job.* as its runtime env
     for leaky in ("tracking.uri=http://bob:pw@mlflow:5000", "teacher.base_url=https://k:s@api.example/v1"):
@@ -45,10 +57,16 @@ def test_runtime_env_from_the_job_section_and_the_environment(monkeypatch):
     monkeypatch.setenv("SECRET_NOT_FORWARDED", "x")
     cfg = load_config("tiny", ["job.pip=[rich]", "job.env_vars={HF_HUB_OFFLINE: '1'}", "job.working_dir=."])
     env = sub.runtime_env(cfg)
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1",
-                               "MOEFORGE_CODE_VERSION": code_version(),  # of the working dir's code: this repo's
-                               **({"MOEFORGE_CACHE_DIR": env["env_vars"]["MOEFORGE_CACHE_DIR"]}
-                                  if "MOEFORGE_CACHE_DIR" in env["env_vars"] else {})}
+    assert env["env_vars"] == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "HF_HUB_OFFLINE": "1",
+        "MOEFORGE_CODE_VERSION": code_version(),  # of the working dir's code: this repo's
+        **(
+            {"MOEFORGE_CACHE_DIR": env["env_vars"]["MOEFORGE_CACHE_DIR"]}
+            if "MOEFORGE_CACHE_DIR" in env["env_vars"]
+            else {}
+        ),
+    }
     assert env["pip"] == ["rich"] and ".venv" in env["excludes"] and env["working_dir"].startswith("/")
     assert sub.tracking_uri_of_job(cfg) == "http://mlflow:5000"
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")

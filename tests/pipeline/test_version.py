@@ -20,8 +20,9 @@ def test_the_version_is_the_codes_own_with_or_without_git(tmp_path):
     copy = copy_code(tmp_path / "work")  # what a Ray job gets: the sources, no .git
     assert has_code(copy) and not (copy / ".git").exists()
     assert version_of(copy) == code_version()
-    (copy / "pipeline" / "stages" / "train.py").write_text((copy / "pipeline" / "stages" / "train.py").read_text()
-                                                           + "\n# an edit\n")
+    (copy / "pipeline" / "stages" / "train.py").write_text(
+        (copy / "pipeline" / "stages" / "train.py").read_text() + "\n# an edit\n"
+    )
     edited = version_of(copy)
     assert edited != code_version() and edited.startswith(code_version().split("+")[0] + "+src.")
     (copy / "README.md").write_text("docs are not code")

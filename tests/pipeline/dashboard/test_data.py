@@ -58,9 +58,20 @@ def test_a_run_in_progress_shows_states_progress_and_what_is_known_so_far(tracke
     cfg, tracker, stages = tracked
     parent = tracker.start_pipeline(cfg, "test", ["generate", "distill", "train", "evaluate", "register"])
     gen = start_stage(tracker, cfg, parent, stages["generate"], "k-gen")
-    tracker.client.log_batch(gen, metrics=[Metric(k, v, 0, 0) for k, v in {
-        "acceptance_rate": 0.75, "acceptance_rate.chain_sum": 0.5, "acceptance_rate.letter_counting": 1.0,
-        "samples": 8, "accepted": 6, "tokens_per_s": 12.5}.items()])
+    tracker.client.log_batch(
+        gen,
+        metrics=[
+            Metric(k, v, 0, 0)
+            for k, v in {
+                "acceptance_rate": 0.75,
+                "acceptance_rate.chain_sum": 0.5,
+                "acceptance_rate.letter_counting": 1.0,
+                "samples": 8,
+                "accepted": 6,
+                "tokens_per_s": 12.5,
+            }.items()
+        ],
+    )
     tracker.finish_stage(gen, {})
     distill = start_stage(tracker, cfg, parent, stages["distill"], "k-distill")
     tracker.client.log_batch(distill, metrics=[Metric("progress.done", 3, 0, 0), Metric("progress.total", 8, 0, 0)])
@@ -69,8 +80,13 @@ def test_a_run_in_progress_shows_states_progress_and_what_is_known_so_far(tracke
     view = data.run(parent)
     assert view["run"]["state"] == "running"
     states = {s["name"]: s["state"] for s in view["stages"]}
-    assert states == {"generate": "finished", "distill": "running", "train": "pending", "evaluate": "pending",
-                      "register": "pending"}
+    assert states == {
+        "generate": "finished",
+        "distill": "running",
+        "train": "pending",
+        "evaluate": "pending",
+        "register": "pending",
+    }
     assert view["stages"][0]["key_metrics"] == {"acceptance_rate": 0.75, "samples": 8, "tokens_per_s": 12.5}
     assert view["stages"][1]["progress"] == {"done": 3, "total": 8, "unit": "items"}
     assert view["acceptance"]["by_task"] == {"chain_sum": 0.5, "letter_counting": 1.0}
@@ -100,9 +116,18 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     tracker.client.log_batch(train, metrics=losses + shares)
     tracker.finish_stage(train, {})
     evaluate = start_stage(tracker, cfg, first, stages["evaluate"], "k-eval")
-    tracker.client.log_batch(evaluate, metrics=[Metric(k, v, 0, 0) for k, v in {
-        "teacher.pass_at_1": 0.5, "student.pass_at_1": 0.25, "teacher.pass_at_1.chain_sum": 0.5,
-        "student.pass_at_1.chain_sum": 0.25}.items()])
+    tracker.client.log_batch(
+        evaluate,
+        metrics=[
+            Metric(k, v, 0, 0)
+            for k, v in {
+                "teacher.pass_at_1": 0.5,
+                "student.pass_at_1": 0.25,
+                "teacher.pass_at_1.chain_sum": 0.5,
+                "student.pass_at_1.chain_sum": 0.25,
+            }.items()
+        ],
+    )
     tracker.finish_stage(evaluate, {})
     tracker.finish(first)
 
@@ -119,8 +144,10 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     assert view["loss"]["loss"] == [[1, 9.0], [2, 7.5], [3, 6.0]]
     assert view["loss"]["val_loss"] == [[0, 9.5], [3, 8.0]]  # drawn beside the training loss
     assert view["expert_load"] == {"layers": [1, 2], "experts": [0, 1, 2, 3], "share": [[0.25] * 4, [0.25] * 4]}
-    assert view["evaluation"]["rows"] == [{"task": "chain_sum", "teacher": 0.5, "student": 0.25},
-                                          {"task": "overall", "teacher": 0.5, "student": 0.25}]
+    assert view["evaluation"]["rows"] == [
+        {"task": "chain_sum", "teacher": 0.5, "student": 0.25},
+        {"task": "overall", "teacher": 0.5, "student": 0.25},
+    ]
     assert client.get("/api/runs/latest").json()["run"]["run_id"] == second
     assert [r["run_id"] for r in client.get("/api/runs").json()["runs"]] == [second, first]
     # bad input: an unknown run, a stage run where a pipeline run is expected

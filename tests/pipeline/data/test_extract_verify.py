@@ -8,19 +8,22 @@ from pipeline.data.sources import Prompt, reasoning_gym_prompts
 from pipeline.data.verify import is_numeric, score
 
 
-@pytest.mark.parametrize(("text", "numeric", "expected"), [
-    ("Reasoning... <answer> 42 </answer>", True, "42"),
-    ("3 + 4 = 7. The final answer is 7.", True, "7"),
-    ("so the final answer is: **-12**", True, "-12"),
-    ("4.5 + 10 = 14.5. The final answer is 14.5.", True, "14.5"),
-    ("The final answer is \\boxed{9}.", True, "9"),
-    ("I think it's 1,234 apples", True, "1234"),
-    ("The final answer is ainomma.", False, "ainomma"),
-    ("Backwards it reads: tac", False, "tac"),
-    ("   \n ", True, None),
-    ("no digits at all", True, None),
-    ("", False, None),
-])
+@pytest.mark.parametrize(
+    ("text", "numeric", "expected"),
+    [
+        ("Reasoning... <answer> 42 </answer>", True, "42"),
+        ("3 + 4 = 7. The final answer is 7.", True, "7"),
+        ("so the final answer is: **-12**", True, "-12"),
+        ("4.5 + 10 = 14.5. The final answer is 14.5.", True, "14.5"),
+        ("The final answer is \\boxed{9}.", True, "9"),
+        ("I think it's 1,234 apples", True, "1234"),
+        ("The final answer is ainomma.", False, "ainomma"),
+        ("Backwards it reads: tac", False, "tac"),
+        ("   \n ", True, None),
+        ("no digits at all", True, None),
+        ("", False, None),
+    ],
+)
 def test_extraction(text, numeric, expected):
     assert extract_answer(text, numeric) == expected
 

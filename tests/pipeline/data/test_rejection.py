@@ -40,11 +40,21 @@ def test_accepted_answers_end_in_the_canonical_line_and_extractors_are_per_teach
 
 
 def test_duplicates_and_quota_per_prompt():
-    texts = ["The final answer is 5.", "The final answer is 5.", "So 5. The final answer is 5.",
-             "The final answer is 4.", "Five: The final answer is 5."]
+    texts = [
+        "The final answer is 5.",
+        "The final answer is 5.",
+        "So 5. The final answer is 5.",
+        "The final answer is 4.",
+        "Five: The final answer is 5.",
+    ]
     verdicts = select([judge(ADD, gen(t), ALL, 1.0, True) for t in texts], max_accepted=2)
     assert [(v.accepted, v.reason) for v in verdicts] == [
-        (True, None), (False, "duplicate"), (True, None), (False, "wrong_answer"), (False, "over_quota")]
+        (True, None),
+        (False, "duplicate"),
+        (True, None),
+        (False, "wrong_answer"),
+        (False, "over_quota"),
+    ]
 
 
 def test_few_shot_examples_are_in_neither_split_and_the_student_sees_no_examples():
@@ -54,5 +64,7 @@ def test_few_shot_examples_are_in_neither_split_and_the_student_sees_no_examples
     assert not shown & asked
     p = splits["train"][0]
     assert len(teacher_messages(p.task, p.question)) == 6  # instruction, two worked examples, the question
-    assert student_messages(p.question) == [teacher_messages(p.task, p.question)[0],
-                                            teacher_messages(p.task, p.question)[-1]]
+    assert student_messages(p.question) == [
+        teacher_messages(p.task, p.question)[0],
+        teacher_messages(p.task, p.question)[-1],
+    ]

@@ -16,9 +16,17 @@ def _norm(q):
 
 def test_held_out_split_is_disjoint_from_training_even_for_tiny_question_spaces():
     # one-digit two-term sums: only ~100 distinct questions, so seed ranges alone would collide
-    cfg = DataConfig(tasks=[TaskMix(name="basic_arithmetic", params=dict(min_terms=2, max_terms=2, min_digits=1,
-                                                                         max_digits=1, operators=["+"]))],
-                     num_train_prompts=40, num_eval_prompts=30, seed=3)
+    cfg = DataConfig(
+        tasks=[
+            TaskMix(
+                name="basic_arithmetic",
+                params=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, operators=["+"]),
+            )
+        ],
+        num_train_prompts=40,
+        num_eval_prompts=30,
+        seed=3,
+    )
     splits = reasoning_gym_prompts(cfg)
     assert len(splits["train"]) == 40 and len(splits["eval"]) == 30
     assert not {_norm(p.question) for p in splits["train"]} & {_norm(p.question) for p in splits["eval"]}
@@ -40,19 +48,24 @@ def test_unknown_task_is_named():
 
 
 def test_user_datasets_parquet_and_jsonl(tmp_path):
-    pq.write_table(pa.table({"prompt": ["1+1?", "Capital of France?"], "answer": ["2", "Paris"],
-                             "task": ["math", None]}), tmp_path / "d.parquet")
+    pq.write_table(
+        pa.table({"prompt": ["1+1?", "Capital of France?"], "answer": ["2", "Paris"], "task": ["math", None]}),
+        tmp_path / "d.parquet",
+    )
     prompts = file_prompts(tmp_path / "d.parquet")
     assert [(p.task, p.answer) for p in prompts] == [("math", "2"), ("user", "Paris")]
     (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n\n")
     assert file_prompts(tmp_path / "d.jsonl")[0].question == "2+2?"
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ('{"prompt": "x"}\n', r"row 0 has no answer column"),
-    ('{"answer": "x"}\n', r"row 0 has no prompt column"),
-    ('{"prompt": "x", "answer": "y"}\nnot json\n', r"d.jsonl:2: not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "x"}\n', r"row 0 has no answer column"),
+        ('{"answer": "x"}\n', r"row 0 has no prompt column"),
+        ('{"prompt": "x", "answer": "y"}\nnot json\n', r"d.jsonl:2: not valid JSON"),
+    ],
+)
 def test_bad_user_dataset_is_named(tmp_path, content, message):
     (tmp_path / "d.jsonl").write_text(content)
     with pytest.raises(DataError, match=message):

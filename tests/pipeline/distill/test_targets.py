@@ -19,13 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_stored_top_k_is_torch_topk_of_the_full_logits_even_in_a_padded_batch(teacher):
-    seqs = [T.encode(teacher.tokenizer, "Calculate 3 + 5.", "3 + 5 = 8. The final answer is 8."),
-            T.encode(teacher.tokenizer, "Calculate 12 - 4.", "12 - 4 = 8. So the final answer is 8.")]
+    seqs = [
+        T.encode(teacher.tokenizer, "Calculate 3 + 5.", "3 + 5 = 8. The final answer is 8."),
+        T.encode(teacher.tokenizer, "Calculate 12 - 4.", "12 - 4 = 8. So the final answer is 8."),
+    ]
     batched = teacher.score([s for s, _ in seqs], [i for _, i in seqs], top_k=20)
     for (seq, start), got in zip(seqs, batched, strict=True):
         with torch.no_grad():
             logits = teacher.model(torch.tensor([seq])).logits[0].float()
-        lp = torch.log_softmax(logits[start - 1:len(seq) - 1], -1)
+        lp = torch.log_softmax(logits[start - 1 : len(seq) - 1], -1)
         want_lp, want_ids = lp.topk(20, -1)
         assert got.topk_ids.shape == (len(seq) - start, 20)
         np.testing.assert_array_equal(got.topk_ids, want_ids.numpy())
@@ -37,12 +39,21 @@ def test_stored_top_k_is_torch_topk_of_the_full_logits_even_in_a_padded_batch(te
 
 def test_targets_at_position_i_describe_token_i_plus_1(teacher):
     """On the teacher's own greedy answer, each stored row's top-1 is exactly the token that follows."""
-    prompt = list(teacher.tokenizer.apply_chat_template(student_messages("What is 2 + 2?"), add_generation_prompt=True,
-                                                         tokenize=True)["input_ids"])
+    prompt = list(
+        teacher.tokenizer.apply_chat_template(
+            student_messages("What is 2 + 2?"), add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+    )
     with torch.no_grad():
-        out = teacher.model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                     pad_token_id=teacher.tokenizer.pad_token_id, temperature=None, top_p=None,
-                                     top_k=None)[0].tolist()
+        out = teacher.model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=teacher.tokenizer.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )[0].tolist()
     seq, start = out, len(prompt)
     [got] = teacher.score([seq], [start], top_k=5)
     assert got.topk_ids[:, 0].tolist() == seq[start:]  # row j <-> token start + j

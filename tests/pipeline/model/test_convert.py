@@ -29,9 +29,19 @@ VOCAB, DIM, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 96, 64, 4, 2, 16, 96, 4
 
 def llama(seed: int = 0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True, **extra)
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=DIM,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        **extra,
+    )
     model = cls(config).eval()
     with torch.no_grad():  # random init gives every layer a near-identity block; widen them so layers matter
         for p in model.parameters():
@@ -42,15 +52,27 @@ def llama(seed: int = 0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
 
 def sequences(n: int = 12, seed: int = 1) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (int(torch.randint(8, 40, (1,), generator=gen)),), generator=gen).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(3, VOCAB, (int(torch.randint(8, 40, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n)
+    ]
 
 
 def lossless(**knobs) -> ModelConfig:
     """Every rope pair, full latent rank, every neuron in an expert and every expert active."""
-    base = dict(n_layers=LAYERS, n_dense_layers=1, qk_rope_head_dim=HEAD_DIM, kv_lora_rank=KV_HEADS * HEAD_DIM,
-                moe_inter_dim=16, n_shared_experts=2, n_routed_experts=4, n_activated_experts=4, n_group=1,
-                topk_group=1, max_seq_len=128)
+    base = dict(
+        n_layers=LAYERS,
+        n_dense_layers=1,
+        qk_rope_head_dim=HEAD_DIM,
+        kv_lora_rank=KV_HEADS * HEAD_DIM,
+        moe_inter_dim=16,
+        n_shared_experts=2,
+        n_routed_experts=4,
+        n_activated_experts=4,
+        n_group=1,
+        topk_group=1,
+        max_seq_len=128,
+    )
     return ModelConfig.model_validate({**base, **knobs})
 
 
@@ -86,14 +108,14 @@ def test_full_rank_latent_with_partial_rope_reproduces_the_keys_and_values_exact
     x = torch.randn(2, 5, DIM)
     for j, layer in enumerate(teacher.model.layers):
         attn, mla = layer.self_attn, student.layers[j].attn
-        kv = mla.wkv_b(mla.wkv_a(x)[..., :mla.kv_rank]).view(2, 5, HEADS, -1)
+        kv = mla.wkv_b(mla.wkv_a(x)[..., : mla.kv_rank]).view(2, 5, HEADS, -1)
         v = attn.v_proj(x).view(2, 5, KV_HEADS, HEAD_DIM).repeat_interleave(HEADS // KV_HEADS, dim=2)
-        torch.testing.assert_close(kv[..., mla.nope:], v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kv[..., mla.nope :], v, atol=1e-5, rtol=1e-5)
         k = attn.k_proj(x).view(2, 5, KV_HEADS, HEAD_DIM)
         kept = report.rope_pairs[j][0]
         rest = [i for i in range(HEAD_DIM // 2) if i not in kept]
         nope_channels = rest + [i + HEAD_DIM // 2 for i in rest]
-        torch.testing.assert_close(kv[..., 0, :mla.nope], k[..., 0, nope_channels], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kv[..., 0, : mla.nope], k[..., 0, nope_channels], atol=1e-5, rtol=1e-5)
 
 
 def test_ffn_split_into_shared_and_routed_experts_with_all_active_is_exact():
@@ -124,7 +146,7 @@ def test_the_shared_expert_holds_the_most_activated_neurons_and_experts_group_co
         f = f / f.norm(dim=1, keepdim=True)
         return float(sum((f[g] @ f[g].T).mean() for g in groups) / len(groups))
 
-    by_index = [sorted(n for e in carved["experts"] for n in e)[i * 16:(i + 1) * 16] for i in range(4)]
+    by_index = [sorted(n for e in carved["experts"] for n in e)[i * 16 : (i + 1) * 16] for i in range(4)]
     assert within(carved["experts"]) > within(by_index)
 
 
@@ -197,23 +219,37 @@ def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logit
     path = str(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    questions = ["What is 7 + 5?", "How many times does the letter r appear in the text: strawberry?",
-                 "State the final answer to the following arithmetic problem: 3 + 4 - 2 =", "What is 9 - 6 + 1?"]
+    questions = [
+        "What is 7 + 5?",
+        "How many times does the letter r appear in the text: strawberry?",
+        "State the final answer to the following arithmetic problem: 3 + 4 - 2 =",
+        "What is 9 - 6 + 1?",
+    ]
     calib = [chat_token_ids(tokenizer, student_messages(q)) for q in questions]
     shape = TeacherShape.of(teacher.config)
-    cfg = ModelConfig(n_layers=shape.n_layers, qk_rope_head_dim=shape.head_dim,
-                      kv_lora_rank=shape.n_kv_heads * shape.head_dim, moe_inter_dim=64, n_shared_experts=4,
-                      n_routed_experts=20, n_activated_experts=20, max_seq_len=1024)
+    cfg = ModelConfig(
+        n_layers=shape.n_layers,
+        qk_rope_head_dim=shape.head_dim,
+        kv_lora_rank=shape.n_kv_heads * shape.head_dim,
+        moe_inter_dim=64,
+        n_shared_experts=4,
+        n_routed_experts=20,
+        n_activated_experts=20,
+        max_seq_len=1024,
+    )
     student, report = convert(teacher, cfg, calibrate(teacher, calib, ffn_sample=256))
     assert report.layers == list(range(shape.n_layers))
-    held_out = [teacher_messages("basic_arithmetic", "What is 8 - 3?"), student_messages("Count the letter e in: tree"),
-                teacher_messages("chain_sum", "State the final answer to the following arithmetic problem: 4 + 4 =")]
+    held_out = [
+        teacher_messages("basic_arithmetic", "What is 8 - 3?"),
+        student_messages("Count the letter e in: tree"),
+        teacher_messages("chain_sum", "State the final answer to the following arithmetic problem: 4 + 4 ="),
+    ]
     width = max(len(chat_token_ids(tokenizer, m)) for m in held_out)
     rows = [chat_token_ids(tokenizer, m) for m in held_out]
     ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])  # right padding: causal
     got, want = student_logits(student, ids), teacher_logits(teacher, ids)
     for i, r in enumerate(rows):
-        torch.testing.assert_close(got[i, :len(r)], want[i, :len(r)], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(got[i, : len(r)], want[i, : len(r)], atol=2e-4, rtol=1e-4)
 
 
 def test_a_shared_rope_key_is_the_kv_heads_average_and_loses_what_per_head_keys_keep():
@@ -224,6 +260,6 @@ def test_a_shared_rope_key_is_the_kv_heads_average_and_loses_what_per_head_keys_
     shared, _ = convert(teacher, lossless(n_dense_layers=LAYERS), calib, shared_rope_key=True)
     assert shared.cfg.n_rope_heads == 1 and shared.layers[0].attn.inv_freq.shape == (1, HEAD_DIM // 2)
     k = teacher.model.layers[0].self_attn.k_proj.weight.view(KV_HEADS, HEAD_DIM, DIM)
-    rope = shared.layers[0].attn.wkv_a.weight[shared.cfg.kv_lora_rank:]
-    torch.testing.assert_close(rope[0::2], k[:, :HEAD_DIM // 2].mean(0))  # interleaved (x_i, x_i+P) pairs
+    rope = shared.layers[0].attn.wkv_a.weight[shared.cfg.kv_lora_rank :]
+    torch.testing.assert_close(rope[0::2], k[:, : HEAD_DIM // 2].mean(0))  # interleaved (x_i, x_i+P) pairs
     assert fidelity(teacher, per_head, held_out).kl < 1e-6 < fidelity(teacher, shared, held_out).kl

@@ -46,12 +46,15 @@ def test_stop_tokens_end_a_row_early(model):
     assert out[0].tokens == greedy[: first + 1] and out[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
-    (dict(temperature=-1), "temperature must be >= 0"),
-    (dict(top_p=0), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=-2), "top_k must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-2), "top_k must be >= 0"),
+    ],
+)
 def test_bad_sampling_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
@@ -71,7 +74,7 @@ def test_sampling_follows_the_tempered_distribution_and_its_filters():
     torch.testing.assert_close(freq(temperature=1.0), logits_BV[0].softmax(-1), atol=0.03, rtol=0)
     torch.testing.assert_close(freq(temperature=2.0), (logits_BV[0] / 2).softmax(-1), atol=0.03, rtol=0)
     top2 = freq(temperature=1.0, top_k=2)
-    assert top2[:2].sum() == 0 and top2[4] == 0 and abs(top2[3] - 1 / (1 + torch.e ** -1)) < 0.03
+    assert top2[:2].sum() == 0 and top2[4] == 0 and abs(top2[3] - 1 / (1 + torch.e**-1)) < 0.03
     # top_p 0.9: the smallest prefix of (0.64, 0.24, 0.09, ...) reaching 0.9 is the top three tokens
     nucleus = freq(temperature=1.0, top_p=0.9)
     assert nucleus[0] == 0 and nucleus[4] == 0 and nucleus[1] > 0

@@ -39,8 +39,13 @@ def test_batched_dispatch_equals_loop_reference(groups):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-4, msg=name)  # grads reach ~40
 
 
-@pytest.mark.parametrize("groups", [dict(n_routed_experts=16, n_activated_experts=4),
-                                    dict(n_routed_experts=16, n_activated_experts=4, n_group=4, topk_group=2)])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        dict(n_routed_experts=16, n_activated_experts=4),
+        dict(n_routed_experts=16, n_activated_experts=4, n_group=4, topk_group=2),
+    ],
+)
 def test_router_and_layer_match_transformers_deepseek_v3(groups):
     ours = _moe(route_scale=2.5, **groups)
     with torch.no_grad():

@@ -54,16 +54,29 @@ def test_save_load_reproduces_outputs_exactly(tmp_path):
 def test_bad_saved_config_names_the_field(tmp_path):
     model = Transformer(model_preset("toy", vocab_size=11))
     model.save_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace(
-        '"n_activated_experts": 2', '"n_activated_experts": 99'))
+    (tmp_path / "config.json").write_text(
+        (tmp_path / "config.json").read_text().replace('"n_activated_experts": 2', '"n_activated_experts": 99')
+    )
     with pytest.raises(ConfigError, match="n_activated_experts"):
         Transformer.from_pretrained(tmp_path)
 
 
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
-    cfg = model_preset("toy", vocab_size=64, dim=64, n_layers=2, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=16,
-                       qk_rope_head_dim=8, v_head_dim=16, inter_dim=128, moe_inter_dim=32, mtp_depth=1)
+    cfg = model_preset(
+        "toy",
+        vocab_size=64,
+        dim=64,
+        n_layers=2,
+        n_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        inter_dim=128,
+        moe_inter_dim=32,
+        mtp_depth=1,
+    )
     model = Transformer(cfg).train()
     batch = torch.randint(0, 64, (4, 33))
     x, y = batch[:, :-1], batch[:, 1:]
@@ -97,8 +110,16 @@ def test_whole_model_matches_transformers_deepseek_v3(q_lora_rank):
     from pipeline.model.hf_compat import copy_model_to_hf, to_hf_config
 
     torch.manual_seed(0)
-    cfg = model_preset("toy", vocab_size=120, q_lora_rank=q_lora_rank, n_routed_experts=8, n_activated_experts=2,
-                       n_group=2, topk_group=1, route_scale=2.5)
+    cfg = model_preset(
+        "toy",
+        vocab_size=120,
+        q_lora_rank=q_lora_rank,
+        n_routed_experts=8,
+        n_activated_experts=2,
+        n_group=2,
+        topk_group=1,
+        route_scale=2.5,
+    )
     ours = Transformer(cfg).eval()
     for gate in (m for m in ours.modules() if isinstance(m, Gate)):
         gate.bias.normal_(std=0.01)

@@ -41,9 +41,16 @@ def served(registered_student, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("secret") / "api-key"
     key_file.write_text(KEY + "\n")
-    settings = ServeConfig.model_validate({"max_batch_size": 8, "max_tokens_limit": 200, "max_n": 3,
-                                           "max_sequences_per_request": 8, "max_waiting_sequences": 32,
-                                           "api_key_file": str(key_file)})
+    settings = ServeConfig.model_validate(
+        {
+            "max_batch_size": 8,
+            "max_tokens_limit": 200,
+            "max_n": 3,
+            "max_sequences_per_request": 8,
+            "max_waiting_sequences": 32,
+            "api_key_file": str(key_file),
+        }
+    )
     source = resolve(f"models:/{MODEL}@champion", registered_student.tracking_uri)
     server = ModelServer(source, settings, registered_student.tracking_uri, tmp_path_factory.mktemp("cache"))
     port = free_port()
@@ -78,8 +85,9 @@ def reference(registered_student):
 def expected(reference, prompt: str, max_tokens: int, **sampling) -> str:
     model, tok = reference
     ids = tok.encode(prompt, add_special_tokens=False)
-    out = generate(model, [ids], SamplingParams(max_new_tokens=max_tokens, stop_token_ids=(tok.eos_token_id,),
-                                                **sampling))[0]
+    out = generate(
+        model, [ids], SamplingParams(max_new_tokens=max_tokens, stop_token_ids=(tok.eos_token_id,), **sampling)
+    )[0]
     return tok.decode([t for t in out.tokens if t != tok.eos_token_id], skip_special_tokens=True)
 
 
@@ -109,13 +117,15 @@ def test_completions_are_the_model_codes_greedy_output(client, reference):
 def test_chat_uses_the_chat_template_and_the_students_system_prompt(client, reference):
     from pipeline.data.prompts import chat_token_ids, student_messages
 
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}],
-                                       max_tokens=10, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is 2 + 3?"}], max_tokens=10, temperature=0
+    )
     model, tok = reference
     ids = chat_token_ids(tok, student_messages("What is 2 + 3?"))
     out = generate(model, [ids], SamplingParams(max_new_tokens=10, stop_token_ids=(tok.eos_token_id,)))[0]
     assert r.choices[0].message.content == tok.decode(
-        [t for t in out.tokens if t != tok.eos_token_id], skip_special_tokens=True)
+        [t for t in out.tokens if t != tok.eos_token_id], skip_special_tokens=True
+    )
     assert r.choices[0].message.role == "assistant" and r.usage.prompt_tokens == len(ids)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
 
@@ -123,9 +133,15 @@ def test_chat_uses_the_chat_template_and_the_students_system_prompt(client, refe
 def test_streaming_sends_chunks_while_generating_and_ends_with_done(client, app, reference):
     start = time.perf_counter()
     arrivals, text = [], []
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count."}],
-                                            max_tokens=150, temperature=0, stream=True, extra_body={"ignore_eos": True},
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count."}],
+        max_tokens=150,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True},
+    )
     usage = None
     for chunk in stream:
         if chunk.usage:
@@ -134,13 +150,22 @@ def test_streaming_sends_chunks_while_generating_and_ends_with_done(client, app,
             if c.delta.content:
                 arrivals.append(time.perf_counter() - start)
                 text.append(c.delta.content)
-    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Count."}],
-                                           max_tokens=150, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count."}],
+        max_tokens=150,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(text) == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == 150
     assert len(arrivals) > 20 and arrivals[0] < 0.5 * arrivals[-1]  # the first text came long before the last
-    with httpx.stream("POST", f"{app}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True}) as raw:
+    with httpx.stream(
+        "POST",
+        f"{app}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3, "stream": True},
+    ) as raw:
         lines = [line for line in raw.iter_lines() if line]
     assert raw.headers["content-type"].startswith("text/event-stream")
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
@@ -148,26 +173,36 @@ def test_streaming_sends_chunks_while_generating_and_ends_with_done(client, app,
 
 def test_n_choices_with_a_seed_are_reproducible_and_distinct(client):
     def ask():
-        return client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, n=3,
-                                         temperature=1.0, seed=1234, extra_body={"ignore_eos": True})
+        return client.completions.create(
+            model=MODEL,
+            prompt="Once upon a time",
+            max_tokens=16,
+            n=3,
+            temperature=1.0,
+            seed=1234,
+            extra_body={"ignore_eos": True},
+        )
+
     a, b = ask(), ask()
     assert sorted(c.index for c in a.choices) == [0, 1, 2]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) == 3
     assert a.usage.completion_tokens == 48
-    other = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0,
-                                      seed=99, extra_body={"ignore_eos": True})
+    other = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=99, extra_body={"ignore_eos": True}
+    )
     assert other.choices[0].text != a.choices[0].text
 
 
 def test_a_stop_sequence_ends_the_choice_before_it(client, reference):
     full = expected(reference, "Numbers:", 40)
     stop = full[12:16]
-    cut = full[:full.find(stop)]
+    cut = full[: full.find(stop)]
     r = client.completions.create(model=MODEL, prompt="Numbers:", max_tokens=40, temperature=0, stop=[stop])
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=MODEL, prompt="Numbers:", max_tokens=40, temperature=0,
-                                         stop=stop, stream=True)
+    streamed = client.completions.create(
+        model=MODEL, prompt="Numbers:", max_tokens=40, temperature=0, stop=stop, stream=True
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -191,18 +226,34 @@ def test_sixteen_concurrent_streams_each_get_their_own_exact_answer(app, referen
 BAD = [
     # (what, body or raw bytes, status, error param or code fragment)
     ("malformed JSON", b'{"model": "test-student", "messages": [', 400, "invalid_json"),
-    ("wrong type", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400,
-     "max_tokens"),
+    (
+        "wrong type",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"},
+        400,
+        "max_tokens",
+    ),
     ("empty messages", {"model": MODEL, "messages": []}, 400, "messages"),
     ("unknown role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
-    ("over the context", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 240}],
-                          "max_tokens": 100}, 400, "context_length_exceeded"),
+    (
+        "over the context",
+        {"model": MODEL, "messages": [{"role": "user", "content": "word " * 240}], "max_tokens": 100},
+        400,
+        "context_length_exceeded",
+    ),
     ("n over the limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 4}, 400, "n"),
-    ("max_tokens over the limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                                   "max_tokens": 201}, 400, "max_tokens"),
-    ("negative temperature", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                              "temperature": -1}, 400, "temperature"),
+    (
+        "max_tokens over the limit",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 201},
+        400,
+        "max_tokens",
+    ),
+    (
+        "negative temperature",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        400,
+        "temperature",
+    ),
 ]
 
 
@@ -239,8 +290,9 @@ def test_requests_without_the_key_get_401(app):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, client):
     before = stats(app)["tokens_generated"]
-    stream = client.completions.create(model=MODEL, prompt="Go on", max_tokens=200, temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL, prompt="Go on", max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -255,11 +307,19 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(app, client):
 def test_a_seed_beyond_int64_is_a_400_not_a_500(app):
     headers = {"Authorization": f"Bearer {KEY}"}
     for seed in (2**70, -(2**63) - 1):
-        r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
-                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": seed})
+        r = httpx.post(
+            f"{app}/v1/completions",
+            headers=headers,
+            timeout=30,
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": seed},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
-    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
-                   json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 2**63 - 1, "n": 3})
+    r = httpx.post(
+        f"{app}/v1/completions",
+        headers=headers,
+        timeout=30,
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "seed": 2**63 - 1, "n": 3},
+    )
     assert r.status_code == 200, r.text  # the largest seed, with the per-choice offsets on top
     assert httpx.get(f"{app}/healthz", timeout=10).json()["status"] == "ok"
 
@@ -292,8 +352,12 @@ def test_an_internal_failure_tells_the_client_a_request_id_not_the_exception(ser
 
     monkeypatch.setattr(server, "chat_prompt", broken)
     caplog.set_level("ERROR", logger="pipeline.serving.protocol")
-    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 500
     message = r.json()["error"]["message"]
     assert "secret" not in r.text and "RuntimeError" not in r.text
@@ -307,20 +371,29 @@ def test_a_body_over_the_limit_is_refused_before_it_is_parsed_or_authenticated(a
     big = b'{"model": "test-student", "prompt": "' + b"x" * 2_000_000 + b'"}'
     for headers in ({}, {"Authorization": f"Bearer {KEY}"}):  # the key is not looked at first: the size is
         t0 = time.monotonic()
-        r = httpx.post(f"{app}/v1/completions", content=big, timeout=30,
-                       headers={**headers, "Content-Type": "application/json"})
+        r = httpx.post(
+            f"{app}/v1/completions", content=big, timeout=30, headers={**headers, "Content-Type": "application/json"}
+        )
         assert r.status_code in (401, 413), r.text
         assert time.monotonic() - t0 < 5
-    r = httpx.post(f"{app}/v1/completions", content=big, timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{app}/v1/completions",
+        content=big,
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
     def chunks():  # no Content-Length: the body is counted as it arrives
         for _ in range(40):
             yield b"x" * 65536
 
-    r = httpx.post(f"{app}/v1/completions", content=chunks(), timeout=30,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = httpx.post(
+        f"{app}/v1/completions",
+        content=chunks(),
+        timeout=30,
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 413
     r = httpx.post(f"{app}/v1/completions", content=big, timeout=30, headers={"Content-Type": "application/json"})
     assert r.status_code == 401  # without a key: refused from the headers, the body never read
@@ -334,11 +407,19 @@ def test_a_request_asking_for_too_many_sequences_is_refused_before_any_work(app)
     r = httpx.post(f"{app}/v1/completions", headers=headers, json=many, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     assert time.monotonic() - t0 < 5
-    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
-                   json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2})
+    r = httpx.post(
+        f"{app}/v1/completions",
+        headers=headers,
+        timeout=30,
+        json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"  # 3 prompts x n=3 = 9 > 8
-    r = httpx.post(f"{app}/v1/completions", headers=headers, timeout=30,
-                   json={"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2})
+    r = httpx.post(
+        f"{app}/v1/completions",
+        headers=headers,
+        timeout=30,
+        json={"model": MODEL, "prompt": ["a", "b"], "n": 3, "max_tokens": 2},
+    )
     assert r.status_code == 200 and len(r.json()["choices"]) == 6
 
 
@@ -346,8 +427,11 @@ def test_a_full_engine_queue_answers_503_with_retry_after(served, monkeypatch):
     url, server = served
     real = server.engine.stats
     monkeypatch.setattr(server.engine, "stats", lambda: {**real(), "waiting": 32})  # the queue is full
-    r = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=30,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "overloaded"
-

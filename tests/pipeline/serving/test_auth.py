@@ -8,9 +8,19 @@ from pipeline.config import ConfigError, ServeConfig
 from pipeline.serving.auth import deployer_key, is_loopback, load_api_key, require_key
 
 
-@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True),
-                                            ("127.8.0.1", True), ("0.0.0.0", False), ("::", False),
-                                            ("10.0.0.5", False), ("serve.example.com", False)])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("127.8.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.5", False),
+        ("serve.example.com", False),
+    ],
+)
 def test_loopback_hosts(host, loopback):
     assert is_loopback(host) is loopback
 

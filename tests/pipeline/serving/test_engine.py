@@ -35,14 +35,19 @@ def test_staggered_sequences_match_generating_each_alone(model):
     """Five sequences through two slots, arriving at different times: greedy and seeded-sampled rows alike are
     token-for-token what `generate` gives each one alone, so joining a batch changes nothing."""
     prompts = [[1, 2, 3], [10, 11, 12, 13, 14, 15, 16], [99], [7, 7], [42, 5, 6, 8]]
-    params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=5),
-              SamplingParams(max_new_tokens=9, temperature=1.3, seed=11), SamplingParams(max_new_tokens=14),
-              SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3)]
+    params = [
+        SamplingParams(max_new_tokens=12),
+        SamplingParams(max_new_tokens=5),
+        SamplingParams(max_new_tokens=9, temperature=1.3, seed=11),
+        SamplingParams(max_new_tokens=14),
+        SamplingParams(max_new_tokens=7, temperature=0.8, top_p=0.9, seed=3),
+    ]
     engine = Engine(model, max_batch_size=2)
 
     async def main():
-        return await asyncio.gather(*(collect(engine, p, s, delay=0.01 * i)
-                                      for i, (p, s) in enumerate(zip(prompts, params, strict=True))))
+        return await asyncio.gather(
+            *(collect(engine, p, s, delay=0.01 * i) for i, (p, s) in enumerate(zip(prompts, params, strict=True)))
+        )
 
     try:
         results = asyncio.run(main())
@@ -61,13 +66,14 @@ def test_a_stop_token_ends_only_its_own_sequence(model):
     stop_at = greedy[3]
 
     async def main():
-        return await asyncio.gather(collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=10,
-                                                                              stop_token_ids=(stop_at,))),
-                                    collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=10)))
+        return await asyncio.gather(
+            collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=10, stop_token_ids=(stop_at,))),
+            collect(engine, [1, 2, 3], SamplingParams(max_new_tokens=10)),
+        )
 
     try:
         (stopped, r1), (full, r2) = asyncio.run(main())
-        assert stopped == greedy[:greedy.index(stop_at) + 1] and r1 == "stop"
+        assert stopped == greedy[: greedy.index(stop_at) + 1] and r1 == "stop"
         assert full == greedy and r2 == "length"
     finally:
         engine.stop()

@@ -36,12 +36,15 @@ def test_a_local_directory_is_served_as_is(registered_student):
     assert src.path == str(registered_student.directory) and src.version is None and src.name == "student"
 
 
-@pytest.mark.parametrize("uri, message", [
-    ("models:/test-student@nope", "has no alias 'nope'"),
-    ("models:/test-student/7", "no version 7"),
-    ("models:/test-student", "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
-    ("/does/not/exist", "no such directory"),
-])
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("models:/test-student@nope", "has no alias 'nope'"),
+        ("models:/test-student/7", "no version 7"),
+        ("models:/test-student", "expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+        ("/does/not/exist", "no such directory"),
+    ],
+)
 def test_a_source_that_names_nothing_is_a_clear_error(registered_student, uri, message):
     with pytest.raises(ModelSourceError, match=message):
         resolve(uri, registered_student.tracking_uri)
@@ -54,8 +57,10 @@ def test_a_directory_without_a_student_is_refused(tmp_path):
 
 def test_the_registry_entry_names_its_train_run(registered_student):
     s = registered_student
-    assert MlflowClient(s.tracking_uri).get_model_version(s.name, "1").run_id == resolve(
-        f"models:/{s.name}@champion", s.tracking_uri).run_id
+    assert (
+        MlflowClient(s.tracking_uri).get_model_version(s.name, "1").run_id
+        == resolve(f"models:/{s.name}@champion", s.tracking_uri).run_id
+    )
 
 
 def test_the_version_records_the_students_content_hash_and_a_changed_store_is_refused(registered_student, tmp_path):

@@ -8,8 +8,12 @@ from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 
 # 12 training and 4 held-out prompts, short answers: what the stage tests after `distill` train and convert on
-TEACHER_SAMPLES = ["data.num_train_prompts=12", "data.num_eval_prompts=4", "teacher.max_new_tokens=40",
-                   "generate.shard_size=6"]
+TEACHER_SAMPLES = [
+    "data.num_train_prompts=12",
+    "data.num_eval_prompts=4",
+    "teacher.max_new_tokens=40",
+    "generate.shard_size=6",
+]
 
 
 @pytest.fixture(scope="session")

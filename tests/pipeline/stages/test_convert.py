@@ -22,8 +22,14 @@ SMALL = [*TEACHER_SAMPLES, "model.n_layers=6", "model.kv_lora_rank=64"]
 
 @pytest.mark.timeout(600)
 def test_recovery_lowers_the_converted_students_divergence_on_held_out_teacher_text(upstream):
-    overrides = [f"tracking.workdir={upstream}", *SMALL, "convert.recovery_steps=2", "convert.recovery_lr=5e-4",
-                 "convert.recovery_batch_size=2", "convert.held_out_samples=3"]
+    overrides = [
+        f"tracking.workdir={upstream}",
+        *SMALL,
+        "convert.recovery_steps=2",
+        "convert.recovery_lr=5e-4",
+        "convert.recovery_batch_size=2",
+        "convert.held_out_samples=3",
+    ]
     result = run_pipeline(load_config("tiny", overrides), until="convert")
     run = MlflowClient(result.tracking_uri).get_run(result["convert"].run_id)
     m = run.data.metrics

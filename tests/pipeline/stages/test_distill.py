@@ -20,9 +20,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 
 def small(workdir, *overrides):
-    return load_config("tiny", [f"tracking.workdir={workdir}", "data.num_train_prompts=9", "data.num_eval_prompts=3",
-                                "teacher.max_new_tokens=40", "generate.shard_size=3", "distill.shard_size=2",
-                                *overrides])
+    return load_config(
+        "tiny",
+        [
+            f"tracking.workdir={workdir}",
+            "data.num_train_prompts=9",
+            "data.num_eval_prompts=3",
+            "teacher.max_new_tokens=40",
+            "generate.shard_size=3",
+            "distill.shard_size=2",
+            *overrides,
+        ],
+    )
 
 
 def run(cfg):
@@ -63,9 +72,17 @@ def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_token
 
 def test_a_teacher_without_logits_falls_back_to_sequence_level_with_a_warning(tmp_path, openai_server):
     url, _ = openai_server
-    samples, targets, path, mlrun = run(small(
-        tmp_path / "w", "teacher.backend=openai", f"teacher.base_url={url}", "teacher.model=smollm2",
-        "teacher.num_actors=1", "data.num_train_prompts=4", "generate.shard_size=4"))
+    samples, targets, path, mlrun = run(
+        small(
+            tmp_path / "w",
+            "teacher.backend=openai",
+            f"teacher.base_url={url}",
+            "teacher.model=smollm2",
+            "teacher.num_actors=1",
+            "data.num_train_prompts=4",
+            "generate.shard_size=4",
+        )
+    )
     assert len(targets) == sum(s["accepted"] for s in samples) > 0
     assert all(t["topk_ids"] == [] and any(t["loss_mask"]) for t in targets)
     assert "sequence-level distillation" in mlrun.data.tags["moeforge.warning"]

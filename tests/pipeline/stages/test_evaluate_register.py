@@ -20,23 +20,28 @@ def gen(text, finish="stop"):
     return Generation(text, 10, len(text.split()), finish, 0.1)
 
 
-@pytest.mark.parametrize("text, finish, correct, format_ok, reason", [
-    ("3 + 4 = 7. The final answer is 7.", "stop", True, True, None),
-    ("3 + 4 = 7", "stop", True, False, None),  # right, found as the last number, but not in the taught format
-    ("The final answer is 8.", "stop", False, True, "wrong_answer"),
-    ("I am not sure.", "stop", False, False, "no_answer"),
-    ("3 + 4 = 7. The final answer is 7.", "length", False, True, "truncated"),  # cut off: never counted
-])
+@pytest.mark.parametrize(
+    "text, finish, correct, format_ok, reason",
+    [
+        ("3 + 4 = 7. The final answer is 7.", "stop", True, True, None),
+        ("3 + 4 = 7", "stop", True, False, None),  # right, found as the last number, but not in the taught format
+        ("The final answer is 8.", "stop", False, True, "wrong_answer"),
+        ("I am not sure.", "stop", False, False, "no_answer"),
+        ("3 + 4 = 7. The final answer is 7.", "length", False, True, "truncated"),  # cut off: never counted
+    ],
+)
 def test_grading_is_the_rejection_samplers(text, finish, correct, format_ok, reason):
     row = grade_row("student", prompt(), gen(text, finish), EXTRACTORS)
     assert (row["correct"], row["format_ok"], row["reason"]) == (correct, format_ok, reason)
 
 
 def test_summary_per_model_and_task():
-    rows = [grade_row("teacher", prompt(), gen("The final answer is 7."), EXTRACTORS),
-            grade_row("teacher", prompt(task="chain_sum"), gen("The final answer is 7."), EXTRACTORS),
-            grade_row("student", prompt(), gen("The final answer is 7."), EXTRACTORS),
-            grade_row("student", prompt(task="chain_sum"), gen("no idea"), EXTRACTORS)]
+    rows = [
+        grade_row("teacher", prompt(), gen("The final answer is 7."), EXTRACTORS),
+        grade_row("teacher", prompt(task="chain_sum"), gen("The final answer is 7."), EXTRACTORS),
+        grade_row("student", prompt(), gen("The final answer is 7."), EXTRACTORS),
+        grade_row("student", prompt(task="chain_sum"), gen("no idea"), EXTRACTORS),
+    ]
     s = summarize(rows)
     assert s["teacher"]["pass_at_1"] == 1.0 and s["student"]["pass_at_1"] == 0.5
     assert s["student"]["pass_at_1_by_task"] == {"basic_arithmetic": 1.0, "chain_sum": 0.0}
@@ -46,22 +51,30 @@ def test_summary_per_model_and_task():
 
 
 def test_the_gate():
-    assert gate(0.0, 0.0, None, 0.5, True) == ("challenger", "student pass@1 is 0: it solved none of the held-out "
-                                               "prompts")
+    assert gate(0.0, 0.0, None, 0.5, True) == (
+        "challenger",
+        "student pass@1 is 0: it solved none of the held-out prompts",
+    )
     assert gate(0.4, 0.5, None, 0.5, True)[0] == "champion"
     alias, reason = gate(0.2, 0.5, None, 0.5, True)
     assert alias == "challenger" and "< gate_ratio 0.5 x teacher pass@1 0.500" in reason
     alias, reason = gate(0.4, 0.5, 0.45, 0.5, True)
     assert alias == "challenger" and "current champion's 0.450" in reason
     assert gate(0.4, 0.5, 0.45, 0.5, False)[0] == "champion"
-    assert gate(0.5, 0.5, 0.45, 0.5, True) == ("champion", "student pass@1 0.500 >= gate_ratio 0.5 x teacher "
-                                               "pass@1 0.500 and >= current champion's 0.450")
+    assert gate(0.5, 0.5, 0.45, 0.5, True) == (
+        "champion",
+        "student pass@1 0.500 >= gate_ratio 0.5 x teacher pass@1 0.500 and >= current champion's 0.450",
+    )
 
 
 def test_the_constant_answer_floor_is_the_most_frequent_reference_answer_per_task():
     answers = {"letter_counting": ["1", "1", "1", "2"], "chain_sum": ["5", "6", "7", "8", "5"]}
-    rows = [grade_row(m, Prompt(f"p{i}", task, "q", a, "eval", {}), gen(f"The final answer is {a}."), EXTRACTORS)
-            for m in ("teacher", "student") for task, refs in answers.items() for i, a in enumerate(refs)]
+    rows = [
+        grade_row(m, Prompt(f"p{i}", task, "q", a, "eval", {}), gen(f"The final answer is {a}."), EXTRACTORS)
+        for m in ("teacher", "student")
+        for task, refs in answers.items()
+        for i, a in enumerate(refs)
+    ]
     floor = summarize(rows)["floor"]
     assert floor["pass_at_1_by_task"] == {"chain_sum": 0.4, "letter_counting": 0.75}
     assert floor["answer_by_task"] == {"chain_sum": "5", "letter_counting": "1"}
@@ -100,8 +113,7 @@ def test_decode_throughput_is_measured_for_both_models_at_each_batch_size():
 
     teacher.generate = counting
     speeds = decode_throughput(student, teacher, [5, 6, 7], (1, 4), 6)
-    assert sorted(speeds) == sorted(f"{m}_decode_tokens_per_s_batch{b}" for m in ("student", "teacher")
-                                    for b in (1, 4))
+    assert sorted(speeds) == sorted(f"{m}_decode_tokens_per_s_batch{b}" for m in ("student", "teacher") for b in (1, 4))
     assert all(0 < v < float("inf") for v in speeds.values())
     assert calls == [(1, 6), (4, 6)]  # every teacher sequence decoded exactly the asked tokens
     assert set(decode_throughput(student, None, [5, 6], (2,), 3)) == {"student_decode_tokens_per_s_batch2"}

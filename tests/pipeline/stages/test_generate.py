@@ -24,16 +24,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 
 def small(workdir, *overrides):
-    return load_config("tiny", [f"tracking.workdir={workdir}", "data.num_train_prompts=12", "data.num_eval_prompts=6",
-                                "teacher.max_new_tokens=40", "generate.shard_size=3", *overrides])
+    return load_config(
+        "tiny",
+        [
+            f"tracking.workdir={workdir}",
+            "data.num_train_prompts=12",
+            "data.num_eval_prompts=6",
+            "teacher.max_new_tokens=40",
+            "generate.shard_size=3",
+            *overrides,
+        ],
+    )
 
 
 def run(cfg):
     result = run_pipeline(cfg, [Generate()])
     out = result["generate"]
-    tables = {name: artifacts.read_table(fetch(ref, result.tracking_uri, cfg.tracking.workdir), spec, ref.hash)
-              for name, ref, spec in [("samples", out.outputs["samples"], SAMPLES),
-                                      ("eval_prompts", out.outputs["eval_prompts"], EVAL_PROMPTS)]}
+    tables = {
+        name: artifacts.read_table(fetch(ref, result.tracking_uri, cfg.tracking.workdir), spec, ref.hash)
+        for name, ref, spec in [
+            ("samples", out.outputs["samples"], SAMPLES),
+            ("eval_prompts", out.outputs["eval_prompts"], EVAL_PROMPTS),
+        ]
+    }
     run_data = MlflowClient(result.tracking_uri).get_run(out.run_id)
     return tables["samples"].to_pylist(), tables["eval_prompts"].to_pylist(), run_data, result
 
@@ -108,9 +121,14 @@ def test_bad_prompts_are_flagged_and_everything_else_survives(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     overrides = ("data.source=file", f"data.path={data}", "data.num_eval_prompts=1", "generate.shard_size=4")
-    seed = next(s for s in range(50) if not any(
-        not p.question.strip() or len(p.question) > 1000
-        for p in split_file_prompts(small(tmp_path, *overrides, f"data.seed={s}").data)["eval"]))
+    seed = next(
+        s
+        for s in range(50)
+        if not any(
+            not p.question.strip() or len(p.question) > 1000
+            for p in split_file_prompts(small(tmp_path, *overrides, f"data.seed={s}").data)["eval"]
+        )
+    )
     samples, *_ = run(small(tmp_path / "w", *overrides, f"data.seed={seed}"))
     assert len(samples) == 6
     flagged = {s["question"][:5]: s for s in samples if s["reject_reason"] == "bad_prompt"}
@@ -121,10 +139,13 @@ def test_bad_prompts_are_flagged_and_everything_else_survives(tmp_path):
     assert len(good) == 4 and all(s["finish_reason"] in ("stop", "length") for s in good)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (("data.tasks=[{name: no_such_task}]",), "unknown reasoning-gym task 'no_such_task' in data.tasks"),
-    (("data.source=file", "data.path={missing_col}"), "row 0 has no answer column"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("data.tasks=[{name: no_such_task}]",), "unknown reasoning-gym task 'no_such_task' in data.tasks"),
+        (("data.source=file", "data.path={missing_col}"), "row 0 has no answer column"),
+    ],
+)
 def test_bad_sources_fail_the_stage_with_a_clear_error_and_commit_nothing(tmp_path, overrides, message):
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "What is 1 + 1?"}) + "\n")
     cfg = small(tmp_path / "w", *(o.replace("{missing_col}", str(tmp_path / "q.jsonl")) for o in overrides))
@@ -138,9 +159,17 @@ def test_bad_sources_fail_the_stage_with_a_clear_error_and_commit_nothing(tmp_pa
 
 def test_openai_teacher_failures_become_flagged_samples(tmp_path, openai_server):
     url, faults = openai_server
-    cfg = small(tmp_path / "w", "teacher.backend=openai", f"teacher.base_url={url}", "teacher.model=smollm2",
-                "teacher.num_actors=1", "teacher.batch_size=1", "teacher.max_retries=1",
-                "data.num_train_prompts=6", "generate.shard_size=6")
+    cfg = small(
+        tmp_path / "w",
+        "teacher.backend=openai",
+        f"teacher.base_url={url}",
+        "teacher.model=smollm2",
+        "teacher.num_actors=1",
+        "teacher.batch_size=1",
+        "teacher.max_retries=1",
+        "data.num_train_prompts=6",
+        "generate.shard_size=6",
+    )
     faults.update(fail=4, status=500)  # two attempts each: the first two samples fail for good, the rest succeed
     samples, _, mlrun, _ = run(cfg)
     faults.update(fail=0)

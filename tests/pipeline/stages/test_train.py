@@ -25,11 +25,26 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 OVERRIDES = [
     *TEACHER_SAMPLES,  # generate and distill come from the `upstream` fixture (conftest.py)
-    "model.init=scratch", "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.inter_dim=128",
-    "model.moe_inter_dim=32", "model.n_routed_experts=8", "model.n_activated_experts=2", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "train.num_workers=2", "train.max_steps=40", "train.warmup_steps=2", "train.checkpoint_every=5",
-    "train.batch_size=2", "train.seq_len=64", "evaluate.max_new_tokens=24", "evaluate.partition_size=2",
+    "model.init=scratch",
+    "model.dim=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.inter_dim=128",
+    "model.moe_inter_dim=32",
+    "model.n_routed_experts=8",
+    "model.n_activated_experts=2",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "train.num_workers=2",
+    "train.max_steps=40",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=5",
+    "train.batch_size=2",
+    "train.seq_len=64",
+    "evaluate.max_new_tokens=24",
+    "evaluate.partition_size=2",
     "evaluate.decode_tokens=0",  # decode speed has its own test (test_evaluate_register.py)
     "registry.model_name=test-student",
 ]
@@ -69,8 +84,12 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
 
     # a driver process on the same cluster runs the pipeline (generate, distill cached) and is killed mid-training
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, "tiny", *overrides], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, "tiny", *overrides],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 400
     run_dir = None
     while time.monotonic() < deadline and driver.poll() is None:
@@ -101,21 +120,27 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
         assert 0 <= metrics[f"{model}.pass_at_1"] <= 1 and f"{model}.pass_at_1.basic_arithmetic" in metrics
     assert metrics["teacher.mean_completion_tokens"] > 0
 
-    registration = json.loads((Path(result["register"].outputs["registration"].uri.removeprefix("file://"))
-                               / "registration.json").read_text())
+    registration = json.loads(
+        (Path(result["register"].outputs["registration"].uri.removeprefix("file://")) / "registration.json").read_text()
+    )
     alias = registration["alias"]
     version = client.get_model_version_by_alias("test-student", alias)
     assert version.run_id == train and version.tags["moeforge.alias"] == alias
     assert version.tags["moeforge.gate_reason"] == registration["reason"]
-    proc = subprocess.run([sys.executable, "-c", LOAD, result.tracking_uri, f"models:/test-student@{alias}"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, result.tracking_uri, f"models:/test-student@{alias}"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = eval(proc.stdout.strip().splitlines()[-1])  # the repr printed by our own child process
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
     student, teacher = metrics["student.pass_at_1"], metrics["teacher.pass_at_1"]
-    summary = json.loads((Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://"))
-                          / "summary.json").read_text())
+    summary = json.loads(
+        (Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://")) / "summary.json").read_text()
+    )
     by_task, floor = summary["student"]["pass_at_1_by_task"], summary["floor"]["pass_at_1_by_task"]
     assert (alias, registration["reason"]) == gate(student, teacher, None, 1.0, True, by_task, floor)
 
@@ -126,4 +151,3 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     assert client.get_model_version_by_alias("test-student", alias).version == version.version
     assert client.get_model_version("test-student", version.version).tags["moeforge.gate_reason"] == reason
     assert len(client.search_model_versions("name = 'test-student'")) == 1
-

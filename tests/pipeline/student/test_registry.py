@@ -24,8 +24,12 @@ def test_a_logged_student_loads_by_alias_in_a_fresh_process_and_generates(regist
     s = registered_student
     version = MlflowClient(s.tracking_uri).get_model_version_by_alias(s.name, "champion")
     assert str(version.version) == "1" and version.run_id
-    proc = subprocess.run([sys.executable, "-c", LOAD, s.tracking_uri, f"models:/{s.name}@champion"],
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD, s.tracking_uri, f"models:/{s.name}@champion"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = eval(proc.stdout.strip().splitlines()[-1])  # the repr printed by our own child process
     assert isinstance(out, list) and len(out) == 2 and all(isinstance(t, str) for t in out)

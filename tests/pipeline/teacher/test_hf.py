@@ -26,8 +26,10 @@ def test_default_teacher_loads_offline_and_answers(teacher, monkeypatch):
 
 
 def test_left_padded_batch_matches_one_at_a_time(teacher):
-    convs = [[{"role": "user", "content": "Spell 'cat' backwards."}],
-             [{"role": "user", "content": "What is 12 + 30? Think, then give the answer."}]]
+    convs = [
+        [{"role": "user", "content": "Spell 'cat' backwards."}],
+        [{"role": "user", "content": "What is 12 + 30? Think, then give the answer."}],
+    ]
     batched = teacher.generate(convs, max_new_tokens=12)
     single = [teacher.generate([c], max_new_tokens=12)[0] for c in convs]
     assert [b.text for b in batched] == [s.text for s in single]
@@ -38,8 +40,12 @@ def test_shared_prefix_batches_match_one_at_a_time(teacher):
     """Few-shot prompts share most of their tokens: computed once and cached, with the same greedy result."""
     from pipeline.data.prompts import teacher_messages
 
-    questions = ["Calculate 3 + 5.", "Calculate 9 - 2.", "Calculate 12 + 30.",
-                 "State the final answer to the following arithmetic problem: 1 + 2 + 3 ="]
+    questions = [
+        "Calculate 3 + 5.",
+        "Calculate 9 - 2.",
+        "Calculate 12 + 30.",
+        "State the final answer to the following arithmetic problem: 1 + 2 + 3 =",
+    ]
     convs = [teacher_messages("basic_arithmetic" if q.startswith("Calc") else "chain_sum", q) for q in questions]
     batched = teacher.generate(convs, max_new_tokens=24)
     assert len(teacher._prefixes) >= 1  # the basic_arithmetic prefix was cached

@@ -25,12 +25,13 @@ def test_full_vocabulary_top_k_equals_the_dense_kl(temperature):
     mask = torch.ones(N, dtype=torch.bool)
     logq = torch.log_softmax(student_NV / temperature, -1)
     logp = torch.log_softmax(teacher_NV / temperature, -1)
-    dense_fwd = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean() * temperature ** 2
-    dense_rev = F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1).mean() * temperature ** 2
+    dense_fwd = F.kl_div(logq, logp, log_target=True, reduction="none").sum(-1).mean() * temperature**2
+    dense_rev = F.kl_div(logp, logq, log_target=True, reduction="none").sum(-1).mean() * temperature**2
     targets = torch.zeros(N, dtype=torch.long)
     fwd = distill_loss(student_NV, targets, mask, ids, lp, tail, alpha=1.0, temperature=temperature).kd
-    rev = distill_loss(student_NV, targets, mask, ids, lp, tail, alpha=1.0, temperature=temperature,
-                       kind="reverse_kl").kd
+    rev = distill_loss(
+        student_NV, targets, mask, ids, lp, tail, alpha=1.0, temperature=temperature, kind="reverse_kl"
+    ).kd
     torch.testing.assert_close(fwd, dense_fwd, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rev, dense_rev, rtol=1e-5, atol=1e-5)
 

@@ -12,9 +12,21 @@ from pipeline.train.objective import objective, to_tensors
 from pipeline.train.packing import pack
 
 V = 64
-CFG = ModelConfig(vocab_size=V, dim=32, n_layers=2, n_heads=2, inter_dim=64, moe_inter_dim=16, kv_lora_rank=16,
-                  qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4,
-                  n_activated_experts=2, max_seq_len=64)
+CFG = ModelConfig(
+    vocab_size=V,
+    dim=32,
+    n_layers=2,
+    n_heads=2,
+    inter_dim=64,
+    moe_inter_dim=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_activated_experts=2,
+    max_seq_len=64,
+)
 
 
 def teacher_row(rng, soft=True):
@@ -24,10 +36,13 @@ def teacher_row(rng, soft=True):
     tokens = prompt + answer
     mask = loss_mask(len(tokens), len(prompt))
     nxt = [tokens[i + 1] for i, m in enumerate(mask) if m]
-    return {"token_ids": tokens, "loss_mask": mask,
-            "topk_ids": [[t, (t + 1) % V, (t + 2) % V] for t in nxt] if soft else [],
-            "topk_logprobs": [[np.log(0.9), np.log(0.04), np.log(0.03)]] * len(nxt) if soft else [],
-            "tail_logmass": [float(np.log(0.03))] * len(nxt) if soft else []}
+    return {
+        "token_ids": tokens,
+        "loss_mask": mask,
+        "topk_ids": [[t, (t + 1) % V, (t + 2) % V] for t in nxt] if soft else [],
+        "topk_logprobs": [[np.log(0.9), np.log(0.04), np.log(0.03)]] * len(nxt) if soft else [],
+        "tail_logmass": [float(np.log(0.03))] * len(nxt) if soft else [],
+    }
 
 
 def test_the_objective_trains_the_student_toward_the_teacher():

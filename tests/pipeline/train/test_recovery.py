@@ -29,8 +29,10 @@ def test_recovery_lowers_the_held_out_divergence_and_keeps_the_routers_balancing
     assert len(report.losses) == 24 and all(0 <= kl < float("inf") for kl in report.losses)
     assert sum(report.losses[-5:]) < sum(report.losses[:5])
     assert report.tokens == 3 * sum(len(s) - 1 for s in texts)  # 24 batches of 4: every text three times
-    moved = [not torch.equal(b, g.bias) for b, g in zip(biases, (g for g in student.modules() if isinstance(g, Gate)),
-                                                        strict=True)]
+    moved = [
+        not torch.equal(b, g.bias)
+        for b, g in zip(biases, (g for g in student.modules() if isinstance(g, Gate)), strict=True)
+    ]
     assert any(moved)  # the auxiliary-loss-free update ran after the steps
     assert not teacher.training and not any(p.grad is not None for p in teacher.parameters())
 

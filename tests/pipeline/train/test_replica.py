@@ -25,7 +25,6 @@ def job(**train) -> TrainJob:
     return TrainJob(CFG.model_copy(update={"bias_update_speed": 0.01}), TrainConfig(**{**base, **train}), top_k=3)
 
 
-
 def test_a_replica_restored_from_its_checkpoint_continues_exactly(tmp_path):
     data = rows(12)
     a = Replica(job(), data)

@@ -21,9 +21,16 @@ def rows(n: int, seed: int = 0) -> list[dict]:
         length = int(rng.integers(4, 40))
         start = int(rng.integers(1, length - 1))
         mask = [False] * start + [True] * (length - start)
-        out.append({"sample_id": f"s{i:04d}", "token_ids": rng.integers(0, 97, length).tolist(), "loss_mask": mask,
-                    "topk_ids": [[1, 2, 3]] * sum(mask), "topk_logprobs": [[-0.1, -3.0, -4.0]] * sum(mask),
-                    "tail_logmass": [-2.5] * sum(mask)})
+        out.append(
+            {
+                "sample_id": f"s{i:04d}",
+                "token_ids": rng.integers(0, 97, length).tolist(),
+                "loss_mask": mask,
+                "topk_ids": [[1, 2, 3]] * sum(mask),
+                "topk_logprobs": [[-0.1, -3.0, -4.0]] * sum(mask),
+                "tail_logmass": [-2.5] * sum(mask),
+            }
+        )
     return out
 
 
@@ -49,8 +56,9 @@ def test_the_windows_are_the_packed_rows_in_a_shuffled_order():
     stream = WindowStream(lambda: data, seq_len=16, k=3, buffer_windows=3)
     streamed = [stream.next_window() for _ in range(len(packed.tokens_BT))]
     key = lambda tokens, mask: (tuple(tokens), tuple(mask))
-    assert sorted(key(w.tokens_T, w.mask_T) for w in streamed) == \
-        sorted(key(t, m) for t, m in zip(packed.tokens_BT, packed.mask_BT, strict=True))
+    assert sorted(key(w.tokens_T, w.mask_T) for w in streamed) == sorted(
+        key(t, m) for t, m in zip(packed.tokens_BT, packed.mask_BT, strict=True)
+    )
     assert [w.tokens_T.tolist() for w in streamed] != packed.tokens_BT.tolist()  # shuffled within the buffer
 
 
