@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.infra.kustomize import canonical, render
+from tests.infra.kustomize import CLUSTER_SCOPED, canonical, render
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
@@ -385,6 +385,7 @@ def test_minio_credentials_are_scoped_per_consumer(overlay):
 
 
 NAMESPACE = "moeforge"
+MONITORING = "monitoring"  # kube-prometheus-stack's namespace: Prometheus, Grafana, Alertmanager, the operator
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ def selects(selector: dict, labels: dict) -> bool:
     return selector.get("matchLabels", {}).items() <= labels.items()
 
 
-def peer_matches(peer: dict, e: Endpoint) -> bool:
+def peer_matches(peer: dict, e: Endpoint, policy_namespace: str) -> bool:
     if "ipBlock" in peer:
         return e.ip and peer["ipBlock"]["cidr"] == "0.0.0.0/0"
     if e.ip:
@@ -418,31 +419,40 @@ def peer_matches(peer: dict, e: Endpoint) -> bool:
     if "namespaceSelector" in peer:
         ns = {"kubernetes.io/metadata.name": e.namespace}
         return selects(peer["namespaceSelector"], ns) and selects(peer.get("podSelector", {}), labels)
-    return e.namespace == NAMESPACE and selects(peer["podSelector"], labels)
+    return e.namespace == policy_namespace and selects(peer["podSelector"], labels)  # a bare podSelector: own ns
 
 
-def rule_allows(rule: dict, peers_key: str, other: Endpoint, port: int, protocol: str) -> bool:
+def rule_allows(rule: dict, peers_key: str, other: Endpoint, port: int, protocol: str, policy_namespace: str) -> bool:
     ports = rule.get("ports")
     if ports and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
         return False
     peers = rule.get(peers_key)
-    return not peers or any(peer_matches(p, other) for p in peers)
+    return not peers or any(peer_matches(p, other, policy_namespace) for p in peers)
+
+
+def namespace_of(obj: dict) -> str:
+    """Where `kubectl apply` puts a namespaced object: its own namespace, else the caller's current one."""
+    return obj["metadata"].get("namespace") or "<kubectl's current namespace>"
 
 
 def allowed(policies: list[dict], src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> bool:
-    """NetworkPolicy semantics for one connection: both the destination's ingress (if it is one of ours) and the
-    source's egress (if it is one of ours) must allow it."""
+    """NetworkPolicy semantics for one connection: both the destination's ingress and the source's egress must
+    allow it, each judged by the policies of that pod's own namespace (a namespace without policies is open)."""
 
     def side(e: Endpoint, direction: str, peers_key: str, other: Endpoint) -> bool:
-        if e.ip or e.namespace != NAMESPACE:
-            return True  # not ours to police
+        if e.ip:
+            return True  # an address outside the cluster's pods: no policy applies to it
         mine = [
-            p["spec"]
+            p
             for p in policies
-            if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], dict(e.labels))
+            if namespace_of(p) == e.namespace
+            and direction in p["spec"]["policyTypes"]
+            and selects(p["spec"]["podSelector"], dict(e.labels))
         ]
         return not mine or any(
-            rule_allows(r, peers_key, other, port, protocol) for spec in mine for r in spec.get(direction.lower(), [])
+            rule_allows(r, peers_key, other, port, protocol, namespace_of(p))
+            for p in mine
+            for r in p["spec"].get(direction.lower(), [])
         )
 
     return side(dst, "Ingress", "from", src) and side(src, "Egress", "to", dst)
@@ -467,7 +477,12 @@ ROLES = {
     "dns": pod({"k8s-app": "kube-dns"}, "kube-system"),
     "operator": named("kuberay-operator", "kuberay-system"),
     "ingress": named("ingress-nginx", "ingress-nginx"),
-    "prometheus": named("prometheus", "monitoring"),
+    "prometheus": named("prometheus", MONITORING),
+    "grafana": named("grafana", MONITORING),
+    "alertmanager": named("alertmanager", MONITORING),
+    "kube-state-metrics": named("kube-state-metrics", MONITORING),
+    "prometheus-operator": pod({"app": "kube-prometheus-stack-operator"}, MONITORING),
+    "intruder-in-monitoring": pod({"app": "debug-shell"}, MONITORING),
     "other-pod": pod({"app": "anything"}, "default"),
     "intruder-in-namespace": pod({"app": "debug-shell"}),
     "outside": Endpoint(ip=True),
@@ -534,6 +549,58 @@ def test_network_policies_deny_by_default_and_allow_what_each_component_needs(ov
             assert allowed(policies, role, ROLES["dns"], 53, "UDP")
     scraped = allowed(policies, ROLES["prometheus"], ROLES["job-worker"], 8080)
     assert scraped is (overlay == "gpu")  # the monitoring component opens the metrics port, where it is installed
+
+
+MONITORING_EXPECT = [  # (source, destination, port, allowed) where the monitoring component is installed
+    ("grafana", "prometheus", 9090, True),  # Grafana's data source
+    ("prometheus", "prometheus", 9090, True),  # it scrapes itself
+    ("prometheus", "alertmanager", 9093, True),
+    ("prometheus", "kube-state-metrics", 8080, True),
+    ("prometheus", "grafana", 3000, True),  # Grafana's own metrics
+    ("outside", "prometheus-operator", 10250, True),  # the API server calls the operator's admission webhook
+    ("intruder-in-monitoring", "prometheus", 9090, False),
+    ("intruder-in-monitoring", "grafana", 3000, False),
+    ("intruder-in-namespace", "prometheus", 9090, False),
+    ("job-worker", "alertmanager", 9093, False),
+    ("other-pod", "grafana", 3000, False),
+    ("outside", "grafana", 3000, False),  # people reach Grafana with `kubectl port-forward`
+    ("outside", "prometheus", 9090, False),
+    ("grafana", "alertmanager", 9093, False),
+    ("prometheus", "job-worker", 8080, True),  # the PodMonitor's scrape of the Ray pods
+    ("prometheus", "job-worker", 8265, False),
+]
+
+
+def test_every_namespace_the_manifests_deploy_into_denies_ingress_by_default():
+    """A namespace that receives any of our objects gets a default-deny ingress policy of ours there too, so what
+    the manifests place in it is reachable only through the allows listed beside it."""
+    objs = objects("gpu")  # the overlay that includes everything, monitoring too
+    namespaces = {namespace_of(o) for o in objs if o["kind"] not in CLUSTER_SCOPED}
+    denies = {
+        namespace_of(p)
+        for p in objs
+        if p["kind"] == "NetworkPolicy"
+        and p["spec"]["podSelector"] == {}
+        and "Ingress" in p["spec"]["policyTypes"]
+        and not p["spec"].get("ingress")
+    }
+    assert namespaces == {NAMESPACE, MONITORING}, namespaces
+    assert namespaces <= denies, f"no default-deny ingress in {sorted(namespaces - denies)}"
+
+
+def test_the_monitoring_namespace_lets_in_only_what_prometheus_and_grafana_need():
+    policies = [o for o in objects("gpu") if o["kind"] == "NetworkPolicy"]
+    wrong = [
+        (src, dst, port, want)
+        for src, dst, port, want in MONITORING_EXPECT
+        if allowed(policies, ROLES[src], ROLES[dst], port) is not want
+    ]
+    assert not wrong, wrong
+    objs = objects("gpu")
+    (monitor,) = [o for o in objs if o["kind"] == "PodMonitor"]
+    (dashboard,) = [o for o in objs if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]]
+    assert namespace_of(monitor) == NAMESPACE  # a PodMonitor selects pods of its own namespace
+    assert namespace_of(dashboard) == MONITORING  # Grafana's sidecar reads dashboards from its own namespace
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
