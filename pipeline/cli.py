@@ -76,15 +76,14 @@ def run(
     run_log = RunLog(cfg.tracking.workdir, verbose)
     run_log.install()
     try:
-        _run(cfg, run_log, force or [], from_stage, until, only)
+        result = _run(cfg, run_log, force or [], from_stage, until, only)
+        _next_steps(result, cfg, config, set_ or [])
     finally:
         run_log.drain()
         run_log.uninstall()
 
 
-def _run(
-    cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None, only: str | None
-) -> None:
+def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None, only: str | None):
     from pipeline.dag import DagError
     from pipeline.runner import StageFailed, run_pipeline
 
@@ -131,6 +130,26 @@ def _run(
             _serve_until_interrupted(endpoint["url"], endpoint["pinned_uri"], detach=False)
         else:
             console.print("the app stops with this driver on a local cluster (serve.keep_running=true keeps it up)")
+    return result
+
+
+def _next_steps(result, cfg: MoeforgeConfig, config: str, sets: list[str]) -> None:
+    """One closing line: how to serve the version the run registered and where to watch the run, with the same
+    config and overrides. Nothing when the run registered nothing or already serves."""
+    import shlex
+
+    produced = {name for s in result.stages for name in s.outputs}
+    if "registration" not in produced or "endpoint" in produced:
+        return
+    reg = _read_output(result, cfg, "registration", "registration.json")
+    model = f"models:/{reg['name']}/{reg['version']}"
+    args = [*(["--config", config] if config != "tiny" else []), *(a for s in sets for a in ("--set", s))]
+    tail = "".join(f" {shlex.quote(a)}" for a in args)
+    console.print(
+        f"next: `moeforge serve --model {model}{tail}` serves it; `moeforge dashboard{tail}` shows this run; "
+        f"`moeforge ui{tail}` opens MLflow",
+        soft_wrap=True,
+    )
 
 
 def _read_output(result, cfg, artifact: str, filename: str) -> dict:
@@ -219,7 +238,7 @@ def serve(
     from actors.server import default_model_uri, start
     from pipeline.runner import ensure_ray
     from pipeline.serving.auth import deployer_key
-    from pipeline.serving.source import ModelSourceError
+    from pipeline.serving.source import ModelSourceError, resolve
     from pipeline.tracking import resolve_tracking_uri
 
     extra = [f"serve.{k}={v}" for k, v in (("host", host), ("port", port), ("num_replicas", replicas)) if v is not None]
@@ -227,14 +246,16 @@ def serve(
         extra.append("serve.autoscaling=null")
     cfg = _load(config, [*(set_ or []), *extra])
     model = model or default_model_uri(cfg.serve, cfg.registry)
+    tracking_uri = resolve_tracking_uri(cfg.tracking)
     try:
         deployer_key(cfg.serve)  # a public host without a key refuses here, before a cluster is started
-    except ConfigError as e:
+        resolve(model, tracking_uri)  # so does a model that names nothing (the app pins it again when it is built)
+    except (ModelSourceError, ConfigError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     ensure_ray(cfg.ray)
     try:
-        url = start(cfg.serve, model, resolve_tracking_uri(cfg.tracking))
+        url = start(cfg.serve, model, tracking_uri)
     except (ModelSourceError, ConfigError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
@@ -271,7 +292,8 @@ def submit(
     job: Annotated[
         str,
         typer.Argument(
-            help="pipeline, a stage (generate, distill, train, evaluate, register) or serve: runs `python -m jobs.JOB`."
+            help="pipeline, a stage (generate, distill, convert, train, evaluate, register) or serve: runs "
+            "`python -m jobs.JOB`."
         ),
     ] = "pipeline",
     config: ConfigOpt = "tiny",
@@ -349,7 +371,8 @@ def list_jobs(
 
     cfg = _load(config, [*(set_ or []), *([f"job.address={address}"] if address else [])])
     try:
-        details = sub.recent(sub.client(sub.job_address(cfg.job)), limit)
+        address = sub.job_address(cfg.job)
+        details = sub.recent(sub.client(address), limit, address)
     except sub.SubmitError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

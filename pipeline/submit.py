@@ -8,12 +8,13 @@ runtime environment comes from the config's `job` section, and the MLflow run a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from pipeline.version import has_code, version_of
 
 log = logging.getLogger(__name__)
 
-JOB_NAMES = ("pipeline", "generate", "distill", "train", "evaluate", "register", "serve")
+# `python -m jobs.<name>`: the whole pipeline, each stage in DAG order, serving (tests check this is jobs/)
+JOB_NAMES = ("pipeline", "generate", "distill", "convert", "train", "evaluate", "register", "serve")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started head's job agent
@@ -101,12 +103,30 @@ def new_submission_id(job: str) -> str:
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    with token_refusal(address):
+        try:
+            return JobSubmissionClient(address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise SubmitError(
+                f"cannot reach the Ray job server at {address}: {e} (start a cluster with `ray start "
+                "--head`, or set RAY_ADDRESS / job.address to its dashboard URL)"
+            ) from None
+
+
+@contextlib.contextmanager
+def token_refusal(address: str) -> Iterator[None]:
+    """A cluster with token authentication that this client gave no (or the wrong) token: one line saying what to
+    set, instead of Ray's traceback."""
+    from ray.exceptions import AuthenticationError
+
     try:
-        return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
+        yield
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
         raise SubmitError(
-            f"cannot reach the Ray job server at {address}: {e} (start a cluster with `ray start "
-            "--head`, or set RAY_ADDRESS / job.address to its dashboard URL)"
+            f"the Ray cluster at {address} requires token authentication and refused this client (RAY_AUTH_MODE is "
+            f"{mode}): set RAY_AUTH_MODE=token and give the cluster's token as RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+            "or the file ~/.ray/auth_token (`ray start --head` keeps it there on the head node)"
         ) from None
 
 
@@ -123,15 +143,18 @@ def submit(
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            jobs.submit_job(
-                entrypoint=command,
-                runtime_env=runtime_env(cfg),
-                submission_id=sid,
-                metadata={"moeforge.job": job, "moeforge.config": cfg.name, "moeforge.config_hash": cfg.hash()},
-                entrypoint_num_cpus=cfg.job.entrypoint_num_cpus or None,
-                entrypoint_num_gpus=cfg.job.entrypoint_num_gpus or None,
-            )
+            with token_refusal(job_address(cfg.job)):
+                jobs.submit_job(
+                    entrypoint=command,
+                    runtime_env=runtime_env(cfg),
+                    submission_id=sid,
+                    metadata={"moeforge.job": job, "moeforge.config": cfg.name, "moeforge.config_hash": cfg.hash()},
+                    entrypoint_num_cpus=cfg.job.entrypoint_num_cpus or None,
+                    entrypoint_num_gpus=cfg.job.entrypoint_num_gpus or None,
+                )
             return jobs, sid
+        except SubmitError:
+            raise
         except RuntimeError as e:
             # a head that just started has no job agent for a few seconds; Ray's answer is "try again later"
             if "No available agent" not in str(e) or time.monotonic() > deadline:
@@ -160,8 +183,9 @@ def tracking_uri_of_job(cfg: MoeforgeConfig) -> str:
     return runtime_env(cfg).get("env_vars", {}).get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(cfg.tracking)
 
 
-def recent(jobs, limit: int) -> list:
+def recent(jobs, limit: int, address: str = DEFAULT_ADDRESS) -> list:
     """The most recent jobs first."""
-    details = jobs.list_jobs()
+    with token_refusal(address):
+        details = jobs.list_jobs()
     details.sort(key=lambda d: d.start_time or 0, reverse=True)
     return details[:limit]

@@ -56,11 +56,8 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelSource:
         if m := _ALIAS.match(uri):
             try:
                 mv = client.get_model_version_by_alias(m["name"], m["alias"])
-            except MlflowException as e:
-                raise ModelSourceError(
-                    f"{uri}: registered model {m['name']!r} has no alias {m['alias']!r} "
-                    f"in {tracking_uri or 'the default tracking store'} ({e.message})"
-                ) from None
+            except MlflowException:
+                raise ModelSourceError(_no_alias(client, m["name"], m["alias"], tracking_uri)) from None
             return ModelSource(
                 uri, m["name"], str(mv.version), m["alias"], mv.run_id, content_hash=_recorded_hash(uri, mv)
             )
@@ -83,6 +80,31 @@ def resolve(uri: str, tracking_uri: str | None = None) -> ModelSource:
     return ModelSource(uri, path.resolve().name, path=str(path.resolve()))
 
 
+def _no_alias(client, name: str, alias: str, tracking_uri: str | None) -> str:
+    """Why `models:/NAME@ALIAS` does not resolve, naming what does: the aliases and versions that exist and the
+    `--model` (or `serve.model_uri`) that would serve one."""
+    from mlflow.exceptions import MlflowException
+
+    where = tracking_uri or "the default tracking store"
+    head = f"models:/{name}@{alias}: registered model {name!r} has no alias {alias!r} in {where}"
+    try:
+        model = client.get_registered_model(name)
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return f"{head}: no registered model {name!r} at all (a `moeforge run` that reaches `register` makes one)"
+    aliases = dict(sorted((model.aliases or {}).items()))
+    if aliases:
+        listed = ", ".join(f"{a} -> version {v}" for a, v in aliases.items())
+        first = next(iter(aliases))
+        return f"{head}; it has {listed}: serve it with --model models:/{name}@{first} (or serve.model_uri)"
+    if versions:
+        return (
+            f"{head}; it has no aliases, versions {', '.join(map(str, versions))}: serve one with "
+            f"--model models:/{name}/{versions[-1]} (or serve.model_uri)"
+        )
+    return f"{head}: it has no versions yet"
+
+
 def _recorded_hash(uri: str, mv) -> str:
     """The content hash the registry recorded for version `mv`; a version without one is refused (fail closed)."""
     digest = (mv.tags or {}).get(CONTENT_HASH_TAG)
@@ -101,6 +123,8 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
     """
     if source.path:
         return Path(source.path)
+    if source.version is None:
+        raise ModelSourceError(f"{source.uri}: a registry source is served at one version; resolve() it first")
     import mlflow.artifacts
 
     from pipeline.artifacts import atomic_path, content_hash

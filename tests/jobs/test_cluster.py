@@ -433,6 +433,28 @@ def test_moeforge_submit_follows_a_stage_job_and_lists_it(finished):
 
 
 @pytest.mark.timeout(300)
+def test_submit_and_jobs_without_the_clusters_token_say_in_one_line_what_to_set(cluster, tmp_path):
+    """The cluster runs with token authentication (as `ray start --head` does in Ray 2.60); a client with neither
+    RAY_AUTH_MODE nor a token gets one line naming RAY_AUTH_MODE=token and where the token lives, no traceback."""
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path), COLUMNS="400")  # no ~/.ray/auth_token either
+    moeforge = str(Path(sys.executable).parent / "moeforge")
+    for args in (["submit", "evaluate", "--no-wait"], ["jobs"]):
+        proc = subprocess.run(
+            [moeforge, *args, "--address", cluster.dashboard],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "RAY_AUTH_MODE=token" in lines[0] and "~/.ray/auth_token" in lines[0], lines[0]
+
+
+@pytest.mark.timeout(300)
 def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
     from mlflow import MlflowClient
     from selenium import webdriver

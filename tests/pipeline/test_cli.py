@@ -78,6 +78,9 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         assert "constant-answer floor" in res.output and "teacher, worked examples" in res.output
         assert res.output.count("held-out pass@1") == 1  # printed once
         assert "registered moeforge-student version 1 as" in res.output
+        said = " ".join(res.output.split())  # the closing line says how to serve what was registered, same settings
+        assert "next: `moeforge serve --model models:/moeforge-student/1 --set" in said, said[-600:]
+        assert "`moeforge dashboard --set" in said
     assert (tmp_path / ".moeforge" / "mlflow.db").is_file()
     tracker = Tracker(load_config("tiny").tracking)
     runs = tracker.pipeline_runs()
@@ -261,3 +264,24 @@ def test_serve_on_a_public_host_without_a_key_refuses_to_start_naming_the_settin
     assert res.exit_code == 2, res.output
     assert "serve.api_key_file" in res.output and "serve.allow_unauthenticated=true" in res.output
     assert ray.is_initialized() == started  # refused before any cluster was started or joined
+
+
+def test_serve_with_only_a_challenger_names_it_and_the_model_to_serve(cli, registered_student, tmp_path):
+    """What the default run leaves when its student misses the gate: a version with alias challenger, no champion.
+    `moeforge serve` (default: the champion) refuses before starting a cluster and says what would serve."""
+    from mlflow import MlflowClient
+
+    from pipeline.student.registry import log_student
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("gate", artifact_location=str(tmp_path / "artifacts")))
+    version = log_student(registered_student.directory, run.info.run_id, uri, "moeforge-student")
+    client.set_registered_model_alias("moeforge-student", "challenger", version.version)
+    res = cli("serve", "--set", f"tracking.uri={uri}")
+    assert res.exit_code == 2, res.output
+    said = " ".join(res.output.split())
+    assert "has no alias 'champion'" in said and "challenger -> version 1" in said, said
+    assert "--model models:/moeforge-student@challenger" in said, said
+    res = cli("serve", "--model", "models:/no-such-model@champion", "--set", f"tracking.uri={uri}")
+    assert res.exit_code == 2 and "no registered model 'no-such-model'" in " ".join(res.output.split()), res.output

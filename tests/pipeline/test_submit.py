@@ -37,8 +37,10 @@ def test_entrypoint_runs_a_jobs_module_with_the_config_and_overrides():
     for leaky in ("tracking.uri=http://bob:pw@mlflow:5000", "teacher.base_url=https://k:s@api.example/v1"):
         with pytest.raises(sub.SubmitError, match="holds a credential"):
             sub.entrypoint("pipeline", "tiny", [leaky], [])
-    for job in sub.JOB_NAMES:  # every name `moeforge submit` accepts is a module of jobs/
-        assert (REPO / "jobs" / f"{job}.py").is_file()
+    # the names `moeforge submit` accepts are exactly the modules of jobs/, and its --help lists every one
+    assert set(sub.JOB_NAMES) == {p.stem for p in (REPO / "jobs").glob("*.py")} - {"__init__"}
+    shown = " ".join(CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert all(job in shown for job in sub.JOB_NAMES), shown
     with pytest.raises(sub.SubmitError, match="unknown job 'trian'; jobs: pipeline, generate"):
         sub.entrypoint("trian", "tiny", [], [])
 
