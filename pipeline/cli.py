@@ -143,7 +143,10 @@ def _next_steps(result, cfg: MoeforgeConfig, config: str, sets: list[str]) -> No
         return
     reg = _read_output(result, cfg, "registration", "registration.json")
     model = f"models:/{reg['name']}/{reg['version']}"
-    args = [*(["--config", config] if config != "tiny" else []), *(a for s in sets for a in ("--set", s))]
+    from pipeline.redaction import redact
+
+    shown = [f"{k}={redact(v, k.strip())}" for k, _, v in (s.partition("=") for s in sets)]  # no secret echoed
+    args = [*(["--config", config] if config != "tiny" else []), *(a for s in shown for a in ("--set", s))]
     tail = "".join(f" {shlex.quote(a)}" for a in args)
     console.print(
         f"next: `moeforge serve --model {model}{tail}` serves it; `moeforge dashboard{tail}` shows this run; "
