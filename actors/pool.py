@@ -151,14 +151,7 @@ class ActorPool:
         pending = collections.deque(_Item(k, p) for k, p in items)
         in_flight: dict[ray.ObjectRef, tuple[_Slot, int, _Item]] = {}
         while pending or in_flight:
-            for slot in sorted(self.slots, key=lambda s: s.in_flight):
-                while pending and slot.in_flight < self.max_in_flight_per_actor:
-                    item = pending.popleft()
-                    item.attempts += 1
-                    ref = getattr(slot.actor, method).remote(item.payload)
-                    in_flight[ref] = (slot, slot.generation, item)
-                    slot.in_flight += 1
-            self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+            self._dispatch(method, pending, in_flight)
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
             slot, generation, item = in_flight.pop(ref)
             if generation == slot.generation:
@@ -166,28 +159,41 @@ class ActorPool:
             try:
                 result = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                if getattr(e, "actor_init_failed", False):  # a replacement's constructor raised: so would the next
-                    self.shutdown()
-                    raise PoolError(f"{self.name}: a replacement actor failed to start: {_cause(e)}") from None
-                if generation == slot.generation:  # first news of this death: replace the actor once
-                    self._replace(slot, _cause(e))
-                item.attempts -= 1  # the actor died under it: not the item's failure
-                item.errors.append(f"actor died: {_cause(e)}")
-                if on_retry:
-                    on_retry(item.key, item.errors[-1])
-                pending.appendleft(item)
-                continue
+                self._actor_died(slot, generation, item, e)
+                pending.appendleft(item)  # at the front: the item did nothing wrong
             except RayTaskError as e:
                 item.errors.append(_cause(e))
                 if item.attempts >= max_attempts:
                     raise PoolError(
                         f"{self.name}: item {item.key!r} failed {item.attempts} times; last error: {item.errors[-1]}"
                     ) from e.as_instanceof_cause()
-                if on_retry:
-                    on_retry(item.key, item.errors[-1])
                 pending.append(item)
+            else:
+                yield item.key, result
                 continue
-            yield item.key, result
+            if on_retry:
+                on_retry(item.key, item.errors[-1])
+
+    def _dispatch(self, method: str, pending: collections.deque, in_flight: dict) -> None:
+        """Fill every actor up to `max_in_flight_per_actor`, least busy first."""
+        for slot in sorted(self.slots, key=lambda s: s.in_flight):
+            while pending and slot.in_flight < self.max_in_flight_per_actor:
+                item = pending.popleft()
+                item.attempts += 1
+                ref = getattr(slot.actor, method).remote(item.payload)
+                in_flight[ref] = (slot, slot.generation, item)
+                slot.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+
+    def _actor_died(self, slot: _Slot, generation: int, item: _Item, e: Exception) -> None:
+        """An actor died under `item`: replace it once (on the first news of that death) and uncount the attempt."""
+        if getattr(e, "actor_init_failed", False):  # a replacement's constructor raised: so would the next
+            self.shutdown()
+            raise PoolError(f"{self.name}: a replacement actor failed to start: {_cause(e)}") from None
+        if generation == slot.generation:
+            self._replace(slot, _cause(e))
+        item.attempts -= 1  # the actor died under it: not the item's failure
+        item.errors.append(f"actor died: {_cause(e)}")
 
     def shutdown(self) -> None:
         for slot in self.slots:
@@ -209,3 +215,9 @@ def _cause(e: BaseException) -> str:
         text = str(e)
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else type(e).__name__
+
+
+def torch_threads(num_cpus: float, num_gpus: float) -> int | None:
+    """CPU threads for torch in an actor with these resources: its CPU share (at least one) on a CPU-only actor,
+    so the actors of a node do not oversubscribe its cores; None (torch's default) on a GPU actor."""
+    return max(1, int(num_cpus)) if num_gpus == 0 else None

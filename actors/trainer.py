@@ -134,21 +134,7 @@ def train_loop(job: TrainJob) -> None:
         log.info("rank %d: resumed from the checkpoint of step %d", rank, replica.resumed_from)
     step_log = StepLog(job) if rank == 0 and job.run_id else None
     if step_log:
-        step_log.tag(
-            {
-                "moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
-                "moeforge.train.workers": world,
-                "moeforge.train.device": str(device),
-            }
-        )
-        step_log.log(
-            {
-                "resumed_from_step": replica.resumed_from,
-                "input_buffer_windows": replica.data.capacity,
-                **(replica.validate() if replica.step == 0 else {}),
-            },
-            replica.step,
-        )
+        open_step_log(step_log, replica, world, device)
     cfg = job.train
     try:
         while replica.step < cfg.max_steps:
@@ -158,24 +144,57 @@ def train_loop(job: TrainJob) -> None:
             if rank == 0:
                 record_step(job, replica, metrics, step)
             if step_log:
-                if save:
-                    metrics.update(expert_shares(replica.model, replica.last_counts))
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    metrics.update(replica.validate())
-                step_log.log(metrics, step)
+                log_step(step_log, replica, metrics, save)
             if save:  # report (a barrier across workers) only with a checkpoint; step metrics go to MLflow
-                if step_log:
-                    step_log.wait()  # metrics up to a checkpoint are on the run before the checkpoint exists
-                with tempfile.TemporaryDirectory() as d:
-                    replica.save(Path(d))
-                    ray.train.report(
-                        {"step": step, "loss": metrics["loss"], "resumed_from_step": replica.resumed_from},
-                        checkpoint=ray.train.Checkpoint.from_directory(d),
-                        checkpoint_dir_name=f"step_{step:06d}",
-                    )
+                report_checkpoint(replica, metrics, step_log)
     finally:
         if step_log:
             step_log.close()
+
+
+def open_step_log(step_log: StepLog, replica: Replica, world: int, device) -> None:
+    """Rank 0's first entries: how the run is set up, where it resumed, and the validation loss before training."""
+    step_log.tag(
+        {
+            "moeforge.train.mfu_peak": f"{replica.peak:.3g} FLOP/s per worker ({replica.peak_source})",
+            "moeforge.train.workers": world,
+            "moeforge.train.device": str(device),
+        }
+    )
+    step_log.log(
+        {
+            "resumed_from_step": replica.resumed_from,
+            "input_buffer_windows": replica.data.capacity,
+            **(replica.validate() if replica.step == 0 else {}),
+        },
+        replica.step,
+    )
+
+
+def log_step(step_log: StepLog, replica: Replica, metrics: dict[str, float], save: bool) -> None:
+    """A step's metrics to MLflow; with a checkpoint the experts' load, every `eval_every` the validation loss."""
+    cfg, step = replica.cfg, replica.step
+    if save:
+        metrics.update(expert_shares(replica.model, replica.last_counts))
+    if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        metrics.update(replica.validate())
+    step_log.log(metrics, step)
+
+
+def report_checkpoint(replica: Replica, metrics: dict[str, float], step_log: StepLog | None) -> None:
+    """Save the replica's state and report it to Ray Train (a barrier across workers)."""
+    import ray.train
+
+    if step_log:
+        step_log.wait()  # metrics up to a checkpoint are on the run before the checkpoint exists
+    step = replica.step
+    with tempfile.TemporaryDirectory() as d:
+        replica.save(Path(d))
+        ray.train.report(
+            {"step": step, "loss": metrics["loss"], "resumed_from_step": replica.resumed_from},
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"step_{step:06d}",
+        )
 
 
 def record_step(job: TrainJob, replica: Replica, metrics: dict[str, float], step: int) -> None:

@@ -98,7 +98,7 @@ def distill_loss(
     """
     ce = _masked_mean(F.cross_entropy(logits_NV.float(), targets_N.long(), reduction="none"), mask_N)
     soft_N = mask_N if soft_N is None else soft_N & mask_N
-    if topk_ids_NK is None or not bool(soft_N.any()):
+    if topk_ids_NK is None or topk_logprobs_NK is None or tail_logmass_N is None or not bool(soft_N.any()):
         return DistillLoss(ce, torch.zeros_like(ce), ce)
     logq = student_buckets(logits_NV, topk_ids_NK, temperature)
     logp = teacher_buckets(topk_logprobs_NK, tail_logmass_N, temperature)

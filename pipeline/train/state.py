@@ -80,7 +80,7 @@ class TrainState:
             "ce": loss.ce.item(),
             "balance": loss.balance.item(),
             "grad_norm": float(grad_norm),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": float(self.scheduler.get_last_lr()[0]),
             "tokens": loss.tokens,
             "expert_share_max": float(share_LE.max()) if share_LE.numel() else 0.0,
         }

@@ -58,7 +58,7 @@ class WindowStream:
 
     def _epoch_windows(self, epoch: int) -> Iterator[Window]:
         rng = np.random.default_rng([self.seed, self.rank, epoch])
-        packer, buffer = Packer(self.seq_len, self.k), []
+        packer, buffer = Packer(self.seq_len, self.k), list[Window]()
 
         def packed() -> Iterator[Window]:
             for row in self.rows():
@@ -93,6 +93,7 @@ class WindowStream:
     def next_window(self) -> Window:
         if self._windows is None:
             self.seek(self.epoch, self.position)
+        assert self._windows is not None  # seek set it
         window = next(self._windows, None)
         if window is None:  # the epoch is over: the rows again, with the next epoch's shuffle
             if self.position == 0:
