@@ -104,3 +104,25 @@ def test_the_model_package_never_names_the_application_config():
     graph = import_graph()
     for name in (m for m in graph if m.startswith("pipeline.model")):
         assert not {"pipeline.config", "pipeline.stage", "pipeline.runner"} & graph[name], name
+
+
+def test_the_data_package_never_imports_the_teacher_package():
+    """The teacher backends build on pipeline.data (prompts, chat templates, completion records), never the other
+    way round: a completion record is data, whoever wrote it."""
+    graph = import_graph()
+    data = [m for m in graph if m == "pipeline.data" or m.startswith("pipeline.data.")]
+    assert len(data) > 3, data
+    upward = {m: sorted(t for t in graph[m] if t.startswith("pipeline.teacher")) for m in data}
+    assert not any(upward.values()), upward
+
+
+def test_no_stage_imports_another_stage():
+    """Stages meet only through the artifacts of artifact_specs.py and the runner; a stage importing another would
+    couple their code, not just their data."""
+    from pipeline.runner import default_stages
+
+    stages = {type(s).__module__ for s in default_stages()}
+    assert {"pipeline.stages.generate", "pipeline.stages.evaluate"} <= stages, stages
+    graph = import_graph()
+    coupled = {m: sorted(graph[m] & (stages - {m})) for m in stages}
+    assert not any(coupled.values()), coupled
