@@ -7,7 +7,7 @@ STAMP := $(VENV)/.moeforge-installed
 CONFIG ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint quality style clean
+.PHONY: setup run test test-fast lint quality style clean
 
 setup: $(STAMP)
 
@@ -29,17 +29,26 @@ test: $(STAMP)
 	sh tests/install_browser.sh || echo "warning: chromium/chromedriver not installed; the dashboard browser test will fail"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, simplifications) over the whole tree, and mypy over
-# the typed core (the model package and the config); settings in pyproject.toml. CI runs this before the tests.
+# the inner loop: everything but the tests marked slow (Ray clusters, servers, whole pipeline runs) or cluster
+# (multi-node Ray, jobs); the same tests `make test` runs, minus those
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, simplifications, McCabe complexity <= 10) and
+# ruff's formatter (checked, not applied) over the whole tree, and mypy over the typed packages (the model, the
+# config, the stages, serving, training); settings in pyproject.toml. CI runs this before the tests, and
+# .pre-commit-config.yaml runs the same commands.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
 quality: lint
 
-# the fixes ruff can make on its own (import order, pyupgrade, simplifications); the code's layout is kept by hand
+# what ruff can fix on its own (import order, pyupgrade, simplifications), then the formatter
 style: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) .moeforge build *.egg-info

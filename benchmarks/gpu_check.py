@@ -1,6 +1,6 @@
-"""One prepared check of the GPU path, for a session that is lent a CUDA machine (issue 19): everything written for
-GPUs — bf16 autocast and NCCL in training, the experts' grouped GEMMs, MLA decoding, the teacher and the student
-on CUDA, serving under concurrency — run once, with a one-line summary per part.
+"""One prepared check of the GPU path, to run on any CUDA machine: everything written for GPUs — bf16 autocast and
+NCCL in training, the experts' grouped GEMMs, MLA decoding, the teacher and the student on CUDA, serving under
+concurrency — run once, with a one-line summary per part.
 
     python benchmarks/gpu_check.py             # a CUDA machine: every part, about 5 minutes on one H200
     python benchmarks/gpu_check.py --dry-run   # anywhere: the parts that need no CUDA, tiny sizes (a test runs it)

@@ -1,5 +1,5 @@
 """The GPU check's dry run: every part that needs no CUDA, on tiny sizes, through the same code the device run
-uses (so a session lent a GPU spends its minutes measuring, not fixing imports and wiring)."""
+uses (so a run on a GPU spends its minutes measuring, not fixing imports and wiring)."""
 
 from __future__ import annotations
 

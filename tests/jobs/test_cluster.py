@@ -28,7 +28,7 @@ import pytest
 from tests.conftest import REPO, free_port, wait_http
 from tests.jobs.cluster import RAY, TwoNodeCluster, start, stop
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 SMALL = {
     "data.num_train_prompts": 8,
