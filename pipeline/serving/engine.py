@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from pipeline.model.generate import SamplingParams, decode, make_generator, prefill, sample
@@ -54,6 +54,13 @@ class Sequence:
         self.cached = 0  # tokens written to the cache (the last sampled token is not yet)
         self.aborted = False  # set by the caller's thread, read by the engine's
         self.finish_reason: str | None = None
+
+    @property
+    def cache_slot(self) -> int:
+        """The slot this sequence holds while it runs (allocated on admission, freed when it finishes)."""
+        if self.slot is None:
+            raise EngineError(f"sequence {self.id} holds no cache slot: it is not running")
+        return self.slot
 
     def _emit(self, out: StepOutput) -> None:  # engine thread
         if out.finish_reason is not None or out.error is not None:
@@ -117,7 +124,7 @@ class Engine:
             with self._cond:
                 self._cond.notify()
 
-    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[StepOutput]:
+    async def stream(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[StepOutput, None]:
         """Submit a sequence and yield its outputs; closing the iterator early aborts it."""
         seq = self.submit(prompt, params)
         try:
@@ -165,15 +172,7 @@ class Engine:
                     break
                 for seq in [s for s in self._running if s.aborted]:
                     self._finish(seq, "abort")
-                admitted = []
-                while self._waiting and len(self._running) < self.max_batch_size:
-                    seq = self._waiting.popleft()
-                    if seq.aborted:
-                        seq._emit(StepOutput(None, "abort"))
-                        continue
-                    seq.slot = self.cache.allocate()
-                    self._running.append(seq)
-                    admitted.append(seq)
+                admitted = self._admit()
             if admitted:
                 self._step(admitted, prefill_step=True)
             ready = [s for s in self._running if s.finish_reason is None and not s.aborted and s.tokens]
@@ -185,10 +184,24 @@ class Engine:
             while self._waiting:
                 self._waiting.popleft()._emit(StepOutput(None, "abort"))
 
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences moved into free slots, oldest first; one aborted while waiting just ends (caller holds
+        the lock)."""
+        admitted = []
+        while self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting.popleft()
+            if seq.aborted:
+                seq._emit(StepOutput(None, "abort"))
+                continue
+            seq.slot = self.cache.allocate()
+            self._running.append(seq)
+            admitted.append(seq)
+        return admitted
+
     def _step(self, seqs: list[Sequence], prefill_step: bool) -> None:
         """One forward pass for `seqs` (their prompts, or their last tokens), then one sampled token each."""
-        slots = [s.slot for s in seqs]
         try:
+            slots = [s.cache_slot for s in seqs]
             if prefill_step:
                 logits_BV = prefill(self.model, self.cache, slots, [s.prompt for s in seqs])
             else:
