@@ -148,6 +148,10 @@ class ChatCompletionRequest(_Sampling):
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def prompt_count(self) -> int:
+        return 1  # the conversation
+
 
 class CompletionRequest(_Sampling):
     prompt: Text | TokenIds | Annotated[list[Text] | list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
@@ -172,13 +176,18 @@ class CompletionRequest(_Sampling):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        token_ids = [x for x in p if isinstance(x, int)]  # validated: all of p's items are ints (one prompt) or none
+        if token_ids:
+            return [token_ids]
+        return [x for x in p if not isinstance(x, int)]
 
     @property
     def requested_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def prompt_count(self) -> int:
+        return len(self.prompts)
 
 
 def new_id(prefix: str) -> str:

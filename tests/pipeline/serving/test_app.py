@@ -350,7 +350,7 @@ def test_an_internal_failure_tells_the_client_a_request_id_not_the_exception(ser
     def broken(req):
         raise RuntimeError("boom in /srv/secret/model/path")
 
-    monkeypatch.setattr(server, "chat_prompt", broken)
+    monkeypatch.setattr(server.checks, "chat_prompt", broken)
     caplog.set_level("ERROR", logger="pipeline.serving.protocol")
     r = httpx.post(
         f"{url}/v1/chat/completions",
