@@ -243,8 +243,9 @@ class ServeConfig(Section):
     max_batch_size: int = Field(8, ge=1)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(4, ge=1)
-    # what one request may cost: its body's bytes (checked before parsing and before the key), and the engine
-    # sequences it asks for (prompts x n); and how many sequences may wait for a slot (beyond: 503 + Retry-After)
+    # what one request may cost: its body's bytes (checked before parsing, after the key: without a valid key a
+    # request is a 401 whatever its size), and the engine sequences it asks for (prompts x n); and how many
+    # sequences may wait for a slot (beyond: 503 + Retry-After)
     max_request_bytes: int = Field(1_048_576, ge=1024)
     max_sequences_per_request: int = Field(64, ge=1)
     max_waiting_sequences: int = Field(256, ge=1)
