@@ -6,7 +6,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.model import Transformer
-from pipeline.serving.source import ModelSourceError, materialize, resolve
+from pipeline.serving.source import ModelSource, ModelSourceError, materialize, resolve
 
 
 def test_an_alias_is_pinned_to_the_version_it_points_at(registered_student):
@@ -53,6 +53,14 @@ def test_a_source_that_names_nothing_is_a_clear_error(registered_student, uri, m
 def test_a_directory_without_a_student_is_refused(tmp_path):
     with pytest.raises(ModelSourceError, match="not a saved student"):
         resolve(str(tmp_path))
+
+
+def test_an_unresolved_registry_source_is_refused_before_any_download(registered_student, tmp_path):
+    """`materialize` serves one registry version; a source that was never `resolve`d names none."""
+    unresolved = ModelSource(f"models:/{registered_student.name}@champion", registered_student.name)
+    with pytest.raises(ModelSourceError, match="resolve"):
+        materialize(unresolved, registered_student.tracking_uri, tmp_path)
+    assert not (tmp_path / "models").exists()
 
 
 def test_the_registry_entry_names_its_train_run(registered_student):
