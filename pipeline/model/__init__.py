@@ -1,10 +1,43 @@
 """The MoE student in plain PyTorch, no Ray and nothing of the application's config: config.py (its own typed
 config and named sizes), mla.py (attention + latent KV cache), moe.py (DeepSeekMoE + balancing), transformer.py
-(the model, FLOPs, save/load), generate.py (batched decoding), loss.py (the fused output head + cross-entropy).
+(the model, FLOPs, save/load), generate.py (batched decoding), loss.py (the fused output head + cross-entropy),
+convert/ (a teacher's weights rebuilt as the student, and the recovery training after).
 
 The names below load lazily (PEP 562): `import pipeline.model.config` — what the config loader does — does not
 pull in torch. The decoding function is imported from its module (`pipeline.model.generate.generate`): a
 package attribute of that name would be shadowed by the submodule once it is imported.
+
+Shapes. Hot tensor code names a tensor's dims in a suffix, one capital letter per dim (`x_BSD`, `ids_NK`), and a
+letter means the same thing in every module of this package:
+
+    B  batch rows: sequences, or the cache slots they occupy
+    S  positions of the tokens a call processes (the queries)
+    T  positions attended over (the keys and values, cached tokens included)
+    N  tokens as rows: a batch's positions flattened (B·S), or a calibration sample of them
+    L  layers
+    D  model dim
+    V  vocabulary
+    H  query heads
+    G  key heads, each serving H / G query heads: a GQA teacher's KV heads; the student's rope keys
+       (`n_rope_heads`: the teacher's KV heads, or 1 shared by all heads)
+    C  the KV latent (`kv_lora_rank`)
+    U  a query/key head's unrotated channels (`qk_nope_head_dim`)
+    R  a query/key head's rotary channels (`qk_rope_head_dim`)
+    Q  a query/key head's width: U + R
+    O  a value head's width (`v_head_dim`), what each head outputs
+    P  a rotary head's channel pairs, one frequency each: R = 2P in the student, head_dim / 2 in a teacher head
+    F  FFN neurons: the teacher's FFN width, or one expert's (`moe_inter_dim`)
+    E  routed experts
+    K  experts chosen per token (top-k)
+    A  token-expert assignments: every token's K choices, N·K rows
+    M  expert groups (`n_group`) of group-limited routing
+    X, Y  a generic helper's input and output width (whatever its caller passes: D or F)
+
+A lowercase letter is a part of its capital's dim: a chunk of rows (`h_nD`), the pairs a head keeps (`pairs_Gp`),
+the experts of one group (`choice_NMe`), the rows that sample (`scaled_bV`). Digits are literal: `1` a dim of
+size one, `2F` two F-wide halves side by side. A tensor with a dim that no letter names (a concatenation such as
+the latent beside the rope keys) carries no suffix; its shape is written where it is made. The one exception is
+the cache's `pe_LBTR`, whose last dim holds every rope-key head's R channels side by side (G·R).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class Convert(Stage):
 
     def recover(self, ctx: StageContext, teacher, student, texts: list[list[int]]) -> dict[str, float]:
         """Recovery on every non-held-out teacher text; its per-step KL is the `recovery_kl` series."""
-        from pipeline.train.recovery import recover
+        from pipeline.model.convert import recover
 
         c = ctx.config.convert
         report = recover(

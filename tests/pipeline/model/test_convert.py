@@ -142,7 +142,7 @@ def test_the_shared_expert_holds_the_most_activated_neurons_and_experts_group_co
     assert mass[carved["shared"]].min() >= mass[[n for e in carved["experts"] for n in e]].max()
 
     def within(groups) -> float:  # mean pairwise cosine of |activation| inside each group
-        f = stats.ffn_act_TF.abs().T
+        f = stats.ffn_act_NF.abs().T
         f = f / f.norm(dim=1, keepdim=True)
         return float(sum((f[g] @ f[g].T).mean() for g in groups) / len(groups))
 

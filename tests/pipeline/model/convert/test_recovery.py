@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model.convert import calibrate, convert, fidelity
+from pipeline.model.convert import calibrate, convert, fidelity, kl_to_teacher, pad_batch, recover
 from pipeline.model.moe import Gate
-from pipeline.train.recovery import recover
 from tests.pipeline.model.test_convert import llama, lossless, sequences
 
 
@@ -44,3 +43,12 @@ def test_recovery_names_what_it_cannot_train_on():
         recover(teacher, student, [[5]], steps=1)
     with pytest.raises(ValueError, match="steps >= 1"):
         recover(teacher, student, sequences(2), steps=0)
+
+
+def test_recovery_trains_on_the_divergence_fidelity_reports():
+    teacher = llama()
+    student = lossy_student(teacher)
+    held_out = sequences(8, seed=99)
+    kl, n = kl_to_teacher(teacher, student.eval(), *pad_batch(held_out))
+    reported = fidelity(teacher, student, held_out)
+    assert n == reported.tokens and kl.item() == pytest.approx(reported.kl, rel=1e-6)

@@ -1,14 +1,14 @@
 """Recovery: the converted student taught to speak like the teacher again, before task distillation.
 
-A conversion (`pipeline/model/convert.py`) loses what the pruned layers, the dropped rope pairs, the low-rank
-latent and top-k routing carried. Recovery distils the teacher back into the student on general teacher-written
-text (the teacher's samples of the training prompts, accepted or not, as in conversion's calibration) with the
+A conversion (this package's `convert`) loses what the pruned layers, the dropped rope pairs, the low-rank latent
+and top-k routing carried. Recovery distils the teacher back into the student on general teacher-written text (the
+teacher's samples of the training prompts, accepted or not, as in conversion's calibration) with the
 full-vocabulary forward KL at every position, computed online with both models in this process, the way Minitron
 retrains a pruned model against its unpruned parent and MHA2MLA fine-tunes after converting attention. It sits
-between `convert` (which calls it when `convert.recovery_steps` > 0) and task distillation on the accepted traces
-(stage `train`), so each stage's student can be judged: converted, recovered, distilled.
+between stage `convert` (which calls it when `convert.recovery_steps` > 0) and task distillation on the accepted
+traces (stage `train`), so each stage's student can be judged: converted, recovered, distilled.
 
-Plain torch, no Ray. Shape suffixes: B sequences, S positions, V vocabulary.
+Plain torch, no Ray. Shape suffixes: the legend in `pipeline/model/__init__.py`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.model import update_router_biases
-from pipeline.model.convert import pad_batch
+from pipeline.model.convert.calibration import pad_batch
+from pipeline.model.convert.measurement import next_token_kl
+from pipeline.model.moe import update_router_biases
 
 
 @dataclass
@@ -37,10 +38,8 @@ def kl_to_teacher(teacher, student, ids_BS: torch.Tensor, mask_BS: torch.Tensor)
     with torch.no_grad():
         t_logp_BSV = teacher(input_ids=ids_BS, attention_mask=mask_BS.long()).logits.float().log_softmax(-1)
     s_logp_BSV = student(ids_BS).float().log_softmax(-1)
-    valid_BS = mask_BS[:, 1:]
-    kl_BS = (t_logp_BSV[:, :-1].exp() * (t_logp_BSV[:, :-1] - s_logp_BSV[:, :-1])).sum(-1)
-    n = int(valid_BS.sum())
-    return kl_BS[valid_BS].sum() / max(n, 1), n
+    kl, n = next_token_kl(t_logp_BSV, s_logp_BSV, mask_BS)
+    return kl / max(n, 1), n
 
 
 def recover(
