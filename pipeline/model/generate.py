@@ -88,22 +88,22 @@ def sample(
     hot = [b for b, p in enumerate(params) if p.temperature > 0]
     if not hot:
         return out_B.tolist()
-    temps_H = torch.tensor([params[b].temperature for b in hot], dtype=logits_BV.dtype)
-    scaled_HV = logits_BV[hot] / temps_H[:, None]
-    for h, b in enumerate(hot):
+    temps_b = torch.tensor([params[b].temperature for b in hot], dtype=logits_BV.dtype)
+    scaled_bV = logits_BV[hot] / temps_b[:, None]  # b: the rows that sample
+    for i, b in enumerate(hot):
         p = params[b]
         if p.top_k:
-            kth = scaled_HV[h].topk(min(p.top_k, scaled_HV.shape[-1])).values[-1]
-            scaled_HV[h] = scaled_HV[h].masked_fill(scaled_HV[h] < kth, float("-inf"))
+            kth = scaled_bV[i].topk(min(p.top_k, scaled_bV.shape[-1])).values[-1]
+            scaled_bV[i] = scaled_bV[i].masked_fill(scaled_bV[i] < kth, float("-inf"))
         if p.top_p < 1:
-            sorted_V, idx_V = scaled_HV[h].sort(descending=True)
+            sorted_V, idx_V = scaled_bV[i].sort(descending=True)
             probs_V = sorted_V.softmax(-1)
             drop_V = probs_V.cumsum(-1) - probs_V > p.top_p  # keep the smallest prefix reaching top_p
-            scaled_HV[h, idx_V[drop_V]] = float("-inf")
-    cdf_HV = scaled_HV.softmax(-1).double().cumsum(-1)
-    u_H = torch.cat([torch.rand(1, generator=generators[b], dtype=torch.float64) for b in hot])
-    choice_H = torch.searchsorted(cdf_HV, (u_H * cdf_HV[:, -1])[:, None])[:, 0].clamp(max=cdf_HV.shape[-1] - 1)
-    out_B[hot] = choice_H
+            scaled_bV[i, idx_V[drop_V]] = float("-inf")
+    cdf_bV = scaled_bV.softmax(-1).double().cumsum(-1)
+    u_b = torch.cat([torch.rand(1, generator=generators[b], dtype=torch.float64) for b in hot])
+    choice_b = torch.searchsorted(cdf_bV, (u_b * cdf_bV[:, -1])[:, None])[:, 0].clamp(max=cdf_bV.shape[-1] - 1)
+    out_B[hot] = choice_b
     return out_B.tolist()
 
 

@@ -25,21 +25,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         if n_valid:
-            buf_CV = scratch.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
-            for s in range(0, N, chunk):
-                h_cD, t_c, v_c = h_ND[s : s + chunk].float(), targets_N[s : s + chunk], valid_N[s : s + chunk]
-                c = h_cD.shape[0]
-                rows = torch.arange(c, device=h_ND.device)
-                logits_cV = torch.mm(h_cD, w_VD.float().t(), out=buf_CV[:c])
-                probs_cV = torch.ops.aten._softmax.out(logits_cV, -1, False, out=logits_cV)  # in place
-                p_target_c = probs_cV[rows, t_c.clamp_min(0)]
-                total += -(p_target_c.clamp_min(torch.finfo(torch.float32).tiny).log() * v_c).sum()
+            buf_nV = scratch.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
+            for s in range(0, N, chunk):  # n: the chunk's rows
+                h_nD, targets_n, valid_n = h_ND[s : s + chunk].float(), targets_N[s : s + chunk], valid_N[s : s + chunk]
+                n = h_nD.shape[0]
+                rows_n = torch.arange(n, device=h_ND.device)
+                logits_nV = torch.mm(h_nD, w_VD.float().t(), out=buf_nV[:n])
+                probs_nV = torch.ops.aten._softmax.out(logits_nV, -1, False, out=logits_nV)  # in place
+                p_target_n = probs_nV[rows_n, targets_n.clamp_min(0)]
+                total += -(p_target_n.clamp_min(torch.finfo(torch.float32).tiny).log() * valid_n).sum()
                 # need_grad: d(mean CE)/d(logits) = (softmax - onehot) / n_valid, masked rows 0
                 if g_h_ND is not None and g_w_VD is not None:
-                    probs_cV[rows, t_c.clamp_min(0)] -= 1
-                    probs_cV.mul_((v_c.float() / n_valid)[:, None])
-                    torch.mm(probs_cV, w_VD.float(), out=g_h_ND[s : s + c])
-                    g_w_VD.addmm_(probs_cV.t(), h_cD)
+                    probs_nV[rows_n, targets_n.clamp_min(0)] -= 1
+                    probs_nV.mul_((valid_n.float() / n_valid)[:, None])
+                    torch.mm(probs_nV, w_VD.float(), out=g_h_ND[s : s + n])
+                    g_w_VD.addmm_(probs_nV.t(), h_nD)
         if g_h_ND is not None and g_w_VD is not None:
             g_h_ND, g_w_VD = g_h_ND.to(h_ND.dtype), g_w_VD.to(w_VD.dtype)
         ctx.save_for_backward(g_h_ND, g_w_VD)

@@ -1,8 +1,7 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3) with a latent KV cache.
 
-Leaves first: RMSNorm, rotary embedding, the cache, then the attention module. Shape suffixes: B batch,
-S query positions, T key positions, H heads, D model dim, C kv_lora_rank (the latent), R qk_rope_head_dim,
-N qk_nope_head_dim, V v_head_dim.
+Leaves first: RMSNorm, rotary embedding, the cache, then the attention module. Shape suffixes: the legend in
+`pipeline/model/__init__.py` (here chiefly B, S, T, H, G, C, U, R, O).
 
 MLA compresses keys and values into one latent vector per token (`kv_lora_rank` wide) plus a small rotary key shared
 by all heads (or, in a student converted from a GQA teacher, one per KV head); only those are cached. Two ways to
@@ -11,7 +10,7 @@ attend over the cache:
 - `naive`: expand every cached latent to full per-head keys and values with `wkv_b`, then ordinary attention.
   Simple and obviously right; kept as the oracle.
 - `absorb`: fold `wkv_b`'s key half into the query and its value half into the output, so attention runs
-  directly against the latents. Per decoded token this costs O(T·H·(C+R)) instead of O(T·C·H·(N+V)).
+  directly against the latents. Per decoded token this costs O(T·H·(C+R)) instead of O(T·C·H·(U+O)).
 """
 
 from __future__ import annotations
@@ -41,14 +40,14 @@ def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
-def rope_angles(pos_BS: torch.Tensor, inv_freq_GR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every position's angle for each rope head's channel pairs: two (B, S, G, R/2) tensors.
+def rope_angles(pos_BS: torch.Tensor, inv_freq_GP: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every position's angle for each rope head's channel pairs: two (B, S, G, P) tensors.
 
     Angles are computed from the frequencies each layer stores (not a shared table): a student converted from a
     teacher keeps, per layer and per key head, the teacher's frequencies that carry the most q·k mass.
     """
-    angles_BSGR = pos_BS[:, :, None, None].float() * inv_freq_GR.float()
-    return angles_BSGR.cos(), angles_BSGR.sin()
+    angles_BSGP = pos_BS[:, :, None, None].float() * inv_freq_GP.float()
+    return angles_BSGP.cos(), angles_BSGP.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,6 +83,7 @@ class LatentKVCache:
         self.max_batch, self.max_len = max_batch, max_len
         pe_width = cfg.n_rope_heads * cfg.qk_rope_head_dim
         self.kv_LBTC = torch.zeros(n_layers, max_batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
+        # every rope-key head's R channels side by side: (L, B, T, G·R), R itself when G is 1 (DeepSeek)
         self.pe_LBTR = torch.zeros(n_layers, max_batch, max_len, pe_width, device=device, dtype=dtype)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._free = list(range(max_batch))
@@ -113,15 +113,16 @@ class CacheView:
     def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor):
         self.cache, self.slots_B, self.start_B = cache, slots_B, start_B
 
-    def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's latents; return every row's cached latents up to the longest row's end."""
+    def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSGR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's latents and rope keys; return every row's cached ones up to the longest row's end."""
         S = kv_BSC.shape[1]
         pos_BS = self.start_B[:, None] + torch.arange(S, device=kv_BSC.device)
         rows_BS = self.slots_B[:, None].expand_as(pos_BS)
         self.cache.kv_LBTC[layer][rows_BS, pos_BS] = kv_BSC.to(self.cache.kv_LBTC.dtype)
-        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSX.to(self.cache.pe_LBTR.dtype)
+        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSGR.flatten(2).to(self.cache.pe_LBTR.dtype)
         T = int((self.start_B + S).max())
-        return self.cache.kv_LBTC[layer][self.slots_B, :T], self.cache.pe_LBTR[layer][self.slots_B, :T]
+        pe_BTGR = self.cache.pe_LBTR[layer][self.slots_B, :T].unflatten(-1, pe_BSGR.shape[2:])
+        return self.cache.kv_LBTC[layer][self.slots_B, :T], pe_BTGR
 
     def mask(self, S: int, T: int) -> torch.Tensor:
         """(B, 1, S, T) boolean: query s of row b sees cached key t iff t <= start_b + s."""
@@ -138,8 +139,7 @@ class MLA(nn.Module):
     DeepSeek-V3 caches one rope key shared by every head (`n_rope_heads` 1). A student converted from a GQA
     teacher may keep one rope key per KV head instead (`n_rope_heads` = the teacher's KV heads; query head h uses
     rope key h // (H / G)): the teacher's positional keys then survive the conversion exactly. Each layer stores
-    its rope frequencies (`inv_freq`, (G, R/2)), since a conversion keeps different channel pairs per layer and head.
-    Shape suffix G: rope key heads.
+    its rope frequencies (`inv_freq`, (G, P)), since a conversion keeps different channel pairs per layer and head.
 
     Args:
         cfg: the model config (`n_heads`, `q_lora_rank`, `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`,
@@ -177,7 +177,7 @@ class MLA(nn.Module):
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        return q.view(*x_BSD.shape[:2], self.n_heads, self.nope + self.rope)  # (B, S, H, N+R)
+        return q.view(*x_BSD.shape[:2], self.n_heads, self.nope + self.rope)  # (B, S, H, Q)
 
     def forward(self, x_BSD: torch.Tensor, pos_BS: torch.Tensor, cache: CacheView | None = None) -> torch.Tensor:
         """Attend causally. Without a cache: a whole sequence (training). With one: new tokens after cached ones.
@@ -189,63 +189,62 @@ class MLA(nn.Module):
         """
         B, S, _ = x_BSD.shape
         G, per_group = self.n_rope_heads, self.n_heads // self.n_rope_heads
-        cos_BSGR, sin_BSGR = rope_angles(pos_BS, self.inv_freq)
-        q_BSHK = self._queries(x_BSD)
-        q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope, self.rope], dim=-1)
+        cos_BSGP, sin_BSGP = rope_angles(pos_BS, self.inv_freq)
+        q_BSHQ = self._queries(x_BSD)
+        q_nope_BSHU, q_pe_BSHR = q_BSHQ.split([self.nope, self.rope], dim=-1)
         q_pe_BSHR = apply_rope(
-            q_pe_BSHR, cos_BSGR.repeat_interleave(per_group, dim=2), sin_BSGR.repeat_interleave(per_group, dim=2)
+            q_pe_BSHR, cos_BSGP.repeat_interleave(per_group, dim=2), sin_BSGP.repeat_interleave(per_group, dim=2)
         )
 
-        kv_BSX = self.wkv_a(x_BSD)
-        kv_BSC, k_pe_BSX = kv_BSX.split([self.kv_rank, G * self.rope], dim=-1)
+        kv_BSC, k_pe = self.wkv_a(x_BSD).split([self.kv_rank, G * self.rope], dim=-1)  # k_pe: (B, S, G·R)
         kv_BSC = self.kv_norm(kv_BSC)
-        k_pe_BSX = apply_rope(k_pe_BSX.view(B, S, G, self.rope), cos_BSGR, sin_BSGR).flatten(2)
+        k_pe_BSGR = apply_rope(k_pe.view(B, S, G, self.rope), cos_BSGP, sin_BSGP)
 
         if cache is None:
             mask = None
-            kv_BTC, pe_BTX = kv_BSC, k_pe_BSX
+            kv_BTC, pe_BTGR = kv_BSC, k_pe_BSGR
         else:
-            kv_BTC, pe_BTX = cache.write(self.layer_id, kv_BSC, k_pe_BSX)
+            kv_BTC, pe_BTGR = cache.write(self.layer_id, kv_BSC, k_pe_BSGR)
             mask = cache.mask(S, kv_BTC.shape[1])
-        pe_BTGR = pe_BTX.view(B, -1, G, self.rope)
 
         if self.impl == "naive" or cache is None:
-            out_BSHV = self._attend_naive(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
+            out_BSHO = self._attend_naive(q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
         else:
-            out_BSHV = self._attend_absorb(q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
-        return self.wo(out_BSHV.reshape(B, S, self.n_heads * self.v_dim))
+            out_BSHO = self._attend_absorb(q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
+        return self.wo(out_BSHO.reshape(B, S, self.n_heads * self.v_dim))
 
-    def _attend_naive(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
+    def _attend_naive(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
         """Expand latents to per-head K and V, then standard scaled-dot-product attention."""
         B, T, _ = kv_BTC.shape
-        kv_BTHX = self.wkv_b(kv_BTC).view(B, T, self.n_heads, self.nope + self.v_dim)
-        k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope, self.v_dim], dim=-1)
+        kv = self.wkv_b(kv_BTC).view(B, T, self.n_heads, self.nope + self.v_dim)  # (B, T, H, U + O)
+        k_nope_BTHU, v_BTHO = kv.split([self.nope, self.v_dim], dim=-1)
         pe_BTHR = pe_BTGR.repeat_interleave(self.n_heads // self.n_rope_heads, dim=2)
-        k_BTHK = torch.cat([k_nope_BTHN, pe_BTHR], dim=-1)
-        q_BSHK = torch.cat([q_nope_BSHN, q_pe_BSHR], dim=-1)
-        out_BHSV = F.scaled_dot_product_attention(
-            q_BSHK.transpose(1, 2),
-            k_BTHK.transpose(1, 2),
-            v_BTHV.transpose(1, 2),
+        k_BTHQ = torch.cat([k_nope_BTHU, pe_BTHR], dim=-1)
+        q_BSHQ = torch.cat([q_nope_BSHU, q_pe_BSHR], dim=-1)
+        out_BHSO = F.scaled_dot_product_attention(
+            q_BSHQ.transpose(1, 2),
+            k_BTHQ.transpose(1, 2),
+            v_BTHO.transpose(1, 2),
             attn_mask=mask,
             is_causal=mask is None,
             scale=self.scale,
         )
-        return out_BHSV.transpose(1, 2)
+        return out_BHSO.transpose(1, 2)
 
-    def _attend_absorb(self, q_nope_BSHN, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
+    def _attend_absorb(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
         """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
         B, S, H, R = q_pe_BSHR.shape
         G = self.n_rope_heads
-        w_HXC = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope, self.v_dim], dim=1)
-        q_lat_BSHC = torch.einsum("bshn,hnc->bshc", q_nope_BSHN, w_uk_HNC)
-        rope_BSHT = torch.einsum("bsgjr,btgr->bsgjt", q_pe_BSHR.view(B, S, G, H // G, R), pe_BTGR).flatten(2, 3)
+        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)  # (H, U + O, C)
+        w_uk_HUC, w_uv_HOC = w.split([self.nope, self.v_dim], dim=1)
+        q_lat_BSHC = torch.einsum("bshu,huc->bshc", q_nope_BSHU, w_uk_HUC)
+        # h: the H / G query heads of rope key g
+        rope_BSHT = torch.einsum("bsghr,btgr->bsght", q_pe_BSHR.view(B, S, G, H // G, R), pe_BTGR).flatten(2, 3)
         scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC) + rope_BSHT) * self.scale
         scores_BSHT = scores_BSHT.masked_fill(~mask.transpose(1, 2), float("-inf"))
         probs_BSHT = scores_BSHT.softmax(dim=-1, dtype=torch.float32).to(kv_BTC.dtype)
         out_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
-        return torch.einsum("bshc,hvc->bshv", out_lat_BSHC, w_uv_HVC)
+        return torch.einsum("bshc,hoc->bsho", out_lat_BSHC, w_uv_HOC)
 
 
 def init_linear(module: nn.Module, std: float = 0.02) -> None:

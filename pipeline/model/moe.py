@@ -1,8 +1,8 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts, auxiliary-loss-free load balancing.
 
 Leaves first: the SwiGLU MLP, the router (`Gate`), the routed experts with two dispatch implementations, the MoE
-layer, then the bias update that runs after each optimizer step (outside `forward`). Shape suffixes: T tokens,
-D model dim, F expert width, E routed experts, K experts per token, P = T·K token-expert pairs, B batch, S sequence.
+layer, then the bias update that runs after each optimizer step (outside `forward`). Shape suffixes: the legend in
+`pipeline/model/__init__.py` (here chiefly N tokens, E experts, K choices per token, A = N·K assignments).
 """
 
 from __future__ import annotations
@@ -50,33 +50,33 @@ class Gate(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
         self.register_buffer("counts", torch.zeros(cfg.n_routed_experts), persistent=False)
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (weights_TK, ids_TK, scores_TE): normalised scaled weights, chosen experts, all affinities."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
-        choice_TE = scores_TE.detach() + self.bias
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (weights_NK, ids_NK, scores_NE): normalised scaled weights, chosen experts, all affinities."""
+        scores_NE = F.linear(x_ND.float(), self.weight.float()).sigmoid()
+        choice_NE = scores_NE.detach() + self.bias
         if self.n_groups > 1:  # group-limited routing: only experts in the best `topk_group` groups compete
-            T, E = choice_TE.shape
-            choice_TGe = choice_TE.view(T, self.n_groups, E // self.n_groups)
-            group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
-            top_groups_TG = group_scores_TG.topk(self.topk_groups, dim=-1).indices
-            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
-            choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
-        ids_TK = choice_TE.topk(self.topk, dim=-1).indices
-        weights_TK = scores_TE.gather(1, ids_TK)
+            N, E = choice_NE.shape
+            choice_NMe = choice_NE.view(N, self.n_groups, E // self.n_groups)
+            group_scores_NM = choice_NMe.topk(2, dim=-1).values.sum(dim=-1)
+            top_groups_Nm = group_scores_NM.topk(self.topk_groups, dim=-1).indices
+            keep_NM = torch.zeros_like(group_scores_NM, dtype=torch.bool).scatter_(1, top_groups_Nm, True)
+            choice_NE = choice_NMe.masked_fill(~keep_NM[..., None], float("-inf")).view(N, E)
+        ids_NK = choice_NE.topk(self.topk, dim=-1).indices
+        weights_NK = scores_NE.gather(1, ids_NK)
         if self.unit_weights:  # 1 in value, the affinity's gradient in backward
-            return 1.0 + weights_TK - weights_TK.detach(), ids_TK, scores_TE
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
-        return weights_TK, ids_TK, scores_TE
+            return 1.0 + weights_NK - weights_NK.detach(), ids_NK, scores_NE
+        weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + 1e-20) * self.route_scale
+        return weights_NK, ids_NK, scores_NE
 
 
 # ---------------------------------------------------------------------------------------------------- experts
 
 
 def _segment_mm(
-    a_PX: torch.Tensor,
+    a_AX: torch.Tensor,
     w_EYX: torch.Tensor,
     counts: list[int],
-    out_PY: torch.Tensor,
+    out_AY: torch.Tensor,
     transpose: bool = True,
     accumulate: bool = False,
 ) -> torch.Tensor:
@@ -84,18 +84,18 @@ def _segment_mm(
     start = 0
     for e, n in enumerate(counts):
         if n:
-            a, w, o = a_PX[start : start + n], (w_EYX[e].t() if transpose else w_EYX[e]), out_PY[start : start + n]
+            a, w, o = a_AX[start : start + n], (w_EYX[e].t() if transpose else w_EYX[e]), out_AY[start : start + n]
             torch.addmm(o, a, w, out=o) if accumulate else torch.mm(a, w, out=o)
         start += n
-    return out_PY
+    return out_AY
 
 
-def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], out_EYX: torch.Tensor) -> torch.Tensor:
+def _segment_wgrad(g_AY: torch.Tensor, a_AX: torch.Tensor, counts: list[int], out_EYX: torch.Tensor) -> torch.Tensor:
     """out[e] = g[seg_e]^T @ a[seg_e]: each expert's weight gradient (zero for an expert with no tokens)."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(g_PY[start : start + n].t(), a_PX[start : start + n], out=out_EYX[e])
+            torch.mm(g_AY[start : start + n].t(), a_AX[start : start + n], out=out_EYX[e])
         else:
             out_EYX[e].zero_()
         start += n
@@ -105,47 +105,47 @@ def _segment_wgrad(g_PY: torch.Tensor, a_PX: torch.Tensor, counts: list[int], ou
 class _RoutedExperts(torch.autograd.Function):
     """Gather -> per-expert SwiGLU -> weighted scatter-add, as one autograd node with a hand-written backward.
 
-    Rows are token-expert pairs sorted by expert (`tok_P` says which token each row came from). Why by hand:
+    Rows are token-expert assignments sorted by expert (`tok_A` says which token each row came from). Why by hand:
     one node for all experts instead of a dozen per expert; elementwise work runs once over all rows on
     contiguous buffers (gate and up halves get GEMMs of their own for that); only the GEMMs are per segment, into
     preallocated buffers; the routing weight scales the activation (F wide) rather than the output (D wide).
     """
 
     @staticmethod
-    def forward(ctx, x_TD, w_P, tok_P, w13_E2FD, w2_EDF, counts: list[int]):
-        P, F_ = tok_P.shape[0], w2_EDF.shape[2]
+    def forward(ctx, x_ND, w_A, tok_A, w13_E2FD, w2_EDF, counts: list[int]):
+        A, F_ = tok_A.shape[0], w2_EDF.shape[2]
         w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
-        x_PD = x_TD.index_select(0, tok_P)
-        gate_PF = _segment_mm(x_PD, w1_EFD, counts, x_PD.new_empty(P, F_))
-        up_PF = _segment_mm(x_PD, w3_EFD, counts, x_PD.new_empty(P, F_))
-        silu_PF = F.silu(gate_PF)
-        act_w_PF = silu_PF * up_PF * w_P[:, None]
-        y_PD = _segment_mm(act_w_PF, w2_EDF, counts, _scratch.get("y", (P, x_TD.shape[1]), x_PD))
-        ctx.save_for_backward(x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF)
-        ctx.counts, ctx.T = counts, x_TD.shape[0]
-        return torch.zeros_like(x_TD).index_add_(0, tok_P, y_PD)
+        x_AD = x_ND.index_select(0, tok_A)
+        gate_AF = _segment_mm(x_AD, w1_EFD, counts, x_AD.new_empty(A, F_))
+        up_AF = _segment_mm(x_AD, w3_EFD, counts, x_AD.new_empty(A, F_))
+        silu_AF = F.silu(gate_AF)
+        act_w_AF = silu_AF * up_AF * w_A[:, None]
+        y_AD = _segment_mm(act_w_AF, w2_EDF, counts, _scratch.get("y", (A, x_ND.shape[1]), x_AD))
+        ctx.save_for_backward(x_AD, gate_AF, up_AF, silu_AF, act_w_AF, w_A, tok_A, w13_E2FD, w2_EDF)
+        ctx.counts, ctx.N = counts, x_ND.shape[0]
+        return torch.zeros_like(x_ND).index_add_(0, tok_A, y_AD)
 
     @staticmethod
-    def backward(ctx, g_out_TD):
-        x_PD, gate_PF, up_PF, silu_PF, act_w_PF, w_P, tok_P, w13_E2FD, w2_EDF = ctx.saved_tensors
-        counts, F_ = ctx.counts, silu_PF.shape[1]
-        P = tok_P.shape[0]
-        g_y_PD = torch.index_select(g_out_TD, 0, tok_P, out=_scratch.get("g_y", (P, g_out_TD.shape[1]), x_PD))
-        g_act_w_PF = _segment_mm(g_y_PD, w2_EDF, counts, _scratch.get("g_act", (P, F_), x_PD), transpose=False)
-        g_w2_EDF = _segment_wgrad(g_y_PD, act_w_PF, counts, torch.empty_like(w2_EDF))
-        g_w_P = torch.linalg.vecdot(g_act_w_PF, silu_PF * up_PF)  # recomputed: cheaper than keeping it
-        g_act_PF = g_act_w_PF.mul_(w_P[:, None])
-        g_gate_PF = torch.mul(g_act_PF, up_PF, out=_scratch.get("g_gate", (P, F_), x_PD))
-        torch.ops.aten.silu_backward(g_gate_PF, gate_PF, grad_input=g_gate_PF)
-        g_up_PF = g_act_PF.mul_(silu_PF)
+    def backward(ctx, g_out_ND):
+        x_AD, gate_AF, up_AF, silu_AF, act_w_AF, w_A, tok_A, w13_E2FD, w2_EDF = ctx.saved_tensors
+        counts, F_ = ctx.counts, silu_AF.shape[1]
+        A = tok_A.shape[0]
+        g_y_AD = torch.index_select(g_out_ND, 0, tok_A, out=_scratch.get("g_y", (A, g_out_ND.shape[1]), x_AD))
+        g_act_w_AF = _segment_mm(g_y_AD, w2_EDF, counts, _scratch.get("g_act", (A, F_), x_AD), transpose=False)
+        g_w2_EDF = _segment_wgrad(g_y_AD, act_w_AF, counts, torch.empty_like(w2_EDF))
+        g_w_A = torch.linalg.vecdot(g_act_w_AF, silu_AF * up_AF)  # recomputed: cheaper than keeping it
+        g_act_AF = g_act_w_AF.mul_(w_A[:, None])
+        g_gate_AF = torch.mul(g_act_AF, up_AF, out=_scratch.get("g_gate", (A, F_), x_AD))
+        torch.ops.aten.silu_backward(g_gate_AF, gate_AF, grad_input=g_gate_AF)
+        g_up_AF = g_act_AF.mul_(silu_AF)
         w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
-        g_x_PD = _segment_mm(g_gate_PF, w1_EFD, counts, _scratch.get("g_x", tuple(x_PD.shape), x_PD), transpose=False)
-        _segment_mm(g_up_PF, w3_EFD, counts, g_x_PD, transpose=False, accumulate=True)
+        g_x_AD = _segment_mm(g_gate_AF, w1_EFD, counts, _scratch.get("g_x", tuple(x_AD.shape), x_AD), transpose=False)
+        _segment_mm(g_up_AF, w3_EFD, counts, g_x_AD, transpose=False, accumulate=True)
         g_w13_E2FD = torch.empty_like(w13_E2FD)
-        _segment_wgrad(g_gate_PF, x_PD, counts, g_w13_E2FD[:, :F_])
-        _segment_wgrad(g_up_PF, x_PD, counts, g_w13_E2FD[:, F_:])
-        g_x_TD = g_out_TD.new_zeros(ctx.T, x_PD.shape[1]).index_add_(0, tok_P, g_x_PD)
-        return g_x_TD, g_w_P, None, g_w13_E2FD, g_w2_EDF, None
+        _segment_wgrad(g_gate_AF, x_AD, counts, g_w13_E2FD[:, :F_])
+        _segment_wgrad(g_up_AF, x_AD, counts, g_w13_E2FD[:, F_:])
+        g_x_ND = g_out_ND.new_zeros(ctx.N, x_AD.shape[1]).index_add_(0, tok_A, g_x_AD)
+        return g_x_ND, g_w_A, None, g_w13_E2FD, g_w2_EDF, None
 
 
 class Experts(nn.Module):
@@ -157,31 +157,31 @@ class Experts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
-    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":
-            return self.forward_loop(x_TD, weights_TK, ids_TK)
-        return self.forward_batched(x_TD, weights_TK, ids_TK)
+            return self.forward_loop(x_ND, weights_NK, ids_NK)
+        return self.forward_batched(x_ND, weights_NK, ids_NK)
 
-    def forward_loop(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
+    def forward_loop(self, x_ND, weights_NK, ids_NK) -> torch.Tensor:
         """Reference: for each expert, mask its tokens, run it, add the weighted result. The test oracle."""
-        out_TD = torch.zeros_like(x_TD)
+        out_ND = torch.zeros_like(x_ND)
         for e in range(self.w13.shape[0]):
-            tok_idx, k_idx = torch.where(ids_TK == e)
+            tok_idx, k_idx = torch.where(ids_NK == e)
             if tok_idx.numel() == 0:
                 continue
-            gate, up = F.linear(x_TD[tok_idx], self.w13[e]).chunk(2, dim=-1)
+            gate, up = F.linear(x_ND[tok_idx], self.w13[e]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[e])
-            out_TD = out_TD.index_add(0, tok_idx, y * weights_TK[tok_idx, k_idx, None].to(y.dtype))
-        return out_TD
+            out_ND = out_ND.index_add(0, tok_idx, y * weights_NK[tok_idx, k_idx, None].to(y.dtype))
+        return out_ND
 
-    def forward_batched(self, x_TD, weights_TK, ids_TK) -> torch.Tensor:
-        """Dropless: sort token-expert pairs by expert, one GEMM pair per expert segment, weighted scatter-add."""
-        K = ids_TK.shape[1]
-        ids_P = ids_TK.flatten()  # pair p = t*K + k
-        order_P = ids_P.argsort(stable=True)
-        counts = torch.bincount(ids_P, minlength=self.w13.shape[0]).tolist()  # the one host sync
-        w_P = weights_TK.flatten().index_select(0, order_P).to(x_TD.dtype)
-        return _RoutedExperts.apply(x_TD, w_P, order_P // K, self.w13, self.w2, counts)
+    def forward_batched(self, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        """Dropless: sort token-expert assignments by expert, one GEMM pair per expert segment, weighted scatter-add."""
+        K = ids_NK.shape[1]
+        ids_A = ids_NK.flatten()  # assignment a = n*K + k
+        order_A = ids_A.argsort(stable=True)
+        counts = torch.bincount(ids_A, minlength=self.w13.shape[0]).tolist()  # the one host sync
+        w_A = weights_NK.flatten().index_select(0, order_A).to(x_ND.dtype)
+        return _RoutedExperts.apply(x_ND, w_A, order_A // K, self.w13, self.w2, counts)
 
 
 class MoE(nn.Module):
@@ -197,16 +197,16 @@ class MoE(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        weights_TK, ids_TK, scores_TE = self.gate(x_TD)
-        out_TD = self.experts(x_TD, weights_TK, ids_TK)
+        x_ND = x_BSD.reshape(B * S, D)
+        weights_NK, ids_NK, scores_NE = self.gate(x_ND)
+        out_ND = self.experts(x_ND, weights_NK, ids_NK)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            out_ND = out_ND + self.shared(x_ND)
         if self.training:
             with torch.no_grad():
-                self.gate.counts += torch.bincount(ids_TK.flatten(), minlength=self.n_experts).to(self.gate.counts)
-            self.balance_loss = self._sequence_balance_loss(scores_TE.view(B, S, -1), ids_TK.view(B, S, -1))
-        return out_TD.view(B, S, D)
+                self.gate.counts += torch.bincount(ids_NK.flatten(), minlength=self.n_experts).to(self.gate.counts)
+            self.balance_loss = self._sequence_balance_loss(scores_NE.view(B, S, -1), ids_NK.view(B, S, -1))
+        return out_ND.view(B, S, D)
 
     def _sequence_balance_loss(self, scores_BSE: torch.Tensor, ids_BSK: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3's complementary sequence-wise balance loss: alpha * sum_i f_i * P_i per sequence.

@@ -1,7 +1,7 @@
 """The student: a DeepSeek-V3-style decoder (MLA attention; dense SwiGLU in the first blocks, DeepSeekMoE after).
 
 Single-device and Ray-free; training, distribution and serving wrap a built model from elsewhere. Shape suffixes:
-B batch, S sequence, D model dim, V vocabulary.
+the legend in `pipeline/model/__init__.py`.
 """
 
 from __future__ import annotations
