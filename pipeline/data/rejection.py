@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.data.extract import Extractor, extract
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import canonical_completion
 from pipeline.data.sources import Prompt
 from pipeline.data.verify import is_numeric, score
-from pipeline.teacher.base import Generation
 
 # in the order they are checked; the first that applies is the sample's reason
 REJECT_REASONS = ("bad_prompt", "teacher_error", "truncated", "no_answer", "wrong_answer", "duplicate", "over_quota")

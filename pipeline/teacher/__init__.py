@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.config import TeacherConfig
-from pipeline.teacher.base import Generation
+from pipeline.data.generation import Generation
 
 
 class Teacher(Protocol):

@@ -1,4 +1,5 @@
-"""What every teacher backend returns, and the context check they share."""
+"""What the teacher backends share: the context check on prompts, and the soft targets of scoring. Their
+completions are `pipeline.data.generation.Generation`s."""
 
 from __future__ import annotations
 
@@ -6,15 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-sequence), "length" (max_new_tokens), "error" or "bad_prompt"
-    seconds: float  # wall time of the whole batch (or request) this generation came from
-    error: str | None = None  # why (finish_reason "error" or "bad_prompt"); the sample is kept, flagged
+from pipeline.data.generation import Generation
 
 
 def split_over_context(

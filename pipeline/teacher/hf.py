@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import chat_token_ids
-from pipeline.teacher.base import Generation, SoftTargets, split_over_context
+from pipeline.teacher.base import SoftTargets, split_over_context
 
 log = logging.getLogger(__name__)
 

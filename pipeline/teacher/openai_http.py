@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from pipeline.teacher.base import Generation
+from pipeline.data.generation import Generation
 
 
 def _retried(status: int) -> bool:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import chat_token_ids
-from pipeline.teacher.base import Generation, split_over_context
+from pipeline.teacher.base import split_over_context
 from pipeline.teacher.hf import resolve_model_dir
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pipeline.config import DataConfig
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import few_shot_questions, student_messages, teacher_messages
 from pipeline.data.rejection import judge, select
 from pipeline.data.sources import Prompt, reasoning_gym_prompts
-from pipeline.teacher.base import Generation
 
 ADD = Prompt("p1", "user", "What is 2 + 3?", "5", "train")
 ALL = ("tag", "phrase", "last")
