@@ -87,7 +87,8 @@ class Distill(Stage):
         teacher = cfg.teacher
         if teacher.backend == "vllm":  # vLLM generates; scoring needs full logits: the same weights through hf
             teacher = teacher.model_copy(update={"backend": "hf"})
-        masses, tokens, t0 = [], 0, None
+        masses: list[np.ndarray] = []
+        tokens, t0 = 0, time.perf_counter()  # t0 restarts once the pool is up: throughput excludes its startup
         todo = shards.missing(sorted(parts))
         requests = [
             (
@@ -123,7 +124,7 @@ class Distill(Stage):
                     ctx.record("moeforge_distill_tokens_per_second", tokens / (time.perf_counter() - t0))
                     bar.update(len(parts[i]))
             bar.close()
-        metrics = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}
+        metrics: dict[str, float] = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}
         if masses:
             mass = np.concatenate(masses)
             metrics.update(

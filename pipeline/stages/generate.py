@@ -14,18 +14,18 @@ import json
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from pipeline.config import config_hash
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import teacher_messages
 from pipeline.data.rejection import REJECT_REASONS, judge, select
 from pipeline.data.sources import Prompt, load_prompts
 from pipeline.stage import Stage, StageContext
 from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLE_SCHEMA, SAMPLES, prompts_table
 from pipeline.stages.shards import Shards
-from pipeline.teacher.base import Generation
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Generate(Stage):
 
         total = sum(len(p.prompts) for p in todo) * cfg.generate.samples_per_prompt
         bar = ctx.progress(total=total, desc="generate")
-        retries = Counter()
+        retries: Counter[int] = Counter()
         stats = _Stats()
         if requests:
             t_pool = time.perf_counter()
@@ -177,14 +177,14 @@ class Generate(Stage):
 
     def log_dataset(self, ctx: StageContext, samples: pa.Table) -> None:
         """The samples as an MLflow dataset of this run (context `output`) and a preview table to eyeball."""
-        import mlflow.data
+        from mlflow.data.pandas_dataset import from_pandas
         from mlflow.entities import DatasetInput, InputTag
 
         df = samples.drop_columns(["messages"]).to_pandas()
         uri = ctx.client.get_run(ctx.run_id).info.artifact_uri.rstrip("/") + "/outputs/samples"
         with warnings.catch_warnings():  # MLflow's hints about inferring a model signature do not apply here
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(df, source=dataset_source(uri, ctx.call.tracking_uri), name="samples")
+            dataset = from_pandas(df, source=dataset_source(uri, ctx.call.tracking_uri), name="samples")
         ctx.client.log_inputs(
             ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "output")])]
         )
@@ -254,21 +254,31 @@ class _Stats:
         return out
 
 
+@dataclass
+class _TaskTally:
+    """One task's prompts and samples in a partition, accepted or not."""
+
+    prompts: set[str] = field(default_factory=set)
+    accepted_prompts: set[str] = field(default_factory=set)
+    samples: int = 0
+    accepted: int = 0
+
+
 def record_partition(ctx: StageContext, table: pa.Table, tokens: int, stats: _Stats) -> None:
     """Live metrics of one graded partition: prompts and samples per task, accepted or not; throughput."""
-    by_task: dict[str, dict[str, set | int]] = {}
+    by_task: dict[str, _TaskTally] = {}
     for row in table.select(["task", "prompt_id", "accepted"]).to_pylist():
-        t = by_task.setdefault(row["task"], {"prompts": set(), "accepted_prompts": set(), "samples": 0, "accepted": 0})
-        t["prompts"].add(row["prompt_id"])
-        t["samples"] += 1
+        t = by_task.setdefault(row["task"], _TaskTally())
+        t.prompts.add(row["prompt_id"])
+        t.samples += 1
         if row["accepted"]:
-            t["accepted_prompts"].add(row["prompt_id"])
-            t["accepted"] += 1
+            t.accepted_prompts.add(row["prompt_id"])
+            t.accepted += 1
     for task, t in by_task.items():
-        ctx.record("moeforge_prompts_generated", len(t["prompts"]), task=task)
-        ctx.record("moeforge_prompts_accepted", len(t["accepted_prompts"]), task=task)
-        ctx.record("moeforge_samples_generated", t["samples"], task=task)
-        ctx.record("moeforge_samples_accepted", t["accepted"], task=task)
+        ctx.record("moeforge_prompts_generated", len(t.prompts), task=task)
+        ctx.record("moeforge_prompts_accepted", len(t.accepted_prompts), task=task)
+        ctx.record("moeforge_samples_generated", t.samples, task=task)
+        ctx.record("moeforge_samples_accepted", t.accepted, task=task)
     ctx.record("moeforge_generate_tokens", tokens)
     ctx.record("moeforge_generate_tokens_per_second", stats.tokens / stats.elapsed)
 
