@@ -138,7 +138,7 @@ class ConvertConfig(Section):
     held_out_samples: int = Field(16, ge=1)  # further samples on which KL and perplexity are reported
     ffn_sample_tokens: int = Field(1024, ge=16)  # tokens per layer kept for expert clustering and the router fit
     keep_layers: list[int] | None = None  # teacher layers the student keeps; None: the most important by BI
-    # recovery (pipeline/train/recovery.py): KL-distil the teacher back into the converted student on its
+    # recovery (pipeline/model/convert/recovery.py): KL-distil the teacher back into the converted student on its
     # non-held-out text before task distillation; 0 steps: none (the stage's output is the conversion itself)
     recovery_steps: int = Field(0, ge=0)
     recovery_lr: float = Field(1e-4, gt=0)
