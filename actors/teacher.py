@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import TeacherConfig
+from pipeline.data.generation import Generation
 from pipeline.teacher import load_teacher
-from pipeline.teacher.base import Generation, SoftTargets
+from pipeline.teacher.base import SoftTargets
 
 
 @dataclass
@@ -113,16 +114,15 @@ def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2
 
     The model is resolved once on the calling node first (a GGUF is dequantized once there, not once per actor).
     """
-    from actors.pool import ActorPool
+    from actors.pool import ActorPool, torch_threads
     from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
 
     cache_dir = default_cache_dir()
     if cfg.backend == "hf":
         resolve_model_dir(cfg.model, cache_dir)
-    threads = max(1, int(cfg.num_cpus_per_actor)) if cfg.num_gpus_per_actor == 0 else None
     return ActorPool(
         TeacherWorker,
-        (cfg, str(cache_dir), threads),
+        (cfg, str(cache_dir), torch_threads(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor)),
         size=cfg.num_actors,
         name=name,
         num_cpus=cfg.num_cpus_per_actor,

@@ -28,6 +28,7 @@ from _common import REPO, result
 from student_quality import stage_metrics as run_metrics
 
 from pipeline.config import load_config
+from pipeline.stages.artifact_specs import Economics, EvaluationSummary, Fidelity, PassAt1, Recovery
 from pipeline.tracking import Tracker, resolve_tracking_uri
 
 POINTS = {
@@ -74,10 +75,10 @@ def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[
     import pyarrow.parquet as pq
 
     from pipeline.artifacts import fetch
+    from pipeline.data.generation import Generation
     from pipeline.stages.artifact_specs import prompt_from_row
     from pipeline.stages.evaluate import grade_row
     from pipeline.student.load import Student
-    from pipeline.teacher.base import Generation
 
     student = Student(fetch(refs["initial_student"], tracking_uri, workdir))
     prompts_dir = fetch(refs["eval_prompts"], tracking_uri, workdir)
@@ -108,13 +109,23 @@ def run_point(moeforge: str, sets: list[str], until: str | None = None) -> tuple
     tracker = Tracker(cfg.tracking)
     run = tracker.pipeline_runs()[0].info.run_id
     # a cache hit's metrics come from the run that produced them
-    _, metrics = run_metrics(tracker, run, *(("convert", "kl_to_teacher") if until == "convert" else ()))
+    if until == "convert":
+        _, metrics = run_metrics(tracker, run, "convert", lambda m: Fidelity.from_metrics(m) is not None)
+    else:
+        _, metrics = run_metrics(tracker, run)
     return (
         output_refs(tracker.stage_runs(run)),
         metrics,
         Path(cfg.tracking.workdir),
         resolve_tracking_uri(cfg.tracking),
     )
+
+
+def fidelity_of(metrics: dict) -> Fidelity:
+    """The converted student's distance to the teacher, from the run's `convert` metrics."""
+    fidelity = Fidelity.from_metrics(metrics["convert"])
+    assert fidelity is not None, "a student converted from the teacher"
+    return fidelity
 
 
 def main() -> None:
@@ -134,28 +145,30 @@ def main() -> None:
         if args.recovery_steps:
             refs, metrics, wd, uri = run_point(moeforge, sets, until="convert")
             row["converted"] = grade_initial_student(refs, uri, wd)
-            row["kl_converted"] = metrics["convert"]["kl_to_teacher"]
+            row["kl_converted"] = fidelity_of(metrics).kl_to_teacher
             sets.append(f"convert.recovery_steps={args.recovery_steps}")
         refs, metrics, wd, uri = run_point(moeforge, sets)
-        conv, ev = metrics["convert"], metrics["evaluate"]
+        kl, costs = fidelity_of(metrics).kl_to_teacher, Economics.from_metrics(metrics["convert"])
+        ev = EvaluationSummary.from_metrics(metrics["evaluate"])
+        assert costs is not None and ev is not None and ev.floor is not None, "a converted, evaluated run"
         start = grade_initial_student(refs, uri, wd)
         if args.recovery_steps:
-            row.update(
-                recovered=start, kl_recovered=conv["kl_to_teacher"], recovery_minutes=conv["recovery_seconds"] / 60
-            )
+            recovery = Recovery.from_metrics(metrics["convert"])
+            assert recovery is not None, "a run with convert.recovery_steps > 0"
+            row.update(recovered=start, kl_recovered=kl, recovery_minutes=recovery.recovery_seconds / 60)
         else:
-            row.update(converted=start, kl_converted=conv["kl_to_teacher"])
+            row.update(converted=start, kl_converted=kl)
         tasks = sorted(k for k in start if k != "overall")
 
-        def per_task(who: str, ev=ev, tasks=tasks) -> dict[str, float]:
-            return {t: ev[f"{who}.pass_at_1.{t}"] for t in tasks} | {"overall": ev[f"{who}.pass_at_1"]}
+        def per_task(result: PassAt1, tasks=tasks) -> dict[str, float]:
+            return {t: result.pass_at_1_by_task[t] for t in tasks} | {"overall": result.pass_at_1}
 
         row.update(
-            active=conv["active_param_ratio"],
-            cache=conv["cache_ratio"],
-            distilled=per_task("student"),
-            teacher=per_task("teacher"),
-            floor=per_task("floor"),
+            active=costs.active_param_ratio,
+            cache=costs.cache_ratio,
+            distilled=per_task(ev.student),
+            teacher=per_task(ev.teacher),
+            floor=per_task(ev.floor),
             minutes=(time.perf_counter() - t0) / 60,
         )
         rows[name] = row

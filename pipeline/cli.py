@@ -167,55 +167,61 @@ def _read_output(result, cfg, artifact: str, filename: str) -> dict:
 
 def _print_outcome(result, cfg) -> None:
     """The evaluation (teacher vs student pass@1 per task) and the registry decision, when the run reached them."""
-    from rich.table import Table
+    from pipeline.artifacts import fetch
+    from pipeline.stages.artifact_specs import read_summary
 
     produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
     if "eval_report" in produced:
-        summary = _read_output(result, cfg, "eval_report", "summary.json")
-        models = [m for m in ("teacher", "teacher_best", "student") if m in summary]
-        heads = {"teacher": "teacher", "teacher_best": "teacher, worked examples", "student": "student"}
-        table = Table("held-out pass@1", *(heads[m] for m in models), "constant-answer floor", title="evaluation")
-        floor = summary.get("floor", {})
-        for task in sorted(summary["teacher"]["pass_at_1_by_task"]):
-            table.add_row(
-                task,
-                *(f"{summary[m]['pass_at_1_by_task'].get(task, 0):.3f}" for m in models),
-                f"{floor.get('pass_at_1_by_task', {}).get(task, float('nan')):.3f} "
-                f"({floor.get('answer_by_task', {}).get(task, '?')!r})",
-            )
-        table.add_row(
-            "[bold]overall[/bold]",
-            *(f"[bold]{summary[m]['pass_at_1']:.3f}[/bold]" for m in models),
-            f"{floor.get('pass_at_1', float('nan')):.3f}",
-        )
-        table.add_row("format failures", *(f"{summary[m]['format_failure_rate']:.3f}" for m in models), "")
-        table.add_row("mean completion tokens", *(f"{summary[m]['mean_completion_tokens']:.1f}" for m in models), "")
-        console.print(table)
-        econ = summary.get("economics", {})
-        if "active_param_ratio" in econ:  # a converted student (a scratch one has no teacher to compare with)
-            console.print(
-                f"student cost vs teacher: active non-embedding parameters per token "
-                f"{econ['student_params_active_nonembedding'] / 1e6:.1f}M vs "
-                f"{econ['teacher_params_nonembedding'] / 1e6:.1f}M ({econ['active_param_ratio']:.0%}); KV "
-                f"cache per token {econ['student_cache_floats_per_token']:.0f} vs "
-                f"{econ['teacher_cache_floats_per_token']:.0f} floats ({econ['cache_ratio']:.0%}); KL to "
-                f"the teacher before training {econ.get('kl_to_teacher', float('nan')):.3f} nats/token"
-            )
-        speeds = sorted(k for k in econ if k.startswith("student_decode_tokens_per_s_batch"))
-        if speeds:
-            console.print(
-                "decode tokens/s (this machine, greedy): "
-                + "; ".join(
-                    f"batch {k.rsplit('batch', 1)[1]}: student {econ[k]:.1f}, teacher "
-                    f"{econ.get(k.replace('student', 'teacher'), float('nan')):.1f}"
-                    for k in speeds
-                )
-            )
+        _print_evaluation(read_summary(fetch(produced["eval_report"], result.tracking_uri, cfg.tracking.workdir)))
     if "registration" in produced:
         reg = _read_output(result, cfg, "registration", "registration.json")
         console.print(
             f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
             f"[/bold]: {reg['reason']} ({reg['model_uri']})"
+        )
+
+
+def _print_evaluation(summary) -> None:
+    """The evaluation table (pass@1 per task and overall of each model and the constant-answer floor), the
+    student's costs beside the teacher's and the decode speeds: what `moeforge run` ends with and `status` shows."""
+    from pipeline.stages.artifact_specs import MODEL_LABELS
+
+    models = summary.models()
+    by_task = summary.floor.pass_at_1_by_task if summary.floor else {}
+    answers = summary.floor.answer_by_task if summary.floor else {}
+    table = Table("held-out pass@1", *(MODEL_LABELS[m] for m in models), "constant-answer floor", title="evaluation")
+    for task in summary.tasks():
+        table.add_row(
+            task,
+            *(f"{r.pass_at_1_by_task.get(task, 0):.3f}" for r in models.values()),
+            f"{by_task.get(task, float('nan')):.3f} ({answers.get(task, '?')!r})",
+        )
+    table.add_row(
+        "[bold]overall[/bold]",
+        *(f"[bold]{r.pass_at_1:.3f}[/bold]" for r in models.values()),
+        f"{summary.floor.pass_at_1 if summary.floor else float('nan'):.3f}",
+    )
+    table.add_row("format failures", *(f"{r.format_failure_rate:.3f}" for r in models.values()), "")
+    table.add_row("mean completion tokens", *(f"{r.mean_completion_tokens:.1f}" for r in models.values()), "")
+    console.print(table)
+    econ = summary.economics
+    if econ.costs is not None:  # a converted student (a scratch one has no teacher to compare with)
+        c, kl = econ.costs, econ.kl_to_teacher
+        console.print(
+            f"student cost vs teacher: active non-embedding parameters per token "
+            f"{c.student_params_active_nonembedding / 1e6:.1f}M vs {c.teacher_params_nonembedding / 1e6:.1f}M "
+            f"({c.active_param_ratio:.0%}); KV cache per token {c.student_cache_floats_per_token:.0f} vs "
+            f"{c.teacher_cache_floats_per_token:.0f} floats ({c.cache_ratio:.0%}); KL to the teacher before "
+            f"training {kl if kl is not None else float('nan'):.3f} nats/token"
+        )
+    if econ.decode_tokens_per_s:
+        console.print(
+            "decode tokens/s (this machine, greedy): "
+            + "; ".join(
+                f"batch {b}: student {s.student:.1f}, teacher "
+                f"{s.teacher if s.teacher is not None else float('nan'):.1f}"
+                for b, s in sorted(econ.decode_tokens_per_s.items())
+            )
         )
 
 
@@ -399,7 +405,8 @@ def status(
     config: ConfigOpt = "tiny",
     set_: SetOpt = None,
 ) -> None:
-    """A table of a pipeline run's stages: state, duration, cache hit, key metrics (the dashboard's run view)."""
+    """A table of a pipeline run's stages: state, duration, cache hit, key metrics (the dashboard's run view); and
+    its evaluation, when it has one."""
     from mlflow.exceptions import MlflowException
 
     from pipeline.dag import Dag
@@ -414,8 +421,9 @@ def status(
             err.print(f"no pipeline runs in experiment {tracker.cfg.experiment!r} at {tracker.shown_uri}")
             raise typer.Exit(1)
         run_id = runs[0].info.run_id
+    data = RunData(tracker, RayView(None), Dag(default_stages()))
     try:
-        view = RunData(tracker, RayView(None), Dag(default_stages())).run(run_id)
+        view = data.run(run_id)
     except MlflowException:
         err.print(f"no run {run_id!r} at {tracker.shown_uri}")
         raise typer.Exit(1) from None
@@ -441,6 +449,8 @@ def status(
         cache = f"hit ← {(st['cached_from'] or '?')[:8]}" if st["cache_hit"] else "miss"
         table.add_row(st["name"], state, _duration(st["seconds"]), cache, metrics or "-", st["run_id"][:8])
     console.print(table)
+    if summary := data.evaluation(run_id):  # the evaluation, as the run printed it
+        _print_evaluation(summary)
 
 
 @app.command()

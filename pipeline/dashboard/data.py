@@ -14,6 +14,7 @@ import httpx
 from mlflow.entities import Run
 
 from pipeline.dag import Dag
+from pipeline.stages.artifact_specs import MODEL_LABELS, EvaluationSummary
 from pipeline.tracking import P, Tracker, run_url
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,8 @@ class RunData:
         if src := sources.get("train"):
             out["loss"] = self._loss(src)
             out["expert_load"] = self._expert_load(src.data.metrics)
-        if src := sources.get("evaluate"):
-            out["evaluation"] = self._evaluation(src.data.metrics)
+        if (src := sources.get("evaluate")) and (summary := evaluation_summary(src)):
+            out["evaluation"] = evaluation_view(summary)
         if src := sources.get("register"):
             out["registration"] = {
                 "version": src.data.metrics.get("version"),
@@ -221,6 +222,14 @@ class RunData:
         if "serve" in planned:
             out["serving"] = self._serving()
         return out
+
+    def evaluation(self, run_id: str) -> EvaluationSummary | None:
+        """The summary of the pipeline run's `evaluate` stage (from the run that did the work, for a cache hit);
+        None before it logged one."""
+        for child in self.tracker.stage_runs(run_id):
+            if child.data.tags.get(P + "stage", child.info.run_name) == "evaluate":
+                return evaluation_summary(self._source(child))
+        return None
 
     def _source(self, child: Run) -> Run:
         """The run that did the work: the stage run itself, or for a cache hit the run it reused."""
@@ -233,7 +242,7 @@ class RunData:
         if child is None:
             state = "pending" if parent.info.status == "RUNNING" else "not run"
             return {"name": name, "state": state}
-        metrics = source.data.metrics
+        metrics = (source or child).data.metrics  # source: the run that did the work (a cache hit's origin)
         stage = next((s for s in self.dag.stages if s.name == name), None)
         keys = stage.key_metrics if stage else sorted(metrics)[:3]  # a stage outside the product's DAG
         out = {
@@ -250,7 +259,7 @@ class RunData:
             out["progress"] = self._progress(name, child)
         return out
 
-    def _progress(self, name: str, child: Run) -> dict[str, float] | None:
+    def _progress(self, name: str, child: Run) -> dict[str, Any] | None:
         m = child.data.metrics
         if name == "train":  # rank 0's step metrics; the goal is the run's train.max_steps param
             total = float(child.data.params.get("train.max_steps", 0) or 0)
@@ -281,23 +290,6 @@ class RunData:
             "share": [[cells.get((layer, e)) for e in experts] for layer in layers],
         }
 
-    @staticmethod
-    def _evaluation(metrics: dict[str, float]) -> dict[str, Any]:
-        teacher = _by_task(metrics, "teacher.pass_at_1.")  # evaluate's metrics: <model>.pass_at_1.<task>
-        student = _by_task(metrics, "student.pass_at_1.")
-        rows = [
-            {"task": t, "teacher": teacher.get(t), "student": student.get(t)}
-            for t in sorted(set(teacher) | set(student))
-        ]
-        rows.append(
-            {
-                "task": "overall",
-                "teacher": metrics.get("teacher.pass_at_1"),
-                "student": metrics.get("student.pass_at_1"),
-            }
-        )
-        return {"rows": rows}
-
     def _serving(self) -> dict[str, Any]:
         families = self.ray.scrape()
         return {
@@ -306,3 +298,37 @@ class RunData:
             "requests": counter_total(families, "ray_moeforge_serve_requests"),
             "scraped": len(self.ray.endpoints()),
         }
+
+
+def evaluation_summary(run: Run) -> EvaluationSummary | None:
+    """An evaluate run's summary, from its metrics and tags."""
+    return EvaluationSummary.from_metrics(run.data.metrics, run.data.tags)
+
+
+def evaluation_view(summary: EvaluationSummary) -> dict[str, Any]:
+    """The evaluation panel, as `moeforge run` prints it: pass@1 per task and overall of each model and of the
+    constant-answer floor (with its answer), format failures and completion lengths, the student's costs beside
+    the teacher's and the decode speeds."""
+    models = summary.models()
+    floor = summary.floor
+
+    def row(task: str | None) -> dict[str, Any]:  # None: overall
+        return {
+            "task": task or "overall",
+            **{name: result.pass_at_1_on(task) for name, result in models.items()},
+            "floor": floor.pass_at_1_on(task) if floor else None,
+            "floor_answer": floor.answer_by_task.get(task) if floor and task else None,
+        }
+
+    econ = summary.economics
+    return {
+        "models": [{"name": name, "label": MODEL_LABELS[name]} for name in models],
+        "rows": [row(task) for task in [*summary.tasks(), None]],
+        "format_failure_rate": {name: result.format_failure_rate for name, result in models.items()},
+        "mean_completion_tokens": {name: result.mean_completion_tokens for name, result in models.items()},
+        "costs": {**econ.costs.model_dump(), "kl_to_teacher": econ.kl_to_teacher} if econ.costs else None,
+        "decode": [
+            {"batch": batch, "student": speed.student, "teacher": speed.teacher}
+            for batch, speed in sorted(econ.decode_tokens_per_s.items())
+        ],
+    }

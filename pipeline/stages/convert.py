@@ -18,9 +18,17 @@ from __future__ import annotations
 import os
 import random
 
-from pipeline.artifacts import write_json
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import INITIAL_STUDENT, SAMPLES
+from pipeline.stages.artifact_specs import (
+    INITIAL_STUDENT,
+    SAMPLES,
+    ConversionReport,
+    Economics,
+    Fidelity,
+    Recovery,
+    ScratchSize,
+    write_conversion,
+)
 
 
 class Convert(Stage):
@@ -28,7 +36,7 @@ class Convert(Stage):
     inputs = ("samples",)
     outputs = (INITIAL_STUDENT,)
     config_sections = ("teacher", "distill", "convert", "model")
-    key_metrics = ("kl_to_teacher", "student_ppl", "active_param_ratio", "cache_ratio")
+    key_metrics = ConversionReport.KEY_METRICS
     description = "the student from the teacher's weights (MLA, MoE, pruned), calibrated on teacher text"
 
     def run(self, ctx: StageContext) -> None:
@@ -52,9 +60,9 @@ class Convert(Stage):
             torch.manual_seed(cfg.convert.seed)
             student = Transformer.for_tokenizer(cfg.model, tokenizer)
             sizes = student.num_params()
-            ctx.log_metrics({"params_total": sizes["total"], "params_active": sizes["active"]})
+            ctx.log_metrics(ScratchSize(params_total=sizes["total"], params_active=sizes["active"]).to_metrics())
             student.save_pretrained(out, tokenizer)
-            write_json(out / "conversion.json", {"init": "scratch"})
+            write_conversion(out, ConversionReport(init="scratch"))
             return
         if cfg.teacher.backend == "openai":
             raise ValueError(
@@ -91,44 +99,38 @@ class Convert(Stage):
                 f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding {student.cfg.vocab_size} rows"
             )
         fid = fidelity(teacher, student, held_out)
-        metrics = {}
+        recovery = None
         if c.recovery_steps:
-            metrics.update(
-                self.recover(ctx, teacher, student, texts[n_held:]),
-                kl_to_teacher_converted=fid.kl,
-                student_ppl_converted=fid.student_ppl,
-            )
+            recovery = self.recover(ctx, teacher, student, texts[n_held:], fid)
             fid = fidelity(teacher, student, held_out)
-        costs = economics(student.cfg, student.num_params(), TeacherShape.of(teacher.config))
-        metrics.update(
-            {
-                "kl_to_teacher": fid.kl,
-                "student_ppl": fid.student_ppl,
-                "teacher_ppl": fid.teacher_ppl,
-                "held_out_tokens": fid.tokens,
-                "calibration_tokens": calib.tokens,
-                **costs,
-            }
+        conversion = ConversionReport(
+            init="teacher",
+            teacher=str(cfg.teacher.model),
+            layers=report.layers,
+            rope_pairs=report.rope_pairs,
+            block_importance=report.importance,
+            calibration_samples=len(calibration),
+            held_out_samples=len(held_out),
+            fidelity=Fidelity(
+                kl_to_teacher=fid.kl,
+                student_ppl=fid.student_ppl,
+                teacher_ppl=fid.teacher_ppl,
+                held_out_tokens=fid.tokens,
+                calibration_tokens=calib.tokens,
+            ),
+            recovery=recovery,
+            economics=Economics.model_validate(
+                economics(student.cfg, student.num_params(), TeacherShape.of(teacher.config))
+            ),
         )
-        ctx.log_metrics(metrics)
+        ctx.log_metrics(conversion.to_metrics())
         ctx.set_tags({"moeforge.convert.layers": ",".join(map(str, report.layers))})
         student.save_pretrained(ctx.output_dir("initial_student"), tokenizer)
-        write_json(
-            ctx.output_dir("initial_student") / "conversion.json",
-            {
-                "init": "teacher",
-                "teacher": str(cfg.teacher.model),
-                "layers": report.layers,
-                "rope_pairs": report.rope_pairs,
-                "block_importance": report.importance,
-                "calibration_samples": len(calibration),
-                "held_out_samples": len(held_out),
-                **metrics,
-            },
-        )
+        write_conversion(ctx.output_dir("initial_student"), conversion)
 
-    def recover(self, ctx: StageContext, teacher, student, texts: list[list[int]]) -> dict[str, float]:
-        """Recovery on every non-held-out teacher text; its per-step KL is the `recovery_kl` series."""
+    def recover(self, ctx: StageContext, teacher, student, texts: list[list[int]], converted) -> Recovery:
+        """Recovery on every non-held-out teacher text; its per-step KL is the `recovery_kl` series. `converted`:
+        the fidelity of the student as converted, before recovery."""
         from pipeline.model.convert import recover
 
         c = ctx.config.convert
@@ -137,11 +139,13 @@ class Convert(Stage):
         )
         for step, kl in enumerate(report.losses, start=1):
             ctx.log_metrics({"recovery_kl": kl}, step=step)
-        return {
-            "recovery_tokens": report.tokens,
-            "recovery_seconds": report.seconds,
-            "recovery_tokens_per_s": report.tokens / max(report.seconds, 1e-9),
-        }
+        return Recovery(
+            recovery_tokens=report.tokens,
+            recovery_seconds=report.seconds,
+            recovery_tokens_per_s=report.tokens / max(report.seconds, 1e-9),
+            kl_to_teacher_converted=converted.kl,
+            student_ppl_converted=converted.student_ppl,
+        )
 
 
 def teacher_texts(rows: list[dict], tokenizer, max_len: int) -> list[list[int]]:

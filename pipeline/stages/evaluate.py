@@ -15,21 +15,34 @@ completion length, format-failure rate per model). The same numbers are metrics 
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.artifacts import write_json
 from pipeline.data.extract import extract
+from pipeline.data.generation import Generation
 from pipeline.data.prompts import student_messages, teacher_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import EVAL_PROMPTS, EVAL_REPORT, REPORT_SCHEMA, prompt_from_row
-from pipeline.teacher.base import Generation
+from pipeline.stages.artifact_specs import (
+    EVAL_PROMPTS,
+    EVAL_REPORT,
+    MODEL_LABELS,
+    REPORT_SCHEMA,
+    DecodeSpeed,
+    EvaluationSummary,
+    Floor,
+    ModelResult,
+    SummaryEconomics,
+    prompt_from_row,
+    read_conversion,
+    write_summary,
+)
 
-MODELS = ("teacher", "teacher_best", "student")  # teacher_best: the teacher with worked examples (its best prompt)
+MODELS = tuple(MODEL_LABELS)  # teacher, teacher_best (the teacher with worked examples: its best prompt), student
 
 
 class Evaluate(Stage):
@@ -37,7 +50,7 @@ class Evaluate(Stage):
     inputs = ("eval_prompts", "student", "initial_student")
     outputs = (EVAL_REPORT,)
     config_sections = ("teacher", "evaluate")
-    key_metrics = ("teacher.pass_at_1", "student.pass_at_1")
+    key_metrics = EvaluationSummary.KEY_METRICS
     description = "teacher vs student pass@1 on the held-out split, same prompt and verifiers"
 
     def run(self, ctx: StageContext) -> None:
@@ -58,15 +71,10 @@ class Evaluate(Stage):
         ]
         table = pa.Table.from_pylist(rows, schema=REPORT_SCHEMA)
         ctx.write_table("eval_report", table)
-        summary = summarize(rows)
-        conversion = ctx.input_path("initial_student") / "conversion.json"
-        if conversion.is_file():
-            record = json.loads(conversion.read_text())
-            summary["economics"] = {k: record[k] for k in ECONOMICS if k in record}
-        if ctx.config.evaluate.decode_tokens:
-            summary.setdefault("economics", {}).update(self.decode_speeds(ctx, prompts[0]))
-        write_json(ctx.output_dir("eval_report") / "summary.json", summary)
-        ctx.log_metrics(flatten(summary))
+        summary = summarize(rows, self.economics(ctx, prompts[0]))
+        write_summary(ctx.output_dir("eval_report"), summary)
+        ctx.log_metrics(summary.to_metrics())
+        ctx.set_tags(summary.to_tags())
         ctx.client.log_table(ctx.run_id, data=table.to_pandas(), artifact_file="eval/answers.json")
 
     def teacher_answers(self, ctx: StageContext, parts: dict, best: bool) -> list[Generation]:
@@ -77,53 +85,59 @@ class Evaluate(Stage):
         teacher = cfg.teacher.model_copy(update={"temperature": 0.0, "max_new_tokens": cfg.evaluate.max_new_tokens})
         ask = (lambda p: teacher_messages(p.task, p.question)) if best else (lambda p: student_messages(p.question))
         requests = [(i, GenerateRequest([ask(p) for p in part], seed=0)) for i, part in parts.items()]
-        out: dict[int, list[Generation]] = {}
-        bar = ctx.progress(
-            total=sum(len(p) for p in parts.values()),
-            desc="evaluate teacher, worked examples" if best else "evaluate teacher",
-        )
         with teacher_pool(
             teacher,
             f"evaluate-{ctx.run_id[:8]}.teacher{'-best' if best else ''}",
             scheduling_strategy=ctx.scheduling_strategy,
         ) as pool:
-            for i, result in pool.map_unordered("generate", requests):
-                out[i] = result.generations
-                bar.update(len(result.generations))
-        bar.close()
-        return [g for i in sorted(out) for g in out[i]]
+            return in_prompt_order(
+                ctx,
+                pool.map_unordered("generate", requests),
+                parts,
+                "evaluate teacher, worked examples" if best else "evaluate teacher",
+                lambda result: result.generations,
+            )
 
     def student_answers(self, ctx: StageContext, parts: dict) -> list[Generation]:
         """Greedy student answers, as `Generation`s so both models are graded by the same code."""
-        from actors.pool import ActorPool
+        from actors.pool import ActorPool, torch_threads
         from actors.student import AnswerRequest, StudentWorker
 
         e = ctx.config.evaluate
-        threads = max(1, int(e.num_cpus_per_actor)) if e.num_gpus_per_actor == 0 else None
         requests = [
             (i, AnswerRequest([p.question for p in part], e.max_new_tokens, e.batch_size)) for i, part in parts.items()
         ]
-        out: dict[int, list[Generation]] = {}
-        bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc="evaluate student")
         with ActorPool(
             StudentWorker,
-            (ctx.call.inputs["student"], ctx.call.tracking_uri, str(ctx.workdir), threads),
+            (
+                ctx.call.inputs["student"],
+                ctx.call.tracking_uri,
+                str(ctx.workdir),
+                torch_threads(e.num_cpus_per_actor, e.num_gpus_per_actor),
+            ),
             size=min(e.num_actors, len(parts)),
             name=f"evaluate-{ctx.run_id[:8]}.student",
             num_cpus=e.num_cpus_per_actor,
             num_gpus=e.num_gpus_per_actor,
             scheduling_strategy=ctx.scheduling_strategy,
         ) as pool:
-            for i, result in pool.map_unordered("answer", requests):
-                out[i] = [
+            return in_prompt_order(
+                ctx,
+                pool.map_unordered("answer", requests),
+                parts,
+                "evaluate student",
+                lambda result: [
                     Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason, result.seconds)
                     for a in result.answers
-                ]
-                bar.update(len(result.answers))
-        bar.close()
-        return [g for i in sorted(out) for g in out[i]]
+                ],
+            )
 
-    def decode_speeds(self, ctx: StageContext, prompt) -> dict[str, float]:
+    def economics(self, ctx: StageContext, prompt) -> SummaryEconomics:
+        """The student's costs beside the teacher's (from `convert`) and, unless skipped, the decode speeds."""
+        speeds = self.decode_speeds(ctx, prompt) if ctx.config.evaluate.decode_tokens else {}
+        return SummaryEconomics.of(read_conversion(ctx.input_path("initial_student")), speeds)
+
+    def decode_speeds(self, ctx: StageContext, prompt) -> dict[int, DecodeSpeed]:
         """Decode tokens/s of both models at each `evaluate.decode_batches` size, in this process (all its cores)."""
         import os
 
@@ -147,9 +161,23 @@ class Evaluate(Stage):
         return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens)
 
 
+def in_prompt_order(
+    ctx: StageContext, results, parts: dict[int, list], desc: str, generations: Callable[[Any], list[Generation]]
+) -> list[Generation]:
+    """The generations of every partition's result (`(partition, result)` pairs as a pool yields them, in any
+    order), in prompt order, with a progress bar over the prompts."""
+    out: dict[int, list[Generation]] = {}
+    bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc=desc)
+    for i, result in results:
+        out[i] = generations(result)
+        bar.update(len(out[i]))
+    bar.close()
+    return [g for i in sorted(out) for g in out[i]]
+
+
 def decode_throughput(
     student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int
-) -> dict[str, float]:
+) -> dict[int, DecodeSpeed]:
     """Greedy decoding tokens/s of the student (our latent-cache `generate`) and the teacher (transformers'
     `generate` with its KV cache) on the same prompt, `new_tokens` per sequence, at each batch size.
 
@@ -162,11 +190,12 @@ def decode_throughput(
 
     from pipeline.model.generate import SamplingParams, generate
 
-    out: dict[str, float] = {}
+    out: dict[int, DecodeSpeed] = {}
     for b in batches:
         t0 = time.perf_counter()
         generate(student, [list(prompt)] * b, SamplingParams(max_new_tokens=new_tokens))
-        out[f"student_decode_tokens_per_s_batch{b}"] = b * new_tokens / (time.perf_counter() - t0)
+        student_speed = b * new_tokens / (time.perf_counter() - t0)
+        teacher_speed = None
         if teacher is not None:
             ids = torch.tensor([list(prompt)] * b)
             t0 = time.perf_counter()
@@ -178,7 +207,8 @@ def decode_throughput(
                     min_new_tokens=new_tokens,
                     do_sample=False,
                 )
-            out[f"teacher_decode_tokens_per_s_batch{b}"] = b * new_tokens / (time.perf_counter() - t0)
+            teacher_speed = b * new_tokens / (time.perf_counter() - t0)
+        out[b] = DecodeSpeed(student=student_speed, teacher=teacher_speed)
     return out
 
 
@@ -201,21 +231,7 @@ def grade_row(model: str, prompt, gen: Generation, extractors) -> dict:
     }
 
 
-ECONOMICS = (
-    "student_params_total",
-    "student_params_active",
-    "student_params_active_nonembedding",
-    "teacher_params_total",
-    "teacher_params_nonembedding",
-    "active_param_ratio",
-    "student_cache_floats_per_token",
-    "teacher_cache_floats_per_token",
-    "cache_ratio",
-    "kl_to_teacher",
-)
-
-
-def constant_answer_floor(rows: list[dict]) -> dict:
+def constant_answer_floor(rows: list[dict]) -> Floor:
     """The pass@1 of always answering each task's most frequent reference answer on this held-out split."""
     refs = defaultdict(list)
     for r in rows:
@@ -226,42 +242,37 @@ def constant_answer_floor(rows: list[dict]) -> dict:
         answer, count = Counter(answers_of_task).most_common(1)[0]
         by_task[task], answers[task] = count / len(answers_of_task), answer
         hits += count
-    return {
-        "pass_at_1": hits / max(sum(len(v) for v in refs.values()), 1),
-        "pass_at_1_by_task": by_task,
-        "answer_by_task": answers,
-    }
+    return Floor(
+        pass_at_1=hits / max(sum(len(v) for v in refs.values()), 1), pass_at_1_by_task=by_task, answer_by_task=answers
+    )
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per model: pass@1 overall and per task, mean completion tokens, format-failure rate, counts; and the
-    constant-answer floor."""
-    summary: dict = {"floor": constant_answer_floor(rows)}
-    for model in MODELS:
-        mine = [r for r in rows if r["model"] == model]
-        by_task = defaultdict(list)
-        for r in mine:
-            by_task[r["task"]].append(r["correct"])
-        n = max(len(mine), 1)
-        summary[model] = {
-            "pass_at_1": sum(r["correct"] for r in mine) / n,
-            "pass_at_1_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
-            "mean_completion_tokens": sum(r["completion_tokens"] for r in mine) / n,
-            "format_failure_rate": sum(not r["format_ok"] for r in mine) / n,
-            "truncated_rate": sum(r["finish_reason"] == "length" for r in mine) / n,
-            "prompts": len(mine),
-        }
-    return summary
+def model_result(rows: list[dict]) -> ModelResult:
+    """pass@1 overall and per task, mean completion tokens, format-failure and truncation rates of one model's rows."""
+    by_task = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(r["correct"])
+    n = max(len(rows), 1)
+    return ModelResult(
+        pass_at_1=sum(r["correct"] for r in rows) / n,
+        pass_at_1_by_task={t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+        mean_completion_tokens=sum(r["completion_tokens"] for r in rows) / n,
+        format_failure_rate=sum(not r["format_ok"] for r in rows) / n,
+        truncated_rate=sum(r["finish_reason"] == "length" for r in rows) / n,
+        prompts=len(rows),
+    )
 
 
-def flatten(summary: dict) -> dict[str, float]:
-    out = {}
-    for model, s in summary.items():
-        for key, value in s.items():
-            if key == "answer_by_task":
-                continue  # strings, not metrics
-            if isinstance(value, dict):
-                out.update({f"{model}.{key.replace('_by_task', '')}.{task}": v for task, v in value.items()})
-            else:
-                out[f"{model}.{key}"] = value
-    return out
+def summarize(rows: list[dict], economics: SummaryEconomics | None = None) -> EvaluationSummary:
+    """Every model's result on its graded rows, the constant-answer floor, and the student's economics."""
+
+    def of(model: str) -> ModelResult:
+        return model_result([r for r in rows if r["model"] == model])
+
+    return EvaluationSummary(
+        teacher=of("teacher"),
+        teacher_best=of("teacher_best"),
+        student=of("student"),
+        floor=constant_answer_floor(rows),
+        economics=economics or SummaryEconomics(),
+    )

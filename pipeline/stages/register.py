@@ -10,11 +10,9 @@ every task, and, with `must_beat_champion`, >= the pass@1 recorded on the curren
 
 from __future__ import annotations
 
-import json
-
 from pipeline.artifacts import write_json
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import REGISTRATION
+from pipeline.stages.artifact_specs import REGISTRATION, read_summary
 
 
 class Register(Stage):
@@ -30,22 +28,21 @@ class Register(Stage):
 
         cfg = ctx.config.registry
         name = cfg.model_name
-        summary = json.loads((ctx.input_path("eval_report") / "summary.json").read_text())
-        student, teacher = summary["student"]["pass_at_1"], summary["teacher"]["pass_at_1"]
+        summary = read_summary(ctx.input_path("eval_report"))
+        student, teacher = summary.student.pass_at_1, summary.teacher.pass_at_1
         train_run = ctx.call.inputs["student"].run_id
         if not train_run:
             raise RuntimeError("the student artifact does not name the train run that logged it")
         version = register_run_model(ctx.client, ctx.call.tracking_uri, name, train_run)
         champion = champion_pass_at_1(ctx.client, name, exclude_version=version.version)
-        floor = summary.get("floor", {}).get("pass_at_1_by_task")
         alias, reason = gate(
             student,
             teacher,
             champion,
             cfg.gate_ratio,
             cfg.must_beat_champion,
-            summary["student"]["pass_at_1_by_task"],
-            floor,
+            summary.student.pass_at_1_by_task,
+            summary.floor.pass_at_1_by_task if summary.floor else None,
         )
         promote(
             ctx.client,

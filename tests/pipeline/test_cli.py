@@ -89,11 +89,16 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     assert res.exit_code == 0 and runs[0].info.run_id in res.output and "FINISHED" in res.output
     for stage in ("generate", "distill", "convert", "train", "evaluate", "register"):
         assert stage in res.output
+    # and the evaluation the run printed, read back from the evaluate run it reused
+    assert "held-out pass@1" in res.output and "teacher, worked examples" in res.output
+    assert "student cost vs teacher" in res.output and "decode tokens/s" in res.output
     # the student was converted from the teacher, and how far it was from it before training is on record
+    from pipeline.stages.artifact_specs import Economics, Fidelity
+
     convert = next(r for r in tracker.stage_runs(runs[-1].info.run_id) if r.info.run_name == "convert")
-    kl = convert.data.metrics["kl_to_teacher"]
-    assert 0 < kl < float("inf") and convert.data.metrics["student_ppl"] >= 1
-    assert convert.data.metrics["cache_ratio"] == pytest.approx(30 * (192 + 3 * 32) / (30 * 2 * 3 * 64))
+    fidelity, costs = Fidelity.from_metrics(convert.data.metrics), Economics.from_metrics(convert.data.metrics)
+    assert fidelity is not None and 0 < fidelity.kl_to_teacher < float("inf") and fidelity.student_ppl >= 1
+    assert costs is not None and costs.cache_ratio == pytest.approx(30 * (192 + 3 * 32) / (30 * 2 * 3 * 64))
     # the quality benchmark reads this run's evaluation and conversion and ends with its RESULT line
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "student_quality.py")],

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from pipeline.config import MoeforgeConfig
 from pipeline.dag import Dag
 from pipeline.dashboard.app import create_app
 from pipeline.dashboard.data import RayView, RunData, histogram_summary
 from pipeline.runner import default_stages
-from pipeline.tracking import Tracker
+from tests.pipeline.dashboard.conftest import SUMMARY, log_evaluation, start_stage
 
 # what a node's metrics agent serves for two processes' serving histograms (trimmed to the labels that matter)
 PROMETHEUS = """\
@@ -38,18 +37,6 @@ def test_histogram_summary_sums_processes_and_reads_quantiles_from_buckets():
     assert name == "/v1/completions" and s["count"] == 4 and s["mean_s"] == pytest.approx(6.1 / 4)
     assert s["p50_s"] == 1.0  # 3 of 4 requests within 1 s
     assert s["p95_s"] is None  # beyond the largest finite bucket: unknown, not infinity
-
-
-def start_stage(tracker, cfg, parent, stage, key):
-    return tracker.start_stage(parent, stage, key, cfg.slice(stage.config_sections), {}, "test")
-
-
-@pytest.fixture
-def tracked(tmp_path):
-    cfg = MoeforgeConfig.model_validate({"tracking": {"workdir": str(tmp_path)}})
-    tracker = Tracker(cfg.tracking)
-    stages = {s.name: s for s in default_stages()}
-    return cfg, tracker, stages
 
 
 def test_a_run_in_progress_shows_states_progress_and_what_is_known_so_far(tracked):
@@ -116,18 +103,7 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     tracker.client.log_batch(train, metrics=losses + shares)
     tracker.finish_stage(train, {})
     evaluate = start_stage(tracker, cfg, first, stages["evaluate"], "k-eval")
-    tracker.client.log_batch(
-        evaluate,
-        metrics=[
-            Metric(k, v, 0, 0)
-            for k, v in {
-                "teacher.pass_at_1": 0.5,
-                "student.pass_at_1": 0.25,
-                "teacher.pass_at_1.chain_sum": 0.5,
-                "student.pass_at_1.chain_sum": 0.25,
-            }.items()
-        ],
-    )
+    log_evaluation(tracker, evaluate)
     tracker.finish_stage(evaluate, {})
     tracker.finish(first)
 
@@ -144,10 +120,48 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     assert view["loss"]["loss"] == [[1, 9.0], [2, 7.5], [3, 6.0]]
     assert view["loss"]["val_loss"] == [[0, 9.5], [3, 8.0]]  # drawn beside the training loss
     assert view["expert_load"] == {"layers": [1, 2], "experts": [0, 1, 2, 3], "share": [[0.25] * 4, [0.25] * 4]}
-    assert view["evaluation"]["rows"] == [
-        {"task": "chain_sum", "teacher": 0.5, "student": 0.25},
-        {"task": "overall", "teacher": 0.5, "student": 0.25},
+    # the evaluation, as `moeforge run` prints it: every model and the floor (with its answer) per task and overall,
+    # the answers' statistics, the student's costs beside the teacher's and the decode speeds
+    evaluation = view["evaluation"]
+    assert evaluation["models"] == [
+        {"name": "teacher", "label": "teacher"},
+        {"name": "teacher_best", "label": "teacher, worked examples"},
+        {"name": "student", "label": "student"},
     ]
+    assert evaluation["rows"] == [
+        {
+            "task": "chain_sum",
+            "teacher": 0.125,
+            "teacher_best": 0.25,
+            "student": 0.25,
+            "floor": 0.25,
+            "floor_answer": "12",
+        },
+        {
+            "task": "letter_counting",
+            "teacher": 0.375,
+            "teacher_best": 0.75,
+            "student": 0.5,
+            "floor": 0.75,
+            "floor_answer": "1",
+        },
+        {"task": "overall", "teacher": 0.25, "teacher_best": 0.5, "student": 0.375, "floor": 0.5, "floor_answer": None},
+    ]
+    assert evaluation["mean_completion_tokens"] == {"teacher": 48.5, "teacher_best": 52.0, "student": 12.3}
+    assert evaluation["format_failure_rate"]["student"] == 0.125
+    costs = evaluation["costs"]
+    assert (
+        costs["student_params_active_nonembedding"] == 42_480_000
+        and costs["teacher_params_nonembedding"] == 106_200_000
+    )
+    assert (costs["active_param_ratio"], costs["cache_ratio"], costs["kl_to_teacher"]) == (0.4, 0.75, 0.4123)
+    assert costs["student_cache_floats_per_token"] == 8640 and costs["teacher_cache_floats_per_token"] == 11520
+    assert evaluation["decode"] == [
+        {"batch": 1, "student": 31.5, "teacher": 40.3},
+        {"batch": 16, "student": 310.0, "teacher": 290.5},
+    ]
+    # `moeforge status` prints the same summary, read back typed from the run that did the work
+    assert RunData(tracker, RayView(None), Dag(default_stages())).evaluation(second) == SUMMARY
     assert client.get("/api/runs/latest").json()["run"]["run_id"] == second
     assert [r["run_id"] for r in client.get("/api/runs").json()["runs"]] == [second, first]
     # bad input: an unknown run, a stage run where a pipeline run is expected

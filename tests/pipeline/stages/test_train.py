@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
+from pipeline.stages.artifact_specs import EvaluationSummary, read_summary
 from pipeline.student.registry import gate
 from tests.actors.test_trainer import registered_checkpoint
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
@@ -115,10 +116,14 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     steps = [m.step for m in client.get_metric_history(train, "loss")]
     assert min(steps) > 5 and max(steps) == 40  # … so its first reported step is past zero, its last the plan
 
-    metrics = client.get_run(result["evaluate"].run_id).data.metrics
-    for model in ("teacher", "student"):
-        assert 0 <= metrics[f"{model}.pass_at_1"] <= 1 and f"{model}.pass_at_1.basic_arithmetic" in metrics
-    assert metrics["teacher.mean_completion_tokens"] > 0
+    # the evaluation as summary.json and as the run's metrics and tags: the same summary, read through its type
+    summary = read_summary(Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://")))
+    evaluated = client.get_run(result["evaluate"].run_id).data
+    assert EvaluationSummary.from_metrics(evaluated.metrics, evaluated.tags) == summary
+    for model in summary.models().values():
+        assert 0 <= model.pass_at_1 <= 1 and "basic_arithmetic" in model.pass_at_1_by_task
+    assert summary.teacher.mean_completion_tokens > 0 and summary.floor is not None
+    assert summary.economics.costs is None and not summary.economics.decode_tokens_per_s  # scratch, not measured
 
     registration = json.loads(
         (Path(result["register"].outputs["registration"].uri.removeprefix("file://")) / "registration.json").read_text()
@@ -137,11 +142,8 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     out = eval(proc.stdout.strip().splitlines()[-1])  # the repr printed by our own child process
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
 
-    student, teacher = metrics["student.pass_at_1"], metrics["teacher.pass_at_1"]
-    summary = json.loads(
-        (Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://")) / "summary.json").read_text()
-    )
-    by_task, floor = summary["student"]["pass_at_1_by_task"], summary["floor"]["pass_at_1_by_task"]
+    student, teacher = summary.student.pass_at_1, summary.teacher.pass_at_1
+    by_task, floor = summary.student.pass_at_1_by_task, summary.floor.pass_at_1_by_task
     assert (alias, registration["reason"]) == gate(student, teacher, None, 1.0, True, by_task, floor)
 
     # only the gate changed: register re-runs on the same registry version (no new one), nothing upstream does
