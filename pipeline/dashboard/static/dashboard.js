@@ -120,18 +120,52 @@ function drawAcceptance(view) {
   body.append(tr);
 }
 
+// the evaluation as `moeforge run` prints it: pass@1 per task and overall of each model and of the constant-answer
+// floor (with its answer), format failures and completion lengths, the student's costs and the decode speeds
+const EVAL_STATS = [["format_failure_rate", "format failures", 3], ["mean_completion_tokens", "mean completion tokens", 1]];
+const pct = (x) => (x === null || x === undefined) ? "–" : `${Math.round(100 * x)}%`;
+const millions = (x) => (x === null || x === undefined) ? "–" : `${(x / 1e6).toFixed(1)}M`;
+
 function drawEvaluation(view) {
-  const body = $("#eval-table tbody");
-  body.replaceChildren();
-  if (!view.evaluation) { body.append(el("tr", {}, "no evaluate stage yet")); return; }
-  for (const row of view.evaluation.rows) {
-    const tr = el("tr", {"data-task": row.task});
-    tr.append(el("td", {}, row.task), el("td", {class: "teacher"}, fmt(row.teacher)),
-              el("td", {class: "student"}, fmt(row.student)));
-    body.append(tr);
-  }
+  const table = $("#eval-table");
+  const [head, body, foot] = ["thead", "tbody", "tfoot"].map((part) => table.querySelector(part));
+  for (const part of [head, body, foot]) part.replaceChildren();
   const reg = view.registration;
   $("#registration").textContent = reg ? `registered version ${reg.version} as ${reg.alias}` : "";
+  const ev = view.evaluation;
+  $("#eval-costs").textContent = ev && ev.costs ? costLine(ev.costs) : "";
+  $("#eval-decode").textContent = ev && ev.decode.length ? decodeLine(ev.decode) : "";
+  if (!ev) { body.append(el("tr", {}, "no evaluation yet")); return; }
+  const cells = (values, digits) => ev.models.map((m) => el("td", {class: m.name}, fmt(values[m.name], digits)));
+  const top = el("tr");
+  top.append(el("th", {}, "held-out pass@1"), ...ev.models.map((m) => el("th", {class: m.name}, m.label)),
+             el("th", {class: "floor"}, "constant-answer floor"));
+  head.append(top);
+  for (const row of ev.rows) {
+    const tr = el("tr", {"data-task": row.task});
+    const floor = el("td", {class: "floor"}, fmt(row.floor));
+    if (row.floor_answer !== null) floor.append(" (always ", el("span", {class: "floor-answer"}, row.floor_answer), ")");
+    tr.append(el("td", {}, row.task), ...cells(row), floor);
+    body.append(tr);
+  }
+  for (const [key, label, digits] of EVAL_STATS) {
+    const tr = el("tr", {"data-stat": key});
+    tr.append(el("td", {}, label), ...cells(ev[key], digits), el("td"));
+    foot.append(tr);
+  }
+}
+
+function costLine(c) {
+  return `student cost vs teacher: active non-embedding parameters per token ` +
+    `${millions(c.student_params_active_nonembedding)} vs ${millions(c.teacher_params_nonembedding)} ` +
+    `(${pct(c.active_param_ratio)}); KV cache per token ${c.student_cache_floats_per_token} vs ` +
+    `${c.teacher_cache_floats_per_token} floats (${pct(c.cache_ratio)}); KL to the teacher before training ` +
+    `${fmt(c.kl_to_teacher)} nats/token`;
+}
+
+function decodeLine(speeds) {
+  return "decode tokens/s (this machine, greedy): " +
+    speeds.map((d) => `batch ${d.batch}: student ${fmt(d.student, 1)}, teacher ${fmt(d.teacher, 1)}`).join("; ");
 }
 
 function drawLoss(view) {
