@@ -24,7 +24,7 @@ def cache_bytes(preset: str) -> tuple[int, int]:
     cfg = model_preset(preset, vocab_size=VOCAB)
     model = Transformer(cfg.model_copy(update={"n_layers": 1, "n_dense_layers": 1, "mtp_depth": 0}))
     cache = model.new_cache(max_batch=1, max_len=1)
-    latent = (cache.kv_LBTC.numel() + cache.pe_LBTR.numel()) * cache.kv_LBTC.element_size()
+    latent = (cache.kv_LBTC.numel() + cache.pe_LBTGR.numel()) * cache.kv_LBTC.element_size()
     head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     k_and_v = [torch.empty(1, cfg.n_heads, 1, head_dim) for _ in range(2)]  # what an MHA layer caches per token
     mha = sum(t.numel() * t.element_size() for t in k_and_v)
@@ -63,10 +63,10 @@ def main() -> None:
             if caches:
                 other = next(iter(caches.values()))[0]
                 cache.kv_LBTC.copy_(other.kv_LBTC)
-                cache.pe_LBTR.copy_(other.pe_LBTR)
+                cache.pe_LBTGR.copy_(other.pe_LBTGR)
             else:
                 cache.kv_LBTC.normal_()
-                cache.pe_LBTR.normal_()
+                cache.pe_LBTGR.normal_()
             caches[impl] = (cache, slots)
 
         def run(impl, caches=caches, ctx_len=ctx_len):  # bound now: called within this iteration

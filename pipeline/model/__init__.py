@@ -36,8 +36,7 @@ letter means the same thing in every module of this package:
 A lowercase letter is a part of its capital's dim: a chunk of rows (`h_nD`), the pairs a head keeps (`pairs_Gp`),
 the experts of one group (`choice_NMe`), the rows that sample (`scaled_bV`). Digits are literal: `1` a dim of
 size one, `2F` two F-wide halves side by side. A tensor with a dim that no letter names (a concatenation such as
-the latent beside the rope keys) carries no suffix; its shape is written where it is made. The one exception is
-the cache's `pe_LBTR`, whose last dim holds every rope-key head's R channels side by side (G·R).
+the latent beside the rope keys) carries no suffix; its shape is written where it is made.
 """
 
 from __future__ import annotations

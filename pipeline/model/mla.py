@@ -81,10 +81,10 @@ class LatentKVCache:
         dtype: torch.dtype = torch.float32,
     ):
         self.max_batch, self.max_len = max_batch, max_len
-        pe_width = cfg.n_rope_heads * cfg.qk_rope_head_dim
+        G, R = cfg.n_rope_heads, cfg.qk_rope_head_dim
         self.kv_LBTC = torch.zeros(n_layers, max_batch, max_len, cfg.kv_lora_rank, device=device, dtype=dtype)
-        # every rope-key head's R channels side by side: (L, B, T, G·R), R itself when G is 1 (DeepSeek)
-        self.pe_LBTR = torch.zeros(n_layers, max_batch, max_len, pe_width, device=device, dtype=dtype)
+        # the rope keys, one per rope-key head (G is 1 in DeepSeek's layout, the teacher's KV heads when converted)
+        self.pe_LBTGR = torch.zeros(n_layers, max_batch, max_len, G, R, device=device, dtype=dtype)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=device)
         self._free = list(range(max_batch))
 
@@ -104,7 +104,8 @@ class LatentKVCache:
 
     @property
     def bytes_per_token_per_layer(self) -> int:
-        return (self.kv_LBTC.shape[-1] + self.pe_LBTR.shape[-1]) * self.kv_LBTC.element_size()
+        G, R = self.pe_LBTGR.shape[-2:]
+        return (self.kv_LBTC.shape[-1] + G * R) * self.kv_LBTC.element_size()
 
 
 class CacheView:
@@ -119,9 +120,9 @@ class CacheView:
         pos_BS = self.start_B[:, None] + torch.arange(S, device=kv_BSC.device)
         rows_BS = self.slots_B[:, None].expand_as(pos_BS)
         self.cache.kv_LBTC[layer][rows_BS, pos_BS] = kv_BSC.to(self.cache.kv_LBTC.dtype)
-        self.cache.pe_LBTR[layer][rows_BS, pos_BS] = pe_BSGR.flatten(2).to(self.cache.pe_LBTR.dtype)
+        self.cache.pe_LBTGR[layer][rows_BS, pos_BS] = pe_BSGR.to(self.cache.pe_LBTGR.dtype)
         T = int((self.start_B + S).max())
-        pe_BTGR = self.cache.pe_LBTR[layer][self.slots_B, :T].unflatten(-1, pe_BSGR.shape[2:])
+        pe_BTGR = self.cache.pe_LBTGR[layer][self.slots_B, :T]
         return self.cache.kv_LBTC[layer][self.slots_B, :T], pe_BTGR
 
     def mask(self, S: int, T: int) -> torch.Tensor:
