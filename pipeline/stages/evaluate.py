@@ -8,9 +8,10 @@ answer. The student's parameter and KV-cache costs beside the teacher's come fro
 like a training sample (`rejection.judge`: finished on its own, an answer found by the configured extractors, the
 task's verifier satisfied), so pass@1 means the same for both.
 
-Output `eval_report`: one row per (model, prompt) and a `summary.json` (pass@1 per task and overall, mean
-completion length, format-failure rate per model). The same numbers are metrics of the run
-(`student.pass_at_1`, `teacher.pass_at_1.<task>`, …) and the rows an MLflow table (`eval/answers.json`).
+Output `eval_report`: one row per (model, prompt) and a `summary.json` (`EvaluationSummary`: pass@1 per task and
+overall, mean completion length, format-failure rate per model, the floor, the economics). The same numbers are
+metrics of the run (`student.pass_at_1`, `teacher.pass_at_1.<task>`, …), the floor's answers a tag, and the rows
+an MLflow table (`eval/answers.json`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ from pipeline.runner import default_stages
 from pipeline.stages.artifact_specs import (
     ConversionReport,
     DecodeSpeed,
+    Economics,
     EvaluationSummary,
+    Fidelity,
     Floor,
     ModelResult,
     SummaryEconomics,
@@ -40,32 +42,30 @@ def model_result(overall: float, chain_sum: float, letter_counting: float, token
     )
 
 
-CONVERSION = ConversionReport.from_json(
-    {
-        "init": "teacher",
-        "teacher": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "layers": [0, 1],
-        "rope_pairs": [[[0, 1]], [[0, 1]]],
-        "block_importance": [0.5, 0.25],
-        "calibration_samples": 4,
-        "held_out_samples": 2,
-        "kl_to_teacher": 0.4123,
-        "student_ppl": 6.0,
-        "teacher_ppl": 4.0,
-        "held_out_tokens": 100,
-        "calibration_tokens": 400,
-        "student_params_total": 301_989_888,
-        "student_params_active": 120_000_000,
-        "student_params_active_nonembedding": 42_480_000,
-        "student_params_embedding": 77_520_000,
-        "teacher_params_total": 134_515_008,
-        "teacher_params_nonembedding": 106_200_000,
-        "teacher_params_embedding": 28_315_008,
-        "active_param_ratio": 0.4,
-        "student_cache_floats_per_token": 8640,
-        "teacher_cache_floats_per_token": 11520,
-        "cache_ratio": 0.75,
-    }
+CONVERSION = ConversionReport(
+    init="teacher",
+    teacher="HuggingFaceTB/SmolLM2-135M-Instruct",
+    layers=[0, 1],
+    rope_pairs=[[[0, 1]], [[0, 1]]],
+    block_importance=[0.5, 0.25],
+    calibration_samples=4,
+    held_out_samples=2,
+    fidelity=Fidelity(
+        kl_to_teacher=0.4123, student_ppl=6.0, teacher_ppl=4.0, held_out_tokens=100, calibration_tokens=400
+    ),
+    economics=Economics(
+        student_params_total=301_989_888,
+        student_params_active=120_000_000,
+        student_params_active_nonembedding=42_480_000,
+        student_params_embedding=77_520_000,
+        teacher_params_total=134_515_008,
+        teacher_params_nonembedding=106_200_000,
+        teacher_params_embedding=28_315_008,
+        active_param_ratio=0.4,
+        student_cache_floats_per_token=8640,
+        teacher_cache_floats_per_token=11520,
+        cache_ratio=0.75,
+    ),
 )
 # what a finished evaluate stage logs: every model on two tasks, the floor with its answers, costs and speeds
 SUMMARY = EvaluationSummary(
