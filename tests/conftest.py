@@ -157,3 +157,19 @@ def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
     version = log_student(root / "student", run.info.run_id, uri, "test-student")
     client.set_registered_model_alias("test-student", "champion", version.version)
     return RegisteredStudent(root / "student", uri, "test-student")
+
+
+def headless_chromium():
+    """A WebDriver on Debian's headless Chromium (tests/install_browser.sh installs it); the caller quits it."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_bin, "Debian's chromium and chromium-driver are missing: run tests/install_browser.sh"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver_bin), options=options)

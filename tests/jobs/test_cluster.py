@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port, wait_http
+from tests.conftest import REPO, free_port, headless_chromium, wait_http
 from tests.jobs.cluster import RAY, TwoNodeCluster, start, stop
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
@@ -457,8 +457,6 @@ def test_submit_and_jobs_without_the_clusters_token_say_in_one_line_what_to_set(
 @pytest.mark.timeout(300)
 def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
     from mlflow import MlflowClient
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -481,16 +479,10 @@ def test_dashboard_in_a_browser_shows_the_finished_run(finished, tmp_path):
         stderr=subprocess.STDOUT,
         cwd=REPO,
     )
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_bin, "Debian's chromium and chromium-driver are missing: run tests/install_browser.sh"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
-        options.add_argument(arg)
     browser = None
     try:
         wait_http(f"http://127.0.0.1:{port}/api/runs", timeout=60, proc=server)
-        browser = webdriver.Chrome(service=Service(driver_bin), options=options)
+        browser = headless_chromium()
         browser.get(f"http://127.0.0.1:{port}/?run={finished.run_id}")
         WebDriverWait(browser, 60).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
         assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded") == finished.run_id, (

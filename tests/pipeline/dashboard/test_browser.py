@@ -4,7 +4,6 @@ MLflow store: the evaluation panel shows what `moeforge run` prints at its end."
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 
 import pytest
@@ -13,7 +12,7 @@ from pipeline.dag import Dag
 from pipeline.dashboard.app import create_app
 from pipeline.dashboard.data import RayView, RunData
 from pipeline.runner import default_stages
-from tests.conftest import free_port, wait_http
+from tests.conftest import free_port, headless_chromium, wait_http
 from tests.pipeline.dashboard.conftest import SUMMARY, log_evaluation, start_stage
 
 
@@ -49,16 +48,7 @@ def dashboard(tracked):
 
 @pytest.fixture
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver_bin, "Debian's chromium and chromium-driver are missing: run tests/install_browser.sh"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_bin), options=options)
+    driver = headless_chromium()
     try:
         yield driver
     finally:
