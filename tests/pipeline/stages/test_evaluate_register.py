@@ -100,7 +100,7 @@ def test_decode_throughput_is_measured_for_both_models_at_each_batch_size():
     from pipeline.model.config import model_preset
     from pipeline.model.transformer import Transformer
     from pipeline.stages.evaluate import decode_throughput
-    from tests.pipeline.model.test_convert import llama
+    from tests.pipeline.model.convert.test_convert import llama
 
     student = Transformer(model_preset("toy", vocab_size=96, n_layers=2)).eval()
     teacher = llama()

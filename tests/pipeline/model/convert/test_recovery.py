@@ -7,7 +7,7 @@ import torch
 
 from pipeline.model.convert import calibrate, convert, fidelity, kl_to_teacher, pad_batch, recover
 from pipeline.model.moe import Gate
-from tests.pipeline.model.test_convert import llama, lossless, sequences
+from tests.pipeline.model.convert.test_convert import llama, lossless, sequences
 
 
 def lossy_student(teacher):
