@@ -109,26 +109,49 @@ class LatentKVCache:
 
 
 class CacheView:
-    """What one forward call needs of the cache: which slots, where each row's new tokens start."""
+    """What one forward call needs of the cache: which slots, where each row's new tokens start.
+
+    Where the call's S new tokens go, how far every row's keys reach (T) and the causal mask are the same in every
+    layer, so they are worked out once, at the first layer's `write`, and reused by the others.
+    """
 
     def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor):
         self.cache, self.slots_B, self.start_B = cache, slots_B, start_B
+        self._S: int | None = None
+
+    def _place(self, S: int) -> None:
+        device = self.start_B.device
+        self._S = S
+        self._pos_BS = self.start_B[:, None] + torch.arange(S, device=device)
+        self._rows_BS = self.slots_B[:, None].expand_as(self._pos_BS)
+        self._T = int((self.start_B + S).max())  # the one host sync of a forward call
+        visible_BST = torch.arange(self._T, device=device)[None, None, :] <= self._pos_BS[:, :, None]
+        self._mask_B1ST = visible_BST[:, None]
+        # additive form for the latent path: 0 where visible, -inf elsewhere; (B, S, 1, T) to broadcast over heads
+        self._bias = torch.zeros(visible_BST.shape, dtype=self.cache.kv_LBTC.dtype, device=device)
+        self._bias = self._bias.masked_fill_(~visible_BST, float("-inf"))[:, :, None]
 
     def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSGR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's latents and rope keys; return every row's cached ones up to the longest row's end."""
         S = kv_BSC.shape[1]
-        pos_BS = self.start_B[:, None] + torch.arange(S, device=kv_BSC.device)
-        rows_BS = self.slots_B[:, None].expand_as(pos_BS)
-        self.cache.kv_LBTC[layer][rows_BS, pos_BS] = kv_BSC.to(self.cache.kv_LBTC.dtype)
-        self.cache.pe_LBTGR[layer][rows_BS, pos_BS] = pe_BSGR.to(self.cache.pe_LBTGR.dtype)
-        T = int((self.start_B + S).max())
-        pe_BTGR = self.cache.pe_LBTGR[layer][self.slots_B, :T]
-        return self.cache.kv_LBTC[layer][self.slots_B, :T], pe_BTGR
+        if self._S != S:
+            self._place(S)
+        kv_LBTC, pe_LBTGR = self.cache.kv_LBTC, self.cache.pe_LBTGR
+        kv_LBTC[layer][self._rows_BS, self._pos_BS] = kv_BSC.to(kv_LBTC.dtype)
+        pe_LBTGR[layer][self._rows_BS, self._pos_BS] = pe_BSGR.to(pe_LBTGR.dtype)
+        return kv_LBTC[layer][self.slots_B, : self._T], pe_LBTGR[layer][self.slots_B, : self._T]
 
     def mask(self, S: int, T: int) -> torch.Tensor:
         """(B, 1, S, T) boolean: query s of row b sees cached key t iff t <= start_b + s."""
-        q_pos_BS = self.start_B[:, None] + torch.arange(S, device=self.start_B.device)
-        return (torch.arange(T, device=self.start_B.device)[None, None, :] <= q_pos_BS[:, :, None])[:, None]
+        if self._S != S:
+            self._place(S)
+        return self._mask_B1ST[..., :T]
+
+    def score_bias(self, S: int) -> torch.Tensor:
+        """(B, S, 1, T) additive mask: 0 where query s of row b sees key t, -inf where it does not."""
+        if self._S != S:
+            self._place(S)
+        return self._bias
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -175,6 +198,7 @@ class MLA(nn.Module):
         self.scale = qk_dim**-0.5
         freqs = rope_frequencies(self.rope, cfg.rope_theta)
         self.register_buffer("inv_freq", freqs.expand(self.n_rope_heads, -1).clone())
+        self._absorbed_weights: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
@@ -193,9 +217,11 @@ class MLA(nn.Module):
         cos_BSGP, sin_BSGP = rope_angles(pos_BS, self.inv_freq)
         q_BSHQ = self._queries(x_BSD)
         q_nope_BSHU, q_pe_BSHR = q_BSHQ.split([self.nope, self.rope], dim=-1)
-        q_pe_BSHR = apply_rope(
-            q_pe_BSHR, cos_BSGP.repeat_interleave(per_group, dim=2), sin_BSGP.repeat_interleave(per_group, dim=2)
+        # query head h turns with rope key h // per_group: view the heads as (G, per_group), broadcast the angles
+        q_pe_BSGhR = apply_rope(
+            q_pe_BSHR.view(B, S, G, per_group, self.rope), cos_BSGP[..., None, :], sin_BSGP[..., None, :]
         )
+        q_pe_BSHR = q_pe_BSGhR.view(B, S, self.n_heads, self.rope)
 
         kv_BSC, k_pe = self.wkv_a(x_BSD).split([self.kv_rank, G * self.rope], dim=-1)  # k_pe: (B, S, G·R)
         kv_BSC = self.kv_norm(kv_BSC)
@@ -206,12 +232,12 @@ class MLA(nn.Module):
             kv_BTC, pe_BTGR = kv_BSC, k_pe_BSGR
         else:
             kv_BTC, pe_BTGR = cache.write(self.layer_id, kv_BSC, k_pe_BSGR)
-            mask = cache.mask(S, kv_BTC.shape[1])
 
         if self.impl == "naive" or cache is None:
+            mask = None if cache is None else cache.mask(S, kv_BTC.shape[1])
             out_BSHO = self._attend_naive(q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
         else:
-            out_BSHO = self._attend_absorb(q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask)
+            out_BSHO = self._attend_absorb(q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, cache.score_bias(S))
         return self.wo(out_BSHO.reshape(B, S, self.n_heads * self.v_dim))
 
     def _attend_naive(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
@@ -232,20 +258,40 @@ class MLA(nn.Module):
         )
         return out_BHSO.transpose(1, 2)
 
-    def _attend_absorb(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, mask) -> torch.Tensor:
-        """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum."""
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`wkv_b` split per head into W_UK as (H, U, C) and W_UV transposed as (H, C, O), contiguous for `bmm`;
+        rebuilt whenever the weight changed (an optimizer step, a load, a dtype cast)."""
+        w = self.wkv_b.weight
+        key = (w.data_ptr(), w._version)
+        if self._absorbed_weights is None or self._absorbed_weights[0] != key:
+            w_HYC = w.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+            w_uk_HUC, w_uv_HOC = w_HYC.split([self.nope, self.v_dim], dim=1)
+            self._absorbed_weights = (key, (w_uk_HUC.contiguous(), w_uv_HOC.transpose(1, 2).contiguous()))
+        return self._absorbed_weights[1]
+
+    def _attend_absorb(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, bias_BS1T) -> torch.Tensor:
+        """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum.
+
+        Batched matrix products on cached weight layouts (an inference path: no autograd through them). Per head
+        h the score of key t is q_nope·W_UK[h]·latent_t + q_pe·pe_t(group of h); the output is W_UV[h] applied to
+        the probability-weighted latents.
+        """
         B, S, H, R = q_pe_BSHR.shape
-        G = self.n_rope_heads
-        w = self.wkv_b.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)  # (H, U + O, C)
-        w_uk_HUC, w_uv_HOC = w.split([self.nope, self.v_dim], dim=1)
-        q_lat_BSHC = torch.einsum("bshu,huc->bshc", q_nope_BSHU, w_uk_HUC)
-        # h: the H / G query heads of rope key g
-        rope_BSHT = torch.einsum("bsghr,btgr->bsght", q_pe_BSHR.view(B, S, G, H // G, R), pe_BTGR).flatten(2, 3)
-        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC) + rope_BSHT) * self.scale
-        scores_BSHT = scores_BSHT.masked_fill(~mask.transpose(1, 2), float("-inf"))
+        G, T = self.n_rope_heads, kv_BTC.shape[1]
+        w_uk_HUC, w_uv_HCO = self._absorbed()
+        q_lat_HNC = torch.bmm(q_nope_BSHU.reshape(B * S, H, self.nope).transpose(0, 1), w_uk_HUC)  # N = B·S
+        q_lat_BSHC = q_lat_HNC.transpose(0, 1).reshape(B, S * H, self.kv_rank)
+        scores_BSHT = torch.bmm(q_lat_BSHC, kv_BTC.transpose(1, 2)).view(B, S, H, T)
+        # rope part: each rope key g against its H / G query heads at all S positions, as the rows of one product
+        # per (row, g): queries (B·G, S·H/G, R) against keys (B·G, R, T)
+        q_pe_rows = q_pe_BSHR.view(B, S, G, H // G, R).permute(0, 2, 1, 3, 4).reshape(B * G, S * (H // G), R)
+        rope_rows = torch.bmm(q_pe_rows, pe_BTGR.permute(0, 2, 3, 1).reshape(B * G, R, T))
+        rope_BSHT = rope_rows.view(B, G, S, H // G, T).permute(0, 2, 1, 3, 4).reshape(B, S, H, T)
+        scores_BSHT = (scores_BSHT + rope_BSHT).mul_(self.scale).add_(bias_BS1T)
         probs_BSHT = scores_BSHT.softmax(dim=-1, dtype=torch.float32).to(kv_BTC.dtype)
-        out_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT, kv_BTC)
-        return torch.einsum("bshc,hoc->bsho", out_lat_BSHC, w_uv_HOC)
+        out_lat_BSHC = torch.bmm(probs_BSHT.view(B, S * H, T), kv_BTC)
+        out_HNO = torch.bmm(out_lat_BSHC.view(B * S, H, self.kv_rank).transpose(0, 1), w_uv_HCO)
+        return out_HNO.transpose(0, 1).view(B, S, H, self.v_dim)
 
 
 def init_linear(module: nn.Module, std: float = 0.02) -> None:

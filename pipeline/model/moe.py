@@ -1,8 +1,10 @@
 """DeepSeekMoE: shared experts plus fine-grained routed experts, auxiliary-loss-free load balancing.
 
-Leaves first: the SwiGLU MLP, the router (`Gate`), the routed experts with two dispatch implementations, the MoE
-layer, then the bias update that runs after each optimizer step (outside `forward`). Shape suffixes: the legend in
-`pipeline/model/__init__.py` (here chiefly N tokens, E experts, K choices per token, A = N·K assignments).
+Leaves first: the SwiGLU MLP, the router (`Gate`), the routed experts with three dispatch implementations (the
+per-expert loop kept as the oracle, the sorted-segment one for training and large batches, the fused one for
+decoding), the MoE layer, then the bias update that runs after each optimizer step (outside `forward`). Shape
+suffixes: the legend in `pipeline/model/__init__.py` (here chiefly N tokens, E experts, K choices per token, A = N·K
+assignments).
 """
 
 from __future__ import annotations
@@ -148,18 +150,33 @@ class _RoutedExperts(torch.autograd.Function):
         return g_x_ND, g_w_A, None, g_w13_E2FD, g_w2_EDF, None
 
 
+# Up to this many tokens an inference call runs every expert as one fused product (`Experts.forward_fused`): a
+# decode step or a short prefill then costs a few large GEMMs instead of two per expert segment and a host sync.
+# Measured on a 2-core CPU (docs/benchmarks.md, "Decoding"): the fused path beats the segment path at every count
+# from 1 to 64 tokens, even at one token, where it reads all E experts' weights rather than the K chosen.
+FUSED_MAX_TOKENS = 64
+
+
 class Experts(nn.Module):
-    """E routed SwiGLU experts as stacked weights: `w13` (E, 2F, D) gate|up, `w2` (E, D, F) down."""
+    """E routed SwiGLU experts as stacked weights: `w13` (E, 2F, D) gate|up, `w2` (E, D, F) down.
+
+    `impl` "loop" always runs the oracle; "batched" runs the fused path for inference calls of at most
+    `FUSED_MAX_TOKENS` tokens and the sorted-segment path otherwise (training always: it has the hand-written
+    backward).
+    """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str):
         super().__init__()
         self.impl = impl
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self._w2_DA: tuple[tuple[int, int], torch.Tensor] | None = None  # w2 laid out for the fused path
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":
             return self.forward_loop(x_ND, weights_NK, ids_NK)
+        if x_ND.shape[0] <= FUSED_MAX_TOKENS and not (torch.is_grad_enabled() and self.w13.requires_grad):
+            return self.forward_fused(x_ND, weights_NK, ids_NK)
         return self.forward_batched(x_ND, weights_NK, ids_NK)
 
     def forward_loop(self, x_ND, weights_NK, ids_NK) -> torch.Tensor:
@@ -182,6 +199,30 @@ class Experts(nn.Module):
         counts = torch.bincount(ids_A, minlength=self.w13.shape[0]).tolist()  # the one host sync
         w_A = weights_NK.flatten().index_select(0, order_A).to(x_ND.dtype)
         return _RoutedExperts.apply(x_ND, w_A, order_A // K, self.w13, self.w2, counts)
+
+    def forward_fused(self, x_ND, weights_NK, ids_NK) -> torch.Tensor:
+        """Every expert on every token in two GEMMs, the unchosen ones weighted 0: no loop, no host sync.
+
+        `w13` viewed as one (E·2F, D) matrix gives every expert's gate and up at once; the routing weights,
+        scattered into an (N, E) matrix, scale each expert's activation; `w2` laid out as one (D, E·F) matrix sums
+        the weighted experts in the second GEMM. For inference only (no autograd through the cached layout).
+        """
+        N, D = x_ND.shape
+        E, F2, F_ = self.w13.shape[0], self.w13.shape[1], self.w2.shape[2]
+        h_NE2F = F.linear(x_ND, self.w13.view(E * F2, D)).view(N, E, F2)
+        gate_NEF, up_NEF = h_NE2F.split(F_, dim=-1)
+        route_NE = torch.zeros(N, E, dtype=x_ND.dtype, device=x_ND.device)
+        route_NE.scatter_(1, ids_NK, weights_NK.to(x_ND.dtype))
+        act_NEF = F.silu(gate_NEF) * up_NEF * route_NE[..., None]
+        return F.linear(act_NEF.view(N, E * F_), self._w2_fused())
+
+    def _w2_fused(self) -> torch.Tensor:
+        """`w2` as (D, E·F), rebuilt whenever the parameter changed (an optimizer step, a load, a dtype cast)."""
+        key = (self.w2.data_ptr(), self.w2._version)
+        if self._w2_DA is None or self._w2_DA[0] != key:
+            E, D, F_ = self.w2.shape
+            self._w2_DA = (key, self.w2.detach().permute(1, 0, 2).reshape(D, E * F_).contiguous())
+        return self._w2_DA[1]
 
 
 class MoE(nn.Module):

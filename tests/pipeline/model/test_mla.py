@@ -92,3 +92,41 @@ def test_latent_cache_is_smaller_than_multi_head_attention():
     assert latent == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     mha = mha_cache_bytes_per_token(cfg.n_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
     assert latent < mha / 2
+
+
+@pytest.mark.parametrize("n_new", [1, 2, 5, 17, 64])
+def test_one_absorbed_attention_layer_equals_the_naive_one_on_a_padded_ragged_batch(n_new):
+    """Per layer, not per model: one MLA call over new tokens after ragged cached prefixes (row lengths 0, 3, 9;
+    the shorter rows padded as a prefill pads them) gives the naive layer's outputs at every position."""
+    from pipeline.model.mla import CacheView
+
+    absorb, naive = _model("absorb"), _model("naive")
+    naive.load_state_dict(absorb.state_dict())
+    layer_a, layer_n = absorb.layers[1].attn, naive.layers[1].attn
+    starts, dim = torch.tensor([0, 3, 9]), absorb.cfg.dim
+    past = torch.randn(3, 9, dim)
+    x = torch.randn(3, n_new, dim)
+    caches = [m.new_cache(3, max_len=80) for m in (absorb, naive)]
+    outs = []
+    with torch.no_grad():
+        for layer, cache in zip((layer_a, layer_n), caches, strict=True):
+            slots = torch.tensor([cache.allocate() for _ in range(3)])
+            layer(past, torch.arange(9)[None].expand(3, -1), CacheView(cache, slots, torch.zeros(3, dtype=torch.long)))
+            pos = starts[:, None] + torch.arange(n_new)
+            outs.append(layer(x, pos, CacheView(cache, slots, starts)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_absorbed_decoding_sees_attention_weights_changed_after_its_first_call():
+    """The absorbed path keeps W_UK and W_UV in their own layout; a later in-place update must reach it."""
+    model, oracle = _model("absorb"), _model("naive")
+    seq = [5, 17, 3, 9]
+    with torch.no_grad():
+        cache = model.new_cache(1, max_len=16)
+        prefill(model, cache, [cache.allocate()], [seq])
+        for block in model.layers:
+            block.attn.wkv_b.weight.mul_(1.5)
+        oracle.load_state_dict(model.state_dict())
+        cache = model.new_cache(1, max_len=16)
+        got = prefill(model, cache, [cache.allocate()], [seq])[0]
+        torch.testing.assert_close(got, oracle(torch.tensor([seq]))[0, -1], rtol=1e-4, atol=2e-5)

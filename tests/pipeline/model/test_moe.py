@@ -142,3 +142,26 @@ def test_sequence_balance_loss_has_gradient_and_is_alpha_at_balance():
     ids = torch.arange(E).repeat(S * K // E).view(1, S, K)
     loss = moe._sequence_balance_loss(torch.full((1, S, E), 0.3), ids)
     torch.testing.assert_close(loss, torch.tensor(0.01))
+
+
+@pytest.mark.parametrize("n_tokens", [1, 2, 3, 7, 16, 33, 64])
+@pytest.mark.parametrize("groups", [dict(), dict(n_routed_experts=16, n_activated_experts=4, n_group=4, topk_group=2)])
+def test_the_fused_inference_path_equals_the_loop_oracle_for_small_token_counts(n_tokens, groups):
+    fused, loop = _moe("batched", **groups).eval(), _moe("loop", **groups).eval()
+    loop.load_state_dict(fused.state_dict())
+    x = torch.randn(1, n_tokens, fused.gate.weight.shape[1])
+    with torch.no_grad():
+        y_fused, y_loop = fused(x), loop(x)
+    assert fused.experts._w2_DA is not None, "an inference call of <= FUSED_MAX_TOKENS tokens took another path"
+    torch.testing.assert_close(y_fused, y_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_path_sees_weights_changed_after_its_first_call():
+    """The fused path keeps w2 in its own layout; an in-place update (an optimizer step, a load) must reach it."""
+    fused, loop = _moe("batched").eval(), _moe("loop").eval()
+    x = torch.randn(1, 4, fused.gate.weight.shape[1])
+    with torch.no_grad():
+        fused(x)
+        fused.experts.w2.mul_(-2.0)
+        loop.load_state_dict(fused.state_dict())
+        torch.testing.assert_close(fused(x), loop(x), rtol=1e-5, atol=1e-5)

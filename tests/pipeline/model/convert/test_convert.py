@@ -263,3 +263,30 @@ def test_a_shared_rope_key_is_the_kv_heads_average_and_loses_what_per_head_keys_
     rope = shared.layers[0].attn.wkv_a.weight[shared.cfg.kv_lora_rank :]
     torch.testing.assert_close(rope[0::2], k[:, : HEAD_DIM // 2].mean(0))  # interleaved (x_i, x_i+P) pairs
     assert fidelity(teacher, per_head, held_out).kl < 1e-6 < fidelity(teacher, shared, held_out).kl
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_real_default_student_decodes_the_same_greedy_tokens_on_the_fast_path_as_on_the_oracles():
+    """The default (compressed) student converted from the real teacher, fp32: 64 greedy steps for a ragged batch
+    of two on the fast path (absorbed attention, fused experts) give the tokens of the oracles (naive attention,
+    the per-expert loop)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.prompts import chat_token_ids, student_messages
+    from pipeline.model.generate import SamplingParams, generate
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
+
+    path = str(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    questions = ["What is 7 + 5?", "How many times does the letter r appear in the text: strawberry?"]
+    prompts = [chat_token_ids(tokenizer, student_messages(q)) for q in questions]
+    cfg = ModelConfig(vocab_size=len(tokenizer))  # the default student: every layer, 16 rope pairs, 12 of 20
+    fast, _ = convert(teacher, cfg, calibrate(teacher, prompts, ffn_sample=256))
+    oracle = type(fast)(fast.cfg.model_copy(update={"attn_impl": "naive", "moe_impl": "loop"}))
+    oracle.load_state_dict(fast.state_dict())
+    params = SamplingParams(max_new_tokens=64)  # greedy, no stop token: all 64 steps
+    got, want = generate(fast, prompts, params), generate(oracle, prompts, params)
+    assert [c.tokens for c in got] == [c.tokens for c in want]
+    assert all(len(c.tokens) == 64 for c in got)
