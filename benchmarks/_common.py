@@ -17,25 +17,31 @@ if str(REPO) not in sys.path:  # runnable as `python benchmarks/x.py` from a che
     sys.path.insert(0, str(REPO))
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    rounds: int = 10,
+    warmup: int = 2,
+    setup: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
     """Median seconds per call of each function, calling them in turn each round (on CUDA, each call is timed to
-    the end of its kernels, not to their launch)."""
+    the end of its kernels, not to their launch). `setup[name]`, where given, runs untimed before each call."""
 
     def sync() -> None:
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    setup = setup or {}
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
+    for r in range(warmup + rounds):
         for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             sync()
             t0 = time.perf_counter()
             fn()
             sync()
-            times[name].append(time.perf_counter() - t0)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -87,9 +87,10 @@ def teacher_loops(teacher, prompt: list[int], batch: int, new_tokens: int):
     return run_prefill, run_decode
 
 
-def decode_bytes_per_token(n_active: int, n_embedding_row: int, element_size: int) -> int:
-    """What one decode step at batch 1 reads: every active weight once, minus the embedding table but one row."""
-    return (n_active - n_embedding_row) * element_size
+def decode_bytes_per_token(n_active: int, n_unread_embedding: int, element_size: int) -> int:
+    """What one decode step at batch 1 reads: every active weight once, except the embedding table's unread rows
+    (the step looks up one)."""
+    return (n_active - n_unread_embedding) * element_size
 
 
 def measure(student, teacher, prompt, batches, new_tokens, rounds) -> dict[int, dict[str, float]]:
@@ -99,8 +100,8 @@ def measure(student, teacher, prompt, batches, new_tokens, rounds) -> dict[int, 
         sp, sd = student_loops(student, prompt, b, new_tokens)
         tp, td = teacher_loops(teacher, prompt, b, new_tokens)
         pre = interleaved({"student": sp, "teacher": tp}, rounds=rounds, warmup=1)
-        # decode timing includes nothing but the steps: prefill runs first in each call, untimed
-        dec = interleaved_decode({"student": (sp, sd), "teacher": (tp, td)}, rounds=rounds)
+        # decode timing includes nothing but the steps: each is set up by an untimed prefill
+        dec = interleaved({"student": sd, "teacher": td}, rounds=rounds, warmup=1, setup={"student": sp, "teacher": tp})
         out[b] = {
             "student_prefill": b * len(prompt) / pre["student"],
             "teacher_prefill": b * len(prompt) / pre["teacher"],
@@ -116,19 +117,6 @@ def measure(student, teacher, prompt, batches, new_tokens, rounds) -> dict[int, 
             flush=True,
         )
     return out
-
-
-def interleaved_decode(loops: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each model's decode steps, models in turn each round, each after an untimed prefill."""
-    times: dict[str, list[float]] = {name: [] for name in loops}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name, (prefill, decode) in loops.items():
-            prefill()
-            t0 = time.perf_counter()
-            decode()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -158,9 +146,11 @@ def main() -> None:
         f"{bandwidth / 1e9:.1f} GB/s (read + write)"
     )
     calibration = calibrate(teacher, calib, ffn_sample=256)
-    teacher_active = sum(p.numel() for p in teacher.parameters())  # tied head: counted once, read twice
+    # a tied head is one tensor with the embedding (counted once by parameters()) but read in full every step
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    teacher_params += teacher.lm_head.weight.numel() * bool(teacher.config.tie_word_embeddings)
     teacher_bytes = decode_bytes_per_token(
-        teacher_active + teacher.lm_head.weight.numel() * bool(teacher.config.tie_word_embeddings),
+        teacher_params,
         teacher.get_input_embeddings().weight.numel() - teacher.config.hidden_size,
         torch.finfo(dtype).bits // 8,
     )
@@ -169,7 +159,7 @@ def main() -> None:
         cfg = model_preset("tiny", vocab_size=len(tokenizer), **POINTS[point])
         student, _ = convert(teacher.to(torch.float32), cfg, calibration)
         student = student.eval().to(dtype)
-        teacher_run = teacher.to(dtype)
+        teacher.to(dtype)
         n = student.num_params()
         student_bytes = decode_bytes_per_token(
             n["active"], student.embed.weight.numel() - student.cfg.dim, torch.finfo(dtype).bits // 8
@@ -178,14 +168,15 @@ def main() -> None:
             f"{point}: {n['active'] / 1e6:.1f}M active parameters; per decoded token the student reads "
             f"{student_bytes / 1e6:.0f} MB, the teacher {teacher_bytes / 1e6:.0f} MB"
         )
-        res = measure(student, teacher_run, prompt, batches, args.new_tokens, args.rounds)
+        res = measure(student, teacher, prompt, batches, args.new_tokens, args.rounds)
         ceiling = bandwidth / student_bytes
-        fraction = res[batches[0]]["student_decode"] / ceiling if batches[0] == 1 else float("nan")
-        teacher_fraction = res[batches[0]]["teacher_decode"] / (bandwidth / teacher_bytes)
-        print(
-            f"  batch 1 bandwidth ceiling: student {ceiling:.1f} tok/s (reached {fraction:.0%}), teacher "
-            f"{bandwidth / teacher_bytes:.1f} tok/s (reached {teacher_fraction:.0%})"
-        )
+        fraction = res[1]["student_decode"] / ceiling if 1 in res else float("nan")
+        if 1 in res:
+            teacher_fraction = res[1]["teacher_decode"] / (bandwidth / teacher_bytes)
+            print(
+                f"  batch 1 bandwidth ceiling: student {ceiling:.1f} tok/s (reached {fraction:.0%}), teacher "
+                f"{bandwidth / teacher_bytes:.1f} tok/s (reached {teacher_fraction:.0%})"
+            )
         prefix = "" if point == "default" else f"{point}_"
         for b in (1, 16):
             if b in res:

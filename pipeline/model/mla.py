@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.scratch import DerivedLayout
 
 
 class RMSNorm(nn.Module):
@@ -125,11 +126,8 @@ class CacheView:
         self._pos_BS = self.start_B[:, None] + torch.arange(S, device=device)
         self._rows_BS = self.slots_B[:, None].expand_as(self._pos_BS)
         self._T = int((self.start_B + S).max())  # the one host sync of a forward call
-        visible_BST = torch.arange(self._T, device=device)[None, None, :] <= self._pos_BS[:, :, None]
-        self._mask_B1ST = visible_BST[:, None]
-        # additive form for the latent path: 0 where visible, -inf elsewhere; (B, S, 1, T) to broadcast over heads
-        self._bias = torch.zeros(visible_BST.shape, dtype=self.cache.kv_LBTC.dtype, device=device)
-        self._bias = self._bias.masked_fill_(~visible_BST, float("-inf"))[:, :, None]
+        self._visible_BST = torch.arange(self._T, device=device)[None, None, :] <= self._pos_BS[:, :, None]
+        self._bias_BS1T: torch.Tensor | None = None
 
     def write(self, layer: int, kv_BSC: torch.Tensor, pe_BSGR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this call's latents and rope keys; return every row's cached ones up to the longest row's end."""
@@ -145,13 +143,16 @@ class CacheView:
         """(B, 1, S, T) boolean: query s of row b sees cached key t iff t <= start_b + s."""
         if self._S != S:
             self._place(S)
-        return self._mask_B1ST[..., :T]
+        return self._visible_BST[:, None, :, :T]
 
     def score_bias(self, S: int) -> torch.Tensor:
         """(B, S, 1, T) additive mask: 0 where query s of row b sees key t, -inf where it does not."""
         if self._S != S:
             self._place(S)
-        return self._bias
+        if self._bias_BS1T is None:  # built once per forward call, at the first layer that asks
+            zeros = torch.zeros(self._visible_BST.shape, dtype=self.cache.kv_LBTC.dtype, device=self.start_B.device)
+            self._bias_BS1T = zeros.masked_fill_(~self._visible_BST, float("-inf"))[:, :, None]
+        return self._bias_BS1T
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -198,7 +199,7 @@ class MLA(nn.Module):
         self.scale = qk_dim**-0.5
         freqs = rope_frequencies(self.rope, cfg.rope_theta)
         self.register_buffer("inv_freq", freqs.expand(self.n_rope_heads, -1).clone())
-        self._absorbed_weights: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.absorbed = DerivedLayout()  # W_UK as (H, U, C) and W_UV as (H, C, O), for the absorbed path
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
@@ -258,16 +259,11 @@ class MLA(nn.Module):
         )
         return out_BHSO.transpose(1, 2)
 
-    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`wkv_b` split per head into W_UK as (H, U, C) and W_UV transposed as (H, C, O), contiguous for `bmm`;
-        rebuilt whenever the weight changed (an optimizer step, a load, a dtype cast)."""
-        w = self.wkv_b.weight
-        key = (w.data_ptr(), w._version)
-        if self._absorbed_weights is None or self._absorbed_weights[0] != key:
-            w_HYC = w.detach().view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
-            w_uk_HUC, w_uv_HOC = w_HYC.split([self.nope, self.v_dim], dim=1)
-            self._absorbed_weights = (key, (w_uk_HUC.contiguous(), w_uv_HOC.transpose(1, 2).contiguous()))
-        return self._absorbed_weights[1]
+    def _split_wkv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`wkv_b` split per head into W_UK as (H, U, C) and W_UV transposed as (H, C, O), contiguous for `bmm`."""
+        w_HYC = w.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk_HUC, w_uv_HOC = w_HYC.split([self.nope, self.v_dim], dim=1)
+        return w_uk_HUC.contiguous(), w_uv_HOC.transpose(1, 2).contiguous()
 
     def _attend_absorb(self, q_nope_BSHU, q_pe_BSHR, kv_BTC, pe_BTGR, bias_BS1T) -> torch.Tensor:
         """Attention in latent space: W_UK folded into the query, W_UV applied after the weighted sum.
@@ -278,7 +274,7 @@ class MLA(nn.Module):
         """
         B, S, H, R = q_pe_BSHR.shape
         G, T = self.n_rope_heads, kv_BTC.shape[1]
-        w_uk_HUC, w_uv_HCO = self._absorbed()
+        w_uk_HUC, w_uv_HCO = self.absorbed.get(self.wkv_b.weight, self._split_wkv_b)
         q_lat_HNC = torch.bmm(q_nope_BSHU.reshape(B * S, H, self.nope).transpose(0, 1), w_uk_HUC)  # N = B·S
         q_lat_BSHC = q_lat_HNC.transpose(0, 1).reshape(B, S * H, self.kv_rank)
         scores_BSHT = torch.bmm(q_lat_BSHC, kv_BTC.transpose(1, 2)).view(B, S, H, T)

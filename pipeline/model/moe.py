@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import ModelConfig
+from pipeline.model.scratch import DerivedLayout
 from pipeline.model.scratch import scratch as _scratch
 
 
@@ -152,8 +153,9 @@ class _RoutedExperts(torch.autograd.Function):
 
 # Up to this many tokens an inference call runs every expert as one fused product (`Experts.forward_fused`): a
 # decode step or a short prefill then costs a few large GEMMs instead of two per expert segment and a host sync.
-# Measured on a 2-core CPU (docs/benchmarks.md, "Decoding"): the fused path beats the segment path at every count
-# from 1 to 64 tokens, even at one token, where it reads all E experts' weights rather than the K chosen.
+# It reads all E experts' weights, not the K chosen; on a 2-core CPU it still decodes faster than the segment path
+# at batch 1, 4 and 16, and reading only the chosen experts (grouped_mm) was no faster (docs/benchmarks.md,
+# "decoding at small token counts").
 FUSED_MAX_TOKENS = 64
 
 
@@ -170,7 +172,7 @@ class Experts(nn.Module):
         self.impl = impl
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
-        self._w2_DA: tuple[tuple[int, int], torch.Tensor] | None = None  # w2 laid out for the fused path
+        self.w2_fused = DerivedLayout()  # w2 as (D, E·F), for the fused path
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
         if self.impl == "loop":
@@ -214,15 +216,8 @@ class Experts(nn.Module):
         route_NE = torch.zeros(N, E, dtype=x_ND.dtype, device=x_ND.device)
         route_NE.scatter_(1, ids_NK, weights_NK.to(x_ND.dtype))
         act_NEF = F.silu(gate_NEF) * up_NEF * route_NE[..., None]
-        return F.linear(act_NEF.view(N, E * F_), self._w2_fused())
-
-    def _w2_fused(self) -> torch.Tensor:
-        """`w2` as (D, E·F), rebuilt whenever the parameter changed (an optimizer step, a load, a dtype cast)."""
-        key = (self.w2.data_ptr(), self.w2._version)
-        if self._w2_DA is None or self._w2_DA[0] != key:
-            E, D, F_ = self.w2.shape
-            self._w2_DA = (key, self.w2.detach().permute(1, 0, 2).reshape(D, E * F_).contiguous())
-        return self._w2_DA[1]
+        w2_DA = self.w2_fused.get(self.w2, lambda w_EDF: w_EDF.permute(1, 0, 2).reshape(D, E * F_).contiguous())
+        return F.linear(act_NEF.view(N, E * F_), w2_DA)
 
 
 class MoE(nn.Module):

@@ -2,6 +2,7 @@
 
 On this kind of machine a fresh multi-megabyte tensor costs page faults on every call (glibc hands big blocks
 back to the OS on free); the hot paths (MoE backward, the fused cross-entropy) take theirs from here instead.
+`DerivedLayout` is the other kind of reused tensor: a weight kept in a second layout for the decode paths.
 """
 
 from __future__ import annotations
@@ -34,3 +35,26 @@ class Scratch(threading.local):
 
 
 scratch = Scratch()
+
+
+class DerivedLayout:
+    """An inference-only copy of a parameter in another layout, rebuilt whenever the parameter changed.
+
+    The fast decode paths want weights laid out for their products (experts' `w2` as one matrix, MLA's W_UK and
+    W_UV per head, contiguous). The copy is keyed on the parameter's storage and version counter, so an optimizer
+    step, a `load_state_dict` or a dtype/device cast (all of which bump one or the other) rebuilds it on next use.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._value: object = None
+
+    @property
+    def built(self) -> bool:
+        return self._key is not None
+
+    def get(self, weight: torch.Tensor, build):
+        key = (weight.data_ptr(), weight._version)
+        if self._key != key:
+            self._value, self._key = build(weight.detach()), key
+        return self._value
