@@ -7,7 +7,7 @@ STAMP := $(VENV)/.moeforge-installed
 CONFIG ?= tiny
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint quality style clean
+.PHONY: setup run test test-fast lint quality style clean peers
 
 setup: $(STAMP)
 
@@ -19,6 +19,17 @@ $(PY):
 $(STAMP): pyproject.toml infra/install.sh | $(PY)
 	sh infra/install.sh $(PY) dev editable
 	touch $(STAMP)
+
+# the benchmarks' peers, outside the project's venv: llama-cpp-python and its OpenAI-compatible server, built from
+# source (~5 min on 2 cores) into $(PEERS_VENV) once, then reused (infra/install_peers.sh says which CPU features)
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.moeforge-peers-installed
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): infra/install_peers.sh
+	sh infra/install_peers.sh $(PYTHON) $(PEERS_VENV)
+	touch $(PEERS_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/moeforge run --config $(CONFIG)
@@ -51,4 +62,4 @@ style: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) .moeforge build *.egg-info
+	rm -rf $(VENV) $(PEERS_VENV) .moeforge build *.egg-info

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.artifacts import ArtifactRef
+from pipeline.model.precision import InferenceDtype
 from pipeline.student import Answer, Student
 
 
@@ -37,16 +38,25 @@ class StudentWorker:
         tracking_uri: the MLflow store it lives in.
         workdir: where a remote artifact is downloaded and cached.
         num_threads: CPU threads for torch (the actor's CPU share).
+        dtype: the inference dtype setting (`pipeline.model.precision`), resolved on this actor's device.
     """
 
-    def __init__(self, ref: ArtifactRef, tracking_uri: str, workdir: str, num_threads: int | None = None):
+    def __init__(
+        self,
+        ref: ArtifactRef,
+        tracking_uri: str,
+        workdir: str,
+        num_threads: int | None = None,
+        dtype: InferenceDtype = "float32",
+    ):
         import torch
 
         from pipeline.artifacts import fetch
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.student = Student(fetch(ref, tracking_uri, workdir), "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.student = Student(fetch(ref, tracking_uri, workdir), device, dtype)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def answer(self, request: AnswerRequest) -> AnswerResult:

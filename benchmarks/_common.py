@@ -4,10 +4,7 @@ that drift in the machine's speed (a shared 2-core box) hits both alike; medians
 from __future__ import annotations
 
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,33 +13,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # runnable as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
+from pipeline.model.decode_timing import interleaved  # noqa: E402  (the one timing loop, shared with evaluate)
 
-def interleaved(
-    fns: dict[str, Callable[[], object]],
-    rounds: int = 10,
-    warmup: int = 2,
-    setup: dict[str, Callable[[], object]] | None = None,
-) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn each round (on CUDA, each call is timed to
-    the end of its kernels, not to their launch). `setup[name]`, where given, runs untimed before each call."""
-
-    def sync() -> None:
-        if torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    setup = setup or {}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            if name in setup:
-                setup[name]()
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+__all__ = ["describe", "device_arg", "interleaved", "result"]
 
 
 def device_arg(value: str) -> torch.device:

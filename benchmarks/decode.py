@@ -21,9 +21,11 @@ import statistics
 import time
 
 import torch
-from _common import describe, interleaved, result
+from _common import describe, result
+from peers import llama_cpp_decoder
 
 from pipeline.model.config import model_preset
+from pipeline.model.decode_timing import Speeds, measure_speeds, student_and_teacher
 
 POINTS = {"default": {}, "target": dict(n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8)}
 QUESTIONS = [
@@ -46,76 +48,26 @@ def copy_bandwidth(mib: int = 512) -> float:
     return 2 * src.numel() * src.element_size() / statistics.median(times)
 
 
-def student_loops(student, prompt: list[int], batch: int, new_tokens: int):
-    """(prefill, decode) callables of our greedy loop; decode continues the latest prefill."""
-    from pipeline.model.generate import decode, prefill
-
-    state: dict = {}
-
-    def run_prefill() -> None:
-        cache = student.new_cache(batch, max_len=len(prompt) + new_tokens + 1)
-        slots = [cache.allocate() for _ in range(batch)]
-        state.update(cache=cache, slots=slots, logits=prefill(student, cache, slots, [prompt] * batch))
-
-    def run_decode() -> None:
-        logits = state["logits"]
-        for _ in range(new_tokens):
-            logits = decode(student, state["cache"], state["slots"], logits.argmax(-1).tolist())
-
-    return run_prefill, run_decode
-
-
-def teacher_loops(teacher, prompt: list[int], batch: int, new_tokens: int):
-    """(prefill, decode) callables of the same greedy loop on transformers' forward with its KV cache."""
-    state: dict = {}
-    ids = torch.tensor([prompt] * batch)
-
-    @torch.no_grad()
-    def run_prefill() -> None:
-        out = teacher(input_ids=ids, use_cache=True)
-        state.update(past=out.past_key_values, logits=out.logits[:, -1], length=ids.shape[1])
-
-    @torch.no_grad()
-    def run_decode() -> None:
-        past, logits, length = state["past"], state["logits"], state["length"]
-        for _ in range(new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            pos = torch.full((batch, 1), length)
-            out = teacher(input_ids=nxt, past_key_values=past, position_ids=pos, use_cache=True)
-            past, logits, length = out.past_key_values, out.logits[:, -1], length + 1
-
-    return run_prefill, run_decode
-
-
 def decode_bytes_per_token(n_active: int, n_unread_embedding: int, element_size: int) -> int:
     """What one decode step at batch 1 reads: every active weight once, except the embedding table's unread rows
     (the step looks up one)."""
     return (n_active - n_unread_embedding) * element_size
 
 
-def measure(student, teacher, prompt, batches, new_tokens, rounds) -> dict[int, dict[str, float]]:
-    """Per batch size: prefill tokens/s and decode tokens/s of both models."""
+def measure(models, prompt, batches, new_tokens, rounds) -> dict[int, Speeds]:
+    """Per batch size: prefill and decode tokens/s of every model (the peer runs at the batch sizes it serves)."""
     out = {}
     for b in batches:
-        sp, sd = student_loops(student, prompt, b, new_tokens)
-        tp, td = teacher_loops(teacher, prompt, b, new_tokens)
-        pre = interleaved({"student": sp, "teacher": tp}, rounds=rounds, warmup=1)
-        # decode timing includes nothing but the steps: each is set up by an untimed prefill
-        dec = interleaved({"student": sd, "teacher": td}, rounds=rounds, warmup=1, setup={"student": sp, "teacher": tp})
-        out[b] = {
-            "student_prefill": b * len(prompt) / pre["student"],
-            "teacher_prefill": b * len(prompt) / pre["teacher"],
-            "student_decode": b * new_tokens / dec["student"],
-            "teacher_decode": b * new_tokens / dec["teacher"],
-        }
-        r = out[b]
-        print(
-            f"  batch {b:3d}: decode tok/s student {r['student_decode']:7.1f} teacher {r['teacher_decode']:7.1f} "
-            f"(x{r['student_decode'] / r['teacher_decode']:.2f}) | prefill tok/s student "
-            f"{r['student_prefill']:7.1f} teacher {r['teacher_prefill']:7.1f} "
-            f"(x{r['student_prefill'] / r['teacher_prefill']:.2f})",
-            flush=True,
+        here = {n: m for n, m in models.items() if n != "llama.cpp" or b == 1}
+        out[b] = r = measure_speeds(here, prompt, b, new_tokens, rounds=rounds)
+        line = " | ".join(
+            f"{n} {r.decode[n]:7.1f} (x{r.decode[n] / r.decode['teacher']:.2f})"
+            if n != "teacher"
+            else f"{n} {r.decode[n]:7.1f}"
+            for n in r.decode
         )
+        pre = " | ".join(f"{n} {v:7.1f}" for n, v in r.prefill.items())
+        print(f"  batch {b:3d}: decode tok/s {line} || prefill tok/s {pre}", flush=True)
     return out
 
 
@@ -124,6 +76,7 @@ def main() -> None:
 
     from pipeline.data.prompts import chat_token_ids, student_messages
     from pipeline.model.convert import calibrate, convert
+    from pipeline.model.precision import resolve_precision
     from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
 
     ap = argparse.ArgumentParser()
@@ -131,9 +84,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32")
+    ap.add_argument("--no-peer", action="store_true", help="leave out llama.cpp even where `make peers` built it")
     args = ap.parse_args()
-    dtype, batches = getattr(torch, args.dtype), [int(b) for b in args.batches.split(",")]
+    precision = resolve_precision(args.dtype, "cpu")
+    dtype, batches = precision.dtype, [int(b) for b in args.batches.split(",")]
     path = str(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()))
     tokenizer = AutoTokenizer.from_pretrained(path)
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -142,8 +97,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(describe())
     print(
-        f"{args.dtype}, prompt {len(prompt)} tokens, {args.new_tokens} new tokens, copy bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s (read + write)"
+        f"{precision.name} ({precision.reason}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, copy "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)"
     )
     calibration = calibrate(teacher, calib, ffn_sample=256)
     # a tied head is one tensor with the embedding (counted once by parameters()) but read in full every step
@@ -154,41 +109,53 @@ def main() -> None:
         teacher.get_input_embeddings().weight.numel() - teacher.config.hidden_size,
         torch.finfo(dtype).bits // 8,
     )
+    peer = None if args.no_peer else llama_cpp_decoder(torch.get_num_threads())
+    print(f"llama.cpp peer: {peer.describe() if peer else 'not run (make peers builds it)'}")
     figures: dict[str, float] = {}
-    for point in args.points.split(","):
-        cfg = model_preset("tiny", vocab_size=len(tokenizer), **POINTS[point])
-        student, _ = convert(teacher.to(torch.float32), cfg, calibration)
-        student = student.eval().to(dtype)
-        teacher.to(dtype)
-        n = student.num_params()
-        student_bytes = decode_bytes_per_token(
-            n["active"], student.embed.weight.numel() - student.cfg.dim, torch.finfo(dtype).bits // 8
-        )
-        print(
-            f"{point}: {n['active'] / 1e6:.1f}M active parameters; per decoded token the student reads "
-            f"{student_bytes / 1e6:.0f} MB, the teacher {teacher_bytes / 1e6:.0f} MB"
-        )
-        res = measure(student, teacher, prompt, batches, args.new_tokens, args.rounds)
-        ceiling = bandwidth / student_bytes
-        fraction = res[1]["student_decode"] / ceiling if 1 in res else float("nan")
-        if 1 in res:
-            teacher_fraction = res[1]["teacher_decode"] / (bandwidth / teacher_bytes)
+    try:
+        for point in args.points.split(","):
+            cfg = model_preset("tiny", vocab_size=len(tokenizer), **POINTS[point])
+            student, _ = convert(teacher.to(torch.float32), cfg, calibration)
+            student = student.eval().to(dtype)
+            teacher.to(dtype)
+            n = student.num_params()
+            student_bytes = decode_bytes_per_token(
+                n["active"], student.embed.weight.numel() - student.cfg.dim, torch.finfo(dtype).bits // 8
+            )
+            print(
+                f"{point}: {n['active'] / 1e6:.1f}M active parameters; per decoded token the student reads "
+                f"{student_bytes / 1e6:.0f} MB, the teacher {teacher_bytes / 1e6:.0f} MB"
+            )
+            models = student_and_teacher(student, teacher)
+            if peer is not None and point == "default":
+                models["llama.cpp"] = peer.loops
+            res = measure(models, prompt, batches, args.new_tokens, args.rounds)
+            prefix = "" if point == "default" else f"{point}_"
+            for b in (1, 16):
+                if b in res:
+                    figures[f"{prefix}ratio_b{b}"] = res[b].decode["student"] / res[b].decode["teacher"]
+            if 1 not in res:
+                continue
+            ceiling = bandwidth / student_bytes
+            fraction = res[1].decode["student"] / ceiling
+            teacher_fraction = res[1].decode["teacher"] / (bandwidth / teacher_bytes)
             print(
                 f"  batch 1 bandwidth ceiling: student {ceiling:.1f} tok/s (reached {fraction:.0%}), teacher "
                 f"{bandwidth / teacher_bytes:.1f} tok/s (reached {teacher_fraction:.0%})"
             )
-        prefix = "" if point == "default" else f"{point}_"
-        for b in (1, 16):
-            if b in res:
-                figures[f"{prefix}ratio_b{b}"] = res[b]["student_decode"] / res[b]["teacher_decode"]
-        if point == "default" and 1 in res:
-            figures = {
-                "student_tok_s_b1": res[1]["student_decode"],
-                "teacher_tok_s_b1": res[1]["teacher_decode"],
-                **figures,
-                "bandwidth_fraction_b1": fraction,
-            }
-    result(**figures)
+            if point == "default":
+                figures = {
+                    "student_tok_s_b1": res[1].decode["student"],
+                    "teacher_tok_s_b1": res[1].decode["teacher"],
+                    **figures,
+                    "bandwidth_fraction_b1": fraction,
+                }
+                if "llama.cpp" in res[1].decode:
+                    figures["llama_cpp_tok_s_b1"] = res[1].decode["llama.cpp"]
+    finally:
+        if peer is not None:
+            peer.close()
+    result(dtype=precision.name, **figures)
 
 
 if __name__ == "__main__":

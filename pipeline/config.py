@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from pipeline.model.config import MODEL_PRESETS, ModelConfig
+from pipeline.model.config import MODEL_PRESETS, InferenceDtype, ModelConfig
 from pipeline.redaction import redact
 from pipeline.validation import ConfigError, Section, at_most, format_validation_error
 
@@ -198,6 +198,9 @@ class EvaluateConfig(Section):
     # size) beside the pass@1; 0 skips the measurement
     decode_tokens: int = Field(32, ge=0)
     decode_batches: list[int] = Field(default_factory=lambda: [1, 16])
+    # the dtype the student answers in and both models' decode speeds are measured in (`pipeline.model.precision`:
+    # auto = bfloat16 where the device multiplies it natively, else float32; bfloat16 where it does not is refused)
+    inference_dtype: InferenceDtype = "float32"
 
 
 class RegistryConfig(Section):
@@ -241,6 +244,7 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int = Field(8, ge=1)
+    inference_dtype: InferenceDtype = "float32"  # as evaluate's, resolved on each replica's device
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(4, ge=1)
     # what one request may cost: its body's bytes (checked before parsing, after the key: without a valid key a

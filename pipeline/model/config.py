@@ -12,6 +12,9 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from pipeline.validation import Section, at_most
 
+# the dtype a built student answers in (evaluation, serving); resolved per device by `pipeline.model.precision`
+InferenceDtype = Literal["auto", "float32", "bfloat16"]
+
 
 class ModelConfig(Section):
     """The DeepSeek-V3-style MoE student; names follow DeepSeek-V3's `ModelArgs`.

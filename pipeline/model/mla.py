@@ -56,9 +56,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     cos/sin broadcast against x[..., ::2]. The result is laid out de-interleaved ([evens | odds] rotated), a fixed
     permutation applied to queries and keys alike, so dot products are exactly those of the interleaved rotation.
+    The rotation runs in fp32 (angles of late positions need its mantissa) and returns x's dtype.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- cache

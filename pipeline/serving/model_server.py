@@ -67,7 +67,8 @@ class ModelServer:
         self.api_key = api_key or load_api_key(settings)  # checked by the app on every route but /healthz
         require_key(settings, self.api_key)  # before the model is loaded: a refused server costs nothing
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        student = Student(materialize(source, tracking_uri, cache_dir), self.device)
+        student = Student(materialize(source, tracking_uri, cache_dir), self.device, settings.inference_dtype)
+        self.precision = student.precision
         self.model, self.tokenizer = student.model, student.tokenizer
         self.eos = self.tokenizer.eos_token_id
         self.context = self.model.cfg.max_seq_len
@@ -113,6 +114,7 @@ class ModelServer:
                 "run_id": s.run_id,
                 "parameters": {"total": params["total"], "active": params["active"]},
                 "device": self.device,
+                "dtype": self.precision.name,
                 "max_batch_size": self.settings.max_batch_size,
             },
         )

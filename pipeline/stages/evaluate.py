@@ -55,10 +55,15 @@ class Evaluate(Stage):
     description = "teacher vs student pass@1 on the held-out split, same prompt and verifiers"
 
     def run(self, ctx: StageContext) -> None:
+        from pipeline.model.precision import resolve_precision
+
         prompts = [prompt_from_row(r) for r in ctx.read_table("eval_prompts", EVAL_PROMPTS).to_pylist()]
         if not prompts:
             raise ValueError("the held-out split is empty: set data.num_eval_prompts >= 1")
-        size = ctx.config.evaluate.partition_size
+        e = ctx.config.evaluate
+        if not e.num_gpus_per_actor:  # a dtype this CPU cannot run is refused before any pool starts
+            resolve_precision(e.inference_dtype, "cpu")
+        size = e.partition_size
         parts = {i: prompts[s : s + size] for i, s in enumerate(range(0, len(prompts), size))}
         generations = {
             "teacher": self.teacher_answers(ctx, parts, best=False),
@@ -115,6 +120,7 @@ class Evaluate(Stage):
                 ctx.call.tracking_uri,
                 str(ctx.workdir),
                 torch_threads(e.num_cpus_per_actor, e.num_gpus_per_actor),
+                e.inference_dtype,
             ),
             size=min(e.num_actors, len(parts)),
             name=f"evaluate-{ctx.run_id[:8]}.student",
@@ -139,26 +145,30 @@ class Evaluate(Stage):
         return SummaryEconomics.of(read_conversion(ctx.input_path("initial_student")), speeds)
 
     def decode_speeds(self, ctx: StageContext, prompt) -> dict[int, DecodeSpeed]:
-        """Decode tokens/s of both models at each `evaluate.decode_batches` size, in this process (all its cores)."""
+        """Decode tokens/s of both models at each `evaluate.decode_batches` size, in this process (all its cores),
+        both in the inference dtype (resolved here; its choice is the run's tag `evaluate.decode_dtype`)."""
         import os
 
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pipeline.data.prompts import chat_token_ids
+        from pipeline.model.precision import log_precision, resolve_precision
         from pipeline.model.transformer import Transformer
         from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
 
         e, teacher_cfg = ctx.config.evaluate, ctx.config.teacher
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # as in convert: nothing else runs meanwhile
+        precision = log_precision(resolve_precision(e.inference_dtype, "cpu"), "evaluate's decode measurement")
+        ctx.set_tags({"evaluate.decode_dtype": f"{precision.name} ({precision.reason})"})
         student_dir = ctx.input_path("student")
-        student = Transformer.from_pretrained(student_dir).eval()
+        student = Transformer.from_pretrained(student_dir).eval().to(precision.dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
         ids = chat_token_ids(tokenizer, student_messages(prompt.question))
         teacher = None
         if teacher_cfg.backend != "openai":  # a remote teacher's speed is its server's, not a model's
             path = resolve_model_dir(teacher_cfg.model, default_cache_dir())
-            teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+            teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=precision.dtype).eval()
         return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens)
 
 
@@ -177,39 +187,21 @@ def in_prompt_order(
 
 
 def decode_throughput(
-    student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int
+    student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int, rounds: int = 3
 ) -> dict[int, DecodeSpeed]:
-    """Greedy decoding tokens/s of the student (our latent-cache `generate`) and the teacher (transformers'
-    `generate` with its KV cache) on the same prompt, `new_tokens` per sequence, at each batch size.
+    """Greedy decode tokens/s of the student (our latent-cache loop) and the teacher (transformers' forward with its
+    KV cache) on the same prompt, `new_tokens` decode steps per sequence (no stop token), at each batch size.
 
-    Every sequence decodes exactly `new_tokens` (no stop token), prefill included; both run in this process on the
-    same threads one after the other, so the figures compare the two models, not two machines.
+    Measured as `benchmarks/decode.py` measures it (`pipeline.model.decode_timing`): both in this process on the
+    same threads, warmed up, interleaved round by round, decode steps timed apart from the prefill; medians of
+    `rounds`. So the figures compare the two models, not two moments of a shared machine.
     """
-    import time
-
-    import torch
-
-    from pipeline.model.generate import SamplingParams, generate
+    from pipeline.model.decode_timing import measure_speeds, student_and_teacher
 
     out: dict[int, DecodeSpeed] = {}
     for b in batches:
-        t0 = time.perf_counter()
-        generate(student, [list(prompt)] * b, SamplingParams(max_new_tokens=new_tokens))
-        student_speed = b * new_tokens / (time.perf_counter() - t0)
-        teacher_speed = None
-        if teacher is not None:
-            ids = torch.tensor([list(prompt)] * b)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                teacher.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                )
-            teacher_speed = b * new_tokens / (time.perf_counter() - t0)
-        out[b] = DecodeSpeed(student=student_speed, teacher=teacher_speed)
+        speeds = measure_speeds(student_and_teacher(student, teacher), prompt, b, new_tokens, rounds=rounds).decode
+        out[b] = DecodeSpeed(student=speeds["student"], teacher=speeds.get("teacher"))
     return out
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.model.precision import InferenceDtype, log_precision, resolve_precision
+
 
 @dataclass
 class Answer:
@@ -20,14 +22,17 @@ class Answer:
 
 
 class Student:
-    """A saved student (`Transformer.save_pretrained(dir, tokenizer)`) loaded for answering."""
+    """A saved student (`Transformer.save_pretrained(dir, tokenizer)`) loaded for answering, in the inference dtype
+    `dtype` resolves to on `device` (`pipeline.model.precision`; logged, and kept as `precision`)."""
 
-    def __init__(self, directory: str | Path, device: str = "cpu"):
+    def __init__(self, directory: str | Path, device: str = "cpu", dtype: InferenceDtype = "float32"):
         from transformers import AutoTokenizer
 
         from pipeline.model import Transformer
 
-        self.model = Transformer.from_pretrained(directory, map_location=device).eval()
+        self.precision = log_precision(resolve_precision(dtype, device), f"the student {Path(directory).name}")
+        model = Transformer.from_pretrained(directory, map_location=device).eval()
+        self.model = model.to(self.precision.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
 
     def answer(

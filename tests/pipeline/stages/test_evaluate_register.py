@@ -96,7 +96,7 @@ def test_the_gate_needs_the_teachers_pass_at_1_and_to_beat_the_floor_on_every_ta
     assert alias == "challenger" and "< gate_ratio 1 x teacher pass@1 0.227" in reason
 
 
-def test_decode_throughput_is_measured_for_both_models_at_each_batch_size():
+def test_decode_throughput_is_measured_warm_and_interleaved_for_both_models_at_each_batch_size():
     from pipeline.model.config import model_preset
     from pipeline.model.transformer import Transformer
     from pipeline.stages.evaluate import decode_throughput
@@ -104,18 +104,20 @@ def test_decode_throughput_is_measured_for_both_models_at_each_batch_size():
 
     student = Transformer(model_preset("toy", vocab_size=96, n_layers=2)).eval()
     teacher = llama()
-    calls = []
-    original = teacher.generate
-
-    def counting(**kw):
-        out = original(**kw)
-        calls.append((kw["input_ids"].shape[0], out.shape[1] - kw["input_ids"].shape[1]))
-        return out
-
-    teacher.generate = counting
-    speeds = decode_throughput(student, teacher, [5, 6, 7], (1, 4), 6)
+    calls: list[tuple[str, int]] = []  # (model, batch) of every forward, in order
+    student.register_forward_pre_hook(lambda m, a, kw: calls.append(("student", a[0].shape[0])), with_kwargs=True)
+    teacher.register_forward_pre_hook(
+        lambda m, a, kw: calls.append(("teacher", kw["input_ids"].shape[0])), with_kwargs=True
+    )
+    speeds = decode_throughput(student, teacher, [5, 6, 7], (1, 4), 6, rounds=2)
     assert sorted(speeds) == [1, 4]
     assert all(0 < v < float("inf") for s in speeds.values() for v in (s.student, s.teacher))
-    assert calls == [(1, 6), (4, 6)]  # every teacher sequence decoded exactly the asked tokens
+    # per batch size: 1 warm-up + 2 timed rounds, each of a prefill and of a prefill set-up then 6 decode steps,
+    # the two models taking turns every round (12 turns: 3 rounds x 2 phases x 2 models)
+    for b in (1, 4):
+        mine = [name for name, batch in calls if batch == b]
+        assert mine.count("student") == mine.count("teacher") == 3 * (1 + 1 + 6)
+        turns = [name for i, name in enumerate(mine) if i == 0 or mine[i - 1] != name]
+        assert turns == ["student", "teacher"] * 6
     (remote,) = decode_throughput(student, None, [5, 6], (2,), 3).items()  # a remote teacher: the student's alone
     assert remote[0] == 2 and remote[1].student > 0 and remote[1].teacher is None
