@@ -39,6 +39,7 @@ class StudentWorker:
         workdir: where a remote artifact is downloaded and cached.
         num_threads: CPU threads for torch (the actor's CPU share).
         dtype: the inference dtype setting (`pipeline.model.precision`), resolved on this actor's device.
+        compile_decode_max_batch: compile the decode step up to this batch size (0: off).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class StudentWorker:
         workdir: str,
         num_threads: int | None = None,
         dtype: InferenceDtype = "float32",
+        compile_decode_max_batch: int = 0,
     ):
         import torch
 
@@ -56,7 +58,7 @@ class StudentWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.student = Student(fetch(ref, tracking_uri, workdir), device, dtype)
+        self.student = Student(fetch(ref, tracking_uri, workdir), device, dtype, compile_decode_max_batch)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def answer(self, request: AnswerRequest) -> AnswerResult:

@@ -11,7 +11,11 @@ token (the active weights and output head; the embedding reads one row) over thi
 bandwidth, and the fraction of it reached.
 
     .venv/bin/python benchmarks/decode.py [--points default,target] [--batches 1,4,16,64] [--new-tokens 32]
-        [--dtype float32|bfloat16] [--rounds 3]
+        [--dtype float32|auto|bfloat16] [--rounds 3] [--compile-max-batch 16] [--no-peer]
+
+`compiled` is the same student with its decode step compiled (`CompiledDecode`), up to `--compile-max-batch`;
+`llama.cpp` the teacher's shipped Q4_1 GGUF in llama-cpp-python (`make peers`), at batch 1: it reads ~4.5-bit
+weights where the others read fp32 or bf16, so it shows what quantisation buys, not a same-dtype comparison.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from peers import llama_cpp_decoder
 
 from pipeline.model.config import model_preset
 from pipeline.model.decode_timing import Speeds, measure_speeds, student_and_teacher
+from pipeline.model.generate import CompiledDecode
 
 POINTS = {"default": {}, "target": dict(n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8)}
 QUESTIONS = [
@@ -54,11 +59,12 @@ def decode_bytes_per_token(n_active: int, n_unread_embedding: int, element_size:
     return (n_active - n_unread_embedding) * element_size
 
 
-def measure(models, prompt, batches, new_tokens, rounds) -> dict[int, Speeds]:
-    """Per batch size: prefill and decode tokens/s of every model (the peer runs at the batch sizes it serves)."""
+def measure(models, prompt, batches, new_tokens, rounds, max_batch: dict[str, int]) -> dict[int, Speeds]:
+    """Per batch size: prefill and decode tokens/s of every model, each up to its `max_batch` (the peer runs at
+    the batch size it serves, the compiled step where it is compiled)."""
     out = {}
     for b in batches:
-        here = {n: m for n, m in models.items() if n != "llama.cpp" or b == 1}
+        here = {n: m for n, m in models.items() if b <= max_batch.get(n, b)}
         out[b] = r = measure_speeds(here, prompt, b, new_tokens, rounds=rounds)
         line = " | ".join(
             f"{n} {r.decode[n]:7.1f} (x{r.decode[n] / r.decode['teacher']:.2f})"
@@ -68,6 +74,28 @@ def measure(models, prompt, batches, new_tokens, rounds) -> dict[int, Speeds]:
         )
         pre = " | ".join(f"{n} {v:7.1f}" for n, v in r.prefill.items())
         print(f"  batch {b:3d}: decode tok/s {line} || prefill tok/s {pre}", flush=True)
+    return out
+
+
+def point_figures(point: str, res: dict[int, Speeds], ceiling_b1: float) -> dict[str, float]:
+    """The RESULT figures of one compression point: ratios to the teacher at batch 1 and 16 (`<point>_` prefixed
+    but for the default point, which also gives its batch-1 speeds and bandwidth fractions)."""
+    prefix = "" if point == "default" else f"{point}_"
+    out: dict[str, float] = {}
+    if point == "default" and 1 in res:
+        d = res[1].decode
+        out |= {"student_tok_s_b1": d["student"], "teacher_tok_s_b1": d["teacher"]}
+        out |= {
+            k: v for k, v in (("compiled_tok_s_b1", d.get("compiled")), ("llama_cpp_tok_s_b1", d.get("llama.cpp"))) if v
+        }
+    for b in (1, 16):
+        for model, name in (("student", "ratio"), ("compiled", "compiled_ratio")):
+            if b in res and model in res[b].decode:
+                out[f"{prefix}{name}_b{b}"] = res[b].decode[model] / res[b].decode["teacher"]
+    if point == "default" and 1 in res:
+        out["bandwidth_fraction_b1"] = res[1].decode["student"] / ceiling_b1
+        if "compiled" in res[1].decode:
+            out["compiled_bandwidth_fraction_b1"] = res[1].decode["compiled"] / ceiling_b1
     return out
 
 
@@ -86,6 +114,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32")
     ap.add_argument("--no-peer", action="store_true", help="leave out llama.cpp even where `make peers` built it")
+    ap.add_argument(
+        "--compile-max-batch",
+        type=int,
+        default=16,
+        help="also time the student's compiled decode step (CompiledDecode) at batches up to this (0: not)",
+    )
     args = ap.parse_args()
     precision = resolve_precision(args.dtype, "cpu")
     dtype, batches = precision.dtype, [int(b) for b in args.batches.split(",")]
@@ -110,7 +144,8 @@ def main() -> None:
         torch.finfo(dtype).bits // 8,
     )
     peer = None if args.no_peer else llama_cpp_decoder(torch.get_num_threads())
-    print(f"llama.cpp peer: {peer.describe() if peer else 'not run (make peers builds it)'}")
+    absent = "not run (--no-peer)" if args.no_peer else "not run (not built: make peers)"
+    print(f"llama.cpp peer: {peer.describe() if peer else absent}")
     figures: dict[str, float] = {}
     try:
         for point in args.points.split(","):
@@ -127,31 +162,21 @@ def main() -> None:
                 f"{student_bytes / 1e6:.0f} MB, the teacher {teacher_bytes / 1e6:.0f} MB"
             )
             models = student_and_teacher(student, teacher)
+            max_batch = {"llama.cpp": 1, "compiled": args.compile_max_batch}
+            if args.compile_max_batch:
+                compiled = CompiledDecode(student, args.compile_max_batch)
+                models["compiled"] = student_and_teacher(student, None, compiled)["student"]
             if peer is not None and point == "default":
                 models["llama.cpp"] = peer.loops
-            res = measure(models, prompt, batches, args.new_tokens, args.rounds)
-            prefix = "" if point == "default" else f"{point}_"
-            for b in (1, 16):
-                if b in res:
-                    figures[f"{prefix}ratio_b{b}"] = res[b].decode["student"] / res[b].decode["teacher"]
-            if 1 not in res:
-                continue
-            ceiling = bandwidth / student_bytes
-            fraction = res[1].decode["student"] / ceiling
-            teacher_fraction = res[1].decode["teacher"] / (bandwidth / teacher_bytes)
-            print(
-                f"  batch 1 bandwidth ceiling: student {ceiling:.1f} tok/s (reached {fraction:.0%}), teacher "
-                f"{bandwidth / teacher_bytes:.1f} tok/s (reached {teacher_fraction:.0%})"
-            )
-            if point == "default":
-                figures = {
-                    "student_tok_s_b1": res[1].decode["student"],
-                    "teacher_tok_s_b1": res[1].decode["teacher"],
-                    **figures,
-                    "bandwidth_fraction_b1": fraction,
-                }
-                if "llama.cpp" in res[1].decode:
-                    figures["llama_cpp_tok_s_b1"] = res[1].decode["llama.cpp"]
+            res = measure(models, prompt, batches, args.new_tokens, args.rounds, max_batch)
+            if 1 in res:
+                ceiling = bandwidth / student_bytes
+                print(
+                    f"  batch 1 bandwidth ceiling: student {ceiling:.1f} tok/s (reached "
+                    f"{res[1].decode['student'] / ceiling:.0%}), teacher {bandwidth / teacher_bytes:.1f} tok/s "
+                    f"(reached {res[1].decode['teacher'] / (bandwidth / teacher_bytes):.0%})"
+                )
+            figures |= point_figures(point, res, bandwidth / student_bytes)
     finally:
         if peer is not None:
             peer.close()

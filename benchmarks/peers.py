@@ -112,6 +112,8 @@ def llama_cpp_server(threads: int, n_ctx: int = 2048) -> Iterator[str | None]:
     port = free_port()
     args = {"--model": teacher_gguf(), "--model_alias": "teacher-gguf", "--host": "127.0.0.1", "--port": port}
     args |= {"--n_threads": threads, "--n_threads_batch": threads, "--n_ctx": n_ctx, "--verbose": False}
+    # it serves one request at a time; by default a new request interrupts the running one: queue them instead
+    args |= {"--interrupt_requests": False}
     cmd = [str(py), "-m", "llama_cpp.server", *(str(x) for kv in args.items() for x in kv)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}/v1"

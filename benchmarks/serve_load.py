@@ -17,7 +17,7 @@ the replica's thread count, with nothing else running), what the first token of 
 requests cannot beat.
 
     python benchmarks/serve_load.py [--student default|toy] [--requests 16] [--max-tokens 64] [--rounds 2]
-        [--batch 16] [--cpus 2] [--dtype float32|auto|bfloat16] [--no-peer]
+        [--batch 16] [--cpus 2] [--dtype float32|auto|bfloat16] [--compile-max-batch 0] [--no-peer]
 """
 
 from __future__ import annotations
@@ -102,15 +102,18 @@ async def one(client, model: str, i: int, max_tokens: int, no_stop: dict) -> dic
         stream_options={"include_usage": True},
         **no_stop,
     )
+    token_chunks = 0  # a server that reports no usage when streaming (llama-cpp-python) sends a chunk a token
     async for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
+        if chunk.choices and chunk.choices[0].delta.content is not None:
+            token_chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
     return {
         "ttft": stamps[0] - t0,
         "itl": [b - a for a, b in itertools.pairwise(stamps)],
-        "tokens": usage.completion_tokens,
+        "tokens": usage.completion_tokens if usage else token_chunks,
         "end": time.perf_counter(),
     }
 
@@ -173,6 +176,7 @@ def serve_student(args, directory: Path) -> tuple[list[dict], list[dict]]:
         num_gpus=args.gpus,
         max_tokens_limit=args.max_tokens,
         inference_dtype=args.dtype,
+        compile_decode_max_batch=args.compile_max_batch,
     )
     try:
         url = start(settings, str(directory), None)
@@ -192,6 +196,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=float, default=2, help="CPUs of the one replica")
     parser.add_argument("--gpus", type=float, default=0, help="GPUs of the one replica (the student on CUDA)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32")
+    parser.add_argument("--compile-max-batch", type=int, default=0, help="serve.compile_decode_max_batch")
     parser.add_argument("--no-peer", action="store_true", help="leave out llama.cpp even where `make peers` built it")
     args = parser.parse_args()
 

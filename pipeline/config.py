@@ -201,6 +201,9 @@ class EvaluateConfig(Section):
     # the dtype the student answers in and both models' decode speeds are measured in (`pipeline.model.precision`:
     # auto = bfloat16 where the device multiplies it natively, else float32; bfloat16 where it does not is refused)
     inference_dtype: InferenceDtype = "float32"
+    # torch.compile the one-token decode step for batches up to this size (0: off); `pipeline.model.generate.
+    # CompiledDecode`. Faster at batch 1 on a CPU, not at 16; each batch size compiles once per process (~1 min)
+    compile_decode_max_batch: int = Field(0, ge=0)
 
 
 class RegistryConfig(Section):
@@ -245,6 +248,8 @@ class ServeConfig(Section):
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int = Field(8, ge=1)
     inference_dtype: InferenceDtype = "float32"  # as evaluate's, resolved on each replica's device
+    # as evaluate's; each replica compiles every covered batch size before it takes requests
+    compile_decode_max_batch: int = Field(0, ge=0)
     max_tokens_limit: int = Field(512, ge=1)
     max_n: int = Field(4, ge=1)
     # what one request may cost: its body's bytes (checked before parsing, after the key: without a valid key a

@@ -47,8 +47,9 @@ def interleaved(
 Loops = tuple[Callable[[], None], Callable[[], None]]
 
 
-def student_loops(student, prompt: list[int], batch: int, new_tokens: int) -> Loops:
-    """(prefill, decode) callables of our greedy loop; decode continues the latest prefill."""
+def student_loops(student, prompt: list[int], batch: int, new_tokens: int, compiled=None) -> Loops:
+    """(prefill, decode) callables of our greedy loop; decode continues the latest prefill. `compiled`: the
+    student's `CompiledDecode`, for the decode steps it covers."""
     from pipeline.model.generate import decode, prefill
 
     state: dict = {}
@@ -61,7 +62,7 @@ def student_loops(student, prompt: list[int], batch: int, new_tokens: int) -> Lo
     def run_decode() -> None:
         logits = state["logits"]
         for _ in range(new_tokens):
-            logits = decode(student, state["cache"], state["slots"], logits.argmax(-1).tolist())
+            logits = decode(student, state["cache"], state["slots"], logits.argmax(-1).tolist(), compiled)
 
     return run_prefill, run_decode
 
@@ -120,10 +121,11 @@ def measure_speeds(
     )
 
 
-def student_and_teacher(student, teacher) -> dict[str, Callable[[list[int], int, int], Loops]]:
-    """The `models` of `measure_speeds` for a student and (None: not measured) its teacher."""
+def student_and_teacher(student, teacher, compiled=None) -> dict[str, Callable[[list[int], int, int], Loops]]:
+    """The `models` of `measure_speeds` for a student (with its `CompiledDecode`, if any) and (None: not
+    measured) its teacher."""
     models: dict[str, Callable[[list[int], int, int], Loops]] = {
-        "student": lambda p, b, n: student_loops(student, p, b, n)
+        "student": lambda p, b, n: student_loops(student, p, b, n, compiled)
     }
     if teacher is not None:
         models["teacher"] = lambda p, b, n: teacher_loops(teacher, p, b, n)

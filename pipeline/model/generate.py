@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -60,15 +61,58 @@ def prefill(model: Transformer, cache: LatentKVCache, slots: list[int], prompts:
     return logits_BSV[torch.arange(len(prompts), device=device), lens_B - 1]
 
 
+class CompiledDecode:
+    """`torch.compile` of the one-token decode step for batches of at most `max_batch` rows; larger ones run eager.
+
+    At small batch a decode step is thousands of small ops, and their dispatch, not the weights' bytes, bounds it
+    on a CPU; compiled (inductor), the step is a few fused kernels around the GEMVs. It needs static shapes: the
+    step attends over the cache's whole length with the rows' ends masked (`CacheView(static=True)`), and is
+    compiled once per batch size (about a minute each for the default student on 2 cores, at the first step of
+    that size). Past `max_batch` the products dominate and the compiled step is no faster (docs/benchmarks.md), so
+    those run eagerly.
+
+    Weights that change (an optimizer step, a weight sync, a dtype cast) are noticed by every parameter's storage
+    and version counter: the step after a change runs eagerly, which rebuilds the derived weight layouts the
+    compiled graph reads.
+    """
+
+    def __init__(self, model: Transformer, max_batch: int = 1):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self._step = torch.compile(model.forward, dynamic=False)  # compiles lazily, per batch size
+        self._weights: tuple[tuple[int, int], ...] | None = None
+        self.compiled_steps = 0  # steps that ran compiled (the others ran eagerly)
+
+    def __call__(self, tokens_B1: torch.Tensor, cache: LatentKVCache, slots_B, start_B) -> torch.Tensor:
+        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if tokens_B1.shape[0] > self.max_batch or weights != self._weights:
+            self._weights = weights
+            return self.model(tokens_B1, CacheView(cache, slots_B, start_B))
+        self.compiled_steps += 1
+        return cast(torch.Tensor, self._step(tokens_B1, CacheView(cache, slots_B, start_B, static=True)))
+
+
 @torch.no_grad()
-def decode(model: Transformer, cache: LatentKVCache, slots: list[int], tokens: list[int]) -> torch.Tensor:
-    """Append one token to each given slot; return the next-token logits (B, V)."""
+def decode(
+    model: Transformer,
+    cache: LatentKVCache,
+    slots: list[int],
+    tokens: list[int],
+    compiled: CompiledDecode | None = None,
+) -> torch.Tensor:
+    """Append one token to each given slot; return the next-token logits (B, V). `compiled`: the model's
+    compiled step, used where it applies."""
     device = cache.lengths.device
     slots_B = torch.tensor(slots, device=device)
     start_B = cache.lengths[slots_B]
     if int(start_B.max()) >= cache.max_len:
         raise ValueError(f"a sequence reached the cache length {cache.max_len}")
-    logits_B1V = model(torch.tensor(tokens, device=device)[:, None], CacheView(cache, slots_B, start_B))
+    tokens_B1 = torch.tensor(tokens, device=device)[:, None]
+    if compiled is not None:
+        logits_B1V = compiled(tokens_B1, cache, slots_B, start_B)
+    else:
+        logits_B1V = model(tokens_B1, CacheView(cache, slots_B, start_B))
     cache.lengths[slots_B] = start_B + 1
     return logits_B1V[:, 0]
 
@@ -114,9 +158,16 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 @torch.no_grad()
 def generate(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] = SamplingParams()
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams] = SamplingParams(),
+    compiled: CompiledDecode | None = None,
 ) -> list[Completion]:
-    """Complete a batch of ragged prompts; rows stop independently (stop token or max_new_tokens)."""
+    """Complete a batch of ragged prompts; rows stop independently (stop token or max_new_tokens).
+
+    With `compiled` (the model's `CompiledDecode`) the cache length is rounded up to a multiple of 256, so that
+    calls of different lengths share compiled steps.
+    """
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
@@ -124,6 +175,8 @@ def generate(
     model.eval()
     try:
         longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, params, strict=True))
+        if compiled is not None:
+            longest = -(-longest // 256) * 256
         cache = model.new_cache(len(prompts), max_len=min(longest, model.cfg.max_seq_len))
         slots = [cache.allocate() for _ in prompts]
         generators = [make_generator(s.seed) for s in params]  # sampling happens on the CPU
@@ -146,7 +199,8 @@ def generate(
                     still.append(i)
             active = still
             if active:
-                logits_BV = decode(model, cache, [slots[i] for i in active], [results[i].tokens[-1] for i in active])
+                step_slots, step_tokens = [slots[i] for i in active], [results[i].tokens[-1] for i in active]
+                logits_BV = decode(model, cache, step_slots, step_tokens, compiled)
         return results
     finally:
         model.train(was_training)

@@ -114,11 +114,13 @@ class CacheView:
     """What one forward call needs of the cache: which slots, where each row's new tokens start.
 
     Where the call's S new tokens go, how far every row's keys reach (T) and the causal mask are the same in every
-    layer, so they are worked out once, at the first layer's `write`, and reused by the others.
+    layer, so they are worked out once, at the first layer's `write`, and reused by the others. T is the longest
+    row's end (one host sync per call), or with `static` the cache's whole length: every shape then depends on
+    the batch alone, which a compiled decode step needs (the keys past each row's end are masked).
     """
 
-    def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor):
-        self.cache, self.slots_B, self.start_B = cache, slots_B, start_B
+    def __init__(self, cache: LatentKVCache, slots_B: torch.Tensor, start_B: torch.Tensor, static: bool = False):
+        self.cache, self.slots_B, self.start_B, self.static = cache, slots_B, start_B, static
         self._S: int | None = None
 
     def _place(self, S: int) -> None:
@@ -126,7 +128,7 @@ class CacheView:
         self._S = S
         self._pos_BS = self.start_B[:, None] + torch.arange(S, device=device)
         self._rows_BS = self.slots_B[:, None].expand_as(self._pos_BS)
-        self._T = int((self.start_B + S).max())  # the one host sync of a forward call
+        self._T = self.cache.max_len if self.static else int((self.start_B + S).max())  # the one host sync
         self._visible_BST = torch.arange(self._T, device=device)[None, None, :] <= self._pos_BS[:, :, None]
         self._bias_BS1T: torch.Tensor | None = None
 

@@ -54,6 +54,10 @@ class DerivedLayout:
         return self._key is not None
 
     def get(self, weight: torch.Tensor, build):
+        if torch.compiler.is_compiling() and self.built:
+            # inside a compiled decode step, which traces the layout as it is: `CompiledDecode` runs a step eagerly
+            # (rebuilding what changed) whenever the model's weights changed
+            return self._value
         key = (weight.data_ptr(), weight._version)
         if self._key != key:
             self._value, self._key = build(weight.detach()), key

@@ -105,11 +105,12 @@ class Transformer(nn.Module):
         B, S = tokens_BS.shape
         start_B = cache.start_B if cache is not None else torch.zeros(B, dtype=torch.long, device=tokens_BS.device)
         pos_BS = start_B[:, None] + torch.arange(S, device=tokens_BS.device)
-        if int(pos_BS.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
-        for m in self.modules():  # balance terms describe this forward only (the MTP block may not run)
-            if isinstance(m, MoE):
-                m.balance_loss = torch.zeros((), device=tokens_BS.device)
+        if not torch.compiler.is_compiling():  # a compiled decode step: `decode` checked the cache's length
+            if int(pos_BS.max()) >= self.cfg.max_seq_len:
+                raise ValueError(f"position {int(pos_BS.max())} is past model.max_seq_len ({self.cfg.max_seq_len})")
+            for m in self.modules():  # balance terms describe this forward only (the MTP block may not run)
+                if isinstance(m, MoE):
+                    m.balance_loss = torch.zeros((), device=tokens_BS.device)
         h_BSD = self.embed(tokens_BS)
         for layer in self.layers:
             h_BSD = layer(h_BSD, pos_BS, cache)

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from pipeline.model.generate import SamplingParams, decode, make_generator, prefill, sample
+from pipeline.model.generate import CompiledDecode, SamplingParams, decode, make_generator, prefill, sample
 from pipeline.model.transformer import Transformer
 
 
@@ -78,10 +78,17 @@ class Engine:
         model: the student, in eval mode, on its device.
         max_batch_size: sequences decoded together (cache slots); more wait in FIFO order.
         max_len: tokens per sequence (prompt + completion); default the model's `max_seq_len`.
+        compiled: the model's compiled decode step (`CompiledDecode`), used for the batch sizes it covers.
     """
 
-    def __init__(self, model: Transformer, max_batch_size: int, max_len: int | None = None):
-        self.model = model.eval()
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch_size: int,
+        max_len: int | None = None,
+        compiled: CompiledDecode | None = None,
+    ):
+        self.model, self.compiled = model.eval(), compiled
         self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.cache = model.new_cache(max_batch_size, self.max_len)
         self.max_batch_size = max_batch_size
@@ -161,6 +168,25 @@ class Engine:
             "tokens_generated": self.tokens_generated,
         }
 
+    def compile_steps(self) -> None:
+        """Compile the decode step at every batch size `compiled` covers, on this engine's cache, before the first
+        request (each takes about a minute for the default student on 2 CPU cores), so no client waits for it.
+        Uses free slots and leaves them free; call it before serving."""
+        if self.compiled is None:
+            return
+        with self._cond:
+            if self._running or self._waiting:
+                raise RuntimeError("compile_steps runs before the engine serves")
+            for batch in range(1, min(self.compiled.max_batch, self.max_batch_size) + 1):
+                slots = [self.cache.allocate() for _ in range(batch)]
+                try:
+                    logits_BV = prefill(self.model, self.cache, slots, [[0]] * batch)
+                    for _ in range(3):  # eager (new weights), then compiling, then compiled
+                        logits_BV = decode(self.model, self.cache, slots, logits_BV.argmax(-1).tolist(), self.compiled)
+                finally:
+                    for slot in slots:
+                        self.cache.free(slot)
+
     # ------------------------------------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
@@ -205,7 +231,7 @@ class Engine:
             if prefill_step:
                 logits_BV = prefill(self.model, self.cache, slots, [s.prompt for s in seqs])
             else:
-                logits_BV = decode(self.model, self.cache, slots, [s.tokens[-1] for s in seqs])
+                logits_BV = decode(self.model, self.cache, slots, [s.tokens[-1] for s in seqs], self.compiled)
                 self.steps += 1
             tokens = sample(logits_BV.cpu(), [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the server

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.config import ServeConfig
 from pipeline.metrics import record
-from pipeline.model.generate import SamplingParams, generate
+from pipeline.model.generate import CompiledDecode, SamplingParams, generate
 from pipeline.serving.auth import load_api_key, require_key
 from pipeline.serving.engine import Engine, EngineError, StepOutput
 from pipeline.serving.openai_format import ChunkWriter, Head, ModelCard, OpenAIResponse, now
@@ -88,7 +88,9 @@ class ModelServer:
         )
         # one short generation first, so the first client does not pay for lazy initialisation
         generate(self.model, [self.tokenizer.encode("warm up") or [0]], SamplingParams(max_new_tokens=2))
-        self.engine = Engine(self.model, settings.max_batch_size)
+        n = settings.compile_decode_max_batch
+        self.engine = Engine(self.model, settings.max_batch_size, compiled=CompiledDecode(self.model, n) if n else None)
+        self.engine.compile_steps()
 
     # ------------------------------------------------------------------------------------------------ info
 

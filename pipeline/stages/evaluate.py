@@ -121,6 +121,7 @@ class Evaluate(Stage):
                 str(ctx.workdir),
                 torch_threads(e.num_cpus_per_actor, e.num_gpus_per_actor),
                 e.inference_dtype,
+                e.compile_decode_max_batch,
             ),
             size=min(e.num_actors, len(parts)),
             name=f"evaluate-{ctx.run_id[:8]}.student",
@@ -153,6 +154,7 @@ class Evaluate(Stage):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pipeline.data.prompts import chat_token_ids
+        from pipeline.model.generate import CompiledDecode
         from pipeline.model.precision import log_precision, resolve_precision
         from pipeline.model.transformer import Transformer
         from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
@@ -169,7 +171,8 @@ class Evaluate(Stage):
         if teacher_cfg.backend != "openai":  # a remote teacher's speed is its server's, not a model's
             path = resolve_model_dir(teacher_cfg.model, default_cache_dir())
             teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=precision.dtype).eval()
-        return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens)
+        compiled = CompiledDecode(student, e.compile_decode_max_batch) if e.compile_decode_max_batch else None
+        return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens, compiled=compiled)
 
 
 def in_prompt_order(
@@ -187,20 +190,22 @@ def in_prompt_order(
 
 
 def decode_throughput(
-    student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int, rounds: int = 3
+    student, teacher, prompt: list[int], batches: tuple[int, ...], new_tokens: int, rounds: int = 3, compiled=None
 ) -> dict[int, DecodeSpeed]:
     """Greedy decode tokens/s of the student (our latent-cache loop) and the teacher (transformers' forward with its
     KV cache) on the same prompt, `new_tokens` decode steps per sequence (no stop token), at each batch size.
 
     Measured as `benchmarks/decode.py` measures it (`pipeline.model.decode_timing`): both in this process on the
     same threads, warmed up, interleaved round by round, decode steps timed apart from the prefill; medians of
-    `rounds`. So the figures compare the two models, not two moments of a shared machine.
+    `rounds`. So the figures compare the two models, not two moments of a shared machine. `compiled`: the
+    student's `CompiledDecode` (the warm-up round compiles it).
     """
     from pipeline.model.decode_timing import measure_speeds, student_and_teacher
 
     out: dict[int, DecodeSpeed] = {}
     for b in batches:
-        speeds = measure_speeds(student_and_teacher(student, teacher), prompt, b, new_tokens, rounds=rounds).decode
+        models = student_and_teacher(student, teacher, compiled)
+        speeds = measure_speeds(models, prompt, b, new_tokens, rounds=rounds).decode
         out[b] = DecodeSpeed(student=speeds["student"], teacher=speeds.get("teacher"))
     return out
 

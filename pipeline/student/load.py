@@ -25,14 +25,22 @@ class Student:
     """A saved student (`Transformer.save_pretrained(dir, tokenizer)`) loaded for answering, in the inference dtype
     `dtype` resolves to on `device` (`pipeline.model.precision`; logged, and kept as `precision`)."""
 
-    def __init__(self, directory: str | Path, device: str = "cpu", dtype: InferenceDtype = "float32"):
+    def __init__(
+        self,
+        directory: str | Path,
+        device: str = "cpu",
+        dtype: InferenceDtype = "float32",
+        compile_decode_max_batch: int = 0,
+    ):
         from transformers import AutoTokenizer
 
         from pipeline.model import Transformer
+        from pipeline.model.generate import CompiledDecode
 
         self.precision = log_precision(resolve_precision(dtype, device), f"the student {Path(directory).name}")
         model = Transformer.from_pretrained(directory, map_location=device).eval()
         self.model = model.to(self.precision.dtype)
+        self.compiled = CompiledDecode(self.model, compile_decode_max_batch) if compile_decode_max_batch else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
 
     def answer(
@@ -57,7 +65,7 @@ class Student:
             prompts = [
                 chat_token_ids(self.tokenizer, student_messages(str(q))) for q in questions[start : start + batch_size]
             ]
-            for prompt, c in zip(prompts, generate(self.model, prompts, sampling), strict=True):
+            for prompt, c in zip(prompts, generate(self.model, prompts, sampling, self.compiled), strict=True):
                 text = self.tokenizer.decode([t for t in c.tokens if t != eos], skip_special_tokens=True)
                 out.append(Answer(text, len(prompt), len(c.tokens), c.finish_reason or "length"))
         return out

@@ -78,3 +78,41 @@ def test_sampling_follows_the_tempered_distribution_and_its_filters():
     # top_p 0.9: the smallest prefix of (0.64, 0.24, 0.09, ...) reaching 0.9 is the top three tokens
     nucleus = freq(temperature=1.0, top_p=0.9)
     assert nucleus[0] == 0 and nucleus[4] == 0 and nucleus[1] > 0
+
+
+@pytest.mark.timeout(600)
+def test_the_compiled_decode_step_gives_the_eager_logits_and_follows_changed_weights():
+    """Compiled steps (batch 1; batch 3 stays eager past max_batch 2) against the eager path, also when every
+    weight changes in place between two decode steps (as an optimizer step or a weight sync changes them)."""
+    from pipeline.model.generate import CompiledDecode, decode, prefill
+
+    torch.manual_seed(0)
+    model = Transformer(model_preset("toy", vocab_size=200, n_layers=2)).eval()
+    compiled = CompiledDecode(model, max_batch=2)
+
+    def scale_weights(factor: float) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(factor)  # powers of two: undone exactly
+
+    def steps(batch: int, step: CompiledDecode | None, change_at: int | None = None) -> torch.Tensor:
+        cache = model.new_cache(batch, max_len=32)
+        slots = [cache.allocate() for _ in range(batch)]
+        logits = prefill(model, cache, slots, [[5, 6, 7, 8][: 2 + b] for b in range(batch)])
+        out = []
+        for i in range(6):
+            if i == change_at:
+                scale_weights(2.0)
+            logits = decode(model, cache, slots, logits.argmax(-1).tolist(), step)
+            out.append(logits)
+        if change_at is not None:
+            scale_weights(0.5)
+        return torch.stack(out)
+
+    for batch in (1, 3):
+        torch.testing.assert_close(steps(batch, compiled), steps(batch, None), atol=1e-4, rtol=1e-4)
+    assert compiled.compiled_steps == 5  # batch 1: the first step eager (new weights), then compiled; batch 3 eager
+    torch.testing.assert_close(steps(1, compiled, change_at=3), steps(1, None, change_at=3), atol=1e-4, rtol=1e-4)
+    greedy = SamplingParams(max_new_tokens=10)
+    prompts = [[1, 2, 3]]
+    assert generate(model, prompts, greedy, compiled)[0].tokens == generate(model, prompts, greedy)[0].tokens

@@ -43,13 +43,16 @@ def test_this_cpus_features_are_read_at_run_time_and_agree_with_the_kernel():
     assert auto.dtype == (torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & flags else torch.float32)
 
 
-def test_an_unknown_setting_is_refused_by_the_config_before_anything_runs():
+def test_unknown_inference_settings_are_refused_by_the_config_before_anything_runs():
     from pipeline.config import EvaluateConfig, ServeConfig
 
     for section in (EvaluateConfig, ServeConfig):
         with pytest.raises(ValueError, match="inference_dtype"):
             section(inference_dtype="bf16")
         assert section().inference_dtype == "float32"
+        with pytest.raises(ValueError, match="compile_decode_max_batch"):
+            section(compile_decode_max_batch=-1)
+        assert section().compile_decode_max_batch == 0  # off: compiling costs a minute per batch size
 
 
 def test_a_student_loads_in_the_resolved_dtype_answers_and_logs_the_choice(registered_student, caplog):

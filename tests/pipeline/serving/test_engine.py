@@ -128,3 +128,23 @@ def test_requests_over_the_context_are_refused_before_queueing(model):
         engine.stop()
     with pytest.raises(EngineError, match="not running"):
         engine.submit([1], SamplingParams(max_new_tokens=2), loop=asyncio.new_event_loop())
+
+
+@pytest.mark.timeout(300)
+def test_an_engine_with_a_compiled_step_compiles_before_serving_and_answers_as_the_eager_one(model):
+    """`compile_steps` compiles every covered batch size on the engine's own cache and leaves its slots free; the
+    requests then take the compiled step at batch 1 and give what `generate` gives each alone."""
+    from pipeline.model.generate import CompiledDecode
+
+    compiled = CompiledDecode(model, max_batch=1)
+    engine = Engine(model, max_batch_size=2, compiled=compiled)
+    try:
+        engine.compile_steps()
+        assert compiled.compiled_steps == 2 and engine.stats()["free_slots"] == 2  # steps 2 and 3 of the warm-up
+        prompts, greedy = [[1, 2, 3], [99, 4]], SamplingParams(max_new_tokens=8)
+        for p in prompts:  # one at a time: batch 1, the compiled size
+            tokens, reason = asyncio.run(collect(engine, p, greedy))
+            assert tokens == generate(model, [p], greedy)[0].tokens and reason == "length"
+        assert compiled.compiled_steps == 2 + 2 * 7  # every decode step of both requests (the first token is prefill's)
+    finally:
+        engine.stop()
