@@ -83,11 +83,19 @@ class LlamaCppDecoder:
     def close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.proc.stdin.close()  # the worker exits at the end of its input
+        stop(self.proc, terminate=False)
+
+
+def stop(proc: subprocess.Popen, terminate: bool = True, timeout: float = 30) -> None:
+    """End a child process: SIGTERM (unless it is already ending on its own), then SIGKILL after `timeout` s."""
+    if terminate:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def llama_cpp_decoder(threads: int) -> LlamaCppDecoder | None:
@@ -131,11 +139,7 @@ def llama_cpp_server(threads: int, n_ctx: int = 2048) -> Iterator[str | None]:
                 time.sleep(0.5)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 if __name__ == "__main__":  # `python benchmarks/peers.py`: is the peer there?
