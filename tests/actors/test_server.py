@@ -82,23 +82,34 @@ def stats(app: str) -> dict:
 
 
 def test_overload_is_refused_with_503_not_queued_without_bound(app):
-    """16 ongoing + 16 queued are allowed; 64 at once: the rest are refused at once, and nothing is a 500."""
+    """16 ongoing + 16 queued are allowed; 96 at once: some are refused with 503 and at once, and nothing is a 500.
 
-    async def one(c: httpx.AsyncClient) -> int:
+    How many are refused depends on how fast the 96 arrive against how fast batches finish (Serve's queue bound is
+    best effort, and a slow machine lets a batch finish while the last requests are still connecting), so the test
+    asserts what holds on any machine: refusals happen, they come back without waiting on the work ahead of them,
+    and the accepted ones are all answered.
+    """
+
+    async def one(c: httpx.AsyncClient) -> tuple[int, float]:
+        start = time.perf_counter()
         r = await c.post(
             f"{app}/v1/completions",
             json={"model": MODEL, "prompt": "Load", "max_tokens": 120, "ignore_eos": True},
             headers={"Authorization": f"Bearer {KEY}"},
         )
-        return r.status_code
+        return r.status_code, time.perf_counter() - start
 
     async def main():
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as c:
-            return await asyncio.gather(*(one(c) for _ in range(64)))
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=96)) as c:
+            return await asyncio.gather(*(one(c) for _ in range(96)))
 
-    codes = asyncio.run(main())
+    results = asyncio.run(main())
+    codes = [code for code, _ in results]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 10 and codes.count(200) >= 16, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 16, codes
+    served = sorted(s for code, s in results if code == 200)
+    refused = [s for code, s in results if code == 503]
+    assert max(refused) < served[len(served) // 2], (refused, served)  # refused at once, not after a queue wait
     assert stats(app)["running"] == 0
 
 
