@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pipeline.config import TeacherConfig
 from pipeline.data.generation import Generation
-from pipeline.teacher import load_teacher
-from pipeline.teacher.base import SoftTargets
+from pipeline.teacher import load_teacher, prepare_teacher
+from pipeline.teacher.base import SoftTargets, TeacherCapabilities
 
 
 @dataclass
@@ -49,7 +49,7 @@ class ScoreRequest:
 @dataclass
 class ScoreResult:
     sequences: list[tuple[list[int], int]]  # (token ids of the training text, first completion index) per sample
-    targets: list[SoftTargets]
+    targets: list[SoftTargets | None]  # None: the teacher could not score this one (it trains on its text alone)
     seconds: float
     tokens: int  # tokens scored (whole sequences)
     teacher_id: str
@@ -62,17 +62,31 @@ class TeacherWorker:
         cfg: the teacher section of the run config.
         cache_dir: where a GGUF teacher is dequantized once per node.
         num_threads: CPU threads for torch (the actor's CPU share); None leaves torch's default.
+        for_scoring, vocabulary: as `load_teacher` takes them (a scoring teacher; a remote one's local tokenizer).
     """
 
-    def __init__(self, cfg: TeacherConfig, cache_dir: str | Path, num_threads: int | None = None):
+    def __init__(
+        self,
+        cfg: TeacherConfig,
+        cache_dir: str | Path,
+        num_threads: int | None = None,
+        for_scoring: bool = False,
+        vocabulary: str | None = None,
+    ):
         if num_threads:
             import torch
 
             torch.set_num_threads(num_threads)
         self.cfg = cfg
-        self.teacher = load_teacher(cfg, cache_dir)
+        self.teacher = load_teacher(cfg, cache_dir, for_scoring=for_scoring, vocabulary=vocabulary)
         self.teacher_id = self.teacher.teacher_id
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def capabilities(self) -> TeacherCapabilities:
+        return self.teacher.capabilities()
+
+    def identity(self) -> str:
+        return self.teacher_id
 
     def score(self, request: ScoreRequest) -> ScoreResult:
         """Soft targets for the student's training text of each sample (one forward pass per batch)."""
@@ -109,20 +123,30 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
-def teacher_pool(cfg: TeacherConfig, name: str, max_in_flight_per_actor: int = 2, scheduling_strategy: str = "SPREAD"):
+def teacher_pool(
+    cfg: TeacherConfig,
+    name: str,
+    max_in_flight_per_actor: int = 2,
+    scheduling_strategy: str = "SPREAD",
+    for_scoring: bool = False,
+    vocabulary: str | None = None,
+):
     """An `ActorPool` of `cfg.num_actors` teacher actors with the configured resources.
 
-    The model is resolved once on the calling node first (a GGUF is dequantized once there, not once per actor).
+    The local weights are resolved once on the calling node first (a GGUF is dequantized once there, not once per
+    actor), and a remote teacher's `vocabulary` too.
     """
     from actors.pool import ActorPool, torch_threads
     from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
 
     cache_dir = default_cache_dir()
-    if cfg.backend == "hf":
-        resolve_model_dir(cfg.model, cache_dir)
+    prepare_teacher(cfg, cache_dir)
+    if vocabulary is not None:
+        resolve_model_dir(vocabulary, cache_dir)
+    threads = torch_threads(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor)
     return ActorPool(
         TeacherWorker,
-        (cfg, str(cache_dir), torch_threads(cfg.num_cpus_per_actor, cfg.num_gpus_per_actor)),
+        (cfg, str(cache_dir), threads, for_scoring, vocabulary),
         size=cfg.num_actors,
         name=name,
         num_cpus=cfg.num_cpus_per_actor,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.model.config import MODEL_PRESETS, InferenceDtype, ModelConfig
 from pipeline.redaction import redact
@@ -36,6 +36,7 @@ class TeacherConfig(Section):
     model: str = "smollm2-135m-instruct"
     base_url: str | None = Field(None, validate_default=True)
     api_key_env: str = "OPENAI_API_KEY"
+    api_key_file: str | None = None  # openai: a file holding the key (a mounted secret); read before api_key_env
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_actors: int = Field(2, ge=1)
     num_cpus_per_actor: float = Field(1.0, ge=0)
@@ -48,6 +49,25 @@ class TeacherConfig(Section):
     answer_extractors: list[Extractor] = Field(default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     request_timeout: float = Field(120.0, gt=0)  # openai: seconds per request
     max_retries: int = Field(3, ge=0)  # openai: retries of timeouts, connection errors, 429 and 5xx
+    # openai: a local copy of the served model's weights (a model directory or .gguf) for what needs weights
+    # (`convert` with model.init=teacher, evaluate's speed baseline); its tokenizer is then the soft targets'
+    weights: str | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_for_a_server(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("backend") != "openai":
+            raise ValueError("weights names a served teacher's local copy (backend openai); a local teacher's is model")
+        return v
+
+    def local_weights(self) -> str | None:
+        """The teacher's weights on this machine: the model itself for a local backend, `weights` for a server."""
+        return self.weights if self.backend == "openai" else self.model
+
+    def vocabulary(self, fallback: str) -> str:
+        """The local tokenizer whose ids the teacher's soft targets and the student use: the weights', else
+        `fallback` (distill.tokenizer)."""
+        return self.local_weights() or fallback
 
     @field_validator("base_url")
     @classmethod
@@ -355,6 +375,17 @@ class MoeforgeConfig(Section):
     job: JobConfig = Field(default_factory=JobConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _teacher_can_do_what_the_stages_need(self) -> MoeforgeConfig:
+        # before anything runs: a stage that needs a capability the teacher lacks says so here
+        if self.model.init == "teacher" and self.teacher.local_weights() is None:
+            raise ValueError(
+                f"convert needs the teacher's weights (model.init=teacher), but teacher.backend="
+                f"{self.teacher.backend} serves them remotely: set teacher.weights=<local model dir or .gguf of "
+                "the same model> or model.init=scratch"
+            )
+        return self
+
     def slice(self, sections: tuple[str, ...]) -> dict[str, Any]:
         """The JSON-able part of the config that a stage reads."""
         return {s: getattr(self, s).model_dump(mode="json") for s in sections}
@@ -365,6 +396,20 @@ class MoeforgeConfig(Section):
     def to_yaml(self) -> str:
         """The config as YAML for people and tracking: secrets redacted (`pipeline/redaction.py`)."""
         return yaml.safe_dump(redact(self.model_dump(mode="json")), sort_keys=False)
+
+
+def read_api_key(env_var: str, key_file: str | None, where: str) -> str | None:
+    """An API key from its file when one is configured (a mounted secret), else from the environment variable;
+    never from the config itself, so no key reaches tracking or logs. `where`: the section, for errors."""
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise ConfigError(f"{where}.api_key_file {path} does not exist")
+        key = path.read_text().strip()
+        if not key:
+            raise ConfigError(f"{where}.api_key_file {path} is empty")
+        return key
+    return os.environ.get(env_var) or None
 
 
 # ---------------------------------------------------------------------------------------------------- loading

@@ -33,8 +33,10 @@ def format_validation_error(err: ValidationError) -> str:
     """One line per problem: `section.key: reason (got value)`."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        if e["type"] == "extra_forbidden":
+        loc = ".".join(str(p) for p in e["loc"])
+        if not loc:  # a check across sections
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
         elif e["type"] in ("value_error", "missing"):
             lines.append(f"  {loc}: {e['msg'].removeprefix('Value error, ')}")

@@ -55,7 +55,7 @@ class Convert(Stage):
                     "from the teacher, but model.init=scratch converts nothing: set "
                     "convert.recovery_steps=0 or model.init=teacher"
                 )
-            name = cfg.teacher.model if cfg.teacher.backend != "openai" else cfg.distill.tokenizer
+            name = cfg.teacher.vocabulary(cfg.distill.tokenizer)
             tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(name, default_cache_dir())))
             torch.manual_seed(cfg.convert.seed)
             student = Transformer.for_tokenizer(cfg.model, tokenizer)
@@ -64,12 +64,9 @@ class Convert(Stage):
             student.save_pretrained(out, tokenizer)
             write_conversion(out, ConversionReport(init="scratch"))
             return
-        if cfg.teacher.backend == "openai":
-            raise ValueError(
-                "model.init=teacher converts the teacher's weights, but teacher.backend=openai has none "
-                "on this machine: use a local teacher (backend hf or vllm) or set model.init=scratch"
-            )
-        self.convert(ctx, resolve_model_dir(cfg.teacher.model, default_cache_dir()))
+        weights = cfg.teacher.local_weights()
+        assert weights is not None, "config validation refuses model.init=teacher without the teacher's weights"
+        self.convert(ctx, resolve_model_dir(weights, default_cache_dir()))
 
     def convert(self, ctx: StageContext, teacher_dir) -> None:
         import torch

@@ -168,8 +168,8 @@ class Evaluate(Stage):
         tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
         ids = chat_token_ids(tokenizer, student_messages(prompt.question))
         teacher = None
-        if teacher_cfg.backend != "openai":  # a remote teacher's speed is its server's, not a model's
-            path = resolve_model_dir(teacher_cfg.model, default_cache_dir())
+        if (weights := teacher_cfg.local_weights()) is not None:  # else only a server's speed, not a model's
+            path = resolve_model_dir(weights, default_cache_dir())
             teacher = AutoModelForCausalLM.from_pretrained(str(path), dtype=precision.dtype).eval()
         compiled = CompiledDecode(student, e.compile_decode_max_batch) if e.compile_decode_max_batch else None
         return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens, compiled=compiled)

@@ -41,3 +41,18 @@ class SoftTargets:
     topk_ids: np.ndarray  # int32 [positions, k]
     topk_logprobs: np.ndarray  # float32 [positions, k], log-softmax over the full vocabulary, descending
     tail_logmass: np.ndarray  # float32 [positions], log of the probability mass outside the top k (-inf: none)
+
+
+@dataclass(frozen=True)
+class TeacherCapabilities:
+    """What a loaded teacher can do, so stages ask for a capability, never for a backend.
+
+    `score`: top-k log-probs of given token sequences (what `distill` needs for logit KD); `generation_top_logprobs`:
+    how many top log-probs it returns per generated token (0: none); `how` says by which route, and `refused` why a
+    route the server offers cannot be used (e.g. its tokenizer is not the local one).
+    """
+
+    score: bool
+    generation_top_logprobs: int
+    how: str
+    refused: str | None = None

@@ -23,7 +23,7 @@ import torch
 
 from pipeline.data.generation import Generation
 from pipeline.data.prompts import chat_token_ids
-from pipeline.teacher.base import SoftTargets, split_over_context
+from pipeline.teacher.base import SoftTargets, TeacherCapabilities, split_over_context
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ class HFTeacher:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def capabilities(self) -> TeacherCapabilities:
+        return TeacherCapabilities(score=True, generation_top_logprobs=0, how="a forward pass over the full vocabulary")
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The prompt tokens for a conversation, in the teacher's chat template, ending at the assistant's turn."""

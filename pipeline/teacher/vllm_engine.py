@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.data.generation import Generation
 from pipeline.data.prompts import chat_token_ids
-from pipeline.teacher.base import split_over_context
+from pipeline.teacher.base import TeacherCapabilities, split_over_context
 from pipeline.teacher.hf import resolve_model_dir
 
 
@@ -30,6 +30,13 @@ class VLLMTeacher:
         self.tokenizer = self.llm.get_tokenizer()
         self.max_context = self.llm.llm_engine.model_config.max_model_len
         self._vllm = vllm
+
+    def capabilities(self) -> TeacherCapabilities:
+        # scoring loads the same weights through transformers (`load_teacher(..., for_scoring=True)`)
+        return TeacherCapabilities(False, 0, "vLLM's offline engine, text only", "score with for_scoring=True")
+
+    def score(self, sequences, starts, top_k):
+        raise ValueError("vLLM's engine here generates text only: load the teacher with for_scoring=True to score")
 
     def generate(
         self,

@@ -50,6 +50,11 @@ def test_config_hash_tracks_content():
         (["train.learning_rate=1"], "train.learning_rate: unknown key"),
         (["bogus.key=1"], "bogus: unknown key"),
         (["teacher.backend=openai"], "teacher.base_url: base_url is required when backend is 'openai'"),
+        (
+            ["teacher.backend=openai", "teacher.base_url=http://127.0.0.1:8000/v1"],
+            "convert needs the teacher's weights (model.init=teacher), but teacher.backend=openai serves them "
+            "remotely: set teacher.weights=<local model dir or .gguf of the same model> or model.init=scratch",
+        ),
         (["data.source=file"], "data.path: path is required when source is 'file'"),
         (["data.tasks=[{weight: 1}]"], "data.tasks.0.name: Field required"),
         (["serve.autoscaling={min_replicas: 3, max_replicas: 2}"], "serve.autoscaling.max_replicas"),
@@ -87,3 +92,17 @@ def test_slice_holds_only_declared_sections():
     cfg = MoeforgeConfig()
     s = cfg.slice(("distill", "teacher"))
     assert set(s) == {"distill", "teacher"} and s["distill"]["top_k"] == 20
+
+
+def test_a_remote_teacher_with_local_weights_or_a_scratch_student_is_valid():
+    """What needs the teacher's weights asks `local_weights()`: the model for a local backend, `weights` for a
+    server; the vocabulary falls back to distill.tokenizer when there are none."""
+    remote = ["teacher.backend=openai", "teacher.base_url=http://127.0.0.1:8000/v1", "teacher.model=served"]
+    cfg = load_config("tiny", [*remote, "teacher.weights=/models/teacher.gguf"])
+    assert cfg.teacher.local_weights() == cfg.teacher.vocabulary("x") == "/models/teacher.gguf"
+    cfg = load_config("tiny", [*remote, "model.init=scratch", "distill.tokenizer=/tok"])
+    assert cfg.teacher.local_weights() is None and cfg.teacher.vocabulary(cfg.distill.tokenizer) == "/tok"
+    local = load_config("tiny")
+    assert local.teacher.local_weights() == local.teacher.model
+    with pytest.raises(ConfigError, match=r"teacher\.weights: weights names a served teacher's local copy"):
+        load_config("tiny", ["teacher.weights=/models/teacher.gguf"])

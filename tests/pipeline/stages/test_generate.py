@@ -164,6 +164,7 @@ def test_openai_teacher_failures_become_flagged_samples(tmp_path, openai_server)
         "teacher.backend=openai",
         f"teacher.base_url={url}",
         "teacher.model=smollm2",
+        "model.init=scratch",  # a remote teacher without local weights has nothing to convert
         "teacher.num_actors=1",
         "teacher.batch_size=1",
         "teacher.max_retries=1",
