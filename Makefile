@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml infra/install.sh | $(PY)
 	sh infra/install.sh $(PY) dev editable
 	touch $(STAMP)
 
-# the benchmarks' peers, outside the project's venv: llama-cpp-python and its OpenAI-compatible server, built from
-# source (~5 min on 2 cores) into $(PEERS_VENV) once, then reused (infra/install_peers.sh says which CPU features)
+# the peers, outside the project's venv: llama-cpp-python and its OpenAI-compatible server, built from source
+# (~5 min on 2 cores) into $(PEERS_VENV) once, then reused (infra/install_peers.sh says which CPU features). The
+# benchmarks compare against it, and the remote-teacher tests run against its server, so `make test` builds it.
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.moeforge-peers-installed
 
@@ -36,7 +37,7 @@ run: $(STAMP)
 
 # the dashboard's browser test drives Debian's Chromium: tests/install_browser.sh installs it when missing (if it
 # cannot, the rest of the suite still runs and that test fails saying what is missing)
-test: $(STAMP)
+test: $(STAMP) $(PEERS_STAMP)
 	sh tests/install_browser.sh || echo "warning: chromium/chromedriver not installed; the dashboard browser test will fail"
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -109,6 +109,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LlamaCppServer:
+    """llama-cpp-python's OpenAI-compatible server on the teacher's GGUF, on a loopback port it keeps across
+    `kill()` and `start()` (the tests take a server down mid-work and bring it back where clients expect it)."""
+
+    MODEL = "teacher-gguf"  # the name it serves the model under
+
+    def __init__(self, python: Path, threads: int, n_ctx: int = 2048, port: int | None = None):
+        self.python, self.threads, self.n_ctx = python, threads, n_ctx
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> LlamaCppServer:
+        args = {"--model": teacher_gguf(), "--model_alias": self.MODEL, "--host": "127.0.0.1", "--port": self.port}
+        args |= {"--n_threads": self.threads, "--n_threads_batch": self.threads, "--n_ctx": self.n_ctx}
+        # it serves one request at a time; by default a new request interrupts the running one: queue them instead
+        args |= {"--verbose": False, "--interrupt_requests": False}
+        cmd = [str(self.python), "-m", "llama_cpp.server", *(str(x) for kv in args.items() for x in kv)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama.cpp server exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2):
+                    return self
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"llama.cpp server did not answer within {timeout} s") from None
+                time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it: requests in flight get a dropped connection."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+
 @contextlib.contextmanager
 def llama_cpp_server(threads: int, n_ctx: int = 2048) -> Iterator[str | None]:
     """llama-cpp-python's OpenAI-compatible server on the teacher's GGUF on loopback: its base URL (None: not
@@ -117,29 +162,11 @@ def llama_cpp_server(threads: int, n_ctx: int = 2048) -> Iterator[str | None]:
     if py is None:
         yield None
         return
-    port = free_port()
-    args = {"--model": teacher_gguf(), "--model_alias": "teacher-gguf", "--host": "127.0.0.1", "--port": port}
-    args |= {"--n_threads": threads, "--n_threads_batch": threads, "--n_ctx": n_ctx, "--verbose": False}
-    # it serves one request at a time; by default a new request interrupts the running one: queue them instead
-    args |= {"--interrupt_requests": False}
-    cmd = [str(py), "-m", "llama_cpp.server", *(str(x) for kv in args.items() for x in kv)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}/v1"
+    server = LlamaCppServer(py, threads, n_ctx).start()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                with urllib.request.urlopen(f"{base}/models", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("llama.cpp server did not answer within 120 s") from None
-                time.sleep(0.5)
-        yield base
+        yield server.base_url
     finally:
-        stop(proc)
+        server.stop()
 
 
 if __name__ == "__main__":  # `python benchmarks/peers.py`: is the peer there?

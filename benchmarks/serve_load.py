@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="leave out llama.cpp even where `make peers` built it")
     args = parser.parse_args()
 
-    from peers import llama_cpp_server
+    from peers import LlamaCppServer, llama_cpp_server
     from transformers import AutoTokenizer
 
     threads = max(1, int(args.cpus))
@@ -212,7 +212,7 @@ def main() -> None:
             with llama_cpp_server(threads) as base:
                 if base is not None:
                     eos = AutoTokenizer.from_pretrained(str(directory)).eos_token_id
-                    peer = rounds_of(base, "teacher-gguf", args, {"logit_bias": {str(eos): -100}})
+                    peer = rounds_of(base, LlamaCppServer.MODEL, args, {"logit_bias": {str(eos): -100}})
         ours = serve_student(args, directory)
         floor_ms = prefill_floor(directory, args.requests, threads, args.dtype) * 1e3
 

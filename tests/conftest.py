@@ -117,6 +117,21 @@ class RegisteredStudent:
 
 
 @pytest.fixture(scope="session")
+def llama_cpp_server():
+    """llama-cpp-python's OpenAI-compatible server (a real third-party server) on the default teacher's shipped
+    GGUF, on loopback for the session: a `benchmarks.peers.LlamaCppServer` (`.base_url`, `.MODEL`, `kill()`,
+    `start()`). It is built by `make peers`, which `make test` runs; without it the test fails saying so."""
+    from benchmarks.peers import LlamaCppServer, peers_python
+
+    python = peers_python()
+    if python is None:
+        pytest.fail("llama-cpp-python is not built: run `make peers` (`make test` does)")
+    server = LlamaCppServer(python, threads=2).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def registered_student(tmp_path_factory, teacher_dir) -> RegisteredStudent:
     """A small randomly initialised student with the teacher's tokenizer, saved and registered as
     `test-student` version 1 @champion (serving tests need a real registry entry, not a trained model)."""

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
-from pathlib import Path
 
-from pipeline.config import ConfigError, ServeConfig
+from pipeline.config import ConfigError, ServeConfig, read_api_key
 from pipeline.serving.protocol import ApiError
 
 
 def load_api_key(settings: ServeConfig) -> str | None:
     """The key clients must send: the mounted secret file if configured, else the environment variable."""
-    if settings.api_key_file:
-        path = Path(settings.api_key_file)
-        if not path.is_file():
-            raise ConfigError(f"serve.api_key_file {path} does not exist")
-        key = path.read_text().strip()
-        if not key:
-            raise ConfigError(f"serve.api_key_file {path} is empty")
-        return key
-    return os.environ.get(settings.api_key_env) or None
+    return read_api_key(settings.api_key_env, settings.api_key_file, "serve")
 
 
 def is_loopback(host: str) -> bool:

@@ -6,8 +6,12 @@ as in `generate`, loaded once each) run one forward pass per batch over the stud
 the tail mass at every completion position. Each partition becomes one shard (retry- and resume-safe, as in
 `generate`). The teacher's tokenizer is saved beside the shards with its fingerprint: the student must use it.
 
-Teachers without logits (`openai`) fall back to sequence-level distillation: the rows hold the tokenized
-sequences and masks with empty targets (plain SFT on the completion), and the run carries a warning tag.
+What the teacher can do decides the route (`TeacherCapabilities`, asked of a loaded teacher): a local teacher
+scores by a forward pass; a remote one by echoing the text with its log-probs, once the server's tokens are found
+to be the local tokenizer's (`teacher.weights`, else `distill.tokenizer`). A teacher that cannot score falls back
+to sequence-level distillation: the rows hold the tokenized sequences and masks with empty targets (plain SFT on
+the completion), and the run carries a warning tag that says why. A sample the server tokenises differently from
+the rest keeps its row with empty targets too (counted in `sequence_level_samples`): no sample is dropped.
 """
 
 from __future__ import annotations
@@ -47,15 +51,13 @@ class Distill(Stage):
         shards = Shards(ctx.scratch_dir, SOFT_TARGETS)
         dtype = soft_targets_schema(cfg.distill.logprob_dtype)
         out = ctx.output_dir("soft_targets")
-        if cfg.teacher.backend == "openai":
-            tokenizer, teacher_id = self.sequence_level(ctx, parts, shards, dtype)
-        else:
-            tokenizer, teacher_id = self.score(ctx, parts, shards, dtype)
+        tokenizer, teacher_id = self.score(ctx, parts, shards, dtype)
         stored_bytes = shards.publish(sorted(parts), out)
         tokenizer.save_pretrained(str(out / "tokenizer"))
         fingerprint = T.tokenizer_fingerprint(tokenizer)
         table = shards.read(sorted(parts))
         positions = sum(sum(m) for m in table["loss_mask"].to_pylist())
+        soft = pc.max(pc.list_value_length(table["topk_ids"])).as_py() > 0  # resumed shards count too
         write_json(
             out / "meta.json",
             {
@@ -63,7 +65,7 @@ class Distill(Stage):
                 "teacher_id": teacher_id,
                 "top_k": cfg.distill.top_k,
                 "logprob_dtype": cfg.distill.logprob_dtype,
-                "soft_targets": cfg.teacher.backend != "openai",
+                "soft_targets": soft,
                 "samples": table.num_rows,
                 "target_positions": positions,
             },
@@ -78,15 +80,17 @@ class Distill(Stage):
         )
 
     def score(self, ctx: StageContext, parts: dict, shards: Shards, schema: pa.Schema):
+        """Soft targets for every partition not yet on disk, by whatever route the teacher scores; returns the
+        tokenizer of the stored ids and the teacher's id."""
+        import ray
         from transformers import AutoTokenizer
 
         from actors.teacher import ScoreRequest, teacher_pool
         from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
 
         cfg = ctx.config
-        teacher = cfg.teacher
-        if teacher.backend == "vllm":  # vLLM generates; scoring needs full logits: the same weights through hf
-            teacher = teacher.model_copy(update={"backend": "hf"})
+        vocabulary = cfg.teacher.vocabulary(cfg.distill.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(vocabulary, default_cache_dir())))
         masses: list[np.ndarray] = []
         tokens, t0 = 0, time.perf_counter()  # t0 restarts once the pool is up: throughput excludes its startup
         todo = shards.missing(sorted(parts))
@@ -99,14 +103,27 @@ class Distill(Stage):
             )
             for i in todo
         ]
-        teacher_id = None
+        teacher_id, sequence_level, retried = None, 0, []
         if requests:
             bar = ctx.progress(total=sum(len(parts[i]) for i in todo), desc="distill")
             with teacher_pool(
-                teacher, f"distill-{ctx.run_id[:8]}.teacher", scheduling_strategy=ctx.scheduling_strategy
+                cfg.teacher,
+                f"distill-{ctx.run_id[:8]}.teacher",
+                scheduling_strategy=ctx.scheduling_strategy,
+                for_scoring=True,
+                vocabulary=vocabulary,
             ) as pool:
+                caps, teacher_id = ray.get(pool.actors[0].capabilities.remote()), None
+                ctx.set_tags({"distill.scored_by": caps.how if caps.score else f"nothing: {caps.refused}"})
+                if not caps.score:
+                    self.sequence_level(ctx, parts, todo, shards, schema, tokenizer, caps.refused)
+                    requests = []
                 t0 = time.perf_counter()
-                for i, result in pool.map_unordered("score", requests, cfg.distill.max_attempts):
+                # a partition that failed (a server gone mid-way) is scored again whole: shards are written once
+                retry = pool.map_unordered(
+                    "score", requests, cfg.distill.max_attempts, on_retry=lambda i, _: retried.append(i)
+                )
+                for i, result in retry:
                     shards.write(
                         i,
                         pa.Table.from_pylist(
@@ -117,14 +134,21 @@ class Distill(Stage):
                             schema=schema,
                         ),
                     )
-                    masses += [T.topk_mass(tg) for tg in result.targets]
+                    masses += [T.topk_mass(tg) for tg in result.targets if tg is not None]
+                    sequence_level += sum(tg is None for tg in result.targets)
                     tokens += result.tokens
                     teacher_id = result.teacher_id
                     ctx.record("moeforge_distill_tokens", result.tokens)
                     ctx.record("moeforge_distill_tokens_per_second", tokens / (time.perf_counter() - t0))
                     bar.update(len(parts[i]))
+                teacher_id = teacher_id or ray.get(pool.actors[0].identity.remote())
             bar.close()
-        metrics: dict[str, float] = {"resumed_partitions": len(parts) - len(todo), "partitions": len(parts)}
+        metrics: dict[str, float] = {
+            "resumed_partitions": len(parts) - len(todo),
+            "partitions": len(parts),
+            "sequence_level_samples": sequence_level,
+            "retried_partitions": len(set(retried)),
+        }
         if masses:
             mass = np.concatenate(masses)
             metrics.update(
@@ -133,23 +157,20 @@ class Distill(Stage):
                 score_tokens_per_s=tokens / (time.perf_counter() - t0),
             )
         ctx.log_metrics(metrics)
-        model_dir = resolve_model_dir(teacher.model, default_cache_dir())
-        return AutoTokenizer.from_pretrained(str(model_dir)), teacher_id or f"hf:{model_dir.name}"
+        return tokenizer, teacher_id or cfg.teacher.model
 
-    def sequence_level(self, ctx: StageContext, parts: dict, shards: Shards, schema: pa.Schema):
+    def sequence_level(
+        self, ctx: StageContext, parts: dict, todo: list, shards: Shards, schema: pa.Schema, tokenizer, why: str | None
+    ) -> None:
         """No logits from this teacher: store the tokenized training text only (plain SFT), and say so."""
-        from transformers import AutoTokenizer
-
-        from pipeline.teacher.hf import default_cache_dir, resolve_model_dir
-
         cfg = ctx.config
         warning = (
-            f"teacher backend {cfg.teacher.backend!r} gives no logits: sequence-level distillation (SFT on "
-            f"the accepted completions) with tokenizer {cfg.distill.tokenizer!r}"
+            f"teacher {cfg.teacher.model!r} ({cfg.teacher.backend}) gives no usable logits ({why}): sequence-level "
+            f"distillation (SFT on the accepted completions) with tokenizer "
+            f"{cfg.teacher.vocabulary(cfg.distill.tokenizer)!r}"
         )
         ctx.set_tags({"moeforge.warning": warning})
-        tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(cfg.distill.tokenizer, default_cache_dir())))
-        for i in shards.missing(sorted(parts)):
+        for i in todo:
             shards.write(
                 i,
                 pa.Table.from_pylist(
@@ -160,4 +181,3 @@ class Distill(Stage):
                     schema=schema,
                 ),
             )
-        return tokenizer, f"openai:{cfg.teacher.model}@{cfg.teacher.base_url}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.config import ConfigError
 from pipeline.teacher.openai_http import OpenAITeacher
 
 pytestmark = pytest.mark.slow
@@ -22,6 +23,17 @@ def test_answers_in_order_with_usage_and_the_api_key(openai_server, monkeypatch)
     assert [o.error for o in out] == [None, None, None]
     assert "7" in out[0].text and out[0].text == out[2].text and out[0].completion_tokens > 0
     assert faults["auth"] == "Bearer sekret"
+
+
+def test_the_api_key_can_come_from_a_file_and_a_missing_one_is_named(openai_server, tmp_path, monkeypatch):
+    url, faults = openai_server
+    monkeypatch.setenv("MY_KEY", "from-the-environment")
+    (tmp_path / "key").write_text("from-the-file\n")
+    client = OpenAITeacher(url, "smollm2", api_key_env="MY_KEY", api_key_file=str(tmp_path / "key"))
+    assert client.generate([QUESTION], max_new_tokens=2)[0].error is None
+    assert faults["auth"] == "Bearer from-the-file" and "from-the-file" not in client.teacher_id
+    with pytest.raises(ConfigError, match=r"teacher\.api_key_file .*/nope does not exist"):
+        OpenAITeacher(url, "smollm2", api_key_file=str(tmp_path / "nope"))
 
 
 def test_transient_500s_are_retried(openai_server):
