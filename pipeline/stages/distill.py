@@ -113,11 +113,12 @@ class Distill(Stage):
                 for_scoring=True,
                 vocabulary=vocabulary,
             ) as pool:
-                caps, teacher_id = ray.get(pool.actors[0].capabilities.remote()), None
+                first = pool.actors[0]
+                caps, teacher_id = ray.get([first.capabilities.remote(), first.identity.remote()])
                 ctx.set_tags({"distill.scored_by": caps.how if caps.score else f"nothing: {caps.refused}"})
                 if not caps.score:
                     self.sequence_level(ctx, parts, todo, shards, schema, tokenizer, caps.refused)
-                    requests = []
+                    sequence_level, requests = sum(len(parts[i]) for i in todo), []
                 t0 = time.perf_counter()
                 # a partition that failed (a server gone mid-way) is scored again whole: shards are written once
                 retry = pool.map_unordered(
@@ -137,11 +138,9 @@ class Distill(Stage):
                     masses += [T.topk_mass(tg) for tg in result.targets if tg is not None]
                     sequence_level += sum(tg is None for tg in result.targets)
                     tokens += result.tokens
-                    teacher_id = result.teacher_id
                     ctx.record("moeforge_distill_tokens", result.tokens)
                     ctx.record("moeforge_distill_tokens_per_second", tokens / (time.perf_counter() - t0))
                     bar.update(len(parts[i]))
-                teacher_id = teacher_id or ray.get(pool.actors[0].identity.remote())
             bar.close()
         metrics: dict[str, float] = {
             "resumed_partitions": len(parts) - len(todo),

@@ -110,8 +110,6 @@ class OpenAITeacher:
         )
         try:
             echoed = self._echo(self.tokenizer.decode(ids), 1)
-        except TeacherUnreachable:
-            raise
         except (openai.APIStatusError, AttributeError, TypeError, ValueError) as e:
             echoed, why = None, f"completions with echo and logprobs failed ({type(e).__name__}: {str(e)[:200]})"
         if echoed is not None:
