@@ -1,6 +1,7 @@
 """The trainer role on Ray Train: every worker runs one `Replica` (`pipeline/train/replica.py`).
 
-`train_loop` is the body of every Ray Train worker: it streams the worker's shard of the soft targets, restores from
+`train_loop` is the body of every Ray Train worker: it streams the worker's own rows of the soft-target shards
+(`pipeline/train/parquet_rows.py`, read by the worker itself), restores from
 `ray.train.get_checkpoint()`, steps the replica, reports a checkpoint every `checkpoint_every` steps, and on rank 0
 logs the step metrics to the stage's MLflow run (MLflow's async logging, waited for before each checkpoint) and
 records them as live Ray metrics. `fit` builds the `TorchTrainer` (Train V2) with a deterministic
@@ -15,18 +16,18 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from pipeline.train.expert_metrics import expert_shares, shares
+from pipeline.train.parquet_rows import RankRows, first_rows
 from pipeline.train.replica import Replica, TrainJob
-from pipeline.train.stream import RowSource
+from pipeline.train.split import is_held_out
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainJob", "contiguous_split", "fit", "shard_rows", "train_loop"]
+__all__ = ["TrainJob", "fit", "held_out_rows", "train_loop", "train_rows"]
 
 
 class StepLog:
@@ -70,47 +71,37 @@ class StepLog:
             self.system.finish()
 
 
-def contiguous_split(dataset, world_size: int):
-    """A Ray Train `DataConfig` that gives every row to exactly one worker.
+def train_rows(job: TrainJob, rank: int, world: int) -> RankRows:
+    """This worker's training rows of `job.data`: its contiguous share, the held-out samples skipped."""
+    t = job.train
 
-    Ray Train's default split (`streaming_split(equal=True)`) drops up to `num_workers - 1` rows to make shards
-    equal, and hands blocks out as workers ask. Here the dataset is materialized and cut at fixed row indices
-    now, before the workers take the cluster's CPUs (a split run later, from inside training, would wait for CPUs
-    the workers hold): shards differ by at most one row, nothing is dropped, and rank r gets the same rows on every
-    attempt, so a restarted worker continues its own data order. DDP does not need equal shards: every replica
-    takes the same number of windows per step and cycles through its own.
-    """
-    from ray.train import DataConfig
+    def keep(row: dict) -> bool:
+        return not is_held_out(row["sample_id"], t.val_fraction, t.seed)
 
-    dataset.context.execution_options.preserve_order = True  # file order: the same rows per rank on every run
-    ds = dataset.materialize()
-    n = ds.count()
-    if n < world_size:
-        raise ValueError(
-            f"the soft-target dataset has {n} rows, fewer than train.num_workers ({world_size}): "
-            "every worker needs at least one sample"
-        )
-    cuts = [n * i // world_size for i in range(1, world_size)]
-    parts = ds.split_at_indices(cuts) if cuts else [ds]
-    for part in parts:  # a worker reads its shard once; a progress bar there would linger for the whole run
-        part.context.enable_progress_bars = False
-
-    class ContiguousSplit(DataConfig):
-        def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
-            return [{name: parts[rank].iterator() for name in datasets} for rank in range(world_size)]
-
-    return ContiguousSplit()
+    return RankRows(job.data, rank, world, t.seed, keep=keep)
 
 
-def shard_rows(shard, rows_per_read: int = 256) -> RowSource:
-    """One pass over this worker's Ray Data shard per call, streamed a few hundred rows at a time in the shard's
-    fixed order (the input stream packs and shuffles them within its bounded buffer; `pipeline/train/stream.py`)."""
+def held_out_rows(job: TrainJob) -> list[dict]:
+    """The validation rows: the first `val_max_samples` held-out samples of `job.data`, in file order."""
+    t = job.train
+    if t.val_fraction <= 0:
+        return []
+    return first_rows(job.data, lambda r: is_held_out(r["sample_id"], t.val_fraction, t.seed), t.val_max_samples)
 
-    def rows() -> Iterator[dict]:
-        for table in shard.iter_batches(batch_format="pyarrow", batch_size=rows_per_read, prefetch_batches=1):
-            yield from table.to_pylist()
 
-    return rows
+def worker_job(job: TrainJob, rank: int) -> TrainJob:
+    """The job as this worker needs it: the starting state fetched from the object store where this rank loads it
+    (every rank under DDP, rank 0 alone under FSDP) and the validation rows read where this rank validates."""
+    import ray
+
+    sharded = job.train.parallelism == "fsdp"
+    if job.data is None:
+        raise ValueError("TrainJob.data is not set: the workers read their rows from the soft-target shards")
+    if isinstance(job.initial_state, ray.ObjectRef):
+        job = dataclasses.replace(job, initial_state=ray.get(job.initial_state) if rank == 0 or not sharded else None)
+    if not job.val_rows and (rank == 0 or sharded):  # under FSDP every rank validates (collectives)
+        job = dataclasses.replace(job, val_rows=held_out_rows(job))
+    return job
 
 
 def train_loop(job: TrainJob) -> None:
@@ -124,9 +115,10 @@ def train_loop(job: TrainJob) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
-    if isinstance(job.initial_state, ray.ObjectRef):
-        job = dataclasses.replace(job, initial_state=ray.get(job.initial_state))
-    replica = Replica(job, shard_rows(ray.train.get_dataset_shard("train")), rank, world, device)
+    return_large_frees_to_the_os()
+    sharded = job.train.parallelism == "fsdp"
+    job = worker_job(job, rank)
+    replica = Replica(job, train_rows(job, rank, world), rank, world, device)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -135,21 +127,61 @@ def train_loop(job: TrainJob) -> None:
     step_log = StepLog(job) if rank == 0 and job.run_id else None
     if step_log:
         open_step_log(step_log, replica, world, device)
-    cfg = job.train
+    elif sharded and replica.step == 0:
+        replica.validate()  # rank 0's first validation is a collective under FSDP
     try:
-        while replica.step < cfg.max_steps:
-            metrics = replica.train_step()
-            step = replica.step
-            save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
-            if rank == 0:
-                record_step(job, replica, metrics, step)
-            if step_log:
-                log_step(step_log, replica, metrics, save)
-            if save:  # report (a barrier across workers) only with a checkpoint; step metrics go to MLflow
-                report_checkpoint(replica, metrics, step_log)
+        train_steps(job, replica, rank, step_log)
+        rows = {f"rows_epoch{e}": float(n) for e, n in sorted(replica.data.rows_trained.items())}
+        figures = every_rank({**replica.held_bytes(), "epoch": float(replica.data.epoch), **rows})
+        if step_log:  # what each rank held at its peak, and how many rows it trained on per epoch
+            step_log.log(figures, replica.step)
     finally:
         if step_log:
             step_log.close()
+
+
+def return_large_frees_to_the_os(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation of `threshold` bytes or more with its own mmap, returned when freed.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which blocks that size
+    come from the heap and are kept by the process once freed: an FSDP rank, which gathers and frees a block's
+    weights twice per step, grows by hundreds of MiB of freed memory it never gives back. A fixed threshold keeps
+    the resident memory what the tensors hold. A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (malloc.h); setting it also turns the dynamic one off
+
+
+def train_steps(job: TrainJob, replica: Replica, rank: int, step_log: StepLog | None) -> None:
+    """Step to `max_steps`: live metrics, MLflow metrics (rank 0), validation, checkpoints."""
+    cfg = job.train
+    while replica.step < cfg.max_steps:
+        metrics = replica.train_step()
+        step = replica.step
+        save = step % cfg.checkpoint_every == 0 or step == cfg.max_steps
+        if rank == 0:
+            record_step(job, replica, metrics, step)
+        if step_log or (replica.sharded and evaluates(replica)):
+            log_step(step_log, replica, metrics, save)
+        if save:  # report (a barrier across workers) only with a checkpoint; step metrics go to MLflow
+            report_checkpoint(replica, metrics, step_log)
+
+
+def every_rank(figures: dict[str, float]) -> dict[str, float]:
+    """This rank's figures gathered from every rank, named `<figure>.rank<r>` (a collective)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return {f"{k}.rank0": v for k, v in figures.items()}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, figures)
+    return {f"{k}.rank{r}": v for r, mine in enumerate(gathered) for k, v in mine.items()}
 
 
 def open_step_log(step_log: StepLog, replica: Replica, world: int, device) -> None:
@@ -165,20 +197,28 @@ def open_step_log(step_log: StepLog, replica: Replica, world: int, device) -> No
         {
             "resumed_from_step": replica.resumed_from,
             "input_buffer_windows": replica.data.capacity,
+            "val_samples": len(replica.job.val_rows),
             **(replica.validate() if replica.step == 0 else {}),
         },
         replica.step,
     )
 
 
-def log_step(step_log: StepLog, replica: Replica, metrics: dict[str, float], save: bool) -> None:
-    """A step's metrics to MLflow; with a checkpoint the experts' load, every `eval_every` the validation loss."""
-    cfg, step = replica.cfg, replica.step
+def evaluates(replica: Replica) -> bool:
+    """Whether this step measures the validation loss (every `eval_every` steps and at the last)."""
+    return replica.step % replica.cfg.eval_every == 0 or replica.step == replica.cfg.max_steps
+
+
+def log_step(step_log: StepLog | None, replica: Replica, metrics: dict[str, float], save: bool) -> None:
+    """A step's metrics to MLflow; with a checkpoint the experts' load, every `eval_every` the validation loss.
+
+    Under FSDP the other ranks call it too, without a log, for the validation forward's collectives."""
     if save:
         metrics.update(expert_shares(replica.model, replica.last_counts))
-    if step % cfg.eval_every == 0 or step == cfg.max_steps:
+    if evaluates(replica):
         metrics.update(replica.validate())
-    step_log.log(metrics, step)
+    if step_log:
+        step_log.log(metrics, replica.step)
 
 
 def report_checkpoint(replica: Replica, metrics: dict[str, float], step_log: StepLog | None) -> None:
@@ -211,8 +251,9 @@ def record_step(job: TrainJob, replica: Replica, metrics: dict[str, float], step
             record("moeforge_expert_load", share, layer=layer, expert=e, **tags)
 
 
-def fit(job: TrainJob, dataset, run_name: str, storage_path: str):
-    """Train on `dataset` (a Ray Dataset of soft-target rows) with `job.train.num_workers` Ray Train workers.
+def fit(job: TrainJob, run_name: str, storage_path: str):
+    """Train on the soft-target shards at `job.data` with `job.train.num_workers` Ray Train workers, each reading
+    its own rows (nothing passes through the driver or the object store).
 
     The same `run_name` and `storage_path` continue the latest checkpoint stored there. Returns the Train
     `Result` (its `checkpoint` is the final one).
@@ -220,15 +261,18 @@ def fit(job: TrainJob, dataset, run_name: str, storage_path: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.parquet_rows import rank_pieces, row_groups
+
     cfg = job.train
+    if job.data is None:
+        raise ValueError("TrainJob.data is not set: the soft-target shards to train on")
+    rank_pieces(row_groups(job.data)[1], 0, cfg.num_workers)  # here, before the workers start: enough rows?
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        datasets={"train": dataset},
-        dataset_config=contiguous_split(dataset, cfg.num_workers),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -6,8 +6,9 @@ concurrency — run once, with a one-line summary per part.
     python benchmarks/gpu_check.py --dry-run   # anywhere: the parts that need no CUDA, tiny sizes (a test runs it)
 
 Parts, each in its own process (a crash in one is reported, not inherited):
-  train     the student's training step through `actors.trainer.fit` (the `train` stage's Ray Train path), one
-            worker: bf16 autocast + NCCL on CUDA (gloo on CPU); tokens/s and MFU against the datasheet peak
+  train     the student's training step through `actors.trainer.fit` (the `train` stage's Ray Train path): one DDP
+            worker with bf16 autocast, then FSDP2 (bf16 mixed precision) on 2 ranks where there are 2 GPUs, else 1;
+            NCCL on CUDA (gloo on CPU, 2 FSDP ranks in the dry run); tokens/s, MFU, final loss of each
   moe       MoE layer forward+backward, ours vs transformers' DeepseekV3MoE (`benchmarks/moe_layer.py`), at the tiny
             shape and, on CUDA, a DeepSeek-V3-like one (64 routed experts, top-6, dim 1024), bf16
   mla       MLA decode, `absorb` vs `naive` (`benchmarks/mla_cache.py`), at 2k and 16k cached tokens on CUDA
@@ -32,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("train", "moe", "mla", "generate", "serve")
-PART_TIMEOUT_S = {"train": 240, "moe": 180, "mla": 120, "generate": 180, "serve": 240}
+PART_TIMEOUT_S = {"train": 360, "moe": 180, "mla": 120, "generate": 180, "serve": 240}
 
 
 def cuda() -> bool:
@@ -66,15 +67,17 @@ def run_script(args: list[str], timeout: float) -> dict:
 
 
 def part_train(dry: bool) -> dict:
-    """`fit` with one worker on synthetic soft targets shaped like the distilled dataset."""
+    """`fit` on synthetic soft targets shaped like the distilled dataset: one DDP worker, then FSDP2 on 2 ranks
+    (2 GPUs, or 2 CPU workers in the dry run; 1 rank on a one-GPU machine)."""
     import statistics
 
     import pyarrow as pa
     import ray
+    import torch
     from mlflow import MlflowClient
 
     sys.path.insert(0, str(HERE))
-    from train_workers import VOCAB, K, synthetic_rows
+    from train_workers import VOCAB, K, synthetic_rows, write_shards
 
     from actors.trainer import fit
     from pipeline.config import TrainConfig
@@ -83,38 +86,50 @@ def part_train(dry: bool) -> dict:
     from pipeline.train.replica import TrainJob
 
     gpu = not dry
+    gpus = torch.cuda.device_count() if gpu else 0
     steps, rows = (4, 16) if dry else (30, 512)
-    ray.init(num_cpus=2 if dry else 8, num_gpus=1 if gpu else 0, log_to_driver=False)
+    ray.init(num_cpus=2 if dry else 8, num_gpus=gpus, log_to_driver=False)
+    out: dict = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             uri = f"sqlite:///{tmp}/mlflow.db"
             client = MlflowClient(uri)
-            run_id = client.create_run(client.create_experiment("gpu-check", f"{tmp}/artifacts")).info.run_id
-            train = TrainConfig(
-                num_workers=1,
-                use_gpu=gpu,
-                cpus_per_worker=2 if dry else 4,
-                max_steps=steps,
-                warmup_steps=1,
-                batch_size=2 if dry else 16,
-                seq_len=64 if dry else 512,
-                checkpoint_every=steps,
-            )
+            experiment = client.create_experiment("gpu-check", f"{tmp}/artifacts")
             table = pa.Table.from_pylist(synthetic_rows(rows), schema=soft_targets_schema("float16"))
-            job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K, run_id, uri)
-            result = fit(job, ray.data.from_arrow(table), "gpu-check", f"{tmp}/ckpt")
-            if result.error is not None:
-                raise RuntimeError(f"training failed: {result.error}")
-            history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
-            mfu = sorted(client.get_metric_history(run_id, "mfu"), key=lambda m: m.step)
-            tags = client.get_run(run_id).data.tags
-            skip = min(3, len(history) - 1)  # the first steps pay for compilation and allocator warm-up
-            return {
-                "train_tok_s": statistics.median(m.value for m in history[skip:]),
-                "train_mfu": statistics.median(m.value for m in mfu[skip:]),
-                "train_device": tags.get("moeforge.train.device", "?"),
-                "train_peak_flops": float(tags["moeforge.train.mfu_peak"].split()[0]),
-            }
+            data = write_shards(table, f"{tmp}/st", row_group_rows=max(1, rows // 8))
+            fsdp_ranks = 2 if dry else max(1, min(2, gpus))
+            for parallelism, workers in (("ddp", 1), ("fsdp", fsdp_ranks)):
+                run_id = client.create_run(experiment).info.run_id
+                train = TrainConfig(
+                    num_workers=workers,
+                    parallelism=parallelism,
+                    use_gpu=gpu,
+                    cpus_per_worker=(2 if dry else 4) // workers,
+                    max_steps=steps,
+                    warmup_steps=1,
+                    batch_size=2 if dry else 16,
+                    seq_len=64 if dry else 512,
+                    checkpoint_every=steps,
+                )
+                job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K, run_id, uri, data=data)
+                result = fit(job, f"gpu-check-{parallelism}", f"{tmp}/ckpt")
+                if result.error is not None:
+                    raise RuntimeError(f"{parallelism} training failed: {result.error}")
+                history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
+                mfu = sorted(client.get_metric_history(run_id, "mfu"), key=lambda m: m.step)
+                loss = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+                tags = client.get_run(run_id).data.tags
+                skip = min(3, len(history) - 1)  # the first steps pay for compilation and allocator warm-up
+                name = "train" if parallelism == "ddp" else "train_fsdp"
+                out[f"{name}_tok_s"] = statistics.median(m.value for m in history[skip:])
+                out[f"{name}_mfu"] = statistics.median(m.value for m in mfu[skip:])
+                out[f"{name}_final_loss"] = loss[-1].value
+                if parallelism == "ddp":
+                    out["train_device"] = tags.get("moeforge.train.device", "?")
+                    out["train_peak_flops"] = float(tags["moeforge.train.mfu_peak"].split()[0])
+                else:
+                    out["train_fsdp_ranks"] = workers
+        return out
     finally:
         ray.shutdown()
 
@@ -265,8 +280,8 @@ def main() -> int:
         print(f"PART {name} ok ({time.perf_counter() - t0:.0f} s): {shown}")
     if dry:
         print(
-            "SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training, the student on CUDA: "
-            "need CUDA"
+            "SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training (DDP and FSDP2), "
+            "the student on CUDA: need CUDA"
         )
     print(f"gpu_check: all parts passed in {time.perf_counter() - started:.0f} s")
     print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in every.items()))

@@ -3,11 +3,12 @@ preset's training settings.
 
 Peer: the input as it was before streaming: every row of the replica's shard in a Python list, packed into windows
 once up front, each epoch a seeded permutation of all windows, batches cut by indexing. Ours: the product's
-`WindowStream` fed the way a Ray Train worker feeds it (`shard_rows`: Arrow record batches of a few hundred rows,
-converted as they come), packing on the fly through the default 64 MB shuffle buffer. Both feed identical
-replicas (the tiny student, `train` section of the tiny preset: batch 8 x 256 tokens, one worker, both cores), whose
-whole training step (input, forward, backward, AdamW, router-bias update) is timed, interleaved round by round.
-Synthetic soft-target rows shaped like the distilled dataset (`train_workers.synthetic_rows`).
+`WindowStream` fed the way a Ray Train worker feeds it (Arrow record batches of a few hundred rows, converted as
+they come: what `parquet_rows.RankRows` reads from a row group), packing on the fly through the default 64 MB
+shuffle buffer. Both feed identical replicas (the tiny student, `train` section of the tiny preset: batch 8 x 256
+tokens, one worker, both cores), whose whole training step (input, forward, backward, AdamW, router-bias update) is
+timed, interleaved round by round. Synthetic soft-target rows shaped like the distilled dataset
+(`train_workers.synthetic_rows`).
 
     .venv/bin/python benchmarks/train_input.py [--rows 512 --rounds 12 --buffer-mb 2]
 """
@@ -63,7 +64,7 @@ def main() -> None:
     job = TrainJob(model_preset("toy", vocab_size=VOCAB), train, K)
     table = pa.Table.from_pylist(synthetic_rows(args.rows), schema=soft_targets_schema("float16"))
 
-    def arrow_rows():  # what shard_rows does with a Ray Data shard: a few hundred rows at a time
+    def arrow_rows(epoch: int):  # what RankRows does with a row group: a few hundred rows at a time
         for batch in table.to_batches(max_chunksize=256):
             yield from batch.to_pylist()
 

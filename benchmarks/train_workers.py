@@ -2,7 +2,8 @@
 
 The tiny student (vocabulary 49,152) trains on synthetic soft targets shaped like the distilled dataset (prompt +
 completion rows, top-20 targets at completion positions) through `actors.trainer.fit`, the code path of the
-`train` stage: Ray Data split, TorchTrainer, DDP over gloo, checkpoints. The machine's cores are shared out the
+`train` stage: each worker reading its own rows of the Parquet shards, TorchTrainer, DDP over gloo, checkpoints.
+The machine's cores are shared out the
 same way in both runs (1 worker x 2 threads vs 2 workers x 1 thread) and each worker takes the same batch, so
 the 2-worker run does twice the work per step. tokens/s is the median of the rank-0 step metric (all workers'
 tokens over the step's wall time) after the first 3 steps.
@@ -18,6 +19,7 @@ import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from _common import describe, result  # also puts the checkout on sys.path
 
 from actors.trainer import fit
@@ -54,6 +56,17 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def write_shards(table: pa.Table, folder: str, rows_per_file: int = 4096, row_group_rows: int = 256) -> str:
+    """`table` as Parquet shards under `folder`, the layout `distill` writes; returns `folder`."""
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        part = table.slice(start, rows_per_file)
+        pq.write_table(part, f"{folder}/part-{i:05d}.parquet", row_group_size=row_group_rows)
+    return folder
+
+
 def main() -> None:
     import ray
     from mlflow import MlflowClient
@@ -67,6 +80,7 @@ def main() -> None:
     model = model_preset("toy", vocab_size=VOCAB)
     speeds = {}
     with tempfile.TemporaryDirectory() as tmp:
+        data = write_shards(table, f"{tmp}/soft_targets")
         uri = f"sqlite:///{tmp}/mlflow.db"
         client = MlflowClient(uri)
         exp = client.create_experiment("bench", artifact_location=f"{tmp}/artifacts")
@@ -81,7 +95,7 @@ def main() -> None:
                 seq_len=256,
                 checkpoint_every=args.steps,
             )
-            fit(TrainJob(model, train, K, run_id, uri), ray.data.from_arrow(table), f"w{workers}", f"{tmp}/ckpt")
+            fit(TrainJob(model, train, K, run_id, uri, data=data), f"w{workers}", f"{tmp}/ckpt")
             history = sorted(client.get_metric_history(run_id, "tokens_per_s"), key=lambda m: m.step)
             speeds[workers] = statistics.median(m.value for m in history[3:])
             mfu = statistics.median(m.value for m in client.get_metric_history(run_id, "mfu"))

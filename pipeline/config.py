@@ -169,7 +169,10 @@ class ConvertConfig(Section):
 class TrainConfig(Section):
     """Distillation training of the student on Ray Train."""
 
-    num_workers: int = Field(2, ge=1)  # Ray Train workers, one DDP replica each
+    num_workers: int = Field(2, ge=1)  # Ray Train workers, one data-parallel rank each
+    # ddp: every worker holds the whole student, its gradients and AdamW state (DistributedDataParallel);
+    # fsdp: parameters, gradients and optimizer state sharded over the workers (FSDP2, `pipeline/train/fsdp.py`)
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_steps: int = Field(24, ge=1)
@@ -189,6 +192,7 @@ class TrainConfig(Section):
     # held-out accepted traces (a seeded, by-sample-id share of the soft targets) on which KD and CE are measured
     # every `eval_every` steps and before the first, beside the training loss: overfitting shows
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    val_max_samples: int = Field(512, ge=1)  # at most this many of them (the first in file order): bounded memory
     eval_every: int = Field(4, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)  # most recent checkpoints kept in storage

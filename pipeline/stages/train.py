@@ -1,7 +1,8 @@
 """Stage `train`: distil the soft targets into the MoE student on Ray Train, and log it as an MLflow model.
 
-The soft-target Parquet is read through Ray Data and split per worker (every row to exactly one worker, see
-`actors/trainer.py`); each `TorchTrainer` worker is one DDP replica over gloo (CPU) or NCCL (GPU). The Train run is
+Each `TorchTrainer` worker reads its own rows of the soft-target Parquet shards (every row to exactly one worker,
+`pipeline/train/parquet_rows.py`) and is one data-parallel rank over gloo (CPU) or NCCL (GPU): a DDP replica, or
+with `train.parallelism=fsdp` an FSDP2 shard of the student. The Train run is
 named after the stage's cache key and stored under `train.storage_path` (default `<workdir>/checkpoints`): a worker
 that dies restarts its group from the latest checkpoint (`train.max_failures` times), and a pipeline rerun after a
 driver crash continues from it instead of step 0. The student is built with the soft targets' own tokenizer (its
@@ -24,7 +25,7 @@ class Train(Stage):
     outputs = (STUDENT,)
     config_sections = ("model", "train")
     key_metrics = ("loss", "tokens_per_s", "mfu")
-    description = "distil the soft targets into the MoE student on Ray Train (DDP, checkpointed)"
+    description = "distil the soft targets into the MoE student on Ray Train (DDP or FSDP, checkpointed)"
 
     def run(self, ctx: StageContext) -> None:
         from transformers import AutoTokenizer
@@ -58,24 +59,20 @@ class Train(Stage):
         ctx.set_tags({"moeforge.train.run_name": run_name, "moeforge.train.storage_path": storage})
         import ray
 
-        from pipeline.train.split import is_held_out
-
-        t = cfg.train
-        dataset = read_soft_targets(source)
-        val_rows = dataset.filter(lambda r: is_held_out(r["sample_id"], t.val_fraction, t.seed)).take_all()
-        train_rows = dataset.filter(lambda r: not is_held_out(r["sample_id"], t.val_fraction, t.seed))
-        ctx.log_metrics({"val_samples": len(val_rows)})
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        data = training_input(source, storage, run_name, nodes)
+        ctx.set_tags({"moeforge.train.input": data, "moeforge.train.parallelism": cfg.train.parallelism})
         job = TrainJob(
             model.cfg,
-            t,
+            cfg.train,
             meta["top_k"],
             ctx.run_id,
             ctx.call.tracking_uri,
             parent_run_id=ctx.call.parent_run_id,
             initial_state=ray.put(model.state_dict()),
-            val_rows=[dict(r) for r in val_rows],
+            data=data,
         )
-        result = fit(job, train_rows, run_name, storage)
+        result = fit(job, run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")
         if result.checkpoint is None:
@@ -88,15 +85,22 @@ class Train(Stage):
         ctx.set_tags({"moeforge.model_uri": info.model_uri, "moeforge.train.checkpoint": result.checkpoint.path})
 
 
-def read_soft_targets(path: Path):
-    """The soft-target Parquet as a Ray Dataset; a folder only this node has is read by tasks on this node."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+def training_input(source: Path, storage: str, run_name: str, nodes: int) -> str:
+    """Where the workers read the soft-target shards. On a one-node cluster, in place. Otherwise the stage's copy
+    is on this node only, so it is copied once beside the checkpoints (`<storage>/<run_name>/soft_targets`), which
+    every worker reaches (Ray Train asks the same of `train.storage_path`: an s3:// bucket, or a folder every node
+    mounts): file by file and streamed, so no node gathers them; a `_COPIED` marker makes a rerun reuse it, and a
+    copy cut short is redone whole."""
+    import pyarrow.fs as pafs
 
-    remote_args = {}
-    if local_path(str(path)) is not None:
-        node = ray.get_runtime_context().get_node_id()
-        remote_args["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
-    dataset = ray.data.read_parquet(str(path), file_extensions=["parquet"], ray_remote_args=remote_args)
-    dataset.context.enable_progress_bars = False  # the stage's progress is the training steps, not this read
-    return dataset
+    if nodes == 1:
+        return str(source)
+    target = storage.rstrip("/") + f"/{run_name}/soft_targets"
+    local = local_path(target)
+    fs, base = (pafs.LocalFileSystem(), str(local.resolve())) if local else pafs.FileSystem.from_uri(target)
+    done = base + "/_COPIED"
+    if fs.get_file_info(done).type == pafs.FileType.NotFound:
+        pafs.copy_files(str(source), base, destination_filesystem=fs)
+        with fs.open_output_stream(done) as f:
+            f.write(b"complete\n")
+    return str(local.resolve()) if local else target

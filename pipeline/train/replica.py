@@ -1,4 +1,4 @@
-"""One data-parallel replica of the student: its input stream, model, train state, DDP wrapper and step metrics.
+"""One data-parallel rank of the student: its input stream, model, train state, DDP or FSDP wrapping, step metrics.
 
 Plain PyTorch: `actors/trainer.py` builds one per Ray Train worker (rank, world size and device from Ray), and
 tests build them directly. With more than one replica, torch.distributed must be initialised by the caller.
@@ -38,6 +38,9 @@ class TrainJob:
     # None: random initialisation from train.seed
     initial_state: Any = None
     val_rows: list[dict] = field(default_factory=list)  # held-out soft-target rows rank 0 validates on
+    # the soft-target shards every Ray Train worker reads its own rows of (`parquet_rows.py`): a local folder every
+    # worker sees, or a pyarrow filesystem URI (s3://…); the held-out share is read from them too
+    data: str | None = None
 
 
 class Replica:
@@ -46,8 +49,9 @@ class Replica:
     Args:
         job: the student and training config.
         rows: this replica's soft-target rows (dicts with the columns of the `soft_targets` schema): a list, or a
-            function returning one pass over them in a fixed order (a Ray Data shard, streamed; see `stream.py`).
-        rank, world: its rank and the number of replicas (torch.distributed is initialised when world > 1).
+            function of the epoch returning one pass over them (`parquet_rows.RankRows`; see `stream.py`).
+        rank, world: its rank and the number of replicas (torch.distributed is initialised when world > 1, and
+            always with `train.parallelism=fsdp`).
         device: where it trains.
     """
 
@@ -66,7 +70,7 @@ class Replica:
                     f"samples than train.num_workers ({world})"
                 )
             listed = rows
-            rows = lambda: listed
+            rows = lambda epoch: listed
         self.job, self.cfg, self.rank, self.world = job, job.train, rank, world
         self.device = torch.device(device)
         capacity = buffer_windows(
@@ -74,26 +78,42 @@ class Replica:
         )
         self.data = WindowStream(rows, self.cfg.seq_len, job.top_k, capacity, self.cfg.seed, rank)
         torch.manual_seed(self.cfg.seed)  # identical initial weights on every replica (DDP also broadcasts them)
-        self.model = Transformer(job.model)
-        if job.initial_state is not None:
-            self.model.load_state_dict(job.initial_state)
-        self.model.to(self.device)
-        self.state = TrainState(self.model, self.cfg, self.data)
-        self.objective = ObjectiveModule(self.model, self.cfg)
-        self.forward: torch.nn.Module = self.objective
+        self.sharded = self.cfg.parallelism == "fsdp"
         self.all_reduce = None
-        if world > 1:
+        if self.sharded:
             import torch.distributed as dist
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # unused routed experts have no gradient; biases stay equal through the all-reduced counts, not a copy
-            self.forward = DDP(
-                self.objective,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-                broadcast_buffers=False,
-            )
-            self.all_reduce = dist.all_reduce
+            from pipeline.train.fsdp import sharded_student
+
+            full = None
+            if rank == 0:  # only rank 0 holds the whole starting state; the others receive their shards
+                full = job.initial_state if job.initial_state is not None else Transformer(job.model).state_dict()
+            self.model, self.objective = sharded_student(job.model, ObjectiveModule, self.device, full, cfg=self.cfg)
+            self.forward: torch.nn.Module = self.objective
+            if world > 1:
+                self.all_reduce = dist.all_reduce
+        else:
+            self.model = Transformer(job.model)
+            if job.initial_state is not None:
+                self.model.load_state_dict(job.initial_state)
+            self.model.to(self.device)
+            self.objective = ObjectiveModule(self.model, self.cfg)
+            self.forward = self.objective
+            if world > 1:
+                import torch.distributed as dist
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                # unused routed experts have no gradient; biases stay equal through the all-reduced counts;
+                # gradients are views into the all-reduce buckets, not a second copy of them
+                self.forward = DDP(
+                    self.objective,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    find_unused_parameters=True,
+                    broadcast_buffers=False,
+                    gradient_as_bucket_view=True,
+                )
+                self.all_reduce = dist.all_reduce
+        self.state = TrainState(self.model, self.cfg, self.data)  # after sharding: AdamW holds the shards
         self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
         self.flops_per_token = self.model.flops_per_token(self.cfg.seq_len)  # fixed by the architecture
         self.resumed_from = 0
@@ -108,7 +128,7 @@ class Replica:
         return self.state.last_counts
 
     def _forward(self, batch: dict) -> Any:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.sharded:  # FSDP casts by its own mixed-precision policy
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.forward(batch)
         return self.forward(batch)
@@ -144,12 +164,31 @@ class Replica:
         out.update(expert_metrics(self.model, self.last_counts))
         return out
 
+    def held_bytes(self) -> dict[str, float]:
+        """Bytes of parameters, gradients and AdamW state this rank holds (its shards under FSDP), and the
+        process's peak resident memory so far."""
+        import resource
+
+        def size(t: torch.Tensor) -> int:
+            local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+            return local.numel() * local.element_size()
+
+        params = list(self.model.parameters())
+        state = self.state.optimizer.state.values()
+        return {
+            "param_bytes": float(sum(size(p) for p in params)),
+            "grad_bytes": float(sum(size(p.grad) for p in params if p.grad is not None)),
+            "optimizer_bytes": float(sum(size(v) for s in state for v in s.values() if isinstance(v, torch.Tensor))),
+            "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),  # Linux: KiB
+        }
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """KD, CE and total loss on the held-out rows (`job.val_rows`), in eval mode; {} without any.
 
         The same objective as training over every held-out completion position, averaged per position (windows
-        weighted by their positions), so it compares with the training loss. Rank-local: no collective.
+        weighted by their positions), so it compares with the training loss. Rank-local under DDP; under FSDP
+        every forward gathers parameters, so every rank calls it at the same steps, on the same rows.
         """
         if not self.job.val_rows:
             return {}
@@ -172,15 +211,15 @@ class Replica:
         return {"val_loss": total, "val_kd": kd, "val_ce": ce, "val_tokens": float(tokens)}
 
     def _forward_eval(self, batch: dict):
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not self.sharded:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return self.objective(batch)
         return self.objective(batch)
 
     def save(self, directory: Path) -> None:
         """This replica's part of a checkpoint (see `pipeline/train/checkpoint.py`)."""
-        checkpoint.save(self.state, self.rank, directory)
+        checkpoint.save(self.state, self.rank, self.world, directory, sharded=self.sharded)
 
     def restore(self, directory: Path) -> None:
-        checkpoint.restore(self.state, self.rank, directory, self.device)
+        checkpoint.restore(self.state, self.rank, self.world, directory, self.device, sharded=self.sharded)
         self.resumed_from = self.state.step

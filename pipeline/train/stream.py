@@ -1,13 +1,13 @@
 """A replica's training input as a stream: its rows, packed on the fly, through a bounded shuffle buffer.
 
-The rows of one replica come in a fixed order on every pass (its shard of the soft targets, read block by block
-from Ray Data; a list in tests). They are packed into windows as they arrive (`packing.Packer`), and windows pass
-through a shuffle buffer of at most `buffer_windows`: once it is full, each window handed out is drawn at random
-from it (seeded by (seed, rank, epoch)) and its place taken by the next window packed; at the end of the rows the
-buffer drains in random order. Memory is bounded by the buffer, the rows of one window and one input block, not by
-the dataset. An epoch ends when rows and buffer are exhausted; the next epoch reads the rows again, in the same
-order, with the next seed. No window is dropped (the last partial one is padded), so every row is trained on once
-per epoch.
+The rows of one replica come in an order fixed by its epoch (its share of the soft-target shards, read row group
+by row group in a seeded order by `parquet_rows.RankRows`; a list in tests). They are packed into windows as they
+arrive (`packing.Packer`), and windows pass through a shuffle buffer of at most `buffer_windows`: once it is full,
+each window handed out is drawn at random from it (seeded by (seed, rank, epoch)) and its place taken by the next
+window packed; at the end of the rows the buffer drains in random order. Memory is bounded by the buffer, the rows
+of one window and one input block, not by the dataset. An epoch ends when rows and buffer are exhausted; the next
+epoch reads the rows again, in that epoch's order, with the next seed. No window is dropped (the last partial one
+is padded), so every row is trained on once per epoch.
 
 The position is (epoch, windows handed out in it), part of the checkpoint: a replica restored from it reads its
 epoch again from the start and skips that many windows through the same buffer without training on them, so it
@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.train.packing import PackedBatch, Packer, Window, stack
 
-RowSource = Callable[[], Iterable[dict]]  # one pass over the rows, in the same order every time
+RowSource = Callable[[int], Iterable[dict]]  # one pass over the rows for an epoch, the same for the same epoch
 
 
 def window_bytes(seq_len: int, k: int) -> int:
@@ -40,7 +40,7 @@ class WindowStream:
     """Batches of windows from `rows`, epoch after epoch, with a resumable position.
 
     Args:
-        rows: a function returning one pass over this replica's rows (same order on every call).
+        rows: a function of the epoch returning one pass over this replica's rows (the same for the same epoch).
         seq_len, k: window length and the soft targets' top-k.
         buffer_windows: the shuffle buffer's capacity, in windows.
         seed, rank: the shuffle's seed, per replica.
@@ -54,6 +54,7 @@ class WindowStream:
         self.epoch, self.position = 0, 0
         self.peak_buffered = 0  # most windows held at once (the memory bound is observable)
         self.last_batch: list[tuple[int, tuple[str, ...]]] = []  # (epoch, rows starting in it) per window
+        self.rows_trained: dict[int, int] = {}  # per epoch, rows starting in the windows handed out by this process
         self._windows: Iterator[Window] | None = None
 
     def _epoch_windows(self, epoch: int) -> Iterator[Window]:
@@ -61,7 +62,7 @@ class WindowStream:
         packer, buffer = Packer(self.seq_len, self.k), list[Window]()
 
         def packed() -> Iterator[Window]:
-            for row in self.rows():
+            for row in self.rows(epoch):
                 yield from packer.add(row)
             yield from packer.finish()
 
@@ -114,4 +115,5 @@ class WindowStream:
         for _ in range(size):
             windows.append(self.next_window())
             self.last_batch.append((self.epoch, windows[-1].sample_ids))
+            self.rows_trained[self.epoch] = self.rows_trained.get(self.epoch, 0) + len(windows[-1].sample_ids)
         return stack(windows)

@@ -89,13 +89,12 @@ def test_a_trainer_worker_killed_while_starting_restarts_its_group_and_finishes(
     """A Ray Train worker SIGKILLed while the group sets up (its train context, before any step): the group restarts
     from scratch within train.max_failures and trains the planned steps (the kill mid-run: test_trainer.py)."""
     from actors.trainer import fit
-    from tests.actors.test_trainer import dataset
+    from tests.actors.test_trainer import shards, with_data
     from tests.pipeline.train.test_replica import job
 
     killer = KillWhen("RayTrainWorker.init_train_context", timeout=120)
     result = fit(
-        job(num_workers=2, max_steps=8, checkpoint_every=4, max_failures=1),
-        dataset(16),
+        with_data(job(num_workers=2, max_steps=8, checkpoint_every=4, max_failures=1), shards(tmp_path / "st", 16)),
         "start-kill",
         str(tmp_path / "ckpt"),
     )

@@ -1,30 +1,36 @@
-"""The trainer role on real Ray Train runs with two workers over gloo: the loss falls and both replicas end with
-identical router biases; a worker killed mid-run restarts its group from the latest checkpoint and the run still
-ends at the planned step count. The replica itself, without Ray, is tested in tests/pipeline/train/."""
+"""The trainer role on real Ray Train runs with two workers over gloo, each reading its own rows of Parquet shards:
+the loss falls and both replicas end with identical router biases; every row is trained on once per epoch; a
+worker killed mid-run (DDP or FSDP) restarts its group from the latest checkpoint and ends with the weights of a
+run never interrupted. The replica itself, without Ray, is tested in tests/pipeline/train/."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from actors.trainer import fit
-from pipeline.stages.artifact_specs import soft_targets_schema
-from pipeline.train.checkpoint import final_weights
+from pipeline.train.checkpoint import final_weights, is_sharded
+from pipeline.train.replica import TrainJob
 from tests.pipeline.train.test_objective import CFG
+from tests.pipeline.train.test_parquet_rows import write_shards
 from tests.pipeline.train.test_replica import job, rows
 
 
-def dataset(n: int):
-    import ray
+def shards(folder: Path, n: int) -> str:
+    """`n` soft-target rows as Parquet shards under `folder` (the layout `distill` writes)."""
+    return str(write_shards(folder, n))
 
-    return ray.data.from_arrow(pa.Table.from_pylist(rows(n), schema=soft_targets_schema("float32")))
+
+def with_data(j: TrainJob, data: str) -> TrainJob:
+    return dataclasses.replace(j, data=data)
 
 
 def worker_pids() -> list[int]:
@@ -57,8 +63,8 @@ def test_two_workers_lower_the_loss_and_keep_identical_router_biases(tmp_path):
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("t")).info.run_id
     j = job(num_workers=2, max_steps=24, checkpoint_every=8)
-    j.run_id, j.tracking_uri = run_id, uri
-    result = fit(j, dataset(41), "ddp", str(tmp_path / "ckpt"))  # 41 rows: shards of 20 and 21, none dropped
+    j.run_id, j.tracking_uri, j.data = run_id, uri, shards(tmp_path / "st", 41)
+    result = fit(j, "ddp", str(tmp_path / "ckpt"))  # 41 rows: shares of 20 and 21, none dropped
     assert result.error is None and result.metrics["step"] == 24
     with result.checkpoint.as_directory() as d:
         parts = [torch.load(f"{d}/data_rank{r}.pt", weights_only=False)["router_biases"] for r in (0, 1)]
@@ -70,35 +76,9 @@ def test_two_workers_lower_the_loss_and_keep_identical_router_biases(tmp_path):
     assert len(loss) == 24 and np.mean(loss[-4:]) < 0.8 * np.mean(loss[:4])
     metrics = client.get_run(run_id).data.metrics
     assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1
+    assert metrics["val_samples"] > 0 and metrics["val_loss"] > 0  # rank 0 read the held-out rows itself
     assert f"expert_share.l{CFG.n_dense_layers}.e0" in metrics and f"expert_load.l{CFG.n_dense_layers}.cv" in metrics
     assert "measured fp32 matmul" in client.get_run(run_id).data.tags["moeforge.train.mfu_peak"]
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_cluster")
-def test_the_split_shards_streamed_through_a_small_buffer_give_every_row_once_per_epoch():
-    """The workers' input path without the training: the Ray Data split of `fit` and `shard_rows`, into streams whose
-    buffer holds a small fraction of the data; over one epoch per rank, every row is trained on exactly once."""
-    from actors.trainer import contiguous_split, shard_rows
-    from pipeline.train.stream import WindowStream, window_bytes
-
-    n = 300
-    ds = dataset(n)
-    split = contiguous_split(ds, 2).configure({"train": ds}, world_size=2)
-    seen, buffered = [], 0
-    for rank in range(2):
-        stream = WindowStream(
-            shard_rows(split[rank]["train"], rows_per_read=16), seq_len=16, k=3, buffer_windows=4, seed=0, rank=rank
-        )
-        while True:
-            window = stream.next_window()
-            if stream.epoch != 0:
-                break
-            seen += window.sample_ids
-        buffered = max(buffered, stream.peak_buffered)
-    assert sorted(seen) == sorted(f"s{i:04d}" for i in range(n))  # nothing dropped, nothing twice
-    data_bytes = sum(len(r["token_ids"]) for r in rows(n)) / 16 * window_bytes(16, 3)
-    assert buffered == 4 and data_bytes > 20 * buffered * window_bytes(16, 3)
 
 
 def _recording_loop(config: dict) -> None:
@@ -107,12 +87,12 @@ def _recording_loop(config: dict) -> None:
 
     import ray.train
 
-    from actors.trainer import shard_rows
+    from actors.trainer import train_rows
     from pipeline.train.replica import Replica
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    replica = Replica(config["job"], shard_rows(ray.train.get_dataset_shard("train")), rank, world)
+    replica = Replica(config["job"], train_rows(config["job"], rank, world), rank, world)
     with open(f"{config['out']}/rank{rank}.jsonl", "w") as f:
         while replica.step < config["job"].train.max_steps:
             replica.train_step()
@@ -122,26 +102,22 @@ def _recording_loop(config: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_two_workers_train_on_every_row_once_per_epoch_through_a_buffer_smaller_than_their_shards(tmp_path):
-    """Two real replicas on Ray Train, fed by `fit`'s split and `shard_rows` through an input buffer capped at one
-    batch (4 windows) while each shard packs into about 16: over two whole epochs, every row of the dataset is
-    trained on exactly once per epoch, by one of the two workers."""
+    """Two real replicas on Ray Train, each reading its own rows of the shards (`train_rows`, as `train_loop` does)
+    through an input buffer capped at one batch (4 windows) while each share packs into about 16: over two whole
+    epochs, every row of the dataset is trained on exactly once per epoch, by one of the two workers."""
     import json
 
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.trainer import contiguous_split
-
     n = 96
-    j = job(num_workers=2, max_steps=10, seq_len=32, batch_size=4, input_buffer_mb=0.001)
-    ds = dataset(n)
+    j = job(num_workers=2, max_steps=10, seq_len=32, batch_size=4, input_buffer_mb=0.001, val_fraction=0)
+    j = with_data(j, shards(tmp_path / "st", n))
     TorchTrainer(
         _recording_loop,
         train_loop_config={"job": j, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        datasets={"train": ds},
-        dataset_config=contiguous_split(ds, 2),
     ).fit()
     seen: dict[int, list[str]] = {0: [], 1: []}
     for rank in (0, 1):
@@ -159,17 +135,27 @@ def test_two_workers_train_on_every_row_once_per_epoch_through_a_buffer_smaller_
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_planned_steps(tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_planned_steps(tmp_path, parallelism):
     """Killed mid-epoch, with an input buffer capped at one batch (4 windows) while each worker's shard packs into
-    16: the restarted group continues at the same rows, so it ends with exactly the weights of a run that was never
-    interrupted. (Checkpoints every 3 steps of 4 windows fall mid-epoch.)"""
+        16: the restarted group continues at the same rows, so it ends with exactly the weights of a run that was never
+        interrupted. (Checkpoints every 3 steps of 4 windows fall mid-epoch.) Under FSDP the checkpoint is sharded, each
+    worker writing and reading only its own shards."""
     from pipeline.train.packing import pack
     from pipeline.train.stream import buffer_windows
 
     store = tmp_path / "ckpt"
     j = job(
-        num_workers=2, max_steps=30, checkpoint_every=3, max_failures=1, seq_len=32, batch_size=4, input_buffer_mb=0.001
+        num_workers=2,
+        max_steps=30,
+        checkpoint_every=3,
+        max_failures=1,
+        seq_len=32,
+        batch_size=4,
+        input_buffer_mb=0.001,
+        parallelism=parallelism,
     )
+    j = with_data(j, shards(tmp_path / "st", 96))
     capacity = buffer_windows(int(0.001 * 2**20), 32, j.top_k, 4)
     assert capacity == 4 and len(pack(rows(96)[:48], 32, j.top_k).tokens_BT) >= 4 * capacity
     killed: list[int] = []
@@ -185,7 +171,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = fit(j, dataset(96), "killme", str(store))
+    result = fit(j, "killme", str(store))
     watcher.join()
     assert killed, "no training worker process was found to kill"
     assert result.error is None
@@ -193,8 +179,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
     assert result.metrics["resumed_from_step"] >= 3  # the restarted group began at a checkpoint, not step 0
     with result.checkpoint.as_directory() as d:
         positions = [torch.load(f"{d}/data_rank{r}.pt", weights_only=True)["position"] for r in (0, 1)]
+        assert is_sharded(d) == (parallelism == "fsdp")
         resumed = final_weights(d)
-    straight = fit(j, dataset(96), "straight", str(store))
+    straight = fit(j, "straight", str(store))
     with straight.checkpoint.as_directory() as d:
         never_killed = final_weights(d)
     assert any(p > 0 for p in positions)  # the runs ended mid-epoch too: positions are windows, not epochs

@@ -26,6 +26,7 @@ def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
     last = out.strip().splitlines()[-1]
     figures = dict(kv.split("=", 1) for kv in last.split()[1:])
     assert last.startswith("RESULT ") and float(figures["train_tok_s"]) > 0 and float(figures["serve_speedup"]) > 0
+    assert float(figures["train_fsdp_tok_s"]) > 0 and figures["train_fsdp_ranks"] == "2"  # the sharded path, on CPU
     assert figures["train_device"] == "cpu" and figures["generate_vllm"] == "skipped-no-cuda"
 
 

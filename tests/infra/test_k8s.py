@@ -26,7 +26,7 @@ from tests.infra.kustomize import CLUSTER_SCOPED, canonical, render
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 CRDS = REPO / "infra" / "schemas" / "kuberay"
-OVERLAYS = ["dev", "gpu"]
+OVERLAYS = ["dev", "gpu", "gpu-fsdp"]
 KUBERNETES_VERSION = "1.33.0"  # a Kubernetes version KubeRay v1.7 supports; the schemas ship in kubernetes-validate
 CONTAINER_LISTS = ("containers", "initContainers")
 
@@ -187,7 +187,8 @@ def test_the_rayjob_entrypoint_runs_a_real_job_with_a_valid_config(overlay):
     assert callable(module.main) and argv[2].startswith("jobs.")
     config = argv[argv.index("--config") + 1]
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    load_config(config, sets)  # raises on an unknown preset or key
+    cfg = load_config(config, sets)  # raises on an unknown preset or key
+    assert cfg.train.parallelism == ("fsdp" if overlay == "gpu-fsdp" else "ddp")
     env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
@@ -548,7 +549,7 @@ def test_network_policies_deny_by_default_and_allow_what_each_component_needs(ov
         if role.namespace == NAMESPACE:
             assert allowed(policies, role, ROLES["dns"], 53, "UDP")
     scraped = allowed(policies, ROLES["prometheus"], ROLES["job-worker"], 8080)
-    assert scraped is (overlay == "gpu")  # the monitoring component opens the metrics port, where it is installed
+    assert scraped is overlay.startswith("gpu")  # the monitoring component opens the metrics port where installed
 
 
 MONITORING_EXPECT = [  # (source, destination, port, allowed) where the monitoring component is installed

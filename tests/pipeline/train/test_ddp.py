@@ -34,7 +34,7 @@ def _replica(rank: int, world: int, port: int, out: str, sync_counts: bool) -> N
     rng = np.random.default_rng(100 + rank)  # each replica its own data shard
     cfg = TrainConfig(max_steps=6, warmup_steps=1, batch_size=2, lr=3e-3, seed=rank)
     rows = [teacher_row(rng) for _ in range(8)]
-    state = TrainState(model, cfg, WindowStream(lambda: rows, seq_len=16, k=3, buffer_windows=8, rank=rank))
+    state = TrainState(model, cfg, WindowStream(lambda epoch: rows, seq_len=16, k=3, buffer_windows=8, rank=rank))
     ddp = DDP(ObjectiveModule(model, cfg), find_unused_parameters=True, broadcast_buffers=False)
     list(state.run(6, forward=ddp, all_reduce=dist.all_reduce if sync_counts else None))
     torch.save(model.state_dict(), f"{out}/rank{rank}.pt")

@@ -26,7 +26,7 @@ def _state(cfg):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     rows = [teacher_row(rng) for _ in range(12)]
-    return TrainState(Transformer(CFG), cfg, WindowStream(lambda: rows, seq_len=16, k=3, buffer_windows=4))
+    return TrainState(Transformer(CFG), cfg, WindowStream(lambda epoch: rows, seq_len=16, k=3, buffer_windows=4))
 
 
 def test_resuming_from_a_checkpoint_continues_exactly():

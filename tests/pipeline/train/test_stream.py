@@ -36,7 +36,7 @@ def rows(n: int, seed: int = 0) -> list[dict]:
 
 def test_every_row_once_per_epoch_through_a_buffer_many_times_smaller_than_the_data():
     data = rows(300)
-    stream = WindowStream(lambda: data, seq_len=16, k=3, buffer_windows=4, seed=1)
+    stream = WindowStream(lambda epoch: data, seq_len=16, k=3, buffer_windows=4, seed=1)
     total_windows = len(pack(data, 16, 3).tokens_BT)
     assert total_windows >= 25 * stream.capacity  # the data is far larger than what the buffer may hold
     for _ in range(3):  # three epochs: each row exactly once in each, in a different order
@@ -53,7 +53,7 @@ def test_every_row_once_per_epoch_through_a_buffer_many_times_smaller_than_the_d
 def test_the_windows_are_the_packed_rows_in_a_shuffled_order():
     data = rows(60)
     packed = pack(data, 16, 3)
-    stream = WindowStream(lambda: data, seq_len=16, k=3, buffer_windows=3)
+    stream = WindowStream(lambda epoch: data, seq_len=16, k=3, buffer_windows=3)
     streamed = [stream.next_window() for _ in range(len(packed.tokens_BT))]
     key = lambda tokens, mask: (tuple(tokens), tuple(mask))
     assert sorted(key(w.tokens_T, w.mask_T) for w in streamed) == sorted(
@@ -64,14 +64,14 @@ def test_the_windows_are_the_packed_rows_in_a_shuffled_order():
 
 def test_a_stream_restored_at_its_position_continues_exactly():
     data = rows(120, seed=3)
-    first = WindowStream(lambda: data, seq_len=16, k=3, buffer_windows=5, seed=7, rank=1)
+    first = WindowStream(lambda epoch: data, seq_len=16, k=3, buffer_windows=5, seed=7, rank=1)
     per_epoch = len(pack(data, 16, 3).tokens_BT)
     for _ in range(3 * per_epoch // 4):  # 1.5 epochs of windows, two a batch: mid-way through the second epoch
         first.next_batch(2)
     at = (first.epoch, first.position)
     assert at[0] == 1 and at[1] > 0
     rest = [(first.next_batch(2), first.last_sample_ids) for _ in range(10)]
-    again = WindowStream(lambda: data, seq_len=16, k=3, buffer_windows=5, seed=7, rank=1)  # a new process
+    again = WindowStream(lambda epoch: data, seq_len=16, k=3, buffer_windows=5, seed=7, rank=1)  # a new process
     again.seek(*at)
     for batch, ids in rest:
         replay = again.next_batch(2)
@@ -82,15 +82,16 @@ def test_a_stream_restored_at_its_position_continues_exactly():
 
 
 def test_a_position_the_rows_cannot_reach_is_a_clear_error_and_no_rows_is_one_too():
-    stream = WindowStream(lambda: rows(3), seq_len=16, k=3, buffer_windows=2)
+    stream = WindowStream(lambda epoch: rows(3), seq_len=16, k=3, buffer_windows=2)
     with pytest.raises(ValueError, match="cannot resume at window 99 of epoch 0"):
         stream.seek(0, 99)
     with pytest.raises(ValueError, match="received no soft-target rows"):
-        WindowStream(lambda: [], seq_len=16, k=3, buffer_windows=2).next_window()
+        WindowStream(lambda epoch: [], seq_len=16, k=3, buffer_windows=2).next_window()
 
 
 def test_the_buffer_cap_counts_window_bytes_and_holds_at_least_a_batch():
     assert window_bytes(256, 20) == 256 * (18 + 12 * 20 + 4)
-    assert WindowStream(lambda: rows(20), seq_len=16, k=3, buffer_windows=2).next_window().nbytes == window_bytes(16, 3)
+    stream = WindowStream(lambda epoch: rows(20), seq_len=16, k=3, buffer_windows=2)
+    assert stream.next_window().nbytes == window_bytes(16, 3)
     assert buffer_windows(64 * 2**20, 256, 20, 8) == 64 * 2**20 // (256 * 262)
     assert buffer_windows(1, 256, 20, 8) == 8
