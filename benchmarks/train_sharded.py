@@ -38,7 +38,7 @@ from train_workers import VOCAB, K, synthetic_rows, write_shards
 from actors.trainer import fit
 from pipeline.config import TrainConfig
 from pipeline.distill import targets as T
-from pipeline.model import ModelConfig, Transformer
+from pipeline.model import Transformer
 from pipeline.model.config import model_preset
 from pipeline.stages.artifact_specs import soft_targets_schema
 from pipeline.train.replica import TrainJob
@@ -203,22 +203,11 @@ def part_input(tmp: str, object_store_mb: int, ratio: float) -> dict:
     windows_per_rank = len(trained) * ROW_LEN / train.seq_len / 2
     steps = int(windows_per_rank / train.batch_size * 1.02) + 2  # one epoch, a little over
     train = train.model_copy(update={"max_steps": steps, "checkpoint_every": steps})
-    model = ModelConfig(
-        vocab_size=SMALL_VOCAB,
-        dim=32,
-        n_layers=2,
-        n_heads=2,
-        inter_dim=64,
-        moe_inter_dim=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        n_activated_experts=2,
-        max_seq_len=256,
-    )
+    # a few-kilobyte student: this part measures the input path's memory, not the model's
+    model = model_preset(
+        "toy", vocab_size=SMALL_VOCAB, dim=32, n_layers=2, n_heads=2, inter_dim=64, max_seq_len=256,
+        moe_inter_dim=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+    )  # fmt: skip
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("input", f"{tmp}/artifacts")).info.run_id
