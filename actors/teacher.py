@@ -55,6 +55,24 @@ class ScoreResult:
     teacher_id: str
 
 
+@dataclass
+class TokenScoreRequest:
+    """Given token sequences scored from `starts[i]` on (`refine`: the student's completions after the teacher's
+    own context, so the ids are the student's and the context is the teacher's best prompt)."""
+
+    sequences: list[list[int]]
+    starts: list[int]
+    top_k: int
+    batch_size: int
+
+
+@dataclass
+class TokenScoreResult:
+    targets: list[SoftTargets | None]  # None: the teacher could not score this one
+    seconds: float
+    tokens: int  # tokens scored (whole sequences, context included)
+
+
 class TeacherWorker:
     """Loads the configured teacher once and generates batches with the configured sampling settings.
 
@@ -101,6 +119,15 @@ class TeacherWorker:
         return ScoreResult(
             sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in sequences), self.teacher_id
         )
+
+    def score_tokens(self, request: TokenScoreRequest) -> TokenScoreResult:
+        """The teacher's top-k (and the sequence's own token's log-prob) at every position from each start on."""
+        t0 = time.perf_counter()
+        targets: list[SoftTargets | None] = []
+        for start in range(0, len(request.sequences), request.batch_size):
+            end = start + request.batch_size
+            targets += self.teacher.score(request.sequences[start:end], request.starts[start:end], request.top_k)
+        return TokenScoreResult(targets, time.perf_counter() - t0, sum(map(len, request.sequences)))
 
     def generate(self, request: GenerateRequest) -> GenerateResult:
         t0 = time.perf_counter()

@@ -83,21 +83,30 @@ def run(
         run_log.uninstall()
 
 
+_EVENTS = {
+    "cached": lambda stage, info: f"[green]✓[/green] {stage:<10} cached (from run {info['from']})",
+    "start": lambda stage, info: f"[cyan]▶[/cyan] {stage:<10} running (run {info['run_id']})",
+    "done": lambda stage, info: f"[green]✓[/green] {stage:<10} done in {_duration(info['seconds'])}",
+    "failed": lambda stage, info: f"[red]✗[/red] {stage:<10} failed (run {info['run_id']})",
+    "skipped": lambda stage, info: f"[dim]-[/dim] {stage:<10} off ({_passes(info['passes'])})",
+}
+
+
+def _passes(passes: dict[str, str]) -> str:
+    return ", ".join(f"{source} as {out}" for out, source in passes.items())
+
+
+def _report(event: str, stage: str, info: dict) -> None:
+    """One line per stage event of a run (`run_pipeline`'s reporter)."""
+    if event in _EVENTS:
+        console.print(_EVENTS[event](stage, info))
+
+
 def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None, until: str | None, only: str | None):
     from pipeline.dag import DagError
     from pipeline.runner import StageFailed, run_pipeline
 
     started = time.perf_counter()
-
-    def report(event: str, stage: str, info: dict) -> None:
-        if event == "cached":
-            console.print(f"[green]✓[/green] {stage:<10} cached (from run {info['from']})")
-        elif event == "start":
-            console.print(f"[cyan]▶[/cyan] {stage:<10} running (run {info['run_id']})")
-        elif event == "done":
-            console.print(f"[green]✓[/green] {stage:<10} done in {_duration(info['seconds'])}")
-        elif event == "failed":
-            console.print(f"[red]✗[/red] {stage:<10} failed (run {info['run_id']})")
 
     console.print(f"moeforge run [bold]{cfg.name}[/bold] (config {cfg.hash()[:12]})")
     try:
@@ -107,7 +116,7 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
             from_stage=from_stage,
             until=until,
             only=only,
-            report=report,
+            report=_report,
             on_ray_connect=run_log.route_worker_logs,
         )
     except (DagError, StageFailed) as e:

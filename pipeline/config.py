@@ -209,6 +209,48 @@ class TrainConfig(Section):
         return at_most("warmup_steps", "max_steps", v, info)
 
 
+class RefineConfig(Section):
+    """On-policy refinement of the trained student (stage `refine`, `pipeline/stages/refine.py`).
+
+    Each iteration the student samples `group_size` completions of `prompts_per_iteration` training prompts, the
+    verifiers grade them (the reward), the teacher scores the student's tokens (in its best prompt's context, the
+    worked examples, with `teacher_context: best`), and a learner step on Ray Train minimises `objective`
+    (`pipeline/train/policy_losses.py`); the new weights go back to the rollout actors through the object store.
+    """
+
+    iterations: int = Field(3, ge=0)  # 0: the stage is skipped and evaluate judges the trained student
+    # opd: per-token reverse KL to the teacher on the student's samples; grpo: verifier rewards, group-normalised;
+    # both: GRPO's loss + opd_coef x the reverse KL
+    objective: Literal["opd", "grpo", "both"] = "both"
+    prompts_per_iteration: int = Field(6, ge=1)
+    group_size: int = Field(4, ge=1)  # G completions per prompt (GRPO needs >= 2 for a signal)
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(64, ge=1)
+    teacher_context: Literal["best", "same"] = "best"  # best: the worked examples as the teacher's context
+    top_k: int = Field(20, ge=1)  # teacher log-probs kept per student token
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)  # PPO's ratio clip
+    kl_coef: float = Field(0.02, ge=0)  # beta: KL to the starting student (grpo, both)
+    opd_coef: float = Field(1.0, ge=0)  # lambda: the reverse KL's weight in `both`
+    updates_per_iteration: int = Field(2, ge=1)  # optimizer steps per iteration (the batch cut in as many parts)
+    # frozen: router weights and balance biases fixed during refine, so the experts a token is sent to change
+    # only through the hidden states (measured each iteration as `routing_agreement`); trained: the router's
+    # weights learn too (its biases stay fixed: no balance update inside an RL step)
+    router: Literal["frozen", "trained"] = "frozen"
+    num_actors: int = Field(2, ge=1)  # rollout (student) actors
+    # logical CPUs of each rollout actor, teacher-scoring actor and learner worker: the three phases take turns,
+    # so their pools stay up side by side (2 + 2 + 2 at 0.25: 1.5 CPUs of a 2-core machine); each runs
+    # max(1, int(share)) torch threads when its turn comes
+    num_cpus_per_actor: float = Field(0.25, gt=0)
+    num_workers: int = Field(2, ge=1)  # learner ranks on Ray Train (DDP)
+    use_gpu: bool = False  # learner workers on GPUs (NCCL)
+    max_failures: int = Field(1, ge=0)  # learner worker-group restarts per iteration before the stage fails
+    storage_path: str | None = None  # the learner's Ray Train runs: local folder or s3://…; None: <workdir>/checkpoints
+    seed: int = 0
+
+
 class EvaluateConfig(Section):
     """Held-out evaluation: teacher and student answer the held-out split greedily, with the student's prompt."""
 
@@ -352,6 +394,7 @@ SECTIONS = (
     "convert",
     "model",
     "train",
+    "refine",
     "evaluate",
     "registry",
     "serve",
@@ -372,6 +415,7 @@ class MoeforgeConfig(Section):
     convert: ConvertConfig = Field(default_factory=ConvertConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

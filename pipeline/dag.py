@@ -59,6 +59,19 @@ class Dag:
         """Direct producers of a stage's inputs."""
         return sorted({self.producer[i] for i in self[name].inputs})
 
+    def upstream_among(self, name: str, present: Iterable[str]) -> list[str]:
+        """The producers of a stage's inputs among `present`, seen through absent stages that pass an input on
+        (`Stage.passthrough`: with `refine` off, `evaluate` follows `train`)."""
+        present, out = set(present), set()
+        todo = [self.producer[i] for i in self[name].inputs]
+        while todo:
+            up = todo.pop()
+            if up in present:
+                out.add(up)
+            else:
+                todo.extend(self.producer[source] for _, source in self[up].passthrough)
+        return sorted(out)
+
     def downstream(self, names: Iterable[str]) -> set[str]:
         """The given stages and everything that depends on them, transitively."""
         result = {self[n].name for n in names}

@@ -63,6 +63,11 @@ METRICS: dict[str, MetricSpec] = {
         "gauge", "Share of routed tokens per expert in the last step", (*RUN, "layer", "expert")
     ),
     # serve: one replica of the OpenAI-compatible deployment
+    # refine: the stage task, once per finished iteration
+    "moeforge_refine_iteration": MetricSpec("gauge", "Last finished refine iteration", RUN),
+    "moeforge_refine_reward": MetricSpec("gauge", "Mean verifier reward of the last iteration's samples", RUN),
+    "moeforge_refine_reverse_kl": MetricSpec("gauge", "Reverse KL to the teacher per token, last iteration", RUN),
+    "moeforge_refine_rollout_tokens": MetricSpec("counter", "Completion tokens the student sampled", RUN),
     "moeforge_serve_requests": MetricSpec("counter", "HTTP requests answered", ("model", "route", "status")),
     "moeforge_serve_latency_seconds": MetricSpec(
         "histogram", "Generation time of a request, submit to last token", ("model", "route"), LATENCY_BUCKETS

@@ -121,7 +121,8 @@ def plan(
         raise DagError("--only runs one stage; it does not combine with --from or --until")
     for name in (*force, *(n for n in (from_stage, until, only) if n)):
         dag[name]  # raises DagError naming an unknown stage
-    selected = [s for s in dag.order if s.enabled(cfg) or s.name == only]
+    # a stage that is off but passes its input through stays in the plan: the loop hands its input on
+    selected = [s for s in dag.order if s.enabled(cfg) or s.passthrough or s.name == only]
     if until or only:
         keep = dag.ancestors(until or only)
         selected = [s for s in selected if s.name in keep]
@@ -169,11 +170,19 @@ def run_pipeline(
     tracker = Tracker(cfg.tracking)
     tracker.reap_dead_drivers()
     version = code_version()
-    parent = tracker.start_pipeline(cfg, version, [s.name for s in selected])
+    skipped = {s.name for s in selected if not s.enabled(cfg) and s.name != only}
+    parent = tracker.start_pipeline(cfg, version, [s.name for s in selected if s.name not in skipped])
     result = PipelineResult(parent, tracker.uri)
     produced: dict[str, ArtifactRef] = {}
     try:
         for stage in selected:
+            if stage.name in skipped:
+                produced.update({out: produced[source] for out, source in stage.passthrough})
+                log.info(
+                    "stage %s: off; %s passed on as they are", stage.name, ", ".join(s for _, s in stage.passthrough)
+                )
+                report("skipped", stage.name, {"passes": dict(stage.passthrough)})
+                continue
             inputs = {name: produced[name] for name in stage.inputs}
             config_slice = cfg.slice(stage.config_sections)
             key = stage_key(stage, config_slice, inputs, version)

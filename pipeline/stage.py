@@ -40,6 +40,8 @@ class Stage:
         version: bump when the stage's behaviour changes in a way its config and code version do not capture.
         key_metrics: metrics `moeforge status` shows for it.
         cacheable: False for stages whose effect is outside their outputs (deploying `serve`): always run.
+        passthrough: (output, input) pairs: when the stage is off (`enabled` false), that output is that input as it is
+            (`refine` off: the `student` downstream is the `trained_student`), so the stages after it still run.
     """
 
     name: ClassVar[str]
@@ -50,6 +52,7 @@ class Stage:
     key_metrics: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     cacheable: ClassVar[bool] = True
+    passthrough: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def enabled(self, config: MoeforgeConfig) -> bool:
         """Optional stages (e.g. `serve`) say here whether this run includes them."""

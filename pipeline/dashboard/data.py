@@ -180,7 +180,7 @@ class RunData:
         sources = {name: self._source(child) for name, child in children.items()}
         stages = [self._stage(name, children.get(name), sources.get(name), parent) for name in planned]
         known = {s.name for s in self.dag.stages}
-        edges = [[up, name] for name in planned if name in known for up in self.dag.upstream(name) if up in planned]
+        edges = [[up, name] for name in planned if name in known for up in self.dag.upstream_among(name, planned)]
         out: dict[str, Any] = {
             "run": {
                 "run_id": run_id,
@@ -212,6 +212,8 @@ class RunData:
         if src := sources.get("train"):
             out["loss"] = self._loss(src)
             out["expert_load"] = self._expert_load(src.data.metrics)
+        if src := sources.get("refine"):
+            out["refine"] = self._curves(src, ("reward", "reverse_kl"))
         if (src := sources.get("evaluate")) and (summary := evaluation_summary(src)):
             out["evaluation"] = evaluation_view(summary)
         if src := sources.get("register"):
@@ -270,8 +272,12 @@ class RunData:
         return None
 
     def _loss(self, run: Run) -> dict[str, list]:
+        return self._curves(run, ("loss", "kd", "ce", "val_loss"))
+
+    def _curves(self, run: Run, keys: tuple[str, ...]) -> dict[str, list]:
+        """[[step, value], ...] of each metric of `run` that has a history, in step order."""
         curves = {}
-        for key in ("loss", "kd", "ce", "val_loss"):
+        for key in keys:
             history = sorted(self.client.get_metric_history(run.info.run_id, key), key=lambda x: x.step)
             if history:
                 curves[key] = [[x.step, x.value] for x in history]

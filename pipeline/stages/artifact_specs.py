@@ -273,12 +273,61 @@ def read_conversion(path) -> ConversionReport:
 
 # ---------------------------------------------------------------------------------------------------- train
 
+TRAINED_STUDENT = ArtifactSpec(
+    "trained_student",
+    "checkpoint",
+    description="the MoE student distilled by train: safetensors weights (router "
+    "biases included), config.json and the teacher's tokenizer",
+)
+
+
+# ---------------------------------------------------------------------------------------------------- refine
+
 STUDENT = ArtifactSpec(
     "student",
     "checkpoint",
-    description="the trained MoE student: safetensors weights (router "
-    "biases included), config.json and the teacher's tokenizer",
+    description="the student evaluate judges and register registers: refine's (with refine.json, what refining "
+    "it did and cost), or with refine off the trained student itself",
 )
+REFINE_FILE = "refine.json"
+
+
+class RefineIteration(MetricGroup):
+    """One refine iteration's figures, as logged on the run at step = the iteration (`refine.<name>` there)."""
+
+    reward: float  # mean verifier reward of the iteration's samples (pass@1 at the rollout temperature)
+    reward_std_within_groups: float  # mean std of rewards inside a group: 0 means GRPO has nothing to learn from
+    reverse_kl: float  # KL(student || teacher) per completion token, on the teacher's k + 1 buckets
+    teacher_token_logprob: float  # the teacher's mean log-prob of the student's sampled tokens
+    entropy: float  # the student's per-token entropy at temperature 1
+    completion_tokens: float  # mean completion length
+    truncated_rate: float  # share of completions that hit max_new_tokens
+    clip_fraction: float
+    kl_to_start: float
+    routing_agreement: float  # (token, layer) expert choices the update left unchanged
+    update_loss: float
+    rollout_tokens_per_s: float
+    scoring_tokens_per_s: float
+    update_tokens_per_s: float
+    rollout_tokens: float
+    teacher_scored_tokens: float
+    seconds: float
+
+
+class RefineReport(Result):
+    """`refine.json`: what refining did and what it cost."""
+
+    objective: str
+    iterations: int
+    samples_per_iteration: int
+    rollout_tokens: int
+    teacher_scored_tokens: int  # tokens the teacher ran over (its context included)
+    learner_tokens: int  # completion tokens trained on
+    minutes: float  # wall time of the stage's iterations (resumed ones: as first measured)
+    router: str
+    reward_by_iteration: list[float]
+    reverse_kl_by_iteration: list[float]
+    accuracy_by_task_last: dict[str, float]
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

@@ -6,8 +6,8 @@ with `train.parallelism=fsdp` an FSDP2 shard of the student. The Train run is
 named after the stage's cache key and stored under `train.storage_path` (default `<workdir>/checkpoints`): a worker
 that dies restarts its group from the latest checkpoint (`train.max_failures` times), and a pipeline rerun after a
 driver crash continues from it instead of step 0. The student is built with the soft targets' own tokenizer (its
-vocabulary is the teacher's) from `convert`'s initial student, saved with it as the `student` artifact, and logged
-on this run as a pyfunc model that `register` puts in the Model Registry.
+vocabulary is the teacher's) from `convert`'s initial student, saved with it as the `trained_student` artifact, and
+logged on this run as a pyfunc model: `register` puts it in the Model Registry when `refine` is off (else refine's).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from pathlib import Path
 
 from pipeline.artifacts import local_path
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import STUDENT
+from pipeline.stages.artifact_specs import TRAINED_STUDENT
 
 
 class Train(Stage):
     name = "train"
     inputs = ("soft_targets", "initial_student")
-    outputs = (STUDENT,)
+    outputs = (TRAINED_STUDENT,)
     config_sections = ("model", "train")
     key_metrics = ("loss", "tokens_per_s", "mfu")
     description = "distil the soft targets into the MoE student on Ray Train (DDP or FSDP, checkpointed)"
@@ -79,7 +79,7 @@ class Train(Stage):
             raise RuntimeError(f"training run {run_name} under {storage} ended without a checkpoint")
         with result.checkpoint.as_directory() as d:
             model.load_state_dict(final_weights(Path(d)))
-        out = ctx.output_dir("student")
+        out = ctx.output_dir("trained_student")
         model.save_pretrained(out, tokenizer)
         info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
         ctx.set_tags({"moeforge.model_uri": info.model_uri, "moeforge.train.checkpoint": result.checkpoint.path})

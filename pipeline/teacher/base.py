@@ -41,6 +41,8 @@ class SoftTargets:
     topk_ids: np.ndarray  # int32 [positions, k]
     topk_logprobs: np.ndarray  # float32 [positions, k], log-softmax over the full vocabulary, descending
     tail_logmass: np.ndarray  # float32 [positions], log of the probability mass outside the top k (-inf: none)
+    # float32 [positions]: the log-prob of the token that does follow (the scored sequence's own), top-k or not
+    token_logprobs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

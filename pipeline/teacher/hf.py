@@ -270,7 +270,13 @@ class HFTeacher:
             top_lp_NK, top_ids_NK = logp_NV.topk(min(top_k, logp_NV.shape[-1]), dim=-1)
             # the mass outside the top k, summed over the tokens themselves (1 - covered would lose it to rounding)
             tail_N = logp_NV.scatter(-1, top_ids_NK, float("-inf")).logsumexp(-1)  # -inf when k is the vocabulary
-            out.append(SoftTargets(top_ids_NK.int().cpu().numpy(), top_lp_NK.cpu().numpy(), tail_N.cpu().numpy()))
+            next_N = torch.tensor(seq[start:], device=logp_NV.device)
+            token_N = logp_NV.gather(-1, next_N[:, None]).squeeze(-1)
+            out.append(
+                SoftTargets(
+                    top_ids_NK.int().cpu().numpy(), top_lp_NK.cpu().numpy(), tail_N.cpu().numpy(), token_N.cpu().numpy()
+                )
+            )
         return out
 
 

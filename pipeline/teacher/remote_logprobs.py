@@ -115,12 +115,13 @@ def soft_targets(
     """The teacher's top-k for tokens `start..len(ids)-1` of `ids` (row j: token start + j), as `HFTeacher.score`
     gives them; None when a completion token has no entry (the server left it out), so no row can be built."""
     where = align(ids, echoed.tokens, pieces)
-    rows_ids, rows_lp, tails = [], [], []
+    rows_ids, rows_lp, tails, own = [], [], [], []
     for i in range(start, len(ids)):
         j = where.get(i)
         if j is None or echoed.token_logprobs[j] is None or echoed.top_logprobs[j] is None:
             return None
         placed = {ids[i]: float(echoed.token_logprobs[j])}  # the token itself is known by id
+        own.append(placed[ids[i]])
         for text, lp in echoed.top_logprobs[j].items():
             token_id = pieces.id_of(text)
             if token_id is not None and token_id not in placed:
@@ -132,4 +133,9 @@ def soft_targets(
         rows_ids.append([t for t, _ in best])
         rows_lp.append([lp for _, lp in best])
         tails.append(math.log1p(-covered) if covered < 1.0 else -math.inf)
-    return SoftTargets(np.asarray(rows_ids, np.int32), np.asarray(rows_lp, np.float32), np.asarray(tails, np.float32))
+    return SoftTargets(
+        np.asarray(rows_ids, np.int32),
+        np.asarray(rows_lp, np.float32),
+        np.asarray(tails, np.float32),
+        np.asarray(own, np.float32),
+    )

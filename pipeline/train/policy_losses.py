@@ -109,6 +109,7 @@ def refine_loss(
     topk_logprobs_NK: torch.Tensor,
     tail_logmass_N: torch.Tensor,
     temperature: float,
+    soft_N: torch.Tensor | None = None,
     clip_eps: float = 0.2,
     kl_coef: float = 0.0,
     opd_coef: float = 1.0,
@@ -123,12 +124,14 @@ def refine_loss(
         ref_logp_N: the same under the starting student, for the KL term.
         advantages_N: each token's completion's group advantage (`group_advantages`).
         topk_ids_NK, topk_logprobs_NK, tail_logmass_N: the teacher's scores of the student's tokens.
+        soft_N: where the teacher did score them (default: everywhere); elsewhere the reverse KL is not taken.
         temperature: the rollout's sampling temperature; the ratio and KL terms compare the policy at it, since that
             is the distribution the tokens came from. The reverse KL to the teacher is taken at temperature 1.
         clip_eps: PPO's ε. kl_coef: β. opd_coef: λ, the weight of the reverse KL in `both`.
     """
     logp_N = token_logprobs(logits_NV, tokens_N, temperature)
-    rkl = _mean(opd_reverse_kl(logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logmass_N), mask_N)
+    scored_N = mask_N if soft_N is None else mask_N & soft_N
+    rkl = _mean(opd_reverse_kl(logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logmass_N), scored_N)
     kl_ref = _mean(kl_to_reference(logp_N, ref_logp_N), mask_N)
     surrogate_N, clipped_N = clipped_surrogate(logp_N, old_logp_N, advantages_N.float(), clip_eps)
     policy = _mean(surrogate_N, mask_N)

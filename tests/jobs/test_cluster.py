@@ -47,8 +47,14 @@ SMALL = {
     "model.n_layers": 4,
     "model.n_routed_experts": 8,
     "model.n_activated_experts": 2,
+    # one refine iteration: rollout, teacher and learner pools spread over both nodes
+    "refine.iterations": 1,
+    "refine.prompts_per_iteration": 2,
+    "refine.group_size": 2,
+    "refine.max_new_tokens": 16,
+    "refine.updates_per_iteration": 1,
 }
-STAGES = ["generate", "distill", "convert", "train", "evaluate", "register", "serve"]
+STAGES = ["generate", "distill", "convert", "train", "refine", "evaluate", "register", "serve"]
 
 
 class Scraper(threading.Thread):
@@ -273,6 +279,7 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
         "eval_prompts",
         "soft_targets",
         "initial_student",
+        "trained_student",
         "student",
         "eval_report",
         "registration",

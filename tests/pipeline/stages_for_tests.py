@@ -16,6 +16,7 @@ from pipeline.stage import Stage, StageContext
 NUMBERS = ArtifactSpec("numbers", "dataset", pa.schema([("i", pa.int64()), ("x", pa.int64())]), "0..n-1")
 SCALED = ArtifactSpec("scaled", "dataset", pa.schema([("i", pa.int64()), ("x", pa.int64())]), "x * top_k")
 SUMMARY = ArtifactSpec("summary", "files", None, "sum as JSON")
+POLISHED = ArtifactSpec("polished", "dataset", NUMBERS.schema, "x + 1, or when polish is off the scaled rows")
 
 
 def _log_call(path: str | None, name: str) -> None:
@@ -98,10 +99,35 @@ class Summarize(Stage):
 
     def run(self, ctx: StageContext) -> None:
         _log_call(self.calls, self.name)
-        total = pc.sum(ctx.read_table("scaled", SCALED)["x"]).as_py() or 0
+        total = pc.sum(ctx.read_table(self.inputs[0], SCALED)["x"]).as_py() or 0
         bonus = ctx.config.evaluate.batch_size
         (ctx.output_dir("summary") / "summary.json").write_text(json.dumps({"sum": total, "bonus": bonus}))
         ctx.log_metrics({"sum": total})
+
+
+class Polish(Stage):
+    """An optional stage (on when refine.iterations > 0) that, when off, passes its input on as its output."""
+
+    name = "polish"
+    inputs = ("scaled",)
+    outputs = (POLISHED,)
+    passthrough = (("polished", "scaled"),)
+    config_sections = ("refine",)
+
+    def __init__(self, calls: str | None = None):
+        self.calls = calls
+
+    def enabled(self, config) -> bool:
+        return config.refine.iterations > 0
+
+    def run(self, ctx: StageContext) -> None:
+        _log_call(self.calls, self.name)
+        table = ctx.read_table("scaled", SCALED)
+        ctx.write_table("polished", table.set_column(1, "x", pc.add(table["x"], 1)))
+
+
+class SummarizePolished(Summarize):
+    inputs = ("polished",)
 
 
 class ReadsUndeclared(Stage):

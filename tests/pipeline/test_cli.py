@@ -58,6 +58,11 @@ SMALLER = [
     "teacher.max_new_tokens=48",
     "train.max_steps=4",
     "train.batch_size=2",
+    "refine.iterations=1",
+    "refine.prompts_per_iteration=2",
+    "refine.group_size=2",
+    "refine.max_new_tokens=16",
+    "refine.updates_per_iteration=1",
     "evaluate.max_new_tokens=32",
     "evaluate.decode_tokens=8",
 ]
@@ -73,6 +78,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         res = cli("run", "--config", "tiny", *sets)
         assert res.exit_code == 0, res.output
         assert ("generate   cached" if i else "generate   done") in res.output
+        assert "refine     " + ("cached" if i else "done") in res.output
         assert "register   " + ("cached" if i else "done") in res.output
         assert "held-out pass@1" in res.output and "overall" in res.output  # the evaluation table it prints
         assert "constant-answer floor" in res.output and "teacher, worked examples" in res.output

@@ -58,3 +58,13 @@ def test_plan_selection():
         plan(dag, cfg, force=["nope"])
     with pytest.raises(DagError, match="does not combine"):
         plan(dag, cfg, only="scale", until="scale")
+
+
+def test_upstream_among_looks_through_a_stage_that_is_off_and_passes_its_input_on():
+    from pipeline.runner import default_stages
+
+    dag = Dag(default_stages())
+    assert dag.upstream("evaluate") == ["convert", "generate", "refine"]
+    without_refine = ["generate", "distill", "convert", "train", "evaluate"]
+    assert dag.upstream_among("evaluate", without_refine) == ["convert", "generate", "train"]
+    assert dag.upstream_among("evaluate", [*without_refine, "refine"]) == ["convert", "generate", "refine"]

@@ -16,7 +16,7 @@ from pipeline.dag import DagError
 from pipeline.runner import StageFailed, run_pipeline
 from pipeline.tracking import PARENT, P, Tracker
 from pipeline.version import code_version
-from tests.pipeline.stages_for_tests import SCALED, ReadsUndeclared, chain
+from tests.pipeline.stages_for_tests import SCALED, Numbers, Polish, ReadsUndeclared, Scale, SummarizePolished, chain
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -135,6 +135,30 @@ def test_failure_commits_nothing_and_rerun_resumes(setup, mlflow_server, tmp_pat
     assert scale.data.metrics["resumed_at"] == 4 and scale.data.metrics["rows_done"] == 10
     summary_dir = fetch(result["summarize"].outputs["summary"], mlflow_server.uri, Path(cfg.tracking.workdir))
     assert json.loads((summary_dir / "summary.json").read_text())["sum"] == sum(i * 20 for i in range(10))
+
+
+def test_a_stage_that_is_off_passes_its_input_on_and_the_rest_still_runs(setup, mlflow_server):
+    cfg, calls = setup
+    c = str(calls)
+    stages = [Numbers(c), Scale(c), Polish(c), SummarizePolished(c)]
+    off = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"iterations": 0})})
+    result = run_pipeline(off, stages)
+    assert executed(calls) == ["numbers", "scale", "summarize"]
+    assert [s.name for s in result.stages] == ["numbers", "scale", "summarize"]  # polish: no run, no outputs
+    assert [c.info.run_name for c in Tracker(cfg.tracking).stage_runs(result.run_id)] == [
+        "numbers",
+        "scale",
+        "summarize",
+    ]
+    summary = fetch(result["summarize"].outputs["summary"], mlflow_server.uri, Path(cfg.tracking.workdir))
+    k = cfg.distill.top_k
+    assert json.loads((summary / "summary.json").read_text())["sum"] == sum(i * k for i in range(10))
+    # on, it runs between them and what follows sees its output
+    on = cfg.model_copy(update={"refine": cfg.refine.model_copy(update={"iterations": 1})})
+    result = run_pipeline(on, stages)
+    assert executed(calls) == ["polish", "summarize"]
+    summary = fetch(result["summarize"].outputs["summary"], mlflow_server.uri, Path(cfg.tracking.workdir))
+    assert json.loads((summary / "summary.json").read_text())["sum"] == sum(i * k + 1 for i in range(10))
 
 
 def test_corrupted_artifact_in_the_store_is_detected(setup, mlflow_server):

@@ -169,11 +169,21 @@ function decodeLine(speeds) {
 }
 
 function drawLoss(view) {
-  const svg = $("#loss-curve");
+  drawCurves("loss", view.loss || {}, "loss", "step", "no training steps yet",
+             {loss: "#174ea6", kd: "#e08a00", ce: "#2e9e4f", val_loss: "#c5221f"});
+}
+
+function drawRefine(view) {
+  drawCurves("refine", view.refine || {}, "reward", "iteration", "refine has logged no iteration",
+             {reward: "#2e9e4f", reverse_kl: "#c5221f"});
+}
+
+// line curves of {name: [[x, y], ...]} in svg #<id>-curve; `main` is the curve whose last point is labelled
+function drawCurves(id, curves, main, unit, empty, colours) {
+  const svg = $(`#${id}-curve`);
   svg.replaceChildren();
-  const curves = view.loss || {};
-  const loss = curves.loss || [];
-  if (!loss.length) { svg.append(el("svg:text", {x: 10, y: 20}, "no training steps yet")); return; }
+  const head = curves[main] || [];
+  if (!head.length) { svg.append(el("svg:text", {x: 10, y: 20}, empty)); return; }
   const W = 600, H = 260, L = 60, R = 20, T = 20, B = 40;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const all = Object.values(curves).flat();
@@ -186,22 +196,21 @@ function drawLoss(view) {
              el("svg:line", {x1: L, y1: T, x2: L, y2: H - B, stroke: "#444"}),
              el("svg:text", {x: L - 6, y: T + 4, "text-anchor": "end", "font-size": 11, "data-role": "y-max"}, sig(y1)),
              el("svg:text", {x: L - 6, y: H - B, "text-anchor": "end", "font-size": 11, "data-role": "y-min"}, sig(y0)),
-             el("svg:text", {x: L, y: H - B + 16, "font-size": 11, "data-role": "x-min"}, `step ${x0}`),
+             el("svg:text", {x: L, y: H - B + 16, "font-size": 11, "data-role": "x-min"}, `${unit} ${x0}`),
              el("svg:text", {x: W - R, y: H - B + 16, "text-anchor": "end", "font-size": 11, "data-role": "x-max"},
-                `step ${x1}`));
-  const colours = {loss: "#174ea6", kd: "#e08a00", ce: "#2e9e4f", val_loss: "#c5221f"};
+                `${unit} ${x1}`));
   let legend = L + 10;
   for (const [name, points] of Object.entries(curves)) {
-    svg.append(el("svg:polyline", {id: `loss-line-${name}`, "data-points": points.length, fill: "none",
-                                   stroke: colours[name] || "#777", "stroke-width": name === "loss" ? 2 : 1,
+    svg.append(el("svg:polyline", {id: `${id}-line-${name}`, "data-points": points.length, fill: "none",
+                                   stroke: colours[name] || "#777", "stroke-width": name === main ? 2 : 1,
                                    points: points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ")}));
     svg.append(el("svg:text", {x: legend, y: T + 4, fill: colours[name], "font-size": 12}, name));
     legend += 12 + 8 * name.length;
   }
-  const [lastStep, lastLoss] = loss[loss.length - 1];
-  svg.append(el("svg:text", {x: W - R, y: T + 4, "text-anchor": "end", "font-size": 12, id: "loss-last",
-                             "data-step": lastStep, "data-value": lastLoss},
-                `loss ${sig(lastLoss)} at step ${lastStep}`));
+  const [lastStep, lastValue] = head[head.length - 1];
+  svg.append(el("svg:text", {x: W - R, y: T + 4, "text-anchor": "end", "font-size": 12, id: `${id}-last`,
+                             "data-step": lastStep, "data-value": lastValue},
+                `${main} ${sig(lastValue)} at ${unit} ${lastStep}`));
 }
 
 function drawHeatmap(view) {
@@ -264,7 +273,7 @@ async function refresh() {
   try {
     const view = await getJSON(id ? `/api/runs/${encodeURIComponent(id)}` : "/api/runs/latest");
     drawRunHeader(view); drawDag(view); drawStageTable(view); drawAcceptance(view); drawEvaluation(view);
-    drawLoss(view); drawHeatmap(view); drawServing(view);
+    drawLoss(view); drawRefine(view); drawHeatmap(view); drawServing(view);
     document.body.dataset.loaded = view.run.run_id;
     await fillRunList(view.run.run_id);
     if (view.run.state === "running") setTimeout(refresh, 2000);

@@ -170,3 +170,19 @@ def test_a_cached_stage_shows_the_numbers_of_the_run_it_reused(tracked):
     page = client.get("/")
     assert page.status_code == 200 and "dashboard.js" in page.text
     assert client.get("/static/dashboard.js").status_code == 200
+
+
+def test_refine_draws_reward_and_reverse_kl_per_iteration(tracked):
+    from mlflow.entities import Metric
+
+    cfg, tracker, stages = tracked
+    parent = tracker.start_pipeline(cfg, "test", ["refine"])
+    refine = start_stage(tracker, cfg, parent, stages["refine"], "k-refine")
+    view = RunData(tracker, RayView(None), Dag(default_stages())).run(parent)
+    assert view["refine"] == {}  # running, no iteration finished: the chart says so
+    figures = [Metric("reward", v, 0, i) for i, v in enumerate((0.25, 0.5))]
+    figures += [Metric("reverse_kl", v, 0, i) for i, v in enumerate((0.9, 0.6))]
+    tracker.client.log_batch(refine, metrics=figures)
+    view = RunData(tracker, RayView(None), Dag(default_stages())).run(parent)
+    assert view["refine"] == {"reward": [[0, 0.25], [1, 0.5]], "reverse_kl": [[0, 0.9], [1, 0.6]]}
+    assert [s["name"] for s in view["stages"]] == ["refine"]

@@ -44,6 +44,7 @@ OVERRIDES = [
     "train.checkpoint_every=5",
     "train.batch_size=2",
     "train.seq_len=64",
+    "refine.iterations=0",  # off: evaluate and register judge the trained student (refine: test_refine.py)
     "evaluate.max_new_tokens=24",
     "evaluate.partition_size=2",
     "evaluate.decode_tokens=0",  # decode speed has its own test (test_evaluate_register.py)
