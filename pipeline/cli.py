@@ -180,6 +180,8 @@ def _print_outcome(result, cfg) -> None:
     from pipeline.stages.artifact_specs import read_summary
 
     produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
+    if any(s.name == "refine" for s in result.stages):
+        _print_refine(_read_output(result, cfg, "student", "refine.json"))
     if "eval_report" in produced:
         _print_evaluation(read_summary(fetch(produced["eval_report"], result.tracking_uri, cfg.tracking.workdir)))
     if "registration" in produced:
@@ -188,6 +190,17 @@ def _print_outcome(result, cfg) -> None:
             f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
             f"[/bold]: {reg['reason']} ({reg['model_uri']})"
         )
+
+
+def _print_refine(report: dict) -> None:
+    """What refine did and cost, before the evaluation that judges the refined student."""
+    rewards, kls = report["reward_by_iteration"], report["reverse_kl_by_iteration"]
+    console.print(
+        f"refine ({report['objective']}, router {report['router']}): {report['iterations']} iterations of "
+        f"{report['samples_per_iteration']} samples; reward {' → '.join(f'{r:.2f}' for r in rewards)}, reverse KL "
+        f"to the teacher {' → '.join(f'{k:.3f}' for k in kls)}; cost {report['rollout_tokens']} rollout tokens, "
+        f"{report['teacher_scored_tokens']} teacher-scored tokens, {report['minutes']:.1f} min"
+    )
 
 
 def _print_evaluation(summary) -> None:
