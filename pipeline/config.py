@@ -244,10 +244,13 @@ class RefineConfig(Section):
     # so their pools stay up side by side (2 + 2 + 2 at 0.25: 1.5 CPUs of a 2-core machine); each runs
     # max(1, int(share)) torch threads when its turn comes
     num_cpus_per_actor: float = Field(0.25, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)  # rollout actors (the teacher's pool follows the teacher section)
     num_workers: int = Field(2, ge=1)  # learner ranks on Ray Train (DDP)
     use_gpu: bool = False  # learner workers on GPUs (NCCL)
     max_failures: int = Field(1, ge=0)  # learner worker-group restarts per iteration before the stage fails
-    storage_path: str | None = None  # the learner's Ray Train runs: local folder or s3://…; None: <workdir>/checkpoints
+    # the learner's Ray Train runs: a local folder or s3://…, shared storage on a multi-node cluster; None:
+    # train.storage_path, else <workdir>/checkpoints
+    storage_path: str | None = None
     seed: int = 0
 
 

@@ -104,7 +104,7 @@ class Refine(Stage):
     inputs = ("trained_student",)
     outputs = (STUDENT,)
     passthrough = (("student", "trained_student"),)
-    config_sections = ("teacher", "data", "distill", "refine")
+    config_sections = ("teacher", "data", "distill", "train", "refine")
     key_metrics = ("reward", "reverse_kl", "iterations")
     description = "the student learns from its own samples: on-policy distillation and/or GRPO, on Ray"
 
@@ -141,13 +141,13 @@ class Refine(Stage):
             state = {"model": model.state_dict(), "optimizer": None}
         needs_reference = r.objective != "opd" and r.kl_coef > 0
         reference = ray.put(model.state_dict()) if needs_reference else None
-        storage = r.storage_path or str((ctx.workdir / "checkpoints").resolve())
+        storage = r.storage_path or cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
         ctx.set_tags({"moeforge.refine.router": r.router, "moeforge.refine.objective": r.objective})
         first = len(done)
         bar = ctx.progress(total=r.iterations, desc="refine")
         bar.update(first)
         if first < r.iterations:
-            threads = torch_threads(r.num_cpus_per_actor, 0)
+            threads = torch_threads(r.num_cpus_per_actor, r.num_gpus_per_actor)
             student_args = (ctx.call.inputs["trained_student"], ctx.call.tracking_uri, str(ctx.workdir), threads)
             teacher = cfg.teacher.model_copy(update={"num_cpus_per_actor": r.num_cpus_per_actor})
             with (
@@ -157,6 +157,7 @@ class Refine(Stage):
                     size=r.num_actors,
                     name=f"refine-{ctx.run_id[:8]}.student",
                     num_cpus=r.num_cpus_per_actor,
+                    num_gpus=r.num_gpus_per_actor,
                     scheduling_strategy=ctx.scheduling_strategy,
                 ) as students,
                 teacher_pool(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from pipeline.config import load_config
 from pipeline.data.prompts import chat_token_ids, teacher_messages
@@ -24,8 +25,6 @@ from pipeline.stages.artifact_specs import REFINE_FILE, RefineIteration, RefineR
 from pipeline.stages.refine import iteration_prompts
 from tests.actors.sigkill import KillWhen
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
-
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 ITERATIONS = 2
 OVERRIDES = [
@@ -60,6 +59,8 @@ def refined(upstream):
     return cfg, run_pipeline(cfg, until="register")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.timeout(900)
 def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge(refined):
     cfg, result = refined
@@ -76,9 +77,7 @@ def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge
         assert 0 <= f.reward <= 1 and f.reverse_kl > 0 and 0 < f.routing_agreement <= 1 and f.entropy > 0
         assert f.rollout_tokens > 0 and f.teacher_token_logprob < 0 and f.kl_to_start >= 0
     # the teacher scored every completion after its worked examples: exactly those contexts plus the completions
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(
-        str(path_of(result["train"].outputs["trained_student"]))
-    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path_of(result["train"].outputs["trained_student"])))
     prompts = load_prompts(cfg.data)["train"]
     for i, f in enumerate(figures):
         chosen = [prompts[j] for j in iteration_prompts(len(prompts), 3, i, cfg.refine.seed)]
@@ -103,6 +102,8 @@ def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge
     assert version.run_id == run
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
 @pytest.mark.timeout(900)
 def test_killed_rollout_teacher_and_learner_processes_do_not_change_what_refine_learns(refined):
     cfg, reference = refined
@@ -149,3 +150,31 @@ def test_killed_rollout_teacher_and_learner_processes_do_not_change_what_refine_
 
 def reference_experiment(client: MlflowClient, result) -> str:
     return client.get_run(result.run_id).info.experiment_id
+
+
+def test_iteration_prompts_use_every_prompt_once_per_epoch_and_repeat_on_a_redo():
+    n, per = 10, 4
+    drawn = [j for i in range(5) for j in iteration_prompts(n, per, i, seed=7)]  # 20 draws: two epochs
+    assert sorted(drawn[:10]) == list(range(10)) and sorted(drawn[10:]) == list(range(10))
+    assert drawn[:10] != drawn[10:]  # each epoch its own order
+    assert iteration_prompts(n, per, 3, seed=7) == drawn[12:16]  # an iteration redone draws the same prompts
+
+
+def test_a_kept_iteration_is_whole_or_absent_and_only_the_newest_keeps_its_state(tmp_path):
+    from pipeline.stages.refine import Iterations
+
+    kept = Iterations(tmp_path / "it")
+    kept.save(0, {"model": {"w": torch.ones(2)}, "optimizer": None}, {"reward": 0.25})
+    kept.save(1, {"model": {"w": torch.zeros(2)}, "optimizer": None}, {"reward": 0.5})
+    (tmp_path / "it" / ".iter_0002.partial").mkdir()  # a save cut short: not an iteration
+    assert kept.done() == [0, 1] and kept.metrics(0) == {"reward": 0.25}
+    assert torch.equal(kept.state(1)["model"]["w"], torch.zeros(2))
+    assert not (tmp_path / "it" / "iter_0000" / "state.pt").exists()
+
+
+def test_a_batch_too_small_for_the_learner_is_refused_before_anything_starts():
+    from pipeline.config import RefineConfig
+    from pipeline.stages.refine import check_batch
+
+    with pytest.raises(ValueError, match=r"4 samples per iteration .* cannot feed 2 learner workers x 3"):
+        check_batch(RefineConfig(prompts_per_iteration=2, group_size=2, num_workers=2, updates_per_iteration=3))

@@ -68,3 +68,24 @@ def test_missing_models_say_how_to_provide_one(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherNotFound, match=r"has no config.json"):
         resolve_model_dir(str(tmp_path / "empty"), tmp_path)
+
+
+def test_scoring_gives_each_tokens_own_log_prob_beside_the_top_k(teacher):
+    """What refine's teacher scoring needs of a sequence the teacher did not write: the log-prob of every token that
+    does follow, in or out of the top-k, consistent with the top-k where it is one of them."""
+    import numpy as np
+
+    tok = teacher.tokenizer
+    context = teacher.encode_chat([{"role": "user", "content": "What is 2 + 3?"}])
+    completion = tok.encode("2 + 3 = 5. zebra", add_special_tokens=False)  # "zebra": surely not in the top 3
+    (scored,) = teacher.score([context + completion], [len(context)], 3)
+    assert scored.token_logprobs is not None and scored.token_logprobs.shape == (len(completion),)
+    assert (scored.token_logprobs <= 0).all()
+    for j, token in enumerate(completion):
+        in_top = np.flatnonzero(scored.topk_ids[j] == token)
+        if in_top.size:
+            assert scored.token_logprobs[j] == pytest.approx(scored.topk_logprobs[j, in_top[0]], abs=1e-5)
+        else:  # outside the top-k: below its smallest, inside the tail's mass
+            assert scored.token_logprobs[j] < scored.topk_logprobs[j, -1]
+            assert scored.token_logprobs[j] <= scored.tail_logmass[j] + 1e-5
+    assert not all(np.isin(completion, scored.topk_ids))  # both cases were checked

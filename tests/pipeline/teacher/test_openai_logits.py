@@ -52,6 +52,10 @@ def test_scored_sequences_agree_with_the_local_teacher_on_the_same_weights(remot
         # the end-of-turn token, printed as "" by llama.cpp, is placed: its probability teaches the student to stop
         assert a.topk_ids[-1, 0] == b.topk_ids[-1, 0] == teacher.tokenizer.eos_token_id
         np.testing.assert_allclose(b.topk_logprobs[:, 0], a.topk_logprobs[:, 0], atol=0.35)
+        # each scored token's own log-prob, as refine asks of a teacher (the echo gives it for every token)
+        assert a.token_logprobs is not None and b.token_logprobs is not None
+        assert (a.token_logprobs <= 0).all() and (b.token_logprobs <= 0).all()
+        np.testing.assert_allclose(np.median(b.token_logprobs - a.token_logprobs), 0.0, atol=0.35)
 
 
 def _other_tokenizer(path):
