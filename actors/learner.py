@@ -12,6 +12,7 @@ training again.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -35,7 +36,8 @@ class LearnerJob:
     model: ModelConfig
     refine: RefineConfig
     iteration: int
-    state: Any  # ObjectRef to {"model": state dict, "optimizer": AdamW state or None}
+    weights: Any  # ObjectRef to the student's state dict at the iteration's start (the rollout actors' too)
+    optimizer: Any  # ObjectRef to AdamW's state carried from the previous iteration, or None
     reference: Any  # ObjectRef to the starting student's state dict, or None
     samples: Any  # ObjectRef to the iteration's list of `PolicySample`s
     top_k: int
@@ -60,17 +62,18 @@ def learner_loop(job: LearnerJob) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.refine.num_cpus_per_actor)))
     torch.manual_seed(job.refine.seed + job.iteration)
-    start = ray.get(job.state)
+    # fetched, copied into the learner's tensors, and dropped at once: the copies are gigabytes at the tiny size
     learner = PolicyLearner(
         job.model,
         job.refine,
-        start["model"],
-        start["optimizer"],
+        ray.get(job.weights),
+        ray.get(job.optimizer) if job.optimizer is not None else None,
         ray.get(job.reference) if job.reference is not None else None,
         rank,
         world,
         device,
     )
+    gc.collect()
     samples = ray.get(job.samples)[rank::world]
     metrics = learner.update(samples, job.top_k)
     with tempfile.TemporaryDirectory() as d:

@@ -115,8 +115,9 @@ def train_loop(job: TrainJob) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
-    return_large_frees_to_the_os()
     sharded = job.train.parallelism == "fsdp"
+    if sharded:  # a DDP replica frees nothing large per step; its allocations stay on glibc's fast path
+        return_large_frees_to_the_os()
     job = worker_job(job, rank)
     replica = Replica(job, train_rows(job, rank, world), rank, world, device)
     checkpoint = ray.train.get_checkpoint()

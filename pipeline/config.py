@@ -232,7 +232,9 @@ class RefineConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     clip_eps: float = Field(0.2, gt=0, lt=1)  # PPO's ratio clip
-    kl_coef: float = Field(0.02, ge=0)  # beta: KL to the starting student (grpo, both)
+    # beta: KL to the starting student (grpo, both). 0 by default, as in DAPO and Dr. GRPO: `both` is anchored by
+    # the reverse KL to the teacher instead, and a reference copy of the student costs its weights on every learner
+    kl_coef: float = Field(0.0, ge=0)
     opd_coef: float = Field(1.0, ge=0)  # lambda: the reverse KL's weight in `both`
     updates_per_iteration: int = Field(2, ge=1)  # optimizer steps per iteration (the batch cut in as many parts)
     # frozen: router weights and balance biases fixed during refine, so the experts a token is sent to change

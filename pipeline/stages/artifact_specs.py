@@ -303,7 +303,7 @@ class RefineIteration(MetricGroup):
     completion_tokens: float  # mean completion length
     truncated_rate: float  # share of completions that hit max_new_tokens
     clip_fraction: float
-    kl_to_start: float
+    kl_to_start: float  # KL(student || starting student) per token; nan (not logged) without a reference
     routing_agreement: float  # (token, layer) expert choices the update left unchanged
     update_loss: float
     rollout_tokens_per_s: float

@@ -141,6 +141,8 @@ class Refine(Stage):
             state = {"model": model.state_dict(), "optimizer": None}
         needs_reference = r.objective != "opd" and r.kl_coef > 0
         reference = ray.put(model.state_dict()) if needs_reference else None
+        model_cfg = model.cfg
+        del model  # the state alone is carried: no second copy of the weights in this process
         storage = r.storage_path or cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
         ctx.set_tags({"moeforge.refine.router": r.router, "moeforge.refine.objective": r.objective})
         first = len(done)
@@ -169,13 +171,16 @@ class Refine(Stage):
                 ) as teachers,
             ):
                 for i in range(first, r.iterations):
+                    box = {"state": state}
+                    del state  # the iteration drops it once in the object store (the box is its last holder)
                     state, metrics = self.iteration(
-                        ctx, i, state, reference, model.cfg, tokenizer, prompts, students, teachers, storage
+                        ctx, i, box, reference, model_cfg, tokenizer, prompts, students, teachers, storage
                     )
                     kept.save(i, state, metrics)
                     self.log_iteration(ctx, i, metrics)
                     bar.update(1)
         bar.close()
+        model = Transformer.from_pretrained(student_dir)
         model.load_state_dict(state["model"])
         out = ctx.output_dir("student")
         model.save_pretrained(out, tokenizer)
@@ -185,8 +190,11 @@ class Refine(Stage):
         info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
         ctx.set_tags({"moeforge.model_uri": info.model_uri})
 
-    def iteration(self, ctx, i, state, reference, model_cfg, tokenizer, prompts, students, teachers, storage):
-        """One iteration: rollouts, grading, teacher scoring, the update. Returns (new state, figures)."""
+    def iteration(self, ctx, i, box, reference, model_cfg, tokenizer, prompts, students, teachers, storage):
+        """One iteration: rollouts, grading, teacher scoring, the update. Returns (new state, figures).
+
+        `box["state"]` is the state it starts from (weights, AdamW's), taken out of the box so that once it is in
+        the object store this process holds no second copy while the learner runs."""
         import ray
         import torch
 
@@ -196,16 +204,21 @@ class Refine(Stage):
         r = ctx.config.refine
         t0 = time.perf_counter()
         chosen = [prompts[j] for j in iteration_prompts(len(prompts), r.prompts_per_iteration, i, r.seed)]
-        rollouts, rollout_s = self.rollouts(ctx, i, state, chosen, tokenizer, students)
+        state = box.pop("state")
+        weights = ray.put(state["model"])  # one copy in the object store, for the rollout actors and the learner
+        rollouts, rollout_s = self.rollouts(ctx, i, weights, chosen, tokenizer, students)
         grade(rollouts, tokenizer, ctx.config.teacher.answer_extractors)
         scored_tokens, scoring_s = self.scores(ctx, rollouts, tokenizer, teachers)
         rewards_PG = torch.tensor([[x.reward for x in rollouts if x.group == g] for g in range(len(chosen))])
         advantages_PG = group_advantages(rewards_PG) if r.objective != "opd" else torch.zeros_like(rewards_PG)
         samples = policy_samples(rollouts, advantages_PG)
         t_learn = time.perf_counter()
-        job = LearnerJob(model_cfg, r, i, ray.put(state), reference, ray.put(samples), r.top_k)
+        optimizer = ray.put(state["optimizer"]) if state["optimizer"] is not None else None
+        job = LearnerJob(model_cfg, r, i, weights, optimizer, reference, ray.put(samples), r.top_k)
+        del state  # the caller's reference goes too: only the object store's copy is held while the learner runs
         run_name = f"refine-{ctx.call.key[:16]}-iter{i:04d}"
         learned, new_state = learn(job, run_name, storage)
+        del job, weights, optimizer
         learn_s = time.perf_counter() - t_learn
         drop_run(storage, run_name)  # kept in the scratch space instead, once this iteration is saved
         rollout_tokens = sum(len(x.tokens) for x in rollouts)
@@ -240,15 +253,13 @@ class Refine(Stage):
         }
         return new_state, metrics
 
-    def rollouts(self, ctx, i, state, chosen, tokenizer, students) -> tuple[list[Rollout], float]:
+    def rollouts(self, ctx, i, weights_ref, chosen, tokenizer, students) -> tuple[list[Rollout], float]:
         """Every prompt's `group_size` completions from the rollout actors, with this iteration's weights."""
-        import ray
-
         from actors.student import RolloutRequest, Weights
         from pipeline.data.prompts import chat_token_ids, student_messages
 
         r = ctx.config.refine
-        weights = Weights(i, ray.put(state["model"]))  # version i: the weights after i updates
+        weights = Weights(i, weights_ref)  # version i: the weights after i updates
         ids = [chat_token_ids(tokenizer, student_messages(p.question)) for p in chosen]
         per_actor = -(-len(chosen) // r.num_actors)
         requests = [

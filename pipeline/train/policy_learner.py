@@ -256,7 +256,8 @@ class PolicyLearner:
             "reverse_kl": rkl / max(scored, 1.0),
             "entropy": entropy / max(tokens, 1.0),
             "clip_fraction": clipped_t / max(tokens, 1.0),
-            "kl_to_start": kl_t / max(tokens, 1.0),
+            # measured against the starting student only when there is one (kl_coef > 0 with grpo or both)
+            "kl_to_start": kl_t / max(tokens, 1.0) if self.reference is not None else float("nan"),
             "routing_agreement": same_t / max(total_t, 1.0),
             "update_loss": loss_sum / self.world,
         }

@@ -42,6 +42,7 @@ OVERRIDES = [
     "refine.max_new_tokens=16",
     "refine.updates_per_iteration=1",
     "refine.lr=1e-4",
+    "refine.kl_coef=0.02",  # with the starting student as the KL term's reference (off by default)
     "evaluate.max_new_tokens=16",
     "evaluate.partition_size=2",
     "evaluate.decode_tokens=0",
