@@ -12,7 +12,6 @@ training again.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import tempfile
@@ -22,6 +21,8 @@ from typing import Any
 
 import torch
 
+from actors.object_store import get_tensors
+from actors.trainer import return_large_frees_to_the_os
 from pipeline.config import RefineConfig
 from pipeline.model import ModelConfig
 
@@ -36,9 +37,11 @@ class LearnerJob:
     model: ModelConfig
     refine: RefineConfig
     iteration: int
-    weights: Any  # ObjectRef to the student's state dict at the iteration's start (the rollout actors' too)
-    optimizer: Any  # ObjectRef to AdamW's state carried from the previous iteration, or None
-    reference: Any  # ObjectRef to the starting student's state dict, or None
+    # `actors/object_store.put_tensors` refs: the student's state dict at the iteration's start (the rollout
+    # actors' too), AdamW's state carried from the previous iteration (or None), the starting student (or None)
+    weights: Any
+    optimizer: Any
+    reference: Any
     samples: Any  # ObjectRef to the iteration's list of `PolicySample`s
     top_k: int
 
@@ -62,18 +65,19 @@ def learner_loop(job: LearnerJob) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.refine.num_cpus_per_actor)))
     torch.manual_seed(job.refine.seed + job.iteration)
-    # fetched, copied into the learner's tensors, and dropped at once: the copies are gigabytes at the tiny size
+    return_large_frees_to_the_os()  # what loading and the update free goes back, not into a heap kept at its peak
+    # weights and reference are read-only views of the object store's copy (load_state_dict copies from them);
+    # AdamW's state becomes the optimizer's own tensors
     learner = PolicyLearner(
         job.model,
         job.refine,
-        ray.get(job.weights),
-        ray.get(job.optimizer) if job.optimizer is not None else None,
-        ray.get(job.reference) if job.reference is not None else None,
+        get_tensors(job.weights),
+        get_tensors(job.optimizer, writable=True) if job.optimizer is not None else None,
+        get_tensors(job.reference) if job.reference is not None else None,
         rank,
         world,
         device,
     )
-    gc.collect()
     samples = ray.get(job.samples)[rank::world]
     metrics = learner.update(samples, job.top_k)
     with tempfile.TemporaryDirectory() as d:

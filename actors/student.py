@@ -34,8 +34,8 @@ class AnswerResult:
 
 @dataclass
 class Weights:
-    """A version of the student's weights for the rollout actors: a state dict, or an ObjectRef to one (passed
-    inside a request, so Ray hands it over unresolved and each actor fetches it from the object store once)."""
+    """A version of the student's weights for the rollout actors: a state dict, or a `put_tensors` ObjectRef to one
+    (passed inside a request, so Ray hands it over unresolved and each actor fetches it once per version)."""
 
     version: int
     state: Any
@@ -96,9 +96,9 @@ class StudentWorker:
         """Take `weights` (fetched from the object store when a ref) unless this actor already has that version."""
         if weights.version == self.weights_version:
             return
-        import ray
+        from actors.object_store import get_tensors
 
-        state = ray.get(weights.state) if isinstance(weights.state, ray.ObjectRef) else weights.state
+        state = get_tensors(weights.state)  # views of the object store's copy: load_state_dict copies from them
         model = self.student.model
         model.load_state_dict({k: v.to(next(model.parameters()).dtype) if v.is_floating_point() else v
                                for k, v in state.items()})  # fmt: skip

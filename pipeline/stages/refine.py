@@ -112,9 +112,9 @@ class Refine(Stage):
         return config.refine.iterations > 0
 
     def run(self, ctx: StageContext) -> None:
-        import ray
         from transformers import AutoTokenizer
 
+        from actors.object_store import put_tensors
         from actors.pool import ActorPool, torch_threads
         from actors.student import StudentWorker
         from actors.teacher import teacher_pool
@@ -140,7 +140,7 @@ class Refine(Stage):
         else:
             state = {"model": model.state_dict(), "optimizer": None}
         needs_reference = r.objective != "opd" and r.kl_coef > 0
-        reference = ray.put(model.state_dict()) if needs_reference else None
+        reference = put_tensors(model.state_dict()) if needs_reference else None
         model_cfg = model.cfg
         del model  # the state alone is carried: no second copy of the weights in this process
         storage = r.storage_path or cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
@@ -199,13 +199,14 @@ class Refine(Stage):
         import torch
 
         from actors.learner import LearnerJob, learn
+        from actors.object_store import put_tensors
         from pipeline.train.policy_losses import group_advantages
 
         r = ctx.config.refine
         t0 = time.perf_counter()
         chosen = [prompts[j] for j in iteration_prompts(len(prompts), r.prompts_per_iteration, i, r.seed)]
         state = box.pop("state")
-        weights = ray.put(state["model"])  # one copy in the object store, for the rollout actors and the learner
+        weights = put_tensors(state["model"])  # one copy in the object store, for the rollout actors and the learner
         rollouts, rollout_s = self.rollouts(ctx, i, weights, chosen, tokenizer, students)
         grade(rollouts, tokenizer, ctx.config.teacher.answer_extractors)
         scored_tokens, scoring_s = self.scores(ctx, rollouts, tokenizer, teachers)
@@ -213,7 +214,7 @@ class Refine(Stage):
         advantages_PG = group_advantages(rewards_PG) if r.objective != "opd" else torch.zeros_like(rewards_PG)
         samples = policy_samples(rollouts, advantages_PG)
         t_learn = time.perf_counter()
-        optimizer = ray.put(state["optimizer"]) if state["optimizer"] is not None else None
+        optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
         job = LearnerJob(model_cfg, r, i, weights, optimizer, reference, ray.put(samples), r.top_k)
         del state  # the caller's reference goes too: only the object store's copy is held while the learner runs
         run_name = f"refine-{ctx.call.key[:16]}-iter{i:04d}"
