@@ -218,7 +218,9 @@ class RefineConfig(Section):
     (`pipeline/train/policy_losses.py`); the new weights go back to the rollout actors through the object store.
     """
 
-    iterations: int = Field(3, ge=0)  # 0: the stage is skipped and evaluate judges the trained student
+    # 0 (default): the stage is off and evaluate judges the trained student. Off because every objective measured
+    # at 3 iterations lowered the default run's held-out pass@1 (docs/benchmarks.md, 2026-12-04)
+    iterations: int = Field(0, ge=0)
     # opd: per-token reverse KL to the teacher on the student's samples; grpo: verifier rewards, group-normalised;
     # both: GRPO's loss + opd_coef x the reverse KL
     objective: Literal["opd", "grpo", "both"] = "both"
