@@ -158,15 +158,9 @@ class PolicyLearner:
             self.optimizer.load_state_dict(optimizer_state)
         self.forward: torch.nn.Module = CompletionLogits(self.model)
         if world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            from pipeline.train.replica import data_parallel
 
-            # routed experts no token reached have no gradient; the router is frozen (no gradient at all)
-            self.forward = DDP(
-                self.forward,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-                broadcast_buffers=False,
-            )
+            self.forward = data_parallel(self.forward, self.device)
 
     def parts(self, samples: list[PolicySample]) -> list[list[PolicySample]]:
         """The batch cut into `updates_per_iteration` parts, one optimizer step each (every rank the same count)."""

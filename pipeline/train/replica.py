@@ -24,6 +24,21 @@ from pipeline.train.state import TrainState
 from pipeline.train.stream import RowSource, WindowStream, buffer_windows
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`module` under DDP as the student needs it: routed experts that got no token (and a frozen router) have no
+    gradient; router biases stay equal through the all-reduced expert counts, not by copying rank 0's buffers;
+    gradients are views into the all-reduce buckets, not a second copy of them."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+        broadcast_buffers=False,
+        gradient_as_bucket_view=True,
+    )
+
+
 @dataclass
 class TrainJob:
     """What every worker needs (picklable): the student's config, the training config, where to log."""
@@ -101,17 +116,8 @@ class Replica:
             self.forward = self.objective
             if world > 1:
                 import torch.distributed as dist
-                from torch.nn.parallel import DistributedDataParallel as DDP
 
-                # unused routed experts have no gradient; biases stay equal through the all-reduced counts;
-                # gradients are views into the all-reduce buckets, not a second copy of them
-                self.forward = DDP(
-                    self.objective,
-                    device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    find_unused_parameters=True,
-                    broadcast_buffers=False,
-                    gradient_as_bucket_view=True,
-                )
+                self.forward = data_parallel(self.objective, self.device)
                 self.all_reduce = dist.all_reduce
         self.state = TrainState(self.model, self.cfg, self.data)  # after sharding: AdamW holds the shards
         self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
