@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-STAGE_JOBS = ("generate", "distill", "convert", "train", "evaluate", "register")
+STAGE_JOBS = ("generate", "distill", "convert", "train", "refine", "evaluate", "register")
 
 
 def run_command(prog: str, args: list[str]) -> None:
