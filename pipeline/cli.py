@@ -323,7 +323,7 @@ def submit(
     job: Annotated[
         str,
         typer.Argument(
-            help="pipeline, a stage (generate, distill, convert, train, evaluate, register) or serve: runs "
+            help="pipeline, a stage (generate, distill, convert, train, refine, evaluate, register) or serve: runs "
             "`python -m jobs.JOB`."
         ),
     ] = "pipeline",

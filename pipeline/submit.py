@@ -27,7 +27,7 @@ from pipeline.version import has_code, version_of
 log = logging.getLogger(__name__)
 
 # `python -m jobs.<name>`: the whole pipeline, each stage in DAG order, serving (tests check this is jobs/)
-JOB_NAMES = ("pipeline", "generate", "distill", "convert", "train", "evaluate", "register", "serve")
+JOB_NAMES = ("pipeline", "generate", "distill", "convert", "train", "refine", "evaluate", "register", "serve")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 60.0  # how long a submission waits for a just-started head's job agent
