@@ -55,8 +55,10 @@ def path_of(ref) -> Path:
 
 
 @pytest.fixture(scope="module")
-def refined(upstream):
-    cfg = load_config("tiny", [f"tracking.workdir={upstream}", *OVERRIDES])
+def refined(upstream, tmp_path_factory):
+    # checkpoints (train's and the learner's) outside the shared workdir, where test_train.py looks for its own
+    storage = tmp_path_factory.mktemp("refine-checkpoints")
+    cfg = load_config("tiny", [f"tracking.workdir={upstream}", f"train.storage_path={storage}", *OVERRIDES])
     return cfg, run_pipeline(cfg, until="register")
 
 
@@ -134,9 +136,9 @@ def test_killed_rollout_teacher_and_learner_processes_do_not_change_what_refine_
 
     watcher = threading.Thread(target=kill_a_learner_worker_in_the_second_iteration, daemon=True)
     watcher.start()
-    result = run_pipeline(
-        load_config("tiny", [f"tracking.workdir={upstream}", *OVERRIDES]), until="refine", force=["refine"]
-    )
+    storage = cfg.train.storage_path
+    overrides = [f"tracking.workdir={upstream}", f"train.storage_path={storage}", *OVERRIDES]
+    result = run_pipeline(load_config("tiny", overrides), until="refine", force=["refine"])
     watcher.join(5)
     assert all(k.join() for k in kills) and learner_killed, "a process to kill was not found"
     run = result["refine"].run_id
