@@ -7,18 +7,20 @@ Every cell is a real `moeforge run --config tiny` in one working directory: `gen
 trained student and are judged on the same held-out split with the same seeds; only `refine` and `evaluate` rerun.
 
     .venv/bin/python benchmarks/refine_quality.py [--workdir DIR] [--points tiny,target]
-        [--objectives off,opd,grpo,both] [--set KEY=VALUE ...]
+        [--objectives off,opd,grpo,both] [--iterations 3] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from _common import result
 from compression_points import POINTS, run_point
 
@@ -30,6 +32,24 @@ OBJECTIVES = {
     "grpo": ["refine.objective=grpo"],
     "both": ["refine.objective=both"],
 }
+
+
+def student_grades(refs: dict) -> dict[str, bool]:
+    """The student's graded answer to every held-out prompt (prompt id -> correct), from the run's `eval_report`."""
+    table = pq.read_table(Path(refs["eval_report"].uri.removeprefix("file://")) / "data.parquet")
+    return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["model"] == "student"}
+
+
+def paired(grades: dict[str, bool], baseline: dict[str, bool]) -> tuple[int, int, float]:
+    """Prompts a cell answers right where the baseline did not (gained) and the reverse (lost), with the exact
+    two-sided sign test's p-value over those flips: on one held-out split a pass@1 difference means little beside
+    how many prompts it is, and whether they could be chance."""
+    assert grades.keys() == baseline.keys(), "both cells graded on the same held-out prompts"
+    gained = sum(g and not baseline[k] for k, g in grades.items())
+    lost = sum(baseline[k] and not g for k, g in grades.items())
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return gained, lost, min(1.0, 2 * tail)
 
 
 def targets(rows: dict, point: str) -> dict[str, str]:
@@ -58,6 +78,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="reuse a tiny run's working directory (its stages cached)")
     parser.add_argument("--points", default="tiny,target")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
+    parser.add_argument("--iterations", type=int, default=3, help="refine iterations of every cell but `off`")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="further overrides, every cell")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="moeforge-refine-")
@@ -65,9 +86,16 @@ def main() -> None:
     rows: dict[tuple[str, str], dict] = {}
     for point in args.points.split(","):
         for objective in args.objectives.split(","):
-            sets = [f"tracking.workdir={workdir}", *POINTS[point], *OBJECTIVES[objective], *args.overrides]
+            # the cell's objective last: `--set refine.iterations=...` must not turn refine back on for `off`
+            sets = [
+                f"tracking.workdir={workdir}",
+                *POINTS[point],
+                f"refine.iterations={args.iterations}",
+                *args.overrides,
+                *OBJECTIVES[objective],
+            ]
             t0 = time.perf_counter()
-            _, metrics, _, _ = run_point(moeforge, sets)
+            refs, metrics, _, _ = run_point(moeforge, sets)
             ev = EvaluationSummary.from_metrics(metrics["evaluate"])
             assert ev is not None and ev.floor is not None, "an evaluated run"
             tasks = sorted(ev.student.pass_at_1_by_task)
@@ -84,15 +112,24 @@ def main() -> None:
                 "iterations": refine.get("iterations", 0),
                 "refine_minutes": refine.get("minutes", 0.0),
                 "minutes": (time.perf_counter() - t0) / 60,
+                "grades": student_grades(refs),
             }
             rows[(point, objective)] = row
-            print(f"{point}/{objective}: {json.dumps(row)}", flush=True)
+            print(f"{point}/{objective}: {json.dumps({k: v for k, v in row.items() if k != 'grades'})}", flush=True)
     tasks = [t for t in next(iter(rows.values()))["student"] if t != "overall"]
-    print(f"\n{'point':<8}{'refine':<7}" + "".join(f"{t[:16]:>18}" for t in tasks) + f"{'overall':>10}  cost")
+    print(
+        f"\n{'point':<8}{'refine':<7}" + "".join(f"{t[:16]:>18}" for t in tasks) + f"{'overall':>10}"
+        f"{'vs off: +gained -lost (sign test p)':>38}  cost"
+    )
     for (point, objective), r in rows.items():
         cells = "".join(f"{r['student'][t]:>18.3f}" for t in tasks)
+        off = rows.get((point, "off"))
+        versus = ""
+        if off is not None and objective != "off":
+            gained, lost, p = paired(r["grades"], off["grades"])
+            versus = f"+{gained} -{lost} (p={p:.2f})"
         print(
-            f"{point:<8}{objective:<7}{cells}{r['student']['overall']:>10.3f}  "
+            f"{point:<8}{objective:<7}{cells}{r['student']['overall']:>10.3f}{versus:>38}  "
             f"{r['iterations']:.0f} iterations, {r['refine_minutes']:.1f} min refine"
         )
     for point in dict.fromkeys(p for p, _ in rows):
