@@ -218,19 +218,21 @@ class RefineConfig(Section):
     (`pipeline/train/policy_losses.py`); the new weights go back to the rollout actors through the object store.
     """
 
-    # 0 (default): the stage is off and evaluate judges the trained student. Off because every objective measured
-    # at 3 iterations lowered the default run's held-out pass@1 (docs/benchmarks.md, 2026-12-04)
+    # 0 (default): the stage is off and evaluate judges the trained student. Off because no setting measured at 3
+    # iterations raised the default run's held-out pass@1 (docs/benchmarks.md, 2026-12-04, refine)
     iterations: int = Field(0, ge=0)
     # opd: per-token reverse KL to the teacher on the student's samples; grpo: verifier rewards, group-normalised;
     # both: GRPO's loss + opd_coef x the reverse KL
     objective: Literal["opd", "grpo", "both"] = "both"
     prompts_per_iteration: int = Field(6, ge=1)
     group_size: int = Field(4, ge=1)  # G completions per prompt (GRPO needs >= 2 for a signal)
-    temperature: float = Field(1.0, gt=0)
+    # of the rollouts: at 1.0 this student's samples are mostly wrong (training reward 0.04) and the update moved
+    # its greedy answers away from the ones it gets right; at 0.6 (and lr 1e-5) refine no longer lowers them
+    temperature: float = Field(0.6, gt=0)
     max_new_tokens: int = Field(64, ge=1)
     teacher_context: Literal["best", "same"] = "best"  # best: the worked examples as the teacher's context
     top_k: int = Field(20, ge=1)  # teacher log-probs kept per student token
-    lr: float = Field(5e-5, gt=0)
+    lr: float = Field(1e-5, gt=0)  # at 5e-5, 3 iterations lost 10-19 held-out prompts of 96 (docs/benchmarks.md)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     clip_eps: float = Field(0.2, gt=0, lt=1)  # PPO's ratio clip
