@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from _common import result
 from compression_points import POINTS, run_point
 
-from pipeline.stages.artifact_specs import EvaluationSummary
+from pipeline.artifacts import fetch, read_table
+from pipeline.stages.artifact_specs import EVAL_REPORT, EvaluationSummary
 
 OBJECTIVES = {
     "off": ["refine.iterations=0"],  # off-policy distillation alone: the trained student is evaluated
@@ -34,9 +34,10 @@ OBJECTIVES = {
 }
 
 
-def student_grades(refs: dict) -> dict[str, bool]:
+def student_grades(refs: dict, tracking_uri: str, workdir: Path) -> dict[str, bool]:
     """The student's graded answer to every held-out prompt (prompt id -> correct), from the run's `eval_report`."""
-    table = pq.read_table(Path(refs["eval_report"].uri.removeprefix("file://")) / "data.parquet")
+    ref = refs["eval_report"]
+    table = read_table(fetch(ref, tracking_uri, workdir), EVAL_REPORT, ref.hash)
     return {r["prompt_id"]: r["correct"] for r in table.to_pylist() if r["model"] == "student"}
 
 
@@ -95,7 +96,7 @@ def main() -> None:
                 *OBJECTIVES[objective],
             ]
             t0 = time.perf_counter()
-            refs, metrics, _, _ = run_point(moeforge, sets)
+            refs, metrics, wd, uri = run_point(moeforge, sets)
             ev = EvaluationSummary.from_metrics(metrics["evaluate"])
             assert ev is not None and ev.floor is not None, "an evaluated run"
             tasks = sorted(ev.student.pass_at_1_by_task)
@@ -112,7 +113,7 @@ def main() -> None:
                 "iterations": refine.get("iterations", 0),
                 "refine_minutes": refine.get("minutes", 0.0),
                 "minutes": (time.perf_counter() - t0) / 60,
-                "grades": student_grades(refs),
+                "grades": student_grades(refs, uri, wd),
             }
             rows[(point, objective)] = row
             print(f"{point}/{objective}: {json.dumps({k: v for k, v in row.items() if k != 'grades'})}", flush=True)
