@@ -253,9 +253,11 @@ class RefineConfig(Section):
     num_gpus_per_actor: float = Field(0.0, ge=0)  # rollout actors (the teacher's pool follows the teacher section)
     num_workers: int = Field(2, ge=1)  # learner ranks on Ray Train (DDP)
     use_gpu: bool = False  # learner workers on GPUs (NCCL)
-    max_failures: int = Field(1, ge=0)  # learner worker-group restarts per iteration before the stage fails
-    # the learner's Ray Train runs: a local folder or s3://…, shared storage on a multi-node cluster; None:
-    # train.storage_path, else <workdir>/checkpoints
+    # restarts of the learner worker group (one for the whole stage) before the stage fails; a restarted group
+    # redoes the pending iteration's update from the state the iteration started from
+    max_failures: int = Field(1, ge=0)
+    # where the learner group's Ray Train run keeps its folder (no checkpoints: the stage keeps each finished
+    # iteration itself): a local folder or s3://…; None: train.storage_path, else <workdir>/checkpoints
     storage_path: str | None = None
     seed: int = 0
 

@@ -8,8 +8,9 @@ Each of `refine.iterations` iterations:
    scores the student's tokens after the teacher's own best prompt (the task's worked examples, which the student
    never sees; `teacher_context: same` gives it the student's prompt instead): top-k log-probs as `distill`
    stores them, plus the log-prob of each sampled token;
-3. *update*: a learner step on Ray Train (`actors/learner.py`, `pipeline/train/policy_learner.py`) on the objective
-   of `pipeline/train/policy_losses.py`;
+3. *update*: a learner step on the objective of `pipeline/train/policy_losses.py`, by one Ray Train worker group
+   kept for the whole stage (`actors/learner.py`, `pipeline/train/policy_learner.py`; started while the first
+   rollouts run, its models stay in memory between iterations);
 4. the new weights go back to the rollout actors through the object store.
 
 Each finished iteration is kept in the stage's scratch space (weights, AdamW state, its figures), so a stage
@@ -114,6 +115,7 @@ class Refine(Stage):
     def run(self, ctx: StageContext) -> None:
         from transformers import AutoTokenizer
 
+        from actors.learner import LearnerGroup
         from actors.object_store import put_tensors
         from actors.pool import ActorPool, torch_threads
         from actors.student import StudentWorker
@@ -149,6 +151,8 @@ class Refine(Stage):
         bar = ctx.progress(total=r.iterations, desc="refine")
         bar.update(first)
         if first < r.iterations:
+            run_name = f"refine-{ctx.call.key[:16]}"
+            drop_run(storage, run_name)  # a group of a stage attempt that died: its Ray Train run starts afresh
             threads = torch_threads(r.num_cpus_per_actor, r.num_gpus_per_actor)
             student_args = (ctx.call.inputs["trained_student"], ctx.call.tracking_uri, str(ctx.workdir), threads)
             teacher = cfg.teacher.model_copy(update={"num_cpus_per_actor": r.num_cpus_per_actor})
@@ -169,16 +173,20 @@ class Refine(Stage):
                     for_scoring=True,
                     vocabulary=cfg.teacher.vocabulary(cfg.distill.tokenizer),
                 ) as teachers,
+                LearnerGroup(
+                    model_cfg, r, r.top_k, run_name, storage, channel_name=f"refine-{ctx.run_id[:8]}.learner"
+                ) as learner,
             ):
                 for i in range(first, r.iterations):
                     box = {"state": state}
                     del state  # the iteration drops it once in the object store (the box is its last holder)
                     state, metrics = self.iteration(
-                        ctx, i, box, reference, model_cfg, tokenizer, prompts, students, teachers, storage
+                        ctx, i, box, reference, tokenizer, prompts, students, teachers, learner
                     )
                     kept.save(i, state, metrics)
                     self.log_iteration(ctx, i, metrics)
                     bar.update(1)
+            drop_run(storage, run_name)  # the learner group's run folder: the iterations are kept in the scratch space
         bar.close()
         model = Transformer.from_pretrained(student_dir)
         model.load_state_dict(state["model"])
@@ -190,7 +198,7 @@ class Refine(Stage):
         info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
         ctx.set_tags({"moeforge.model_uri": info.model_uri})
 
-    def iteration(self, ctx, i, box, reference, model_cfg, tokenizer, prompts, students, teachers, storage):
+    def iteration(self, ctx, i, box, reference, tokenizer, prompts, students, teachers, learner):
         """One iteration: rollouts, grading, teacher scoring, the update. Returns (new state, figures).
 
         `box["state"]` is the state it starts from (weights, AdamW's), taken out of the box so that once it is in
@@ -198,7 +206,7 @@ class Refine(Stage):
         import ray
         import torch
 
-        from actors.learner import LearnerJob, learn
+        from actors.learner import LearnerJob
         from actors.object_store import put_tensors
         from pipeline.train.policy_losses import group_advantages
 
@@ -214,14 +222,13 @@ class Refine(Stage):
         advantages_PG = group_advantages(rewards_PG) if r.objective != "opd" else torch.zeros_like(rewards_PG)
         samples = policy_samples(rollouts, advantages_PG)
         t_learn = time.perf_counter()
+        # AdamW's state in the object store too: a restarted worker group rebuilds its learners from the job
         optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
-        job = LearnerJob(model_cfg, r, i, weights, optimizer, reference, ray.put(samples), r.top_k)
+        job = LearnerJob(i, weights, optimizer, reference, ray.put(samples))
         del state  # the caller's reference goes too: only the object store's copy is held while the learner runs
-        run_name = f"refine-{ctx.call.key[:16]}-iter{i:04d}"
-        learned, new_state = learn(job, run_name, storage)
+        learned, new_state = learner.update(job)
         del job, weights, optimizer
         learn_s = time.perf_counter() - t_learn
-        drop_run(storage, run_name)  # kept in the scratch space instead, once this iteration is saved
         rollout_tokens = sum(len(x.tokens) for x in rollouts)
         own = [float(v) for x in rollouts if x.targets is not None and x.targets.token_logprobs is not None
                for v in x.targets.token_logprobs]  # fmt: skip
@@ -386,7 +393,8 @@ def drop_run(storage: str, run_name: str) -> None:
         shutil.rmtree(local / run_name, ignore_errors=True)
         return
     fs, base = pafs.FileSystem.from_uri(storage.rstrip("/") + "/" + run_name)
-    fs.delete_dir(base)
+    if fs.get_file_info(base).type != pafs.FileType.NotFound:
+        fs.delete_dir(base)
 
 
 def summarize(r, figures: list[dict[str, Any]]) -> RefineReport:

@@ -1,40 +1,74 @@
-"""refine's learner role on a real Ray Train worker group: two DDP ranks update a small student on its samples, and
-a second `learn` of the same run (a driver that died after the update) returns that update without training."""
+"""refine's learner role on a real Ray Train worker group kept for the whole stage: two DDP ranks update a small
+student on its samples iteration after iteration; a rank continuing in memory and one rebuilt from the handed-back
+state make the same update; a worker SIGKILLed between two updates costs a group restart, not a result."""
 
 from __future__ import annotations
 
-import time
+import os
+import signal
 
 import numpy as np
 import pytest
 import ray
 import torch
 
-from actors.learner import LearnerJob, learn
+from actors.learner import LearnerGroup, LearnerJob
+from actors.object_store import put_tensors
 from pipeline.config import RefineConfig
 from pipeline.model import Transformer
+from tests.actors.test_trainer import worker_pids
 from tests.pipeline.train.test_policy_learner import sample
 from tests.pipeline.train.test_policy_losses import CFG
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(600)]
 
 
-def test_two_ranks_update_the_student_and_a_reported_update_is_not_redone(tmp_path):
+def job(i: int, state: dict, samples) -> LearnerJob:
+    optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
+    return LearnerJob(i, put_tensors(state["model"]), optimizer, None, samples)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            torch.testing.assert_close(b["optimizer"]["state"][k][name], t, rtol=0, atol=0, msg=f"{k}.{name}")
+
+
+def test_one_group_updates_every_iteration_in_memory_as_from_the_state_it_handed_back(tmp_path):
     torch.manual_seed(0)
     student, teacher = Transformer(CFG), Transformer(CFG).eval()
     rng = np.random.default_rng(0)
-    samples = [sample(rng, teacher, advantage=float(a)) for a in (1, -1, 1, -1, 0, 0)]
-    cfg = RefineConfig(objective="both", num_workers=2, updates_per_iteration=1, lr=1e-3)
-    job = LearnerJob(CFG, cfg, 0, ray.put(student.state_dict()), None, None, ray.put(samples), 8)
-    metrics, state = learn(job, "learner-test", str(tmp_path))
-    assert metrics["learner_tokens"] == sum(len(s.tokens) - s.start for s in samples)  # both ranks' tokens
-    assert metrics["reverse_kl"] > 0 and 0 < metrics["routing_agreement"] <= 1
-    before = student.state_dict()
-    assert any(not torch.equal(before[k], v) for k, v in state["model"].items())
-    assert state["optimizer"]["state"]  # AdamW's moments, for the next iteration
+    batches = [ray.put([sample(rng, teacher, advantage=float(a)) for a in (1, -1, 1, -1, 0, 0)]) for _ in range(2)]
+    cfg = RefineConfig(objective="both", num_workers=2, updates_per_iteration=1, lr=1e-3, max_failures=1)
+    start = {"model": student.state_dict(), "optimizer": None}
+    with LearnerGroup(CFG, cfg, 8, "learner-test", str(tmp_path), channel_name="learner-test.channel") as group:
+        metrics, first = group.update(job(0, start, batches[0]))
+        assert metrics["learner_tokens"] == sum(len(s.tokens) - s.start for s in ray.get(batches[0]))  # both ranks'
+        assert metrics["reverse_kl"] > 0 and 0 < metrics["routing_agreement"] <= 1
+        assert any(not torch.equal(student.state_dict()[k], v) for k, v in first["model"].items())
+        assert first["optimizer"]["state"]  # AdamW's moments, for the next iteration
+        pids = worker_pids()
+        assert len(pids) == 2
+        _, in_memory = group.update(job(1, first, batches[1]))  # both ranks go on from their own model
+        assert sorted(worker_pids()) == sorted(pids)  # the same workers: no group started per iteration
+        # the same job again: the ranks have moved past it, so they rebuild from the job's state
+        _, rebuilt = group.update(job(1, first, batches[1]))
+        assert_same_state(in_memory, rebuilt)
+        # a worker killed between iterations: Ray Train restarts the group, which rebuilds and updates the same
+        os.kill(pids[-1], signal.SIGKILL)
+        _, restarted = group.update(job(1, first, batches[1]))
+        assert not set(worker_pids()) & set(pids)
+        assert_same_state(in_memory, restarted)
+        assert ray.get(group.channel.status.remote()) == {"iteration": None, "updating": []}
 
-    t0 = time.perf_counter()
-    again, same = learn(job, "learner-test", str(tmp_path))
-    assert again == metrics
-    assert all(torch.equal(same["model"][k], v) for k, v in state["model"].items())
-    print(f"second learn: {time.perf_counter() - t0:.1f} s (no training)")
+
+def test_a_group_that_cannot_recover_fails_the_update_with_its_cause(tmp_path):
+    torch.manual_seed(0)
+    student = Transformer(CFG)
+    cfg = RefineConfig(objective="opd", num_workers=2, updates_per_iteration=1, max_failures=0)
+    bad = ray.put([])  # no samples: every rank refuses the update (PolicyLearner.parts)
+    failed = pytest.raises(RuntimeError, match=r"(?s)failed after 0 restart\(s\).*0 samples for 1 updates")
+    with LearnerGroup(CFG, cfg, 8, "learner-fail", str(tmp_path)) as group, failed:
+        group.update(job(0, {"model": student.state_dict(), "optimizer": None}, bad))
