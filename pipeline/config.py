@@ -218,12 +218,14 @@ class RefineConfig(Section):
     (`pipeline/train/policy_losses.py`); the new weights go back to the rollout actors through the object store.
     """
 
-    # 0 (default): the stage is off and evaluate judges the trained student. Off because no setting measured at 3
-    # iterations raised the default run's held-out pass@1 (docs/benchmarks.md, 2026-12-04, refine)
+    # 0 (the default here; configs/tiny.yaml, what `make run` runs, sets 3): the stage is off and evaluate judges
+    # the trained student
     iterations: int = Field(0, ge=0)
     # opd: per-token reverse KL to the teacher on the student's samples; grpo: verifier rewards, group-normalised;
-    # both: GRPO's loss + opd_coef x the reverse KL
-    objective: Literal["opd", "grpo", "both"] = "both"
+    # both: GRPO's loss + opd_coef x the reverse KL. opd by default: on the tiny run it and grpo tied the trained
+    # student and both lost 3 prompts (docs/benchmarks.md, 2026-12-04), and opd learns from every token, right or
+    # wrong, where GRPO learns only from groups whose samples disagree
+    objective: Literal["opd", "grpo", "both"] = "opd"
     prompts_per_iteration: int = Field(6, ge=1)
     group_size: int = Field(4, ge=1)  # G completions per prompt (GRPO needs >= 2 for a signal)
     # of the rollouts: at 1.0 this student's samples are mostly wrong (training reward 0.04) and the update moved
