@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import TeacherConfig
 from pipeline.data.generation import Generation
+from pipeline.data.prompts import TeacherContext
 from pipeline.teacher import load_teacher, prepare_teacher
 from pipeline.teacher.base import SoftTargets, TeacherCapabilities
 
@@ -41,17 +42,22 @@ class GenerateResult:
 
 @dataclass
 class ScoreRequest:
-    samples: list[tuple[str, str]]  # (question, completion)
+    """Accepted samples to score: the student's training text of each, read by the teacher after `context`."""
+
+    samples: list[tuple[str, str, str]]  # (task, question, completion)
     top_k: int
     batch_size: int
+    context: TeacherContext = "best"  # what the teacher reads before the completion (`distill.teacher_context`)
 
 
 @dataclass
 class ScoreResult:
     sequences: list[tuple[list[int], int]]  # (token ids of the training text, first completion index) per sample
-    targets: list[SoftTargets | None]  # None: the teacher could not score this one (it trains on its text alone)
+    # per sample, one row per completion token of its training text (the student's positions, whatever context the
+    # teacher read); None: the teacher could not score this one (it trains on its text alone)
+    targets: list[SoftTargets | None]
     seconds: float
-    tokens: int  # tokens scored (whole sequences)
+    tokens: int  # tokens the teacher read (whole sequences, its context included)
     teacher_id: str
 
 
@@ -107,18 +113,22 @@ class TeacherWorker:
         return self.teacher_id
 
     def score(self, request: ScoreRequest) -> ScoreResult:
-        """Soft targets for the student's training text of each sample (one forward pass per batch)."""
-        from pipeline.distill.targets import encode
+        """Soft targets for the completion of each sample's student training text, the teacher reading that
+        completion's token ids after `request.context` (one forward pass per batch)."""
+        from pipeline.distill.targets import encode, teacher_view
 
         t0 = time.perf_counter()
-        sequences = [encode(self.teacher.tokenizer, q, c) for q, c in request.samples]
-        targets: list[SoftTargets] = []
-        for start in range(0, len(sequences), request.batch_size):
-            chunk = sequences[start : start + request.batch_size]
+        tokenizer = self.teacher.tokenizer
+        sequences = [encode(tokenizer, q, c) for _, q, c in request.samples]
+        views = [
+            teacher_view(tokenizer, task, q, ids, start, request.context)
+            for (task, q, _), (ids, start) in zip(request.samples, sequences, strict=True)
+        ]
+        targets: list[SoftTargets | None] = []
+        for start in range(0, len(views), request.batch_size):
+            chunk = views[start : start + request.batch_size]
             targets += self.teacher.score([s for s, _ in chunk], [i for _, i in chunk], request.top_k)
-        return ScoreResult(
-            sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in sequences), self.teacher_id
-        )
+        return ScoreResult(sequences, targets, time.perf_counter() - t0, sum(len(s) for s, _ in views), self.teacher_id)
 
     def score_tokens(self, request: TokenScoreRequest) -> TokenScoreResult:
         """The teacher's top-k (and the sequence's own token's log-prob) at every position from each start on."""

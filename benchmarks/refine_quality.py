@@ -48,9 +48,14 @@ def paired(grades: dict[str, bool], baseline: dict[str, bool]) -> tuple[int, int
     assert grades.keys() == baseline.keys(), "both cells graded on the same held-out prompts"
     gained = sum(g and not baseline[k] for k, g in grades.items())
     lost = sum(baseline[k] and not g for k, g in grades.items())
+    return gained, lost, sign_test(gained, lost)
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """The exact two-sided sign test's p-value of `gained` flips one way against `lost` the other."""
     n = gained + lost
     tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n if n else 1.0
-    return gained, lost, min(1.0, 2 * tail)
+    return min(1.0, 2 * tail)
 
 
 def targets(rows: dict, point: str) -> dict[str, str]:

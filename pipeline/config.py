@@ -138,8 +138,14 @@ class GenerateConfig(Section):
 
 
 class DistillConfig(Section):
-    """Soft-target extraction: how much of the teacher's distribution is kept per position."""
+    """Soft-target extraction: what the teacher reads before the student's tokens, and how much of its distribution
+    is kept per position."""
 
+    # best: the teacher scores the accepted completion after its best prompt (the task's worked examples, which the
+    # student never sees: context distillation, Snell et al. 2022), so the soft targets are the teacher that knows
+    # the answer; same: after the student's prompt (instruction + question), where the 135M teacher disagrees with
+    # its own accepted token at 20-30% of positions. The targets stay at the student's positions either way.
+    teacher_context: Literal["best", "same"] = "best"
     top_k: int = Field(20, ge=1)
     logprob_dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(8, ge=1)  # sequences per teacher forward pass

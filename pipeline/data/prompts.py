@@ -17,6 +17,10 @@ from typing import Literal
 
 Message = dict[str, str]
 PromptStyle = Literal["worked_examples", "instruction"]
+# What the teacher reads before the student's tokens when it scores them (`distill`, `refine`): `best`, its best
+# prompt (the task's worked examples, which the student never sees: context distillation); `same`, the student's
+# own prompt.
+TeacherContext = Literal["best", "same"]
 
 INSTRUCTION = (
     "Solve the problem. Think step by step, then finish with one line of the form "
@@ -90,6 +94,17 @@ def teacher_messages(task: str, question: str, style: PromptStyle = "worked_exam
         for q, a in WORKED_EXAMPLES.get(task, []):
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     return [*messages, {"role": "user", "content": question}]
+
+
+def teacher_context_ids(tokenizer, task: str, question: str, context: TeacherContext) -> list[int]:
+    """Token ids of the conversation the teacher reads before the student's answer when it scores it, ending at the
+    assistant's turn: with `best` the teacher's own best prompt (its worked examples, then the question), with
+    `same` the student's prompt. `distill` and `refine` both build the teacher's context here."""
+    if context == "best":
+        return chat_token_ids(tokenizer, teacher_messages(task, question))
+    if context == "same":
+        return chat_token_ids(tokenizer, student_messages(question))
+    raise ValueError(f"unknown teacher context {context!r}: expected 'best' or 'same'")
 
 
 def canonical_completion(completion: str, answer: str, method: str) -> str:

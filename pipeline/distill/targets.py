@@ -6,6 +6,10 @@ the teacher's top-k next-token ids and log-probabilities are kept, plus the log 
 KD loss can treat "everything else" as one bucket. Alignment follows the usual shift: the targets stored at
 position i describe token i + 1, and `loss_mask[i]` is true exactly where token i + 1 is a completion token.
 
+The teacher reads the completion's token ids after its own context (`distill.teacher_context`, `teacher_view`):
+by default its best prompt, the task's worked examples, which the student never sees. Its rows are aligned to the
+completion tokens, so they sit at the student's positions whatever it read before them.
+
 One Parquet row per sample with list columns; the teacher's tokenizer is fingerprinted, and a student whose
 tokenizer differs is refused (its token ids would mean different strings).
 """
@@ -17,7 +21,7 @@ import json
 
 import numpy as np
 
-from pipeline.data.prompts import chat_token_ids, student_messages
+from pipeline.data.prompts import TeacherContext, chat_token_ids, student_messages, teacher_context_ids
 from pipeline.teacher.base import SoftTargets
 
 
@@ -30,6 +34,17 @@ def encode(tokenizer, question: str, completion: str) -> tuple[list[int], int]:
     prompt = chat_token_ids(tokenizer, student_messages(question))
     answer = [*tokenizer.encode(completion, add_special_tokens=False), tokenizer.eos_token_id]
     return prompt + answer, len(prompt)
+
+
+def teacher_view(
+    tokenizer, task: str, question: str, token_ids: list[int], start: int, context: TeacherContext
+) -> tuple[list[int], int]:
+    """What the teacher scores of a training text (`token_ids`, completion from `start`): its context's token ids
+    (`prompts.teacher_context_ids`), then the same completion ids; and the index of the completion's first token in
+    it. The teacher's rows for it are the student's rows too, one per completion token: only the context differs.
+    With `same` this is the training text itself."""
+    context_ids = teacher_context_ids(tokenizer, task, question, context)
+    return context_ids + token_ids[start:], len(context_ids)
 
 
 def loss_mask(length: int, start: int) -> list[bool]:

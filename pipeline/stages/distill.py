@@ -1,17 +1,22 @@
 """Stage `distill`: the teacher's soft targets for every accepted sample, as an offline KD dataset.
 
 Accepted samples from `generate` are cut into partitions of `distill.shard_size`; teacher actors (the same role
-as in `generate`, loaded once each) run one forward pass per batch over the student's training text (instruction
-+ question + accepted completion, see `pipeline/distill/targets.py`) and keep the top-k next-token log-probs and
-the tail mass at every completion position. Each partition becomes one shard (retry- and resume-safe, as in
-`generate`). The teacher's tokenizer is saved beside the shards with its fingerprint: the student must use it.
+as in `generate`, loaded once each) run one forward pass per batch over each accepted completion and keep the
+top-k next-token log-probs and the tail mass at every completion position, stored at the student's positions of
+its training text (instruction + question + completion, see `pipeline/distill/targets.py`). What the teacher reads
+before the completion is `distill.teacher_context`: `best` (the default), its best prompt, the task's worked
+examples that the student never sees, so the student learns to answer zero-shot as the teacher answers with
+examples (context distillation); `same`, the student's own prompt, where this teacher is its weaker self. Each
+partition becomes one shard (retry- and resume-safe, as in `generate`). The teacher's tokenizer is saved beside
+the shards with its fingerprint: the student must use it.
 
 What the teacher can do decides the route (`TeacherCapabilities`, asked of a loaded teacher): a local teacher
 scores by a forward pass; a remote one by echoing the text with its log-probs, once the server's tokens are found
 to be the local tokenizer's (`teacher.weights`, else `distill.tokenizer`). A teacher that cannot score falls back
 to sequence-level distillation: the rows hold the tokenized sequences and masks with empty targets (plain SFT on
 the completion), and the run carries a warning tag that says why. A sample the server tokenises differently from
-the rest keeps its row with empty targets too (counted in `sequence_level_samples`): no sample is dropped.
+the rest (at the seam of the teacher's context and the completion, say) keeps its row with empty targets too
+(counted in `sequence_level_samples`, and a warning tag names the context): no sample is dropped.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class Distill(Stage):
             {
                 "tokenizer_fingerprint": fingerprint,
                 "teacher_id": teacher_id,
+                "teacher_context": cfg.distill.teacher_context,
                 "top_k": cfg.distill.top_k,
                 "logprob_dtype": cfg.distill.logprob_dtype,
                 "soft_targets": soft,
@@ -98,7 +104,10 @@ class Distill(Stage):
             (
                 i,
                 ScoreRequest(
-                    [(r["question"], r["completion"]) for r in parts[i]], cfg.distill.top_k, cfg.distill.batch_size
+                    [(r["task"], r["question"], r["completion"]) for r in parts[i]],
+                    cfg.distill.top_k,
+                    cfg.distill.batch_size,
+                    cfg.distill.teacher_context,
                 ),
             )
             for i in todo
@@ -154,6 +163,14 @@ class Distill(Stage):
                 topk_mass_mean=float(mass.mean()),
                 topk_mass_p5=float(np.percentile(mass, 5)),
                 score_tokens_per_s=tokens / (time.perf_counter() - t0),
+            )
+        if sequence_level and requests:  # the teacher scored, but not every sample: say how many, and where
+            ctx.set_tags(
+                {
+                    "moeforge.warning": f"{sequence_level} of {sum(len(parts[i]) for i in todo)} samples have no soft "
+                    f"targets: the teacher's server tokenised them otherwise than the local tokenizer after the "
+                    f"{cfg.distill.teacher_context!r} context; they train on their text alone (sequence-level)"
+                }
             )
         ctx.log_metrics(metrics)
         return tokenizer, teacher_id or cfg.teacher.model

@@ -299,7 +299,7 @@ class Refine(Stage):
     def scores(self, ctx, rollouts: list[Rollout], tokenizer, teachers) -> tuple[int, float]:
         """The teacher's scores of every completion's tokens, after its best prompt (or the student's)."""
         from actors.teacher import TokenScoreRequest
-        from pipeline.data.prompts import chat_token_ids, student_messages, teacher_messages
+        from pipeline.data.prompts import teacher_context_ids
 
         r = ctx.config.refine
         contexts: dict[str, list[int]] = {}
@@ -307,12 +307,7 @@ class Refine(Stage):
         for x in rollouts:
             key = x.prompt.prompt_id
             if key not in contexts:
-                messages = (
-                    teacher_messages(x.prompt.task, x.prompt.question)
-                    if r.teacher_context == "best"
-                    else student_messages(x.prompt.question)
-                )
-                contexts[key] = chat_token_ids(tokenizer, messages)
+                contexts[key] = teacher_context_ids(tokenizer, x.prompt.task, x.prompt.question, r.teacher_context)
             sequences.append(contexts[key] + x.tokens)
             starts.append(len(contexts[key]))
         size = ctx.config.teacher.batch_size

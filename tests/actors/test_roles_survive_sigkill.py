@@ -42,7 +42,7 @@ def test_teacher_and_scorer_actors_killed_at_start_and_mid_work(role, method):
         ]
     else:
         items = [
-            (i, ScoreRequest([(f"What is {i} + 1?", f"The answer is {i + 1}.")] * 2, top_k=4, batch_size=2))
+            (i, ScoreRequest([("basic_arithmetic", f"What is {i} + 1?", f"The answer is {i + 1}.")] * 2, 4, 2))
             for i in range(4)
         ]
     out, pool = run_with_kills(

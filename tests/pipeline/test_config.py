@@ -106,3 +106,22 @@ def test_a_remote_teacher_with_local_weights_or_a_scratch_student_is_valid():
     assert local.teacher.local_weights() == local.teacher.model
     with pytest.raises(ConfigError, match=r"teacher\.weights: weights names a served teacher's local copy"):
         load_config("tiny", ["teacher.weights=/models/teacher.gguf"])
+
+
+def test_the_teachers_context_is_part_of_distills_identity_and_best_by_default():
+    """Soft targets scored after the worked examples are other targets: a run that changes the context must not
+    take the cached ones (and `train`, reading them, reruns too, since its input hash changes)."""
+    from pipeline.artifacts import ArtifactRef
+    from pipeline.runner import stage_key
+    from pipeline.stages.distill import Distill
+
+    samples = {"samples": ArtifactRef(name="samples", uri="file:///x", hash="ab" * 32)}
+
+    def key(*overrides: str) -> str:
+        cfg = load_config("tiny", list(overrides))
+        return stage_key(Distill(), cfg.slice(Distill.config_sections), samples, "0+src.test")
+
+    assert load_config("tiny").distill.teacher_context == "best"
+    assert key() == key("distill.teacher_context=best") != key("distill.teacher_context=same")
+    with pytest.raises(ConfigError, match="teacher_context"):
+        load_config("tiny", ["distill.teacher_context=worked"])
