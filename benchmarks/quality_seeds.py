@@ -193,7 +193,9 @@ def main() -> None:
     out |= {f"{n}_se": figures[n]["overall"]["se"] for n in names}
     for pair in args.compare:
         a, _, b = pair.partition(":")
-        flips = [paired(ca["grades"]["student"], cb["grades"]["student"]) for ca, cb in zip(cells[a], cells[b])]
+        flips = [
+            paired(ca["grades"]["student"], cb["grades"]["student"]) for ca, cb in zip(cells[a], cells[b], strict=True)
+        ]
         gained, lost = sum(f[0] for f in flips), sum(f[1] for f in flips)
         p = sign_test(gained, lost)
         print(
