@@ -165,7 +165,9 @@ def main() -> None:
             student = sum(grades["student"].values()) / len(grades["student"])
             stages = " ".join(f"{k} {v:.1f}" for k, v in cell["stage_minutes"].items() if v >= 0.05)
             print(f"{name} seed {seed}: student {student:.3f}, {cell['minutes']:.1f} min ({stages})", flush=True)
-    Path(workdir, "quality_seeds.json").write_text(json.dumps({"tasks": tasks, "cells": cells}, indent=1))
+    Path(workdir, f"quality_seeds_{'_'.join(names)}.json").write_text(
+        json.dumps({"tasks": tasks, "cells": cells}, indent=1)
+    )
     assert floor is not None and floor.floor is not None, "an evaluated run with its floor"
     order = sorted(set(tasks.values()))
     print(f"\n{args.point}: held-out pass@1, mean ± SE over seeds {seeds} and {len(tasks)} held-out prompts")
@@ -174,12 +176,12 @@ def main() -> None:
     for name in names:
         figures[name] = summarize(cells[name], tasks)
         minutes = statistics.fmean(c["minutes"] for c in cells[name][1:] or cells[name])
-        spent: dict[str, list[float]] = defaultdict(list)
+        spent: dict[str, list[float]] = defaultdict(list)  # a stage's minutes in the cells that really ran it
         for c in cells[name]:
             for stage, m in c["stage_minutes"].items():
                 spent[stage].append(m)
-        cost = f"{minutes:.1f} min/seed (" + ", ".join(f"{s} {max(v):.1f}" for s, v in spent.items() if max(v) >= 0.05)
-        print(line(name, figures[name], order, cost + ")"))
+        ran = ", ".join(f"{s} {statistics.fmean(v):.1f}" for s, v in spent.items() if max(v) >= 0.05)
+        print(line(name, figures[name], order, f"{minutes:.1f} min/seed ({ran})"))
     first = cells[names[0]]
     for who in ("teacher", "teacher_best"):
         print(line(who, summarize(first, tasks, who), order, "greedy, deterministic"))
