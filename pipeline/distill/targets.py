@@ -69,6 +69,34 @@ def topk_mass(targets: SoftTargets) -> np.ndarray:
     return np.exp(targets.topk_logprobs.astype(np.float64)).sum(-1)
 
 
+class TeacherAgreement:
+    """How far the soft targets agree with the accepted completions they are stored beside, per task: the share
+    of completion tokens where the teacher's top-1 is the accepted token, and its mean log-prob of them. Where the
+    teacher disagrees, the KD half of the loss pulls against the CE half (what `distill.teacher_context` is for)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, np.ndarray] = {}  # task -> [tokens, top-1 matches, tokens with a log-prob, their sum]
+
+    def add(self, task: str, targets: SoftTargets, completion: list[int]) -> None:
+        c = self.counts.setdefault(task, np.zeros(4))
+        accepted = np.asarray(completion)
+        c[0] += len(accepted)
+        c[1] += int((targets.topk_ids[:, 0] == accepted).sum())
+        if targets.token_logprobs is not None:
+            c[2] += len(accepted)
+            c[3] += float(targets.token_logprobs.astype(np.float64).sum())
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task, c in [*sorted(self.counts.items()), ("", sum(self.counts.values(), np.zeros(4)))]:
+            suffix = f".{task}" if task else ""
+            if c[0]:
+                out[f"teacher_top1_agreement{suffix}"] = float(c[1] / c[0])
+            if c[2]:
+                out[f"accepted_token_logprob{suffix}"] = float(c[3] / c[2])
+        return out
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what token ids mean: the vocabulary (with added tokens) and the special tokens."""
     blob = json.dumps(

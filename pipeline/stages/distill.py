@@ -39,7 +39,7 @@ class Distill(Stage):
     inputs = ("samples",)
     outputs = (SOFT_TARGETS,)
     config_sections = ("teacher", "distill")
-    key_metrics = ("bytes_per_token", "topk_mass_mean", "score_tokens_per_s")
+    key_metrics = ("teacher_top1_agreement", "bytes_per_token", "topk_mass_mean", "score_tokens_per_s")
     description = "teacher top-k soft targets on the accepted samples (offline KD dataset)"
 
     def run(self, ctx: StageContext) -> None:
@@ -98,6 +98,7 @@ class Distill(Stage):
         vocabulary = cfg.teacher.vocabulary(cfg.distill.tokenizer)
         tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_dir(vocabulary, default_cache_dir())))
         masses: list[np.ndarray] = []
+        agreement = T.TeacherAgreement()
         tokens, t0 = 0, time.perf_counter()  # t0 restarts once the pool is up: throughput excludes its startup
         todo = shards.missing(sorted(parts))
         requests = [
@@ -145,6 +146,9 @@ class Distill(Stage):
                         ),
                     )
                     masses += [T.topk_mass(tg) for tg in result.targets if tg is not None]
+                    for r, (seq, start), tg in zip(parts[i], result.sequences, result.targets, strict=True):
+                        if tg is not None:
+                            agreement.add(r["task"], tg, seq[start:])
                     sequence_level += sum(tg is None for tg in result.targets)
                     tokens += result.tokens
                     ctx.record("moeforge_distill_tokens", result.tokens)
@@ -164,6 +168,7 @@ class Distill(Stage):
                 topk_mass_p5=float(np.percentile(mass, 5)),
                 score_tokens_per_s=tokens / (time.perf_counter() - t0),
             )
+            metrics.update(agreement.metrics())
         if sequence_level and requests:  # the teacher scored, but not every sample: say how many, and where
             ctx.set_tags(
                 {

@@ -54,6 +54,8 @@ def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_token
     meta = read_meta(path)
     T.check_tokenizer(tokenizer, meta["tokenizer_fingerprint"])
     assert meta["top_k"] == 8 and meta["soft_targets"] and meta["teacher_id"].startswith("hf:SmolLM2")
+    assert meta["teacher_context"] == "best"
+    matches, tokens = 0, 0
     for t in targets:
         s = accepted[t["sample_id"]]
         assert (t["token_ids"], t["loss_mask"].index(True) + 1) == T.encode(tokenizer, s["question"], s["completion"])
@@ -63,7 +65,11 @@ def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_token
         completion = [tok for tok, m in zip(t["token_ids"][1:], t["loss_mask"], strict=False) if m]
         top1 = np.array(t["topk_ids"])[:, 0]
         assert (top1 == np.array(completion)).mean() > 0.6  # the teacher mostly agrees with its accepted answers
+        matches, tokens = matches + int((top1 == np.array(completion)).sum()), tokens + len(completion)
     m = mlrun.data.metrics
+    # after its worked examples the teacher's top-1 is its accepted token almost everywhere (see the stage's doc)
+    assert m["teacher_top1_agreement"] == pytest.approx(matches / tokens) and m["teacher_top1_agreement"] > 0.9
+    assert m["accepted_token_logprob"] < 0 and all(f"teacher_top1_agreement.{s['task']}" in m for s in accepted.values())
     assert 0 < m["topk_mass_p5"] <= m["topk_mass_mean"] <= 1 and m["score_tokens_per_s"] > 0
     # a few hundred bytes here, most of it Parquet footers of tiny shards; the dense fp16 distribution is 98,304
     assert m["bytes_per_token"] < 1000
