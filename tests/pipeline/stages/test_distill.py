@@ -69,7 +69,9 @@ def test_every_accepted_sample_gets_aligned_top_k_targets_and_the_teachers_token
     m = mlrun.data.metrics
     # after its worked examples the teacher's top-1 is its accepted token almost everywhere (see the stage's doc)
     assert m["teacher_top1_agreement"] == pytest.approx(matches / tokens) and m["teacher_top1_agreement"] > 0.9
-    assert m["accepted_token_logprob"] < 0 and all(f"teacher_top1_agreement.{s['task']}" in m for s in accepted.values())
+    assert m["accepted_token_logprob"] < 0 and all(
+        f"teacher_top1_agreement.{s['task']}" in m for s in accepted.values()
+    )
     assert 0 < m["topk_mass_p5"] <= m["topk_mass_mean"] <= 1 and m["score_tokens_per_s"] > 0
     # a few hundred bytes here, most of it Parquet footers of tiny shards; the dense fp16 distribution is 98,304
     assert m["bytes_per_token"] < 1000
