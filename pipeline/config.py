@@ -225,7 +225,7 @@ class RefineConfig(Section):
     """
 
     # 0, as in configs/tiny.yaml (the embedded default): the stage is off and evaluate judges the trained student.
-    # Over 3 training seeds, 3 iterations on the tiny run (3.7 minutes on a 2-core CPU) raised no held-out pass@1
+    # Over 3 training seeds, 3 iterations on the tiny run (3.8 minutes on a 2-core CPU) raised no held-out pass@1
     # (docs/benchmarks.md); presets that refine name their iterations
     iterations: int = Field(0, ge=0)
     # opd: per-token reverse KL to the teacher on the student's samples; grpo: verifier rewards, group-normalised;
