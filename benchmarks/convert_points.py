@@ -45,10 +45,15 @@ POINTS = {
     "only 24 layers": dict(n_layers=24),
     "only 8 of 20 experts": dict(n_activated_experts=8),
     "only rope 4 pairs": dict(qk_rope_head_dim=8, kv_lora_rank=3 * (56 + 64)),
-    # the same cache (latent 96 + 48 rope floats per layer): one rope key per KV head, or DeepSeek's one shared key
-    "per-KV-head rope keys, 8 pairs each, latent 96": dict(qk_rope_head_dim=16, kv_lora_rank=96),
-    "shared rope key, 24 pairs, latent 96": dict(qk_rope_head_dim=48, kv_lora_rank=96, shared=True),
-    "shared rope key, all 32 pairs, full latent": dict(qk_rope_head_dim=64, kv_lora_rank=192, shared=True),
+    # DeepSeek-V3's standard layout (one shared rope key by RoRoPE, the latent norm, normalised routing), which
+    # engines run, beside the exact one at the same knobs
+    "standard: full rank, every pair, every expert": dict(kv_lora_rank=385, layout="standard"),
+    "standard: rope 16 pairs (tiny default)": dict(
+        qk_rope_head_dim=32, kv_lora_rank=192, n_activated_experts=12, layout="standard"
+    ),
+    "standard: 24 layers, rope 4 pairs, latent 72, 8 experts": dict(
+        n_layers=24, qk_rope_head_dim=8, kv_lora_rank=72, n_activated_experts=8, layout="standard"
+    ),
 }
 
 
@@ -69,8 +74,8 @@ def main() -> None:
     for name, knobs in POINTS.items():
         t0 = time.perf_counter()
         knobs = dict(knobs)
-        shared = knobs.pop("shared", False)
-        student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib, shared_rope_key=shared)
+        layout = knobs.pop("layout", "exact")
+        student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib, layout=layout)
         f = fidelity(teacher, student, held)
         e = economics(student.cfg, student.num_params(), shape)
         print(

@@ -164,6 +164,12 @@ class ConvertConfig(Section):
     held_out_samples: int = Field(16, ge=1)  # further samples on which KL and perplexity are reported
     ffn_sample_tokens: int = Field(1024, ge=16)  # tokens per layer kept for expert clustering and the router fit
     keep_layers: list[int] | None = None  # teacher layers the student keeps; None: the most important by BI
+    # exact: moeforge's own layout, lossless at full rank (one rope key per KV head at the teacher's frequencies, no
+    # latent norm, unit expert weights); only moeforge runs it. standard: DeepSeek-V3's, which transformers, vLLM
+    # and llama.cpp run (`moeforge export`); lossy before training (pipeline/model/convert/attention.py)
+    layout: Literal["exact", "standard"] = "exact"
+    # standard layout: the router's logit spread at conversion; small makes every chosen expert weigh ~1
+    router_logit_std: float = Field(0.1, gt=0)
     # recovery (pipeline/model/convert/recovery.py): KL-distil the teacher back into the converted student on its
     # non-held-out text before task distillation; 0 steps: none (the stage's output is the conversion itself)
     recovery_steps: int = Field(0, ge=0)

@@ -227,8 +227,13 @@ class ConversionReport(Result):
 
     init: Literal["teacher", "scratch"]
     teacher: str | None = None  # the converted teacher (model name or directory)
+    layout: Literal["exact", "standard"] | None = None  # convert.layout (None: a scratch student)
     layers: list[int] | None = None  # the teacher layer of each student layer
     rope_pairs: list[list[list[int]]] | None = None  # per student layer, per KV head: the kept channel pairs
+    # standard layout, per student layer: the kept frequencies' key energy its shared rope key holds, and the
+    # latent norm's anchor (its RMS over the rest of the latent's; 0: none)
+    rope_key_energy: list[float] | None = None
+    latent_anchor: list[float] | None = None
     block_importance: list[float] | None = None  # every teacher layer's block importance
     calibration_samples: int | None = None
     held_out_samples: int | None = None

@@ -90,7 +90,15 @@ class Convert(Stage):
         n_held = min(c.held_out_samples, len(texts) // 2)
         held_out, calibration = texts[:n_held], texts[n_held : n_held + c.calibration_samples]
         calib = calibrate(teacher, calibration, ffn_sample=c.ffn_sample_tokens, seed=c.seed)
-        student, report = convert(teacher, cfg.model, calib, keep_layers=c.keep_layers, seed=c.seed)
+        student, report = convert(
+            teacher,
+            cfg.model,
+            calib,
+            keep_layers=c.keep_layers,
+            seed=c.seed,
+            layout=c.layout,
+            router_logit_std=c.router_logit_std,
+        )
         if len(tokenizer) != student.cfg.vocab_size:
             raise ValueError(
                 f"the teacher's tokenizer has {len(tokenizer)} tokens but its embedding {student.cfg.vocab_size} rows"
@@ -103,8 +111,11 @@ class Convert(Stage):
         conversion = ConversionReport(
             init="teacher",
             teacher=str(cfg.teacher.model),
+            layout=report.layout,
             layers=report.layers,
             rope_pairs=report.rope_pairs,
+            rope_key_energy=report.rope_key_energy,
+            latent_anchor=report.latent_anchor,
             block_importance=report.importance,
             calibration_samples=len(calibration),
             held_out_samples=len(held_out),

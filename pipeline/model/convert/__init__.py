@@ -10,7 +10,9 @@ distillation recovers what the compression lost). Plain torch, no Ray. Leaves fi
   a token sample, and each block's importance (Minitron's BI: 1 - cos(block input, block output)).
 - attention.py (`convert_attention`): GQA → MLA. Partial RoPE keeps, per KV head, the channel pairs with the
   most q·k norm; the rest of the key and the whole value go jointly into the latent by an activation-aware SVD.
-  Each KV head keeps its own rope key (`n_rope_heads`), so the conversion is exact at full rank.
+  Each KV head keeps its own rope key (`n_rope_heads`), so the conversion is exact at full rank (the exact
+  layout). `convert_attention_standard`: DeepSeek-V3's layout, which engines run: one rope key shared by all
+  heads (TransMLA's RoRoPE), the latent RMSNorm (with a norm anchor channel), no biases.
 - ffn.py (`convert_ffn`): dense FFN → DeepSeekMoE. The most-activated neurons form the shared expert; the rest
   are split into equal routed experts by balanced k-means on their co-activation, and the router is fitted to
   predict each expert's activation mass. With every expert active the layer is the dense FFN.
@@ -26,12 +28,19 @@ Shape suffixes follow the legend in `pipeline/model/__init__.py`.
 from __future__ import annotations
 
 from pipeline.model.convert.assembly import ConversionReport, choose_layers, convert
-from pipeline.model.convert.attention import convert_attention, rope_pairs
+from pipeline.model.convert.attention import convert_attention, convert_attention_standard, rope_pairs
 from pipeline.model.convert.calibration import Calibration, LayerStats, calibrate, pad_batch
 from pipeline.model.convert.ffn import balanced_kmeans, convert_ffn
 from pipeline.model.convert.measurement import Fidelity, economics, fidelity, next_token_kl
 from pipeline.model.convert.recovery import RecoveryReport, kl_to_teacher, recover
-from pipeline.model.convert.shapes import SUPPORTED, TEACHER_FIELDS, ConversionError, TeacherShape, student_config
+from pipeline.model.convert.shapes import (
+    SUPPORTED,
+    TEACHER_FIELDS,
+    ConversionError,
+    Layout,
+    TeacherShape,
+    student_config,
+)
 
 __all__ = [
     "SUPPORTED",
@@ -41,6 +50,7 @@ __all__ = [
     "ConversionReport",
     "Fidelity",
     "LayerStats",
+    "Layout",
     "RecoveryReport",
     "TeacherShape",
     "balanced_kmeans",
@@ -48,6 +58,7 @@ __all__ = [
     "choose_layers",
     "convert",
     "convert_attention",
+    "convert_attention_standard",
     "convert_ffn",
     "economics",
     "fidelity",

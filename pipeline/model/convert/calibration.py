@@ -28,12 +28,14 @@ def pad_batch(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
 class LayerStats:
     """One teacher layer's calibration statistics."""
 
-    attn_moment_DD: torch.Tensor  # sum over tokens of x x^T, x the attention input (after its norm)
+    attn_moment_DD: torch.Tensor  # mean over tokens of x x^T, x the attention input (after its norm)
     pair_norm_GP: torch.Tensor  # per KV head and channel pair: sum over its query heads of E|q_pair| * E|k_pair|
     ffn_in_ND: torch.Tensor  # a sample of FFN inputs (after its norm) ...
     ffn_act_NF: torch.Tensor  # ... and the neurons' activations silu(gate) * up on them
     ffn_mass_F: torch.Tensor  # mean |activation| of each neuron over all calibration tokens
     importance: float  # Minitron's block importance: mean 1 - cos(block input, block output)
+    attn_mean_D: torch.Tensor | None = None  # mean over tokens of x, the attention input
+    attn_in_ND: torch.Tensor | None = None  # the attention inputs of the same token sample as the FFN's
 
 
 @dataclass
@@ -68,6 +70,8 @@ class _LayerTally:
         self.batch = batch
         self.n_heads, self.n_kv_heads, self.n_pairs = shape.n_heads, shape.n_kv_heads, shape.head_dim // 2
         self.moment_DD = torch.zeros(shape.dim, shape.dim, dtype=torch.float64)
+        self.sum_D = torch.zeros(shape.dim, dtype=torch.float64)
+        self.attn_in: list[torch.Tensor] = []
         self.q_norm_HP = torch.zeros(self.n_heads, self.n_pairs, dtype=torch.float64)
         self.k_norm_GP = torch.zeros(self.n_kv_heads, self.n_pairs, dtype=torch.float64)
         self.ffn_in: list[torch.Tensor] = []
@@ -78,6 +82,8 @@ class _LayerTally:
     def on_attn(self, module, args: tuple, kwargs: dict) -> None:
         x_ND = _hidden_states(args, kwargs)[self.batch.mask_BS]  # padding dropped
         self.moment_DD.add_(x_ND.T.double() @ x_ND.double())
+        self.sum_D.add_(x_ND.double().sum(0))
+        self.attn_in.append(x_ND[self.batch.keep_N])
         self.q_norm_HP.add_(_pair_norms(module.q_proj(x_ND), self.n_heads, self.n_pairs))
         self.k_norm_GP.add_(_pair_norms(module.k_proj(x_ND), self.n_kv_heads, self.n_pairs))
 
@@ -115,6 +121,8 @@ class _LayerTally:
             torch.cat(self.ffn_act),
             self.mass_F / total,
             self.importance / total,
+            self.sum_D / total,
+            torch.cat(self.attn_in),
         )
 
 
@@ -144,7 +152,8 @@ def calibrate(
     """Run the teacher over `sequences` (token ids) and collect each layer's statistics.
 
     `ffn_sample` tokens per layer (spread over all sequences, seeded) keep their FFN inputs and activations for
-    clustering and the router fit; every token counts towards the moments, norms and importances.
+    clustering and the router fit, and their attention inputs for the latent norm's fit; every token counts
+    towards the moments, norms and importances.
     """
     if not sequences:
         raise ConversionError("calibration needs at least one token sequence")

@@ -2,7 +2,10 @@
 
 The routed neurons are split into equal experts by balanced k-means on their co-activation (CMoE, LLaMA-MoE v2),
 and the router is fitted to predict each expert's activation mass. Chosen experts weigh 1 (`route_weight: unit`),
-so with every expert active the layer is the dense FFN.
+so with every expert active the layer is the dense FFN. In DeepSeek-V3's layout (`route_weight: normalized`,
+`route_scale` = k) a chosen expert weighs k·s_i / sum of the chosen s, which is 1 when the chosen sigmoid
+affinities s are equal: the router is scaled down (`logit_std`) so that they nearly are at conversion (exactly
+in the limit), while their order, hence the choice, is the fitted router's.
 """
 
 from __future__ import annotations
@@ -50,13 +53,16 @@ def balanced_kmeans(features_FN: torch.Tensor, n_clusters: int, iters: int = 10,
 
 
 @torch.no_grad()
-def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, expert_width: int, seed: int = 0) -> dict:
+def convert_ffn(
+    hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, expert_width: int, seed: int = 0, logit_std: float = 1.0
+) -> dict:
     """One dense SwiGLU FFN into shared + routed experts; returns which neurons went where.
 
     Shared: the `n_shared` neurons of the largest mean |activation|. Routed: the next E·width neurons (fewer
     only when the experts hold less than the FFN), in E balanced clusters of co-activation (each neuron's
     normalised |activation| over the calibration sample). Router: least squares from the FFN input to each
-    expert's activation mass on the sample, standardised so its sigmoid starts unsaturated. Without `stats`:
+    expert's activation mass on the sample, scaled so its logits' standard deviation on the sample is `logit_std`
+    (1: the sigmoid starts unsaturated; small: nearly equal affinities, see the module docstring). Without `stats`:
     neurons in index order, contiguous experts, a zero router.
     """
     gate, up, down = hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight, hf_mlp.down_proj.weight
@@ -87,5 +93,5 @@ def convert_ffn(hf_mlp, moe: MoE, stats: LayerStats | None, n_shared: int, exper
     ridge = 1e-3 * x_ND.pow(2).sum(0).mean()
     w_DE = torch.linalg.solve(x_ND.T @ x_ND + ridge * torch.eye(x_ND.shape[1], dtype=x_ND.dtype), x_ND.T @ mass_NE)
     logits_NE = x_ND @ w_DE
-    moe.gate.weight.copy_((w_DE / logits_NE.std().clamp_min(1e-12)).T.to(moe.gate.weight.dtype))
+    moe.gate.weight.copy_((w_DE * (logit_std / logits_NE.std().clamp_min(1e-12))).T.to(moe.gate.weight.dtype))
     return {"shared": shared_idx.tolist(), "experts": [e.tolist() for e in experts]}

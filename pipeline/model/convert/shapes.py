@@ -4,10 +4,16 @@ the student's config under the compression knobs (the knobs that do not fit the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.model.config import ModelConfig
 
 SUPPORTED = ("llama", "qwen2")
+# exact: one rope key per KV head at the teacher's own frequencies, no latent norm, unit expert weights, the
+# teacher's biases: lossless at full rank, but no engine outside moeforge runs it. standard: DeepSeek-V3's layout
+# (one shared rope key at standard frequencies, the latent RMSNorm, normalised top-k weights x route_scale, no
+# biases), which transformers, vLLM, SGLang and llama.cpp load; lossy before training (see attention.py).
+Layout = Literal["exact", "standard"]
 # the fields a converted student takes from the teacher; the others are the compression knobs
 TEACHER_FIELDS = (
     "dim",
@@ -23,6 +29,7 @@ TEACHER_FIELDS = (
     "qkv_bias",
     "q_lora_rank",
     "route_weight",
+    "route_scale",
 )
 
 
@@ -93,19 +100,22 @@ class TeacherShape:
         return {"total": embedding + self.n_layers * per_layer + self.dim, "embedding": embedding}
 
 
-def student_config(teacher: TeacherShape, cfg: ModelConfig, shared_rope_key: bool = False) -> ModelConfig:
+def student_config(teacher: TeacherShape, cfg: ModelConfig, layout: Layout = "exact") -> ModelConfig:
     """The student of `teacher` under `cfg`'s compression knobs (the teacher decides every other field).
 
-    `shared_rope_key`: DeepSeek's one rope key for all heads instead of one per KV head (lossy even uncompressed;
-    kept to measure what the per-head keys buy).
+    `layout` (see `Layout`): in the standard layout the kept rope pairs are the teacher's leading ones, which are
+    exactly the standard frequencies of `qk_rope_head_dim` at rope_theta' = rope_theta^(qk_rope_head_dim /
+    head_dim); every query/key channel also appears in the non-rotary part (the rope keys' residual after the
+    shared one is taken out, see `convert_attention_standard`), so `qk_nope_head_dim` is the teacher's head_dim.
 
     Raises `ConversionError` naming the knob that does not fit the teacher.
     """
     hd = teacher.head_dim
     if cfg.qk_rope_head_dim > hd:
         raise ConversionError(f"model.qk_rope_head_dim ({cfg.qk_rope_head_dim}) exceeds the teacher's head_dim ({hd})")
-    nope = hd - cfg.qk_rope_head_dim
-    full_rank = teacher.n_kv_heads * (nope + hd)
+    nope = hd if layout == "standard" else hd - cfg.qk_rope_head_dim
+    # standard: one more latent channel, the norm anchor (attention.py)
+    full_rank = teacher.n_kv_heads * (nope + hd) + (layout == "standard")
     if cfg.kv_lora_rank > full_rank:
         raise ConversionError(
             f"model.kv_lora_rank ({cfg.kv_lora_rank}) exceeds the full rank of the teacher's "
@@ -119,23 +129,27 @@ def student_config(teacher: TeacherShape, cfg: ModelConfig, shared_rope_key: boo
             f"(n_shared_experts + n_routed_experts) x moe_inter_dim = {moe_width} exceeds the teacher's FFN width "
             f"({teacher.inter_dim}): experts are carved from its neurons"
         )
+    standard = layout == "standard"
     return ModelConfig.model_validate(
         {
             **cfg.model_dump(),
             "init": "teacher",
             "dim": teacher.dim,
             "n_heads": teacher.n_heads,
-            "n_rope_heads": 1 if shared_rope_key else teacher.n_kv_heads,
+            "n_rope_heads": 1 if standard else teacher.n_kv_heads,
             "qk_nope_head_dim": nope,
             "v_head_dim": hd,
             "inter_dim": teacher.inter_dim,
             "vocab_size": teacher.vocab_size,
-            "rope_theta": teacher.rope_theta,
+            # the leading pairs' frequencies theta^(-2i/hd) are theta'^(-2i/R) for theta' = theta^(R/hd)
+            "rope_theta": teacher.rope_theta ** (cfg.qk_rope_head_dim / hd) if standard else teacher.rope_theta,
             "norm_eps": teacher.norm_eps,
-            "kv_norm": False,
-            "qkv_bias": teacher.qkv_bias,
+            "kv_norm": standard,
+            "qkv_bias": teacher.qkv_bias and not standard,
             "q_lora_rank": 0,
-            "route_weight": "unit",
+            "route_weight": "normalized" if standard else "unit",
+            # normalised weights x k: every chosen expert weighs 1 when their affinities are equal (see ffn.py)
+            "route_scale": float(cfg.n_activated_experts) if standard else 1.0,
             "max_seq_len": min(cfg.max_seq_len, teacher.max_seq_len),
         }
     )

@@ -29,13 +29,13 @@ VOCAB, DIM, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 96, 64, 4, 2, 16, 96, 4
 
 def llama(seed: int = 0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
     torch.manual_seed(seed)
+    extra = {"num_key_value_heads": KV_HEADS, **extra}
     config = config_cls(
         vocab_size=VOCAB,
         hidden_size=DIM,
         intermediate_size=FFN,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
         head_dim=HEAD_DIM,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
@@ -252,17 +252,82 @@ def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logit
         torch.testing.assert_close(got[i, : len(r)], want[i, : len(r)], atol=2e-4, rtol=1e-4)
 
 
-def test_a_shared_rope_key_is_the_kv_heads_average_and_loses_what_per_head_keys_keep():
-    teacher = llama()
+def _latents(student, layer: int, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer`'s KV latent of inputs x before and after its RMSNorm."""
+    attn = student.layers[layer].attn
+    latent = attn.wkv_a(x_ND)[:, : attn.kv_rank]
+    return latent, attn.kv_norm(latent)
+
+
+def test_the_standard_layout_is_deepseek_v3s_and_exact_for_one_kv_head_up_to_its_latent_norm():
+    """One KV head (MQA): the shared rope key is that head's, so RoRoPE loses nothing; only the latent RMSNorm,
+    which the teacher never had, differs. With it swapped for the identity the logits are the teacher's; with it,
+    the divergence stays small."""
+    teacher = llama(num_key_value_heads=1)
     calib = calibrate(teacher, sequences(24))
     held_out = sequences(8, seed=99)
-    per_head, _ = convert(teacher, lossless(n_dense_layers=LAYERS), calib)
-    shared, _ = convert(teacher, lossless(n_dense_layers=LAYERS), calib, shared_rope_key=True)
-    assert shared.cfg.n_rope_heads == 1 and shared.layers[0].attn.inv_freq.shape == (1, HEAD_DIM // 2)
+    cfg = lossless(n_dense_layers=LAYERS, kv_lora_rank=2 * HEAD_DIM + 1)  # full rank, plus the anchor channel
+    student, report = convert(teacher, cfg, calib, layout="standard")
+    c = student.cfg
+    assert (c.n_rope_heads, c.kv_norm, c.qkv_bias, c.route_weight, c.qk_nope_head_dim) == (
+        1,
+        True,
+        False,
+        "normalized",
+        HEAD_DIM,
+    )
+    assert report.layout == "standard" and report.rope_key_energy == pytest.approx([1.0] * LAYERS)
+    for block in student.layers:  # the standard frequencies are the teacher's leading ones
+        torch.testing.assert_close(block.attn.inv_freq[0], teacher.model.rotary_emb.inv_freq.float())
+    assert 0 < fidelity(teacher, student, held_out).kl < 0.02
+    for block in student.layers:
+        block.attn.kv_norm = torch.nn.Identity()
+    assert fidelity(teacher, student, held_out).kl < 1e-6
+
+
+def test_the_anchor_channel_makes_the_latent_norm_give_back_the_latent():
+    """Per token, the RMSNorm'd latent is nearer the unnormed one with the anchor than without it (the norm's
+    weight alone, no mean statistics), where tokens whose latent is small are scaled up. The teacher's inputs
+    share a large common component, as a real LLM's do (massive activations)."""
+    teacher = llama()
+    with torch.no_grad():
+        teacher.model.embed_tokens.weight[:, :4] += 1.5
+    calib = calibrate(teacher, sequences(24))
+    cfg = lossless(n_dense_layers=LAYERS, kv_lora_rank=24)
+    anchored, _ = convert(teacher, cfg, calib, layout="standard")
+    for stats in calib.layers:
+        stats.attn_mean_D = None
+    plain, _ = convert(teacher, cfg, calib, layout="standard")
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=torch.tensor([sequences(8, seed=5)[0]]), output_hidden_states=True)
+        x_ND = teacher.model.layers[1].input_layernorm(hidden.hidden_states[1][0])
+        errors = []
+        for student in (anchored, plain):
+            latent, normed = _latents(student, 1, x_ND)
+            errors.append(float(((normed - latent).norm(dim=-1) / latent.norm(dim=-1)).max()))
+    print(errors)
+    assert errors[0] < errors[1] / 2
+
+
+def test_a_gqa_teacher_in_the_standard_layout_shares_its_principal_rope_key_and_weighs_each_chosen_expert_about_1():
+    teacher = llama()
+    calib = calibrate(teacher, sequences(24), ffn_sample=256)
+    cfg = lossless(kv_lora_rank=24, n_activated_experts=2)
+    student, report = convert(teacher, cfg, calib, layout="standard")
+    assert student.cfg.route_scale == 2.0
+    assert all(1 / KV_HEADS < e < 1 for e in report.rope_key_energy)  # the principal direction beats any one head
+    # the shared key of pair i is the KV heads' keys mixed by a unit vector: its rows lie in their span
     k = teacher.model.layers[0].self_attn.k_proj.weight.view(KV_HEADS, HEAD_DIM, DIM)
-    rope = shared.layers[0].attn.wkv_a.weight[shared.cfg.kv_lora_rank :]
-    torch.testing.assert_close(rope[0::2], k[:, : HEAD_DIM // 2].mean(0))  # interleaved (x_i, x_i+P) pairs
-    assert fidelity(teacher, per_head, held_out).kl < 1e-6 < fidelity(teacher, shared, held_out).kl
+    rope = student.layers[0].attn.wkv_a.weight[student.cfg.kv_lora_rank :]
+    re_GnD = k[:, : student.cfg.qk_rope_head_dim // 2]
+    mix_n = torch.linalg.lstsq(re_GnD.permute(1, 2, 0), rope[0::2, :, None]).solution[..., 0]  # (n, G)
+    torch.testing.assert_close(mix_n.norm(dim=-1), torch.ones(mix_n.shape[0]), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        hidden = teacher.model(input_ids=torch.tensor([sequences(4, seed=7)[0]]), output_hidden_states=True)
+        x_ND = teacher.model.layers[1].post_attention_layernorm(hidden.hidden_states[1][0])
+        weights_NK, _, _ = student.layers[1].ffn.gate(x_ND)
+    assert weights_NK.sub(1).abs().max() < 0.1
+    assert fidelity(teacher, student, sequences(8, seed=99)).kl < 1.0
 
 
 @pytest.mark.slow
