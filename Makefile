@@ -20,6 +20,14 @@ $(STAMP): pyproject.toml infra/install.sh | $(PY)
 	sh infra/install.sh $(PY) dev editable
 	touch $(STAMP)
 
+# the tests also need the llamacpp extra (llama.cpp for the GGUF export; built from source once, ~5 min on 2 cores,
+# then from pip's wheel cache in seconds); `make run` does not
+LLAMACPP_STAMP := $(VENV)/.moeforge-llamacpp-installed
+
+$(LLAMACPP_STAMP): $(STAMP) infra/llama_cpp_cmake_args.sh
+	sh infra/install.sh $(PY) dev,llamacpp editable
+	touch $(LLAMACPP_STAMP)
+
 # the peers, outside the project's venv: llama-cpp-python and its OpenAI-compatible server, built from source
 # (~5 min on 2 cores) into $(PEERS_VENV) once, then reused (infra/install_peers.sh says which CPU features). The
 # benchmarks compare against it, and the remote-teacher tests run against its server, so `make test` builds it.
@@ -28,7 +36,7 @@ PEERS_STAMP := $(PEERS_VENV)/.moeforge-peers-installed
 
 peers: $(PEERS_STAMP)
 
-$(PEERS_STAMP): infra/install_peers.sh
+$(PEERS_STAMP): infra/install_peers.sh infra/llama_cpp_cmake_args.sh
 	sh infra/install_peers.sh $(PYTHON) $(PEERS_VENV)
 	touch $(PEERS_STAMP)
 
@@ -37,13 +45,13 @@ run: $(STAMP)
 
 # the dashboard's browser test drives Debian's Chromium: tests/install_browser.sh installs it when missing (if it
 # cannot, the rest of the suite still runs and that test fails saying what is missing)
-test: $(STAMP) $(PEERS_STAMP)
+test: $(STAMP) $(LLAMACPP_STAMP) $(PEERS_STAMP)
 	sh tests/install_browser.sh || echo "warning: chromium/chromedriver not installed; the dashboard browser test will fail"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # the inner loop: everything but the tests marked slow (Ray clusters, servers, whole pipeline runs) or cluster
 # (multi-node Ray, jobs); the same tests `make test` runs, minus those
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LLAMACPP_STAMP)
 	$(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 # ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, simplifications, McCabe complexity <= 10) and

