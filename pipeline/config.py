@@ -339,6 +339,11 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=-1)
     max_batch_size: int = Field(8, ge=1)
+    # what runs the student: moeforge (its own PyTorch engine, any layout), llama_cpp (llama.cpp on the student's
+    # GGUF export, CPU; a student in the standard layout and the `moeforge[llamacpp]` extra), or auto: llama_cpp
+    # where it can run the student on a CPU (it decodes several times faster there), else moeforge
+    engine: Literal["auto", "moeforge", "llama_cpp"] = "auto"
+    gguf_quant: Literal["f32", "f16", "q8_0", "q4_1"] = "q8_0"  # the llama_cpp engine's weights
     inference_dtype: InferenceDtype = "float32"  # as evaluate's, resolved on each replica's device
     # as evaluate's; each replica compiles every covered batch size before it takes requests
     compile_decode_max_batch: int = Field(0, ge=0)

@@ -14,6 +14,10 @@ string found by the caller) aborts the sequence and frees its slot before the ne
 
 Prefill of a long prompt holds the running batch for one iteration (no chunked prefill): prompts here are short
 and the context is the model's `max_seq_len`.
+
+The forward passes are a runner's (`ForwardRunner`): `TorchRunner`, moeforge's own model on its latent KV cache
+(any layout), or `LlamaCppRunner` (llama_cpp_runner.py), llama.cpp on the student's GGUF export, one llama.cpp
+sequence per slot. Scheduling, sampling and stopping are the engine's, the same for both.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import threading
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from pipeline.model.generate import CompiledDecode, SamplingParams, decode, make_generator, prefill, sample
 from pipeline.model.transformer import Transformer
@@ -71,11 +78,67 @@ class Sequence:
             self.aborted = True
 
 
+class ForwardRunner(Protocol):
+    """The forward passes an engine schedules: slots of a KV cache, prompts written into fresh slots, one token
+    per running slot; each returns the last position's logits, one row per slot (B, V)."""
+
+    name: str  # the engine's name, as `serve.engine` and /v1/models say it
+    max_len: int  # tokens per slot
+
+    def allocate(self) -> int: ...
+
+    def free(self, slot: int) -> None: ...
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor: ...
+
+    def warm_up(self, max_batch_size: int) -> None: ...
+
+
+class TorchRunner:
+    """moeforge's own forward passes: the `Transformer` on its latent KV cache (`compiled`: the compiled decode
+    step, used for the batch sizes it covers)."""
+
+    name = "moeforge"
+
+    def __init__(self, model: Transformer, max_batch_size: int, max_len: int, compiled: CompiledDecode | None = None):
+        self.model, self.compiled, self.max_len = model.eval(), compiled, max_len
+        self.cache = model.new_cache(max_batch_size, max_len)
+
+    def allocate(self) -> int:
+        return self.cache.allocate()
+
+    def free(self, slot: int) -> None:
+        self.cache.free(slot)
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        return prefill(self.model, self.cache, slots, prompts)
+
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        return decode(self.model, self.cache, slots, tokens, self.compiled)
+
+    def warm_up(self, max_batch_size: int) -> None:
+        """Compile the decode step at every batch size `compiled` covers (each takes about a minute for the default
+        student on 2 CPU cores), so no client waits for it. Uses free slots and leaves them free."""
+        if self.compiled is None:
+            return
+        for batch in range(1, min(self.compiled.max_batch, max_batch_size) + 1):
+            slots = [self.cache.allocate() for _ in range(batch)]
+            try:
+                logits_BV = self.prefill(slots, [[0]] * batch)
+                for _ in range(3):  # eager (new weights), then compiling, then compiled
+                    logits_BV = self.decode(slots, logits_BV.argmax(-1).tolist())
+            finally:
+                for slot in slots:
+                    self.cache.free(slot)
+
+
 class Engine:
-    """Continuous batching for one `Transformer`.
+    """Continuous batching for one model: a `Transformer` (run by `TorchRunner`) or any `ForwardRunner`.
 
     Args:
-        model: the student, in eval mode, on its device.
+        model: the student, in eval mode, on its device; or a runner (which then owns its context length).
         max_batch_size: sequences decoded together (cache slots); more wait in FIFO order.
         max_len: tokens per sequence (prompt + completion); default the model's `max_seq_len`.
         compiled: the model's compiled decode step (`CompiledDecode`), used for the batch sizes it covers.
@@ -83,14 +146,16 @@ class Engine:
 
     def __init__(
         self,
-        model: Transformer,
+        model: Transformer | ForwardRunner,
         max_batch_size: int,
         max_len: int | None = None,
         compiled: CompiledDecode | None = None,
     ):
-        self.model, self.compiled = model.eval(), compiled
-        self.max_len = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-        self.cache = model.new_cache(max_batch_size, self.max_len)
+        if isinstance(model, Transformer):
+            length = min(max_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+            model = TorchRunner(model, max_batch_size, length, compiled)
+        self.runner: ForwardRunner = model
+        self.max_len = model.max_len
         self.max_batch_size = max_batch_size
         self._ids = itertools.count()
         self._waiting: deque[Sequence] = deque()
@@ -168,24 +233,17 @@ class Engine:
             "tokens_generated": self.tokens_generated,
         }
 
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
     def compile_steps(self) -> None:
-        """Compile the decode step at every batch size `compiled` covers, on this engine's cache, before the first
-        request (each takes about a minute for the default student on 2 CPU cores), so no client waits for it.
-        Uses free slots and leaves them free; call it before serving."""
-        if self.compiled is None:
-            return
+        """Warm the runner up before the first request (`TorchRunner`: compile its decode step), so no client waits
+        for it; call it before serving."""
         with self._cond:
             if self._running or self._waiting:
                 raise RuntimeError("compile_steps runs before the engine serves")
-            for batch in range(1, min(self.compiled.max_batch, self.max_batch_size) + 1):
-                slots = [self.cache.allocate() for _ in range(batch)]
-                try:
-                    logits_BV = prefill(self.model, self.cache, slots, [[0]] * batch)
-                    for _ in range(3):  # eager (new weights), then compiling, then compiled
-                        logits_BV = decode(self.model, self.cache, slots, logits_BV.argmax(-1).tolist(), self.compiled)
-                finally:
-                    for slot in slots:
-                        self.cache.free(slot)
+            self.runner.warm_up(self.max_batch_size)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -219,7 +277,7 @@ class Engine:
             if seq.aborted:
                 seq._emit(StepOutput(None, "abort"))
                 continue
-            seq.slot = self.cache.allocate()
+            seq.slot = self.runner.allocate()
             self._running.append(seq)
             admitted.append(seq)
         return admitted
@@ -229,9 +287,9 @@ class Engine:
         try:
             slots = [s.cache_slot for s in seqs]
             if prefill_step:
-                logits_BV = prefill(self.model, self.cache, slots, [s.prompt for s in seqs])
+                logits_BV = self.runner.prefill(slots, [s.prompt for s in seqs])
             else:
-                logits_BV = decode(self.model, self.cache, slots, [s.tokens[-1] for s in seqs], self.compiled)
+                logits_BV = self.runner.decode(slots, [s.tokens[-1] for s in seqs])
                 self.steps += 1
             tokens = sample(logits_BV.cpu(), [s.params for s in seqs], [s.generator for s in seqs])
         except Exception as e:  # noqa: BLE001 - a failed step fails its sequences, not the server
@@ -259,7 +317,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str | None, token: int | None = None, error: str | None = None) -> None:
         """Free the slot and deliver the last event (caller holds the lock)."""
         if seq.slot is not None:
-            self.cache.free(seq.slot)
+            self.runner.free(seq.slot)
             seq.slot = None
         if seq in self._running:
             self._running.remove(seq)

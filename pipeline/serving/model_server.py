@@ -67,9 +67,11 @@ class ModelServer:
         self.api_key = api_key or load_api_key(settings)  # checked by the app on every route but /healthz
         require_key(settings, self.api_key)  # before the model is loaded: a refused server costs nothing
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        student = Student(materialize(source, tracking_uri, cache_dir), self.device, settings.inference_dtype)
+        student_dir = materialize(source, tracking_uri, cache_dir)
+        student = Student(student_dir, self.device, settings.inference_dtype)
         self.precision = student.precision
         self.model, self.tokenizer = student.model, student.tokenizer
+        engine = choose_engine(settings, self.model, self.device)
         self.eos = self.tokenizer.eos_token_id
         self.context = self.model.cfg.max_seq_len
         self.created = now()
@@ -86,11 +88,21 @@ class ModelServer:
             eos=self.eos,
             system_prompt=INSTRUCTION if settings.student_system_prompt else None,
         )
-        # one short generation first, so the first client does not pay for lazy initialisation
-        generate(self.model, [self.tokenizer.encode("warm up") or [0]], SamplingParams(max_new_tokens=2))
-        n = settings.compile_decode_max_batch
-        self.engine = Engine(self.model, settings.max_batch_size, compiled=CompiledDecode(self.model, n) if n else None)
+        if engine == "llama_cpp":
+            from pipeline.serving.llama_cpp_runner import LlamaCppRunner, gguf_for
+
+            gguf = gguf_for(student_dir, cache_dir, settings.gguf_quant)
+            self.engine = Engine(LlamaCppRunner(gguf, settings.max_batch_size, self.context), settings.max_batch_size)
+            self.dtype: str = settings.gguf_quant
+        else:
+            # one short generation first, so the first client does not pay for lazy initialisation
+            generate(self.model, [self.tokenizer.encode("warm up") or [0]], SamplingParams(max_new_tokens=2))
+            n = settings.compile_decode_max_batch
+            compiled = CompiledDecode(self.model, n) if n else None
+            self.engine = Engine(self.model, settings.max_batch_size, compiled=compiled)
+            self.dtype = self.precision.name
         self.engine.compile_steps()
+        log.info("serving %s on the %s engine (%s)", source.uri, self.engine.name, self.dtype)
 
     # ------------------------------------------------------------------------------------------------ info
 
@@ -115,8 +127,9 @@ class ModelServer:
                 "alias": s.alias,
                 "run_id": s.run_id,
                 "parameters": {"total": params["total"], "active": params["active"]},
+                "engine": self.engine.name,
                 "device": self.device,
-                "dtype": self.precision.name,
+                "dtype": self.dtype,
                 "max_batch_size": self.settings.max_batch_size,
             },
         )
@@ -201,6 +214,32 @@ class ModelServer:
                         return  # leaving the loop closes the stream, which frees the slot
         except Exception as e:  # noqa: BLE001 - delivered to the request, which answers with an error
             queue.put_nowait(e)
+
+
+def choose_engine(settings: ServeConfig, model, device: str) -> str:
+    """The engine `settings.engine` names, checked it can run `model`; `auto`: llama_cpp where it can (a CPU, the
+    extra installed, the standard layout), else moeforge. Raises `ConfigError` saying why a named one cannot."""
+    from pipeline.export import ExportError, check_engine_layout
+    from pipeline.serving.llama_cpp_runner import llama_cpp_installed
+    from pipeline.validation import ConfigError
+
+    if settings.engine == "moeforge":
+        return "moeforge"
+    why = None
+    if device != "cpu":
+        why = f"it runs on the CPU here, and this replica has {device}"
+    elif not llama_cpp_installed():
+        why = "llama-cpp-python is not installed: pip install 'moeforge[llamacpp]'"
+    else:
+        try:
+            check_engine_layout(model)
+        except ExportError as e:
+            why = str(e)
+    if why is None:
+        return "llama_cpp"
+    if settings.engine == "llama_cpp":
+        raise ConfigError(f"serve.engine llama_cpp cannot run this student: {why}")
+    return "moeforge"
 
 
 def _progress(index: int, text: TextStream, out: StepOutput, completion_tokens: int) -> Event | None:

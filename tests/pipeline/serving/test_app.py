@@ -1,9 +1,11 @@
 """The OpenAI-compatible app of one replica (`pipeline/serving/app.py` around a `ModelServer`), served by uvicorn on
 loopback without Ray and spoken to with the official `openai` client and raw HTTP.
 
-One app for the module: the registered test student from `models:/test-student@champion`, an API key from a
+One app per engine (`serve.engine`: moeforge's own, and llama.cpp on the student's F32 GGUF export), every test
+run against each: the registered test student from `models:/test-student@champion`, an API key from a
 mounted-secret-style file, small limits so bad inputs are reachable. Expected texts come from the model code itself
-(`generate` on the same weights), so the server must reproduce them token for token, alone or under concurrency.
+(`generate` on the same weights), so the server must reproduce them token for token, alone or under concurrency,
+whichever engine runs them.
 The same app inside a Ray Serve deployment (placement, queueing, replica replacement) is tested in
 tests/actors/test_server.py.
 """
@@ -30,9 +32,9 @@ KEY = "sk-test-moeforge"
 MODEL = "test-student"
 
 
-@pytest.fixture(scope="module")
-def served(registered_student, tmp_path_factory):
-    """The app served by uvicorn in a thread: (its URL, the `ModelServer` behind it)."""
+@pytest.fixture(scope="module", params=["moeforge", "llama_cpp"])
+def served(request, registered_student, tmp_path_factory):
+    """The app served by uvicorn in a thread, on each engine: (its URL, the `ModelServer` behind it)."""
     import uvicorn
 
     from pipeline.serving.app import create_app
@@ -49,6 +51,8 @@ def served(registered_student, tmp_path_factory):
             "max_sequences_per_request": 8,
             "max_waiting_sequences": 32,
             "api_key_file": str(key_file),
+            "engine": request.param,
+            "gguf_quant": "f32",  # llama.cpp's greedy tokens are ours at F32 (tests/pipeline/export)
         }
     )
     source = resolve(f"models:/{MODEL}@champion", registered_student.tracking_uri)
@@ -97,10 +101,11 @@ def stats(app: str) -> dict:
     return r.json()
 
 
-def test_models_reports_the_registered_version_it_loaded(client, registered_student, reference):
+def test_models_reports_the_registered_version_it_loaded_and_the_engine_running_it(client, served, reference):
     (card,) = client.models.list().data
     assert card.id == MODEL
     info = card.model_extra["moeforge"]
+    assert info["engine"] == served[1].settings.engine and info["dtype"] in ("float32", "f32")
     assert (info["registered_name"], info["version"], info["alias"]) == (MODEL, "1", "champion")
     assert info["parameters"]["total"] == reference[0].num_params()["total"]
     assert client.models.retrieve(f"{MODEL}@champion").id == MODEL
