@@ -15,7 +15,12 @@ Parts, each in its own process (a crash in one is reported, not inherited):
   generate  the `hf` teacher backend generating a batch on the device, tokens/s; then the `vllm` backend if vllm is
             importable (it is not installed by the set-up and this machine's device has no index to fetch it from)
   serve     the OpenAI-compatible Serve app with the student on the device: 16 concurrent streams vs one at a time
-            (`benchmarks/serve_load.py`)
+            (`benchmarks/serve_load.py`; in the dry run on both CPU engines, moeforge and llama_cpp)
+  vllm      the student in DeepSeek-V3's standard layout, exported to Hugging Face (`moeforge export --format hf`):
+            vLLM loads it and its greedy tokens for 32 steps are compared with ours in bf16; then Ray Serve LLM
+            (`LLMConfig` + `build_openai_app`) serves it and the teacher in turn, 64 concurrent chat conversations of
+            ~2k tokens each, aggregate tok/s (target: the student >= 1.5x the teacher). In the dry run: transformers
+            loads the export and its greedy tokens are compared with ours (vLLM needs CUDA)
 
 Each part prints `PART <name> ok: <figures>` or `SKIP <name>: <why>`; the first failure prints `FAILED <name>: <why>`
 (with the part's last output) and exits 1. The last line is `RESULT key=value ...` with every part's figures.
@@ -32,8 +37,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("train", "moe", "mla", "generate", "serve")
-PART_TIMEOUT_S = {"train": 360, "moe": 180, "mla": 120, "generate": 180, "serve": 240}
+PARTS = ("train", "moe", "mla", "generate", "serve", "vllm")
+PART_TIMEOUT_S = {"train": 360, "moe": 180, "mla": 120, "generate": 180, "serve": 300, "vllm": 480}
 
 
 def cuda() -> bool:
@@ -224,15 +229,121 @@ def part_generate(dry: bool) -> dict:
 
 def part_serve(dry: bool) -> dict:
     args = (
-        ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2"]
+        ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2", "--no-peer"]
         if dry
-        else ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16"]
-    )
+        else ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16",
+              "--engines", "moeforge", "--no-peer"]
+    )  # fmt: skip
     figures = run_script(["benchmarks/serve_load.py", *args], PART_TIMEOUT_S["serve"])
+    out = {
+        "serve_speedup": figures["moeforge_tok_s_c16"] / figures["moeforge_tok_s_c1"],
+        "serve_tok_s_concurrent": figures["moeforge_tok_s_c16"],
+        "serve_p99_ttft_ms": figures["moeforge_p99_ttft_ms"],
+    }
+    if "llama_cpp_tok_s_c16" in figures:
+        out["serve_llama_cpp_tok_s_concurrent"] = figures["llama_cpp_tok_s_c16"]
+    return out
+
+
+def _vllm_load(source: Path, model_id: str, conversations: list[list[dict]], max_tokens: int) -> float:
+    """Ray Serve LLM serving `source` (a Hugging Face directory) in vLLM: aggregate completion tok/s of every
+    conversation sent at once through the OpenAI API."""
+    import asyncio
+
+    import openai
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    config = LLMConfig(
+        model_loading_config={"model_id": model_id, "model_source": str(source)},
+        engine_kwargs={"dtype": "bfloat16", "max_model_len": 4096, "max_num_seqs": 64},
+        accelerator_type=None,
+    )
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)
+    client = openai.AsyncOpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused", max_retries=0, timeout=600)
+
+    async def one(messages: list[dict]) -> int:
+        r = await client.chat.completions.create(
+            model=model_id, messages=messages, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return r.usage.completion_tokens if r.usage else 0
+
+    async def all_at_once() -> float:
+        await one(conversations[0])  # warm-up
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(c) for c in conversations))
+        return sum(tokens) / (time.perf_counter() - t0)
+
+    try:
+        return asyncio.run(all_at_once())
+    finally:
+        serve.shutdown()
+
+
+def part_vllm(dry: bool) -> dict:
+    import importlib.util
+
+    import torch
+    from serve_load import build_student
+
+    from pipeline.data.prompts import chat_token_ids, student_messages
+    from pipeline.export import export
+    from pipeline.model import Transformer
+    from pipeline.model.generate import SamplingParams, generate
+
+    work = Path(tempfile.mkdtemp(prefix="moeforge-gpu-check-"))
+    build_student(work / "student", "default")  # converted from the teacher in the standard layout
+    hf_dir = export(work / "student", "hf", work / "hf")
+    device, dtype, steps = ("cpu", torch.float32, 8) if dry else ("cuda", torch.bfloat16, 32)
+    ours = Transformer.from_pretrained(work / "student").eval().to(device, dtype)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    questions = ["What is 17 + 25?", "How many times does the letter r appear in the text: strawberry?"]
+    prompts = [chat_token_ids(tokenizer, student_messages(q)) for q in questions]
+    want = [c.tokens for c in generate(ours, prompts, SamplingParams(max_new_tokens=steps))]
+    if dry:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+        got = []
+        for p in prompts:  # greedy by whole forward passes (what the export's logits equality means)
+            ids = list(p)
+            with torch.no_grad():
+                for _ in range(steps):
+                    ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+            got.append(ids[len(p) :])
+        match = sum(g == w for g, w in zip(got, want, strict=True)) / len(want)
+        return {"hf_export_greedy_match": match, "vllm": "skipped-no-cuda"}
+    if importlib.util.find_spec("vllm") is None:
+        return {"vllm": "skipped-not-installed"}
+    from vllm import LLM
+    from vllm import SamplingParams as VllmSampling
+
+    llm = LLM(model=str(hf_dir), dtype="bfloat16", max_model_len=4096, enforce_eager=True)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], VllmSampling(temperature=0, max_tokens=steps, ignore_eos=True)
+    )
+    match = sum(list(o.outputs[0].token_ids) == w for o, w in zip(outs, want, strict=True)) / len(want)
+    del llm
+    torch.cuda.empty_cache()
+    history = " ".join(f"{i} + {i + 1} = {2 * i + 1}." for i in range(260))  # ~2k tokens of context
+    conversations = [
+        [{"role": "user", "content": history}, {"role": "assistant", "content": "Noted."},
+         {"role": "user", "content": f"What is {i} + {i + 7}?"}]
+        for i in range(64)
+    ]  # fmt: skip
+    from pipeline.teacher.hf import DEFAULT_TEACHER, default_cache_dir, resolve_model_dir
+
+    student_tok_s = _vllm_load(hf_dir, "student", conversations, 128)
+    teacher_tok_s = _vllm_load(resolve_model_dir(DEFAULT_TEACHER, default_cache_dir()), "teacher", conversations, 128)
     return {
-        "serve_speedup": figures["speedup_c16_vs_c1"],
-        "serve_tok_s_concurrent": figures["tok_s_c16"],
-        "serve_p99_ttft_ms": figures["p99_ttft_ms"],
+        "vllm_greedy_match": match,
+        "vllm_student_tok_s_64x2k": student_tok_s,
+        "vllm_teacher_tok_s_64x2k": teacher_tok_s,
+        "vllm_student_over_teacher": student_tok_s / teacher_tok_s,
     }
 
 
@@ -280,8 +391,8 @@ def main() -> int:
         print(f"PART {name} ok ({time.perf_counter() - t0:.0f} s): {shown}")
     if dry:
         print(
-            "SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm, bf16/NCCL training (DDP and FSDP2), "
-            "the student on CUDA: need CUDA"
+            "SKIP moe at the DeepSeek-V3-like shape, mla at 16k, vllm and Ray Serve LLM on the HF export, bf16/NCCL "
+            "training (DDP and FSDP2), the student on CUDA: need CUDA"
         )
     print(f"gpu_check: all parts passed in {time.perf_counter() - started:.0f} s")
     print("RESULT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in every.items()))

@@ -115,14 +115,16 @@ class LlamaCppServer:
 
     MODEL = "teacher-gguf"  # the name it serves the model under
 
-    def __init__(self, python: Path, threads: int, n_ctx: int = 2048, port: int | None = None):
-        self.python, self.threads, self.n_ctx = python, threads, n_ctx
+    def __init__(
+        self, python: Path, threads: int, n_ctx: int = 2048, port: int | None = None, model: Path | None = None
+    ):
+        self.python, self.threads, self.n_ctx, self.model = python, threads, n_ctx, model or teacher_gguf()
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> LlamaCppServer:
-        args = {"--model": teacher_gguf(), "--model_alias": self.MODEL, "--host": "127.0.0.1", "--port": self.port}
+        args = {"--model": self.model, "--model_alias": self.MODEL, "--host": "127.0.0.1", "--port": self.port}
         args |= {"--n_threads": self.threads, "--n_threads_batch": self.threads, "--n_ctx": self.n_ctx}
         # it serves one request at a time; by default a new request interrupts the running one: queue them instead
         args |= {"--verbose": False, "--interrupt_requests": False}
@@ -155,14 +157,14 @@ class LlamaCppServer:
 
 
 @contextlib.contextmanager
-def llama_cpp_server(threads: int, n_ctx: int = 2048) -> Iterator[str | None]:
-    """llama-cpp-python's OpenAI-compatible server on the teacher's GGUF on loopback: its base URL (None: not
-    built). Stopped on exit."""
+def llama_cpp_server(threads: int, n_ctx: int = 2048, model: Path | None = None) -> Iterator[str | None]:
+    """llama-cpp-python's OpenAI-compatible server on `model` (default: the teacher's GGUF) on loopback: its base
+    URL (None: not built). Stopped on exit."""
     py = peers_python()
     if py is None:
         yield None
         return
-    server = LlamaCppServer(py, threads, n_ctx).start()
+    server = LlamaCppServer(py, threads, n_ctx, model=model).start()
     try:
         yield server.base_url
     finally:

@@ -1,23 +1,28 @@
-"""Serving throughput and latency: 16 chat requests one at a time and all at once, ours and llama.cpp's server.
+"""Serving throughput and latency: 16 chat requests one at a time and all at once, on each serving engine and on
+llama.cpp's own server.
 
 A real local Ray Serve app (`actors/server.py`) serves the default student (`--student default`: converted from the
-real default teacher, as `make run`'s `convert` builds it; speed does not depend on what the weights learned;
-`--student toy`: the 29M scratch student older figures were measured on) with the real tokenizer. The same 16 chat
+real default teacher in the standard layout, as `make run --set convert.layout=standard` builds it; speed does not
+depend on what the weights learned; `--student toy`: the 29M scratch student older figures were measured on) with
+the real tokenizer, once on each engine (`--engines`): `moeforge` (its own PyTorch engine) and `llama_cpp`
+(llama.cpp on the student's GGUF export at `--quant`, batched over the running sequences). The same 16 chat
 requests (distinct questions with the student's instruction as system message, greedy, `max_tokens` fixed, no stop
 at the end-of-turn token, so every request produces exactly that many tokens) are sent through the official
 `openai` client at concurrency 1 (one at a time) and at concurrency 16 (all at once: continuous batching shares each
-decode step). Where `make peers` built it, llama-cpp-python's OpenAI-compatible server on the teacher's shipped GGUF
-gets the same requests on the same cores (its end-of-turn token masked by `logit_bias`), before our app starts.
+decode step). Where `make peers` built it, llama-cpp-python's OpenAI-compatible server on the same student GGUF
+gets the same requests on the same cores (its end-of-turn token masked by `logit_bias`), before our app starts; it
+runs one request at a time.
 Rounds alternate the two concurrencies so drift hits both; medians over rounds. Aggregate output tokens/s counts
 the usage the server reported; time to first token (TTFT) and inter-token latency (ITL, the gap between content
 chunks) are measured per stream on the client.
 
-The TTFT floor beside it: the seconds the student needs to prefill all 16 prompts in one batch (in this process, on
+The TTFT floor beside each engine: the seconds it needs to prefill all 16 prompts in one batch (in this process, on
 the replica's thread count, with nothing else running), what the first token of the last of 16 simultaneous
 requests cannot beat.
 
-    python benchmarks/serve_load.py [--student default|toy] [--requests 16] [--max-tokens 64] [--rounds 2]
-        [--batch 16] [--cpus 2] [--dtype float32|auto|bfloat16] [--compile-max-batch 0] [--no-peer]
+    python benchmarks/serve_load.py [--student default|toy] [--engines moeforge,llama_cpp] [--quant q4_1]
+        [--requests 16] [--max-tokens 64] [--rounds 2] [--batch 16] [--cpus 2] [--dtype float32|auto|bfloat16]
+        [--compile-max-batch 0] [--no-peer]
 """
 
 from __future__ import annotations
@@ -59,26 +64,35 @@ def build_student(directory: Path, kind: str) -> None:
         return
     teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     calib = [chat_token_ids(tokenizer, student_messages(messages(i)[1]["content"])) for i in range(4)]
-    student, _ = convert(teacher, model_preset("tiny", vocab_size=len(tokenizer)), calibrate(teacher, calib, 256))
+    cfg = model_preset("tiny", vocab_size=len(tokenizer))
+    student, _ = convert(teacher, cfg, calibrate(teacher, calib, 256), layout="standard")
     student.save_pretrained(directory, tokenizer)
 
 
-def prefill_floor(directory: Path, n: int, threads: int, dtype: str) -> float:
-    """Median seconds the student takes to prefill the `n` requests' prompts in one batch."""
+def prefill_floor(directory: Path, n: int, threads: int, dtype: str, gguf: Path | None = None) -> float:
+    """Median seconds the engine (moeforge's; llama.cpp's on `gguf`) takes to prefill the `n` requests' prompts in
+    one batch."""
     import torch
     from _common import interleaved
 
     from pipeline.data.prompts import chat_token_ids
-    from pipeline.model.generate import prefill
+    from pipeline.serving.engine import TorchRunner
+    from pipeline.serving.llama_cpp_runner import LlamaCppRunner
     from pipeline.student import Student
 
     torch.set_num_threads(threads)
     student = Student(directory, "cpu", dtype)
     prompts = [chat_token_ids(student.tokenizer, messages(i)) for i in range(n)]
+    length = max(map(len, prompts)) + 1
+    runner = LlamaCppRunner(gguf, n, length, threads) if gguf else TorchRunner(student.model, n, length)
 
     def run() -> None:
-        cache = student.model.new_cache(n, max_len=max(map(len, prompts)) + 1)
-        prefill(student.model, cache, [cache.allocate() for _ in range(n)], prompts)
+        slots = [runner.allocate() for _ in range(n)]
+        try:
+            runner.prefill(slots, prompts)
+        finally:
+            for slot in slots:
+                runner.free(slot)
 
     return interleaved({"prefill": run}, rounds=5, warmup=1)["prefill"]
 
@@ -159,7 +173,7 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
-def serve_student(args, directory: Path) -> tuple[list[dict], list[dict]]:
+def serve_student(args, directory: Path, engine: str) -> tuple[list[dict], list[dict]]:
     import ray
     from ray import serve
 
@@ -177,6 +191,8 @@ def serve_student(args, directory: Path) -> tuple[list[dict], list[dict]]:
         max_tokens_limit=args.max_tokens,
         inference_dtype=args.dtype,
         compile_decode_max_batch=args.compile_max_batch,
+        engine=engine,
+        gguf_quant=args.quant,
     )
     try:
         url = start(settings, str(directory), None)
@@ -186,9 +202,44 @@ def serve_student(args, directory: Path) -> tuple[list[dict], list[dict]]:
         ray.shutdown()
 
 
+def report(args, table: dict[str, tuple[list[dict], list[dict]]], floors: dict[str, float]) -> dict[str, float]:
+    """Print the table; return the RESULT figures (`<engine>_...`, and the ratios the targets name)."""
+    print(f"{'':<24}{'tok/s':>8}{'p50 TTFT':>10}{'p99 TTFT':>10}{'p50 ITL':>9}{'p99 ITL':>9}   (ms)")
+    s = {}
+    for who, (seq, par) in table.items():
+        s[who] = summary(seq), summary(par)
+        for name, row in zip(("c=1", f"c={args.requests}"), s[who], strict=True):
+            print(
+                f"{who[:14] + ' ' + name:<24}{row['tok_s']:>8.1f}{row['p50_ttft']:>10.1f}{row['p99_ttft']:>10.1f}"
+                f"{row['p50_itl']:>9.1f}{row['p99_itl']:>9.1f}"
+            )
+    figures: dict[str, float] = {}
+    for engine, floor_ms in floors.items():
+        s1, s16 = s[engine]
+        print(f"{engine}: prefill of all {args.requests} prompts in one batch (the TTFT floor): {floor_ms:.0f} ms")
+        figures |= {
+            f"{engine}_tok_s_c1": s1["tok_s"],
+            f"{engine}_tok_s_c16": s16["tok_s"],
+            f"{engine}_p99_ttft_ms": s16["p99_ttft"],
+            f"{engine}_prefill_floor_ms": floor_ms,
+            f"{engine}_p99_ttft_over_floor": s16["p99_ttft"] / floor_ms,
+        }
+    if "llama_cpp" in s and "moeforge" in s:
+        figures["llama_cpp_over_moeforge_c1"] = s["llama_cpp"][0]["tok_s"] / s["moeforge"][0]["tok_s"]
+    if "llama.cpp server" in s:
+        p1, p16 = s["llama.cpp server"]
+        figures |= {"server_tok_s_c1": p1["tok_s"], "server_tok_s_c16": p16["tok_s"]}
+        for engine in floors:
+            figures[f"{engine}_over_server_c1"] = s[engine][0]["tok_s"] / p1["tok_s"]
+            figures[f"{engine}_over_server_c16"] = s[engine][1]["tok_s"] / p16["tok_s"]
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", choices=["default", "toy"], default="default")
+    parser.add_argument("--engines", default="moeforge,llama_cpp", help="serve.engine values to serve on")
+    parser.add_argument("--quant", default="q4_1", choices=["f32", "f16", "q8_0", "q4_1"], help="the GGUF's")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
@@ -203,56 +254,32 @@ def main() -> None:
     from peers import LlamaCppServer, llama_cpp_server
     from transformers import AutoTokenizer
 
+    from pipeline.export import export
+
     threads = max(1, int(args.cpus))
+    engines = args.engines.split(",")
+    table, floors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "student"
         build_student(directory, args.student)
-        peer = None
+        gguf = export(directory, "gguf", Path(tmp) / "gguf", args.quant)  # type: ignore[arg-type]
         if not args.no_peer:
-            with llama_cpp_server(threads) as base:
+            with llama_cpp_server(threads, model=gguf) as base:
                 if base is not None:
                     eos = AutoTokenizer.from_pretrained(str(directory)).eos_token_id
-                    peer = rounds_of(base, LlamaCppServer.MODEL, args, {"logit_bias": {str(eos): -100}})
-        ours = serve_student(args, directory)
-        floor_ms = prefill_floor(directory, args.requests, threads, args.dtype) * 1e3
-
-    print(
-        f"{describe()}; {args.student} student, {args.dtype}, replica CPUs {args.cpus}, GPUs {args.gpus}, engine "
-        f"slots {args.batch}; {args.requests} requests x {args.max_tokens} tokens, {args.rounds} rounds"
-    )
-    print(f"{'':<22}{'tok/s':>8}{'p50 TTFT':>10}{'p99 TTFT':>10}{'p50 ITL':>9}{'p99 ITL':>9}   (ms)")
-    table = {"student": ours, **({"llama.cpp (teacher GGUF)": peer} if peer else {})}
-    s = {}
-    for who, (seq, par) in table.items():
-        s[who] = summary(seq), summary(par)
-        for name, row in zip(("c=1", f"c={args.requests}"), s[who], strict=True):
-            print(
-                f"{who[:12] + ' ' + name:<22}{row['tok_s']:>8.1f}{row['p50_ttft']:>10.1f}{row['p99_ttft']:>10.1f}"
-                f"{row['p50_itl']:>9.1f}{row['p99_itl']:>9.1f}"
+                    no_stop = {"logit_bias": {str(eos): -100}}
+                    table["llama.cpp server"] = rounds_of(base, LlamaCppServer.MODEL, args, no_stop)
+        for engine in engines:
+            table[engine] = serve_student(args, directory, engine)
+            floors[engine] = 1e3 * prefill_floor(
+                directory, args.requests, threads, args.dtype, gguf if engine == "llama_cpp" else None
             )
-    s1, s16 = s["student"]
-    print(f"prefill of all {args.requests} prompts in one batch (the TTFT floor): {floor_ms:.0f} ms")
-    figures = {
-        "tok_s_c1": s1["tok_s"],
-        "tok_s_c16": s16["tok_s"],
-        "speedup_c16_vs_c1": s16["tok_s"] / s1["tok_s"],
-        "p50_ttft_ms_c1": s1["p50_ttft"],
-        "p99_ttft_ms": s16["p99_ttft"],
-        "p50_ttft_ms": s16["p50_ttft"],
-        "prefill_floor_ms": floor_ms,
-        "p99_ttft_over_floor": s16["p99_ttft"] / floor_ms,
-        "p50_itl_ms": s16["p50_itl"],
-    }
-    if peer:
-        p1, p16 = s["llama.cpp (teacher GGUF)"]
-        figures |= {
-            "llama_cpp_tok_s_c1": p1["tok_s"],
-            "llama_cpp_tok_s_c16": p16["tok_s"],
-            "ratio_c16_vs_llama_cpp": s16["tok_s"] / p16["tok_s"],
-            "ratio_c1_vs_llama_cpp": s1["tok_s"] / p1["tok_s"],
-            "llama_cpp_p99_ttft_ms": p16["p99_ttft"],
-        }
-    result(**figures)
+    print(
+        f"{describe()}; {args.student} student, {args.dtype}, GGUF {args.quant}, replica CPUs {args.cpus}, GPUs "
+        f"{args.gpus}, engine slots {args.batch}; {args.requests} requests x {args.max_tokens} tokens, "
+        f"{args.rounds} rounds"
+    )
+    result(quant=args.quant, **report(args, table, floors))
 
 
 if __name__ == "__main__":

@@ -308,6 +308,11 @@ class RegistryConfig(Section):
     model_name: str = Field("moeforge-student", min_length=1)
     gate_ratio: float = Field(1.0, ge=0)
     must_beat_champion: bool = True
+    # the registered student exported for other engines (`moeforge export`), logged beside the registration: only
+    # a student in DeepSeek-V3's standard layout (`convert.layout: standard`, or a scratch student) can be; f16 needs
+    # no llama.cpp (q8_0/q4_1 run its quantizer: the `moeforge[llamacpp]` extra)
+    exports: tuple[Literal["hf", "gguf"], ...] = ("hf", "gguf")
+    gguf_quant: Literal["f32", "f16", "q8_0", "q4_1"] = "f16"
 
 
 class AutoscalingConfig(Section):

@@ -540,4 +540,7 @@ def read_summary(path) -> EvaluationSummary:
 # ---------------------------------------------------------------------------------------------------- register, serve
 
 REGISTRATION = ArtifactSpec("registration", "files", description="registry name, version, alias and the gate's reason")
+EXPORTS = ArtifactSpec(
+    "exports", "files", description="the student for other engines: hf/ (transformers, vLLM) and gguf/ (llama.cpp)"
+)
 ENDPOINT = ArtifactSpec("endpoint", "files", description="URL of the OpenAI-compatible app and the version it serves")

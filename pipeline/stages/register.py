@@ -6,19 +6,26 @@ student pass@1 >= `gate_ratio` x teacher pass@1 (the same prompt), the student b
 every task, and, with `must_beat_champion`, >= the pass@1 recorded on the current champion; otherwise it gets alias
 `challenger`. The decision and its reason are tags of the version and of the run, and the output `registration`
 (registration.json) records name, version, alias and reason.
+
+The output `exports` holds the student exported for other engines (`registry.exports`: hf/, a transformers
+`deepseek_v3` directory, and gguf/, a llama.cpp file at `registry.gguf_quant`), and the version's tag
+`moeforge.exports` points at it. A student no engine can run (moeforge's exact layout) is registered all the same;
+exports.json then says why nothing was exported, and so does the tag.
 """
 
 from __future__ import annotations
 
+import shutil
+
 from pipeline.artifacts import write_json
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import REGISTRATION, read_summary
+from pipeline.stages.artifact_specs import EXPORTS, REGISTRATION, read_summary
 
 
 class Register(Stage):
     name = "register"
     inputs = ("student", "eval_report")
-    outputs = (REGISTRATION,)
+    outputs = (REGISTRATION, EXPORTS)
     config_sections = ("registry",)
     key_metrics = ("version",)
     description = "register the student; alias champion if it passes the gate, else challenger"
@@ -63,6 +70,10 @@ class Register(Stage):
                 "moeforge.gate_reason": reason,
             }
         )
+        exports = self.export(ctx)
+        ctx.client.set_model_version_tag(
+            name, version.version, "moeforge.exports", exports.get("skipped") or f"runs:/{ctx.run_id}/outputs/exports"
+        )
         ctx.log_metrics({"version": int(version.version), "champion": float(alias == "champion")})
         write_json(
             ctx.output_dir("registration") / "registration.json",
@@ -75,5 +86,25 @@ class Register(Stage):
                 "student_pass_at_1": student,
                 "teacher_pass_at_1": teacher,
                 "champion_pass_at_1": champion,
+                "exports": exports,
             },
         )
+
+    def export(self, ctx: StageContext) -> dict[str, str]:
+        """The student in every format of `registry.exports`, into the `exports` output; returns what was written
+        (format: its path inside the output) or why nothing was ({"skipped": reason})."""
+        from pipeline.export import ExportError, export
+
+        cfg, out = ctx.config.registry, ctx.output_dir("exports")
+        written: dict[str, str] = {}
+        try:
+            for fmt in cfg.exports:
+                path = export(ctx.input_path("student"), fmt, out / fmt, cfg.gguf_quant if fmt == "gguf" else "f32")
+                written[fmt] = str(path.relative_to(out))
+        except ExportError as e:
+            ctx.set_tags({"moeforge.warning": f"the student was registered but not exported: {e}"})
+            written = {"skipped": str(e)}
+            for fmt in cfg.exports:
+                shutil.rmtree(out / fmt, ignore_errors=True)
+        write_json(out / "exports.json", written)
+        return written

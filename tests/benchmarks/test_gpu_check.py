@@ -20,7 +20,7 @@ def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
     )
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-5000:]
-    for part in ("train", "moe", "mla", "generate", "serve"):
+    for part in ("train", "moe", "mla", "generate", "serve", "vllm"):
         assert any(line.startswith(f"PART {part} ok") for line in out.splitlines()), out
     assert any(line.startswith("SKIP ") and "need CUDA" in line for line in out.splitlines())
     last = out.strip().splitlines()[-1]
@@ -28,6 +28,9 @@ def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
     assert last.startswith("RESULT ") and float(figures["train_tok_s"]) > 0 and float(figures["serve_speedup"]) > 0
     assert float(figures["train_fsdp_tok_s"]) > 0 and figures["train_fsdp_ranks"] == "2"  # the sharded path, on CPU
     assert figures["train_device"] == "cpu" and figures["generate_vllm"] == "skipped-no-cuda"
+    # the HF export answers our greedy tokens in transformers; both CPU serving engines served
+    assert float(figures["hf_export_greedy_match"]) == 1.0 and figures["vllm"] == "skipped-no-cuda"
+    assert float(figures["serve_llama_cpp_tok_s_concurrent"]) > 0
 
 
 def test_without_cuda_the_full_run_refuses_and_says_how_to_dry_run():

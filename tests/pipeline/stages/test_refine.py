@@ -98,11 +98,13 @@ def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge
     assert gates and all(torch.equal(trained[k], after[k]) for k in gates)  # the router stayed frozen
     # evaluate judged it and register registered the version refine logged
     assert result["evaluate"].outputs and result["register"].outputs
-    version = client.get_model_version_by_alias(
-        "test-refined",
-        json.loads((path_of(result["register"].outputs["registration"]) / "registration.json").read_text())["alias"],
-    )
+    registration = json.loads((path_of(result["register"].outputs["registration"]) / "registration.json").read_text())
+    version = client.get_model_version_by_alias("test-refined", registration["alias"])
     assert version.run_id == run
+    # a student converted in the exact layout is registered, not exported: the reason names the knob
+    skipped = registration["exports"]["skipped"]
+    assert "convert.layout: standard" in skipped and version.tags["moeforge.exports"] == skipped
+    assert sorted(p.name for p in path_of(result["register"].outputs["exports"]).iterdir()) == ["exports.json"]
 
 
 @pytest.mark.slow

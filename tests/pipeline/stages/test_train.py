@@ -133,6 +133,11 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     version = client.get_model_version_by_alias("test-student", alias)
     assert version.run_id == train and version.tags["moeforge.alias"] == alias
     assert version.tags["moeforge.gate_reason"] == registration["reason"]
+    # the registered student exported for the engines (a scratch student is in DeepSeek-V3's standard layout)
+    assert registration["exports"] == {"hf": "hf", "gguf": "gguf/student-f16.gguf"}
+    exports = Path(result["register"].outputs["exports"].uri.removeprefix("file://"))
+    assert (exports / "hf" / "model.safetensors").is_file() and (exports / "gguf" / "student-f16.gguf").is_file()
+    assert version.tags["moeforge.exports"] == f"runs:/{result['register'].run_id}/outputs/exports"
     proc = subprocess.run(
         [sys.executable, "-c", LOAD, result.tracking_uri, f"models:/test-student@{alias}"],
         capture_output=True,
