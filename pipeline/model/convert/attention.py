@@ -121,14 +121,18 @@ def _norm_anchor(moment_DD: torch.Tensor, mean_D: torch.Tensor) -> torch.Tensor:
 ANCHOR_RATIOS = (0.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def _fit_latent_norm(down_CD: torch.Tensor, x_ND: torch.Tensor, eps: float) -> tuple[torch.Tensor, float]:
+def _fit_latent_norm(
+    down_CD: torch.Tensor, x_ND: torch.Tensor, eps: float, anchored: bool
+) -> tuple[torch.Tensor, float]:
     """The RMSNorm weight that makes the normed latent nearest the latent on the sample x (least squares per
-    channel), and the relative error left: (weight (C,), error)."""
+    channel), and the relative error left on the channels that feed keys and values (all but an anchor):
+    (weight (C,), error)."""
     c_NC = x_ND.double() @ down_CD.T
     inv_rms_N1 = (c_NC.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
     w_C = (c_NC.pow(2) * inv_rms_N1).sum(0) / (c_NC.pow(2) * inv_rms_N1.pow(2)).sum(0).clamp_min(1e-30)
-    error = float((c_NC * inv_rms_N1 * w_C - c_NC).pow(2).sum() / c_NC.pow(2).sum().clamp_min(1e-30))
-    return w_C, error
+    used_NC = c_NC[:, int(anchored) :]
+    miss_NC = (c_NC * inv_rms_N1 * w_C)[:, int(anchored) :] - used_NC
+    return w_C, float(miss_NC.pow(2).sum() / used_NC.pow(2).sum().clamp_min(1e-30))
 
 
 def _latent_with_norm(
@@ -154,7 +158,7 @@ def _latent_with_norm(
         if sample_ND is None:  # no sample: the latent's RMS under the second moment, in every channel
             weight = (torch.einsum("cd,de,ce->", down, M, down) / rank).sqrt().expand(rank)
             return down, up, weight, ratio
-        weight, error = _fit_latent_norm(down, sample_ND, eps)
+        weight, error = _fit_latent_norm(down, sample_ND, eps, anchored=ratio > 0)
         if error < best_error:
             best, best_error = (down, up, weight, ratio), error
     assert best is not None
