@@ -131,6 +131,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moeforge-engine-decode-"))
     engines: dict[str, object] = {}
     kv: dict[str, tuple[float, float]] = {}  # name: (allocated, architecture) bytes per token
+    flops = {"teacher": 2.0 * sum(p.numel() for p in teacher.parameters())}  # tied: the table is the head
     n_ctx = len(long) + args.new_tokens + 8
     engines["teacher"] = LlamaCppRunner(teacher_gguf(), 1, n_ctx, threads)
     shape = teacher.config
@@ -148,6 +149,8 @@ def main() -> None:
         engines[f"{point} llama.cpp"] = LlamaCppRunner(gguf, 1, n_ctx, threads)
         c = student.cfg
         kv[point] = (log.kv_bytes_per_token(), (c.kv_lora_rank + c.qk_rope_head_dim) * c.n_layers * 2)
+        # a decoded token's weight FLOPs: 2 per active weight it multiplies (the head, not the embedding lookup)
+        flops[point] = 2.0 * (student.num_params()["active"] - student.embed.weight.numel())
         engines[f"{point} moeforge"] = TorchRunner(student, 1, min(n_ctx, c.max_seq_len))
     speeds: dict[tuple[str, str], list[float]] = {}
     for runner in engines.values():  # warm-up
@@ -157,6 +160,9 @@ def main() -> None:
             for name, runner in engines.items():
                 speeds.setdefault((name, context), []).append(timed(runner, prompt, args.new_tokens)[1])
     figures = report(speeds, list(engines), args.points.split(","), kv)
+    for name, f in flops.items():
+        figures[f"{name}_mflops_per_token"] = f / 1e6
+        print(f"weight FLOPs per decoded token, {name}: {f / 1e6:.0f} M")
     result(quant=args.quant, threads=threads, **figures)
 
 
