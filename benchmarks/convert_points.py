@@ -1,17 +1,19 @@
 """What each conversion knob costs before any training: next-token KL to the teacher and perplexity on held-out
-teacher text, for SmolLM2-135M-Instruct converted at several compression points (ours only: the peer is the
-teacher itself, KL 0 at the lossless point).
+teacher text, for SmolLM2-135M-Instruct converted at several compression points, in moeforge's exact layout and
+in DeepSeek-V3's standard one (ours only: the peer is the teacher itself, KL 0 at the lossless point).
 
 The calibration and held-out text are the teacher's own samples from a finished `generate` stage (`--samples`, the
 folder of its Parquet parts: 48 calibrate, the rest are held out, as in the `convert` stage).
 
     .venv/bin/python benchmarks/convert_points.py --samples <workdir>/mlartifacts/<run>/artifacts/outputs/samples
+        [--only standard]
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import re
 import time
 
 import pyarrow.parquet as pq
@@ -48,6 +50,9 @@ POINTS = {
     # DeepSeek-V3's standard layout (one shared rope key by RoRoPE, the latent norm, normalised routing), which
     # engines run, beside the exact one at the same knobs
     "standard: full rank, every pair, every expert": dict(kv_lora_rank=385, layout="standard"),
+    "standard: tiny default, the norm weight alone (no anchor)": dict(
+        qk_rope_head_dim=32, kv_lora_rank=192, n_activated_experts=12, layout="standard", anchor=False
+    ),
     "standard: rope 16 pairs (tiny default)": dict(
         qk_rope_head_dim=32, kv_lora_rank=192, n_activated_experts=12, layout="standard"
     ),
@@ -60,6 +65,7 @@ POINTS = {
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", required=True)
+    parser.add_argument("--only", default="", help="run only the points whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(2)
     path = resolve_model_dir(DEFAULT_TEACHER, default_cache_dir())
@@ -71,11 +77,12 @@ def main() -> None:
     held = texts[48:]
     shape = TeacherShape.of(teacher.config)
     figures = {}
-    for name, knobs in POINTS.items():
+    for name, knobs in ((n, k) for n, k in POINTS.items() if args.only in n):
         t0 = time.perf_counter()
         knobs = dict(knobs)
-        layout = knobs.pop("layout", "exact")
-        student, _ = convert(teacher, ModelConfig.model_validate({**BASE, **knobs}), calib, layout=layout)
+        layout, anchor = knobs.pop("layout", "exact"), knobs.pop("anchor", True)
+        cfg = ModelConfig.model_validate({**BASE, **knobs})
+        student, _ = convert(teacher, cfg, calib, layout=layout, latent_anchor=anchor)
         f = fidelity(teacher, student, held)
         e = economics(student.cfg, student.num_params(), shape)
         print(
@@ -83,13 +90,7 @@ def main() -> None:
             f"{e['active_param_ratio']:5.1%}  cache {e['cache_ratio']:5.1%}  ({time.perf_counter() - t0:.0f} s)"
         )
         figures[name] = f.kl
-    result(
-        lossless_kl=f"{figures['lossless']:.4f}",
-        tiny_kl=f"{figures['rope 16 pairs (tiny default)']:.3f}",
-        per_head_rope_kl=f"{figures['per-KV-head rope keys, 8 pairs each, latent 96']:.3f}",
-        shared_rope_kl=f"{figures['shared rope key, 24 pairs, latent 96']:.3f}",
-        target_point_kl=f"{figures['rope 4 pairs, latent 72, 8 experts, 24 layers (small/base)']:.3f}",
-    )
+    result(**{re.sub(r"\W+", "_", name).strip("_")[:48] + "_kl": f"{kl:.4f}" for name, kl in figures.items()})
 
 
 if __name__ == "__main__":

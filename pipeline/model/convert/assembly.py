@@ -58,13 +58,15 @@ def convert(
     seed: int = 0,
     layout: Layout = "exact",
     router_logit_std: float = 0.1,
+    latent_anchor: bool = True,
 ):
     """The student of `teacher` (a transformers Llama/Qwen2 causal LM) under `cfg`'s compression knobs, in
     `layout` (see `shapes.Layout`).
 
     Without `calibration` every mapping falls back to weights alone (identity input moment, pairs by index,
     layers from the front, neurons in order, an unfitted router): enough for lossless settings, poor for lossy
-    ones. `router_logit_std`: the standard layout's router scale at conversion (see ffn.py). Returns (student,
+    ones. `router_logit_std`: the standard layout's router scale at conversion (see ffn.py); `latent_anchor`:
+    whether its latent may have a norm anchor (attention.py; off only to measure what it buys). Returns (student,
     report).
     """
     shape = TeacherShape.of(teacher.config)
@@ -106,6 +108,7 @@ def convert(
         moment_DD = stats.attn_moment_DD if stats is not None else None
         if standard:
             mean_D, sample_ND = (stats.attn_mean_D, stats.attn_in_ND) if stats is not None else (None, None)
+            mean_D = mean_D if latent_anchor else None
             share, anchor = convert_attention_standard(layer.self_attn, block.attn, shape, moment_DD, mean_D, sample_ND)
             energy.append(share)
             anchors.append(anchor)
