@@ -140,7 +140,10 @@ def _latent_with_norm(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The latent's down- and up-projections and its norm weight: (down (C, D), up (rows, C), weight (C,), ratio).
 
-    An anchor of `ratio` (see ANCHOR_RATIOS) is channel 0, with a zero up-projection column."""
+    An anchor of `ratio` (see ANCHOR_RATIOS) is channel 0, with a zero up-projection column and a zero norm weight:
+    it still sets every token's RMS, but its normed value is 0, so neither its column nor its weight ever gets a
+    gradient (a normed anchor, ~sqrt(C) x the rest, made the first optimizer step on its zero column blow the
+    student up: loss 2.9 -> 7.3 on SmolLM2)."""
     best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
     best_error = float("inf")
     ratios = ANCHOR_RATIOS if mean_D is not None and sample_ND is not None and rank > 1 else (0.0,)
@@ -159,6 +162,8 @@ def _latent_with_norm(
             weight = (torch.einsum("cd,de,ce->", down, M, down) / rank).sqrt().expand(rank)
             return down, up, weight, ratio
         weight, error = _fit_latent_norm(down, sample_ND, eps, anchored=ratio > 0)
+        if ratio > 0:  # the anchor only sets the RMS: normed to 0, it feeds nothing and gets no gradient
+            weight[0] = 0.0
         if error < best_error:
             best, best_error = (down, up, weight, ratio), error
     assert best is not None

@@ -252,11 +252,11 @@ def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logit
         torch.testing.assert_close(got[i, : len(r)], want[i, : len(r)], atol=2e-4, rtol=1e-4)
 
 
-def _latents(student, layer: int, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `layer`'s KV latent of inputs x before and after its RMSNorm."""
+def _keys_and_values(student, layer: int, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer`'s non-rotary keys and values of inputs x, from its KV latent before and after its RMSNorm."""
     attn = student.layers[layer].attn
     latent = attn.wkv_a(x_ND)[:, : attn.kv_rank]
-    return latent, attn.kv_norm(latent)
+    return attn.wkv_b(latent), attn.wkv_b(attn.kv_norm(latent))
 
 
 def test_the_standard_layout_is_deepseek_v3s_and_exact_for_one_kv_head_up_to_its_latent_norm():
@@ -286,8 +286,9 @@ def test_the_standard_layout_is_deepseek_v3s_and_exact_for_one_kv_head_up_to_its
 
 
 def test_the_anchor_channel_makes_the_latent_norm_give_back_the_latent():
-    """Per token, the RMSNorm'd latent is nearer the unnormed one with the anchor than without it (the norm's
-    weight alone, no mean statistics), where tokens whose latent is small are scaled up. The teacher's inputs
+    """Per token, the keys and values from the RMSNorm'd latent are nearer those from the unnormed one with the
+    anchor than without it (the norm's weight alone, no mean statistics), where tokens whose latent is small are
+    scaled up. The teacher's inputs
     share a large common component, as a real LLM's do (massive activations)."""
     teacher = llama()
     with torch.no_grad():
@@ -303,10 +304,18 @@ def test_the_anchor_channel_makes_the_latent_norm_give_back_the_latent():
         x_ND = teacher.model.layers[1].input_layernorm(hidden.hidden_states[1][0])
         errors = []
         for student in (anchored, plain):
-            latent, normed = _latents(student, 1, x_ND)
-            errors.append(float(((normed - latent).norm(dim=-1) / latent.norm(dim=-1)).max()))
-    print(errors)
+            unnormed, normed = _keys_and_values(student, 1, x_ND)
+            errors.append(float(((normed - unnormed).norm(dim=-1) / unnormed.norm(dim=-1)).max()))
     assert errors[0] < errors[1] / 2
+    # the anchor (channel 0) feeds nothing and learns nothing: normed to 0, its up-projection column and norm
+    # weight get no gradient, so training cannot turn it into a huge input to every key and value
+    attn = anchored.layers[1].attn
+    assert attn.kv_norm.weight[0] == 0 and not attn.wkv_b.weight[:, 0].any()
+    anchored.train()
+    ids = torch.tensor([sequences(4, seed=3)[0]])
+    anchored.loss(ids[:, :-1], ids[:, 1:]).total.backward()
+    assert attn.wkv_b.weight.grad[:, 0].abs().max() == 0 and attn.kv_norm.weight.grad[0] == 0
+    assert attn.wkv_b.weight.grad[:, 1:].abs().max() > 0
 
 
 def test_a_gqa_teacher_in_the_standard_layout_shares_its_principal_rope_key_and_weighs_each_chosen_expert_about_1():
