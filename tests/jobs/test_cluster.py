@@ -283,6 +283,7 @@ def test_ray_job_submit_runs_the_pipeline_over_both_nodes(finished):
         "student",
         "eval_report",
         "registration",
+        "exports",
         "endpoint",
     }
     check = subprocess.run(
