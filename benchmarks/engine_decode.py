@@ -128,7 +128,8 @@ def main() -> None:
     print(f"{threads} threads, {args.quant}, prompts of {len(short)} and {len(long)} tokens, {args.new_tokens} new")
     calibration = calibrate(teacher, [short, long[:512]], ffn_sample=256)
     log = KVLog()
-    work = Path(tempfile.mkdtemp(prefix="moeforge-engine-decode-"))
+    workdir = tempfile.TemporaryDirectory(prefix="moeforge-engine-decode-")  # GGUFs, removed at exit
+    work = Path(workdir.name)
     engines: dict[str, object] = {}
     kv: dict[str, tuple[float, float]] = {}  # name: (allocated, architecture) bytes per token
     flops = {"teacher": 2.0 * sum(p.numel() for p in teacher.parameters())}  # tied: the table is the head
@@ -163,6 +164,7 @@ def main() -> None:
     for name, f in flops.items():
         figures[f"{name}_mflops_per_token"] = f / 1e6
         print(f"weight FLOPs per decoded token, {name}: {f / 1e6:.0f} M")
+    workdir.cleanup()
     result(quant=args.quant, threads=threads, **figures)
 
 

@@ -283,6 +283,11 @@ def _vllm_load(source: Path, model_id: str, conversations: list[list[dict]], max
 
 
 def part_vllm(dry: bool) -> dict:
+    with tempfile.TemporaryDirectory(prefix="moeforge-gpu-check-") as tmp:  # the exports are GBs on a GPU run
+        return _vllm_check(Path(tmp), dry)
+
+
+def _vllm_check(work: Path, dry: bool) -> dict:
     import importlib.util
 
     import torch
@@ -293,7 +298,6 @@ def part_vllm(dry: bool) -> dict:
     from pipeline.model import Transformer
     from pipeline.model.generate import SamplingParams, generate
 
-    work = Path(tempfile.mkdtemp(prefix="moeforge-gpu-check-"))
     # on a GPU the default student converted from the teacher in the standard layout; the dry run checks the wiring
     # on the scratch toy student (standard by construction), which needs no conversion
     build_student(work / "student", "toy" if dry else "default")

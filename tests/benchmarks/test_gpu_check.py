@@ -3,6 +3,7 @@ uses (so a run on a GPU spends its minutes measuring, not fixing imports and wir
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
+def test_the_dry_run_passes_every_part_and_names_what_it_skipped(tmp_path):
+    # its own temp folder (Ray's sockets stay under /tmp/ray: a socket path has a length limit), to see what it leaves
+    env = {**os.environ, "TMPDIR": str(tmp_path), "RAY_TMPDIR": "/tmp/ray"}
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=840
-    )
+        [sys.executable, "benchmarks/gpu_check.py", "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=840, env=env,
+    )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, (out + proc.stderr)[-5000:]
     for part in ("train", "moe", "mla", "generate", "serve", "vllm"):
@@ -31,6 +35,9 @@ def test_the_dry_run_passes_every_part_and_names_what_it_skipped():
     # the HF export answers our greedy tokens in transformers; both CPU serving engines served
     assert float(figures["hf_export_greedy_match"]) == 1.0 and figures["vllm"] == "skipped-no-cuda"
     assert float(figures["serve_llama_cpp_tok_s_concurrent"]) > 0
+    # every part removes its work folders (students, exports: GBs on a GPU run); only caches such as torch's stay
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(("moeforge-", "tmp"))]
+    assert leftovers == [], leftovers
 
 
 def test_without_cuda_the_full_run_refuses_and_says_how_to_dry_run():
