@@ -230,10 +230,11 @@ class ConversionReport(Result):
     layout: Literal["exact", "standard"] | None = None  # convert.layout (None: a scratch student)
     layers: list[int] | None = None  # the teacher layer of each student layer
     rope_pairs: list[list[list[int]]] | None = None  # per student layer, per KV head: the kept channel pairs
-    # standard layout, per student layer: the kept frequencies' key energy its shared rope key holds, and the
-    # latent norm's anchor (its RMS over the rest of the latent's; 0: none)
+    # standard layout, per student layer: the kept frequencies' key energy its shared rope key holds, the latent
+    # norm's anchor (its RMS over the rest of the latent's; 0: none) and the latent's scale the up-projection holds
     rope_key_energy: list[float] | None = None
     latent_anchor: list[float] | None = None
+    latent_scale: list[float] | None = None
     block_importance: list[float] | None = None  # every teacher layer's block importance
     calibration_samples: int | None = None
     held_out_samples: int | None = None

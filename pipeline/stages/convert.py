@@ -116,6 +116,7 @@ class Convert(Stage):
             rope_pairs=report.rope_pairs,
             rope_key_energy=report.rope_key_energy,
             latent_anchor=report.latent_anchor,
+            latent_scale=report.latent_scale,
             block_importance=report.importance,
             calibration_samples=len(calibration),
             held_out_samples=len(held_out),

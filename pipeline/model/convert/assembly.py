@@ -47,6 +47,8 @@ class ConversionReport:
     rope_key_energy: list[float] | None = None
     # standard layout, per student layer: the latent's norm anchor, as its RMS over the rest's (0: none)
     latent_anchor: list[float] | None = None
+    # standard layout, per student layer: the latent norm's fitted weight's RMS, held by the up-projection instead
+    latent_scale: list[float] | None = None
 
 
 @torch.no_grad()
@@ -90,7 +92,7 @@ def convert(
     model.embed.weight.copy_(hf.embed_tokens.weight)
     model.head.weight.copy_(teacher.lm_head.weight)
     model.norm.weight.copy_(hf.norm.weight)
-    kept_pairs, energy, anchors = [], [], []
+    kept_pairs, energy, anchors, scales = [], [], [], []
     for j, i in enumerate(chosen):
         layer, block = hf.layers[i], model.layers[j]
         assert isinstance(block, Block)
@@ -109,9 +111,12 @@ def convert(
         if standard:
             mean_D, sample_ND = (stats.attn_mean_D, stats.attn_in_ND) if stats is not None else (None, None)
             mean_D = mean_D if latent_anchor else None
-            share, anchor = convert_attention_standard(layer.self_attn, block.attn, shape, moment_DD, mean_D, sample_ND)
+            share, anchor, scale = convert_attention_standard(
+                layer.self_attn, block.attn, shape, moment_DD, mean_D, sample_ND
+            )
             energy.append(share)
             anchors.append(anchor)
+            scales.append(scale)
         else:
             convert_attention(layer.self_attn, block.attn, shape, pairs_Gp, inv_freq_P, moment_DD)
         if isinstance(block.ffn, MLP):  # the first n_dense_layers
@@ -137,4 +142,5 @@ def convert(
         layout,
         energy if standard else None,
         anchors if standard else None,
+        scales if standard else None,
     )

@@ -178,9 +178,10 @@ def convert_attention_standard(
     moment_DD: torch.Tensor | None,
     mean_D: torch.Tensor | None = None,
     sample_ND: torch.Tensor | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """One GQA attention layer into `mla` in DeepSeek-V3's layout; returns the share of the kept frequencies' key
-    energy the shared rope key holds (1.0: lossless, as for a single KV head) and the latent's anchor ratio.
+    energy the shared rope key holds (1.0: lossless, as for a single KV head), the latent's anchor ratio and the
+    scale moved from the latent norm's weight into the up-projection (below).
 
     Rope: per query head h (KV head g), channel pair i of the teacher splits as q_i·k_gi = u_ig (q_i·k'_i) + q_i·r_gi,
     where k'_i = sum_g u_ig k_gi is the shared rope key (u_i the top principal direction of the heads' components
@@ -196,8 +197,9 @@ def convert_attention_standard(
     weight (fitted on the calibration sample `sample_ND`, least squares per channel) undoes it. The anchor's size,
     none included, is the one whose normed latent is nearest the latent on that sample. (On SmolLM2, whose
     attention inputs share a large common component, the weight alone left the converted student an order of
-    magnitude further from the teacher in KL than with the anchor.) Without a sample: no anchor, the weight is the
-    latent's RMS.
+    magnitude further from the teacher in KL than with the anchor.) Without a sample: no anchor, a uniform weight.
+    Either way the weight's common scale is then moved into the up-projection (the weight has RMS 1), which keeps
+    the function and keeps AdamW's steps on the up-projection small relative to it.
 
     Biases are dropped (the standard layout has none): a key bias on non-rotary channels adds a constant per query
     and changes nothing; the query, value and rotary key biases do.
@@ -234,10 +236,17 @@ def convert_attention_standard(
     down, basis, norm_weight, ratio = _latent_with_norm(
         w_kv, M, C, mean_D, sample_ND, float(getattr(mla.kv_norm, "eps", 1e-6))
     )
+    # the norm weight as fitted is the latent's typical RMS (~33 in SmolLM2's layers), with the up-projection
+    # correspondingly small: AdamW moves every entry by ~lr whatever its size, so that up-projection changed ~30x
+    # faster, relative to itself, than the rest of the student, and training diverged within 3 steps (loss 1.1 ->
+    # 5.6). The same function with the weight's common scale moved into the up-projection (RMS 1 over the channels
+    # that feed keys and values, as a fresh DeepSeek-V3 norm starts) trains as steadily as the exact layout.
+    scale = norm_weight[int(ratio > 0) :].pow(2).mean().sqrt().clamp_min(1e-12)
+    norm_weight, basis = norm_weight / scale, basis * scale
     rope_rows = torch.stack([shared_re_nD, shared_im_nD], dim=1).reshape(2 * n, D)  # interleaved (re, im) pairs
     mla.wkv_a.weight.copy_(torch.cat([down, rope_rows]))
     mla.wkv_b.weight.copy_(basis.view(G, 2 * hd, C).repeat_interleave(group, dim=0).reshape(-1, C))
     mla.wo.weight.copy_(hf_attn.o_proj.weight)
     assert isinstance(mla.kv_norm, nn.Module) and isinstance(mla.kv_norm.weight, torch.Tensor)
     mla.kv_norm.weight.copy_(norm_weight)
-    return kept_share, ratio
+    return kept_share, ratio, float(scale)

@@ -252,17 +252,18 @@ def test_the_uncompressed_conversion_of_the_real_default_teacher_gives_its_logit
         torch.testing.assert_close(got[i, : len(r)], want[i, : len(r)], atol=2e-4, rtol=1e-4)
 
 
-def _keys_and_values(student, layer: int, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `layer`'s non-rotary keys and values of inputs x, from its KV latent before and after its RMSNorm."""
+def _keys_and_values(student, report, layer: int, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `layer`'s non-rotary keys and values of inputs x, from its KV latent before and after its RMSNorm (the
+    up-projection holds the latent norm's scale: the unnormed latent is divided by it)."""
     attn = student.layers[layer].attn
     latent = attn.wkv_a(x_ND)[:, : attn.kv_rank]
-    return attn.wkv_b(latent), attn.wkv_b(attn.kv_norm(latent))
+    return attn.wkv_b(latent / report.latent_scale[layer]), attn.wkv_b(attn.kv_norm(latent))
 
 
 def test_the_standard_layout_is_deepseek_v3s_and_exact_for_one_kv_head_up_to_its_latent_norm():
     """One KV head (MQA): the shared rope key is that head's, so RoRoPE loses nothing; only the latent RMSNorm,
-    which the teacher never had, differs. With it swapped for the identity the logits are the teacher's; with it,
-    the divergence stays small."""
+    which the teacher never had, differs. With it swapped for a division by the latent's scale (which the conversion
+    moved into the up-projection) the logits are the teacher's; with it, the divergence stays small."""
     teacher = llama(num_key_value_heads=1)
     calib = calibrate(teacher, sequences(24))
     held_out = sequences(8, seed=99)
@@ -280,9 +281,22 @@ def test_the_standard_layout_is_deepseek_v3s_and_exact_for_one_kv_head_up_to_its
     for block in student.layers:  # the standard frequencies are the teacher's leading ones
         torch.testing.assert_close(block.attn.inv_freq[0], teacher.model.rotary_emb.inv_freq.float())
     assert 0 < fidelity(teacher, student, held_out).kl < 0.02
-    for block in student.layers:
-        block.attn.kv_norm = torch.nn.Identity()
+    # the latent's scale is in the up-projection, the norm's weight has RMS 1 (AdamW moves both at one pace)
+    for block, anchor in zip(student.layers, report.latent_anchor, strict=True):
+        learned = block.attn.kv_norm.weight.detach()[int(anchor > 0) :]  # all but an anchor
+        assert float(learned.pow(2).mean().sqrt()) == pytest.approx(1.0, abs=1e-5)
+    for block, scale in zip(student.layers, report.latent_scale, strict=True):
+        block.attn.kv_norm = Scale(1 / scale)
     assert fidelity(teacher, student, held_out).kl < 1e-6
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
 
 
 def test_the_anchor_channel_makes_the_latent_norm_give_back_the_latent():
@@ -295,16 +309,16 @@ def test_the_anchor_channel_makes_the_latent_norm_give_back_the_latent():
         teacher.model.embed_tokens.weight[:, :4] += 1.5
     calib = calibrate(teacher, sequences(24))
     cfg = lossless(n_dense_layers=LAYERS, kv_lora_rank=24)
-    anchored, _ = convert(teacher, cfg, calib, layout="standard")
+    anchored, anchored_report = convert(teacher, cfg, calib, layout="standard")
     for stats in calib.layers:
         stats.attn_mean_D = None
-    plain, _ = convert(teacher, cfg, calib, layout="standard")
+    plain, plain_report = convert(teacher, cfg, calib, layout="standard")
     with torch.no_grad():
         hidden = teacher.model(input_ids=torch.tensor([sequences(8, seed=5)[0]]), output_hidden_states=True)
         x_ND = teacher.model.layers[1].input_layernorm(hidden.hidden_states[1][0])
         errors = []
-        for student in (anchored, plain):
-            unnormed, normed = _keys_and_values(student, 1, x_ND)
+        for student, report in ((anchored, anchored_report), (plain, plain_report)):
+            unnormed, normed = _keys_and_values(student, report, 1, x_ND)
             errors.append(float(((normed - unnormed).norm(dim=-1) / unnormed.norm(dim=-1)).max()))
     assert errors[0] < errors[1] / 2
     # the anchor (channel 0) feeds nothing and learns nothing: normed to 0, its up-projection column and norm
