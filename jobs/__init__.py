@@ -3,7 +3,8 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config cluster [--set key=value ...]
     ray job submit --working-dir . -- python -m jobs.train --config cluster
 
-`jobs.pipeline` is the whole DAG; `jobs.<stage>` runs one stage alone, taking its inputs from the cached runs of
+`jobs.pipeline` (pipeline.py) is the whole DAG; `jobs.<stage>` (generate.py, distill.py, convert.py, train.py,
+refine.py, evaluate.py, register.py, serve.py) runs one stage alone, taking its inputs from the cached runs of
 the stages before it (same config, same code), as `moeforge run --only <stage>` does. Each reads $RAY_ADDRESS
 (set by Ray for submitted jobs) and $MLFLOW_TRACKING_URI from the environment.
 """

@@ -1,8 +1,10 @@
 """The product's stages, in pipeline order: generate → distill → convert → train → refine → evaluate → register
 (→ serve).
 
-Each stage lives in its own module here and is listed in STAGES once it is built; a stage that is not built yet
-is simply absent, and the DAG is whatever is listed.
+Each stage lives in its own module here (generate.py, distill.py, convert.py, train.py, refine.py, evaluate.py,
+register.py, serve.py) and is listed in STAGES; the DAG is whatever is listed. Their contract, every artifact that
+flows between them with its type, is artifact_specs.py; shards.py holds per-partition Parquet shards, the unit of
+retry and resume of the stages that fan out.
 """
 
 from __future__ import annotations

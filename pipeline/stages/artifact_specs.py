@@ -2,8 +2,10 @@
 small readers of what is stored beside the Parquet files. Every stage imports its inputs' and outputs' specs from
 here, never from another stage.
 
-    generate ─ samples, eval_prompts ─> distill ─ soft_targets ─> train ─ student ─> evaluate ─ eval_report ─>
-    register ─ registration ─> serve ─ endpoint;  samples ─> convert ─ initial_student ─> train
+    generate ─ samples ─> distill ─ soft_targets ─> train ─ trained_student ─> refine ─ student ─> evaluate
+    generate ─ samples ─> convert ─ initial_student ─> train, evaluate
+    generate ─ eval_prompts ─> evaluate ─ eval_report ─> register ─ registration, exports
+    register ─ registration ─> serve ─ endpoint      (refine passes the trained student on when it is off)
 
 The results stored beside a checkpoint or a report are typed too: `ConversionReport` (conversion.json of
 `initial_student`) and `EvaluationSummary` (summary.json of `eval_report`). They are written and read only through

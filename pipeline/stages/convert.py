@@ -6,9 +6,9 @@ by `pipeline.model.convert`, calibrated on the teacher's own text: its samples o
 and held-out sets; before any training the student's next-token KL to the teacher and both perplexities on the
 held-out text are metrics of the run, beside the parameter and KV-cache economics. With `convert.recovery_steps`
 above 0 the converted student is then KL-distilled towards the teacher on the non-held-out text
-(`pipeline/train/recovery.py`): the metrics are the recovered student's, `kl_to_teacher_converted` the conversion's
-alone. With `model.init: scratch` the output is a randomly initialised student of the configured size, so `train`
-always starts from this artifact.
+(`pipeline/model/convert/recovery.py`): the metrics are the recovered student's, `kl_to_teacher_converted` the
+conversion's alone. With `model.init: scratch` the output is a randomly initialised student of the configured
+size, so `train` always starts from this artifact.
 
 Output `initial_student`: safetensors + config.json + the tokenizer, and conversion.json.
 """

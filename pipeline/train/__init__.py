@@ -2,5 +2,8 @@
 rows into windows (packing.py), streamed through a bounded shuffle buffer (stream.py), the KD losses (losses.py)
 and the whole objective (objective.py), the checkpointable train state with its optimizer, schedule and data
 position (state.py), one data-parallel replica with its step metrics (replica.py), the checkpoint format
-(checkpoint.py), model FLOPs and MFU (mfu.py), and the MoE expert-load metrics (expert_metrics.py).
-`actors/trainer.py` runs a `Replica` in every Ray Train worker."""
+(checkpoint.py), model FLOPs and MFU (mfu.py), and the MoE expert-load metrics (expert_metrics.py); each rank's
+rows of the Parquet shards (parquet_rows.py), the held-out share for validation (split.py), and FSDP2 sharding
+(fsdp.py). `refine`'s learner: its losses on the student's own samples (policy_losses.py) and one rank's update
+(policy_learner.py). `actors/trainer.py` runs a `Replica` in every Ray Train worker, `actors/learner.py` a
+`PolicyLearner`."""
