@@ -27,11 +27,11 @@ Shape suffixes follow the legend in `pipeline/model/__init__.py`.
 
 from __future__ import annotations
 
-from pipeline.model.convert.assembly import ConversionReport, choose_layers, convert
+from pipeline.model.convert.assembly import ConversionChoices, choose_layers, convert
 from pipeline.model.convert.attention import convert_attention, convert_attention_standard, rope_pairs
 from pipeline.model.convert.calibration import Calibration, LayerStats, calibrate, pad_batch
 from pipeline.model.convert.ffn import balanced_kmeans, convert_ffn
-from pipeline.model.convert.measurement import Fidelity, economics, fidelity, next_token_kl
+from pipeline.model.convert.measurement import HeldOutFidelity, economics, fidelity, next_token_kl
 from pipeline.model.convert.recovery import RecoveryReport, kl_to_teacher, recover
 from pipeline.model.convert.shapes import (
     SUPPORTED,
@@ -46,9 +46,9 @@ __all__ = [
     "SUPPORTED",
     "TEACHER_FIELDS",
     "Calibration",
+    "ConversionChoices",
     "ConversionError",
-    "ConversionReport",
-    "Fidelity",
+    "HeldOutFidelity",
     "LayerStats",
     "Layout",
     "RecoveryReport",

@@ -36,7 +36,10 @@ def choose_layers(importance: Sequence[float], n_layers: int, keep: Sequence[int
 
 
 @dataclass
-class ConversionReport:
+class ConversionChoices:
+    """What `convert` chose and found, per student layer (the stage stores it, with its measurements, as the typed
+    `ConversionReport` of conversion.json)."""
+
     layers: list[int]  # teacher layer of each student layer
     rope_pairs: list[list[list[int]]]  # per student layer, per KV head: the kept channel pairs
     importance: list[float]  # every teacher layer's BI
@@ -133,7 +136,7 @@ def convert(
                 seed=seed + j,
                 logit_std=router_logit_std if standard else 1.0,
             )
-    return model, ConversionReport(
+    return model, ConversionChoices(
         chosen,
         kept_pairs,
         importance,

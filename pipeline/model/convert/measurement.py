@@ -29,7 +29,9 @@ def next_token_kl(
 
 
 @dataclass
-class Fidelity:
+class HeldOutFidelity:
+    """`fidelity`'s measurement (the stage stores it as the typed `Fidelity` of conversion.json and metrics)."""
+
     kl: float  # mean next-token KL(teacher || student) in nats, over the held-out tokens
     student_ppl: float
     teacher_ppl: float
@@ -37,7 +39,7 @@ class Fidelity:
 
 
 @torch.no_grad()
-def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: int = 8) -> Fidelity:
+def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: int = 8) -> HeldOutFidelity:
     """How far the student's next-token distribution is from the teacher's on held-out teacher text."""
     kl_sum = s_nll = t_nll = 0.0
     n = 0
@@ -56,7 +58,7 @@ def fidelity(teacher, student, sequences: Iterable[Sequence[int]], batch_size: i
         s_nll -= float(s_logp_BSV[:, :-1].gather(-1, target_BS1).squeeze(-1)[valid_BS].sum())
         t_nll -= float(t_logp_BSV[:, :-1].gather(-1, target_BS1).squeeze(-1)[valid_BS].sum())
         n += valid
-    return Fidelity(kl_sum / n, math.exp(s_nll / n), math.exp(t_nll / n), n)
+    return HeldOutFidelity(kl_sum / n, math.exp(s_nll / n), math.exp(t_nll / n), n)
 
 
 def economics(student_cfg: ModelConfig, student_params: dict[str, int], teacher: TeacherShape) -> dict[str, float]:
