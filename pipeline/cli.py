@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, MoeforgeConfig, load_config
 from pipeline.redaction import redact_uri
+
+if TYPE_CHECKING:
+    from pipeline.stages.artifact_specs import Exports, R, RefineReport
 
 app = typer.Typer(
     add_completion=False,
@@ -133,10 +136,12 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
         f"{len(result.stages)} stages, {hits} cached; tracking {redact_uri(result.tracking_uri)}"
     )
     if any(s.name == "serve" for s in result.stages):
-        endpoint = _read_output(result, cfg, "endpoint", "endpoint.json")
-        console.print(f"serving {endpoint['pinned_uri']} at {endpoint['openai_base_url']}")
+        from pipeline.stages.artifact_specs import Endpoint
+
+        endpoint = _read_output(result, cfg, "endpoint", Endpoint)
+        console.print(f"serving {endpoint.pinned_uri} at {endpoint.openai_base_url}")
         if cfg.serve.keep_running:
-            _serve_until_interrupted(endpoint["url"], endpoint["pinned_uri"], detach=False)
+            _serve_until_interrupted(endpoint.url, endpoint.pinned_uri, detach=False)
         else:
             console.print("the app stops with this driver on a local cluster (serve.keep_running=true keeps it up)")
     return result
@@ -150,8 +155,10 @@ def _next_steps(result, cfg: MoeforgeConfig, config: str, sets: list[str]) -> No
     produced = {name for s in result.stages for name in s.outputs}
     if "registration" not in produced or "endpoint" in produced:
         return
-    reg = _read_output(result, cfg, "registration", "registration.json")
-    model = f"models:/{reg['name']}/{reg['version']}"
+    from pipeline.stages.artifact_specs import Registration
+
+    reg = _read_output(result, cfg, "registration", Registration)
+    model = f"models:/{reg.name}/{reg.version}"
     from pipeline.redaction import redact
 
     shown = [f"{k}={redact(v, k.strip())}" for k, _, v in (s.partition("=") for s in sets)]  # no secret echoed
@@ -164,42 +171,60 @@ def _next_steps(result, cfg: MoeforgeConfig, config: str, sets: list[str]) -> No
     )
 
 
-def _read_output(result, cfg, artifact: str, filename: str) -> dict:
-    """A JSON file of an artifact the run produced (or took from the cache)."""
-    import json
-
+def _output_path(result, cfg, artifact: str) -> Path:
+    """The local folder of an artifact the run produced (or took from the cache)."""
     from pipeline.artifacts import fetch
 
     ref = next(ref for s in result.stages for name, ref in s.outputs.items() if name == artifact)
-    return json.loads((fetch(ref, result.tracking_uri, cfg.tracking.workdir) / filename).read_text())
+    return fetch(ref, result.tracking_uri, cfg.tracking.workdir)
+
+
+def _read_output(result, cfg, artifact: str, kind: type[R]) -> R:
+    """The typed result stored in an artifact the run produced (or took from the cache)."""
+    from pipeline.stages.artifact_specs import read_result
+
+    return read_result(_output_path(result, cfg, artifact), kind)
 
 
 def _print_outcome(result, cfg) -> None:
     """The evaluation (teacher vs student pass@1 per task) and the registry decision, when the run reached them."""
-    from pipeline.artifacts import fetch
-    from pipeline.stages.artifact_specs import read_summary
+    from pipeline.stages.artifact_specs import RefineReport, Registration, read_summary
 
-    produced = {name: ref for s in result.stages for name, ref in s.outputs.items()}
+    produced = {name for s in result.stages for name in s.outputs}
     if any(s.name == "refine" for s in result.stages):
-        _print_refine(_read_output(result, cfg, "student", "refine.json"))
+        _print_refine(_read_output(result, cfg, "student", RefineReport))
     if "eval_report" in produced:
-        _print_evaluation(read_summary(fetch(produced["eval_report"], result.tracking_uri, cfg.tracking.workdir)))
+        _print_evaluation(read_summary(_output_path(result, cfg, "eval_report")))
     if "registration" in produced:
-        reg = _read_output(result, cfg, "registration", "registration.json")
+        reg = _read_output(result, cfg, "registration", Registration)
         console.print(
-            f"registered [bold]{reg['name']}[/bold] version {reg['version']} as [bold]{reg['alias']}"
-            f"[/bold]: {reg['reason']} ({reg['model_uri']})"
+            f"registered [bold]{reg.name}[/bold] version {reg.version} as [bold]{reg.alias}"
+            f"[/bold]: {reg.reason} ({reg.model_uri})"
         )
+        _print_exports(reg.exports, _output_path(result, cfg, "exports"))
 
 
-def _print_refine(report: dict) -> None:
-    """What refine did and cost, before the evaluation that judges the refined student."""
-    rewards, kls = report["reward_by_iteration"], report["reverse_kl_by_iteration"]
+def _print_exports(exports: Exports, folder: Path) -> None:
+    """Where the registered student's exports are, for the engines users run (or why there are none)."""
+    if exports.skipped:
+        console.print(f"not exported for other engines: {exports.skipped}", soft_wrap=True)
+        return
+    engines = {"hf": "transformers, vLLM", "gguf": "llama.cpp, Ollama"}
+    written = [(fmt, path) for fmt, path in (("hf", exports.hf), ("gguf", exports.gguf)) if path]
     console.print(
-        f"refine ({report['objective']}, router {report['router']}): {report['iterations']} iterations of "
-        f"{report['samples_per_iteration']} samples; reward {' → '.join(f'{r:.2f}' for r in rewards)}, reverse KL "
-        f"to the teacher {' → '.join(f'{k:.3f}' for k in kls)}; cost {report['rollout_tokens']} rollout tokens, "
-        f"{report['teacher_scored_tokens']} teacher-scored tokens, {report['minutes']:.1f} min"
+        "exported for other engines: " + "; ".join(f"{folder / path} ({engines[fmt]})" for fmt, path in written),
+        soft_wrap=True,
+    )
+
+
+def _print_refine(report: RefineReport) -> None:
+    """What refine did and cost, before the evaluation that judges the refined student."""
+    rewards, kls = report.reward_by_iteration, report.reverse_kl_by_iteration
+    console.print(
+        f"refine ({report.objective}, router {report.router}): {report.iterations} iterations of "
+        f"{report.samples_per_iteration} samples; reward {' → '.join(f'{r:.2f}' for r in rewards)}, reverse KL "
+        f"to the teacher {' → '.join(f'{k:.3f}' for k in kls)}; cost {report.rollout_tokens} rollout tokens, "
+        f"{report.teacher_scored_tokens} teacher-scored tokens, {report.minutes:.1f} min"
     )
 
 

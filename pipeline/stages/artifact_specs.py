@@ -8,7 +8,8 @@ here, never from another stage.
     register ─ registration ─> serve ─ endpoint      (refine passes the trained student on when it is off)
 
 The results stored beside a checkpoint or a report are typed too: `ConversionReport` (conversion.json of
-`initial_student`) and `EvaluationSummary` (summary.json of `eval_report`). They are written and read only through
+`initial_student`), `RefineReport` (refine.json of `student`), `EvaluationSummary` (summary.json of `eval_report`),
+`Registration`, `Exports` and `Endpoint` (register's and serve's JSON files). They are written and read only through
 their types, and so are the MLflow metrics they are logged as (`to_metrics` / `from_metrics`): their JSON keys and
 metric names live in this module alone.
 """
@@ -19,7 +20,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,9 @@ class Result(BaseModel):
     names it, never a silently wrong number."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+R = TypeVar("R", bound=Result)
 
 
 class MetricGroup(Result):
@@ -547,3 +551,57 @@ EXPORTS = ArtifactSpec(
     "exports", "files", description="the student for other engines: hf/ (transformers, vLLM) and gguf/ (llama.cpp)"
 )
 ENDPOINT = ArtifactSpec("endpoint", "files", description="URL of the OpenAI-compatible app and the version it serves")
+REGISTRATION_FILE, EXPORTS_FILE, ENDPOINT_FILE = "registration.json", "exports.json", "endpoint.json"
+
+
+class Exports(Result):
+    """`exports.json`: each exported format's path inside the `exports` output, or why nothing was exported."""
+
+    hf: str | None = None  # a transformers model directory (vLLM and SGLang read it too)
+    gguf: str | None = None  # llama.cpp's file
+    skipped: str | None = None  # the reason no engine can run the student, naming the setting to change
+
+
+class Registration(Result):
+    """`registration.json`: the version register made and the gate's decision."""
+
+    name: str
+    version: int
+    alias: Literal["champion", "challenger"]
+    reason: str
+    model_uri: str  # models:/<name>@<alias>
+    student_pass_at_1: float
+    teacher_pass_at_1: float
+    champion_pass_at_1: float | None = None  # the champion's, if there was one to compare with
+    exports: Exports
+
+
+class Endpoint(Result):
+    """`endpoint.json`: where the serve stage's app answers and exactly which version it serves."""
+
+    url: str
+    openai_base_url: str
+    model: str
+    model_uri: str  # as configured, e.g. models:/<name>@champion
+    pinned_uri: str  # the version it resolved to
+    version: str | None = None  # None: a model served by path, not from the registry
+    alias: str | None = None
+
+
+def write_result(path, result: RefineReport | Exports | Registration | Endpoint) -> None:
+    """A refine, register or serve result into its output folder `path`, under its file name."""
+    write_json(Path(path) / _RESULT_FILES[type(result)], result.model_dump(exclude_none=True))
+
+
+def read_result(path, kind: type[R]) -> R:
+    """The result of type `kind` from the output folder `path`: validated, so a missing or mistyped field is an
+    error that names it."""
+    return kind.model_validate_json((Path(path) / _RESULT_FILES[kind]).read_text())
+
+
+_RESULT_FILES: dict[type, str] = {
+    RefineReport: REFINE_FILE,
+    Exports: EXPORTS_FILE,
+    Registration: REGISTRATION_FILE,
+    Endpoint: ENDPOINT_FILE,
+}

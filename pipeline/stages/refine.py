@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.data.sources import Prompt
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import REFINE_FILE, STUDENT, RefineIteration, RefineReport
+from pipeline.stages.artifact_specs import STUDENT, RefineIteration, RefineReport, write_result
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Refine(Stage):
         out = ctx.output_dir("student")
         model.save_pretrained(out, tokenizer)
         report = summarize(r, [kept.metrics(i) for i in kept.done()])
-        (out / REFINE_FILE).write_text(report.model_dump_json(indent=2))
+        write_result(out, report)
         ctx.log_metrics({"iterations": report.iterations, "minutes": report.minutes})
         info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
         ctx.set_tags({"moeforge.model_uri": info.model_uri})

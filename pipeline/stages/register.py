@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import shutil
 
-from pipeline.artifacts import write_json
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import EXPORTS, REGISTRATION, read_summary
+from pipeline.stages.artifact_specs import EXPORTS, REGISTRATION, Exports, Registration, read_summary, write_result
 
 
 class Register(Stage):
@@ -72,27 +71,25 @@ class Register(Stage):
         )
         exports = self.export(ctx)
         ctx.client.set_model_version_tag(
-            name, version.version, "moeforge.exports", exports.get("skipped") or f"runs:/{ctx.run_id}/outputs/exports"
+            name, version.version, "moeforge.exports", exports.skipped or f"runs:/{ctx.run_id}/outputs/exports"
         )
         ctx.log_metrics({"version": int(version.version), "champion": float(alias == "champion")})
-        write_json(
-            ctx.output_dir("registration") / "registration.json",
-            {
-                "name": name,
-                "version": int(version.version),
-                "alias": alias,
-                "reason": reason,
-                "model_uri": f"models:/{name}@{alias}",
-                "student_pass_at_1": student,
-                "teacher_pass_at_1": teacher,
-                "champion_pass_at_1": champion,
-                "exports": exports,
-            },
+        registration = Registration(
+            name=name,
+            version=int(version.version),
+            alias=alias,
+            reason=reason,
+            model_uri=f"models:/{name}@{alias}",
+            student_pass_at_1=student,
+            teacher_pass_at_1=teacher,
+            champion_pass_at_1=champion,
+            exports=exports,
         )
+        write_result(ctx.output_dir("registration"), registration)
 
-    def export(self, ctx: StageContext) -> dict[str, str]:
+    def export(self, ctx: StageContext) -> Exports:
         """The student in every format of `registry.exports`, into the `exports` output; returns what was written
-        (format: its path inside the output) or why nothing was ({"skipped": reason})."""
+        (each format's path inside the output) or why nothing was."""
         from pipeline.export import ExportError, export
 
         cfg, out = ctx.config.registry, ctx.output_dir("exports")
@@ -106,5 +103,6 @@ class Register(Stage):
             written = {"skipped": str(e)}
             for fmt in cfg.exports:
                 shutil.rmtree(out / fmt, ignore_errors=True)
-        write_json(out / "exports.json", written)
-        return written
+        exports = Exports.model_validate(written)
+        write_result(out, exports)
+        return exports

@@ -10,12 +10,9 @@ serves. On a local cluster the app lives as long as the driver: `moeforge run` k
 
 from __future__ import annotations
 
-import json
-
-from pipeline.artifacts import write_json
 from pipeline.config import MoeforgeConfig
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import ENDPOINT
+from pipeline.stages.artifact_specs import ENDPOINT, Endpoint, Registration, read_result, write_result
 
 
 class Serve(Stage):
@@ -35,29 +32,29 @@ class Serve(Stage):
         from pipeline.serving.source import ModelSourceError, resolve
 
         settings = ctx.config.serve
-        registration = json.loads((ctx.input_path("registration") / "registration.json").read_text())
+        registration = read_result(ctx.input_path("registration"), Registration)
         model = default_model_uri(settings, ctx.config.registry)
         try:
             source = resolve(model, ctx.call.tracking_uri)
         except ModelSourceError as e:
-            if settings.model_uri is None and registration["alias"] != "champion":
+            if settings.model_uri is None and registration.alias != "champion":
                 raise ModelSourceError(
-                    f"nothing to serve: {e}; this run's version {registration['version']} became "
-                    f"{registration['alias']} ({registration['reason']}). Serve it explicitly with "
-                    f"serve.model_uri={registration['model_uri']}"
+                    f"nothing to serve: {e}; this run's version {registration.version} became "
+                    f"{registration.alias} ({registration.reason}). Serve it explicitly with "
+                    f"serve.model_uri={registration.model_uri}"
                 ) from None
             raise
         url = start(settings, model, ctx.call.tracking_uri)
-        endpoint = {
-            "url": url,
-            "openai_base_url": f"{url}/v1",
-            "model": source.name,
-            "model_uri": model,
-            "pinned_uri": source.pinned_uri,
-            "version": source.version,
-            "alias": source.alias,
-        }
-        write_json(ctx.output_dir("endpoint") / "endpoint.json", endpoint)
+        endpoint = Endpoint(
+            url=url,
+            openai_base_url=f"{url}/v1",
+            model=source.name,
+            model_uri=model,
+            pinned_uri=source.pinned_uri,
+            version=source.version,
+            alias=source.alias,
+        )
+        write_result(ctx.output_dir("endpoint"), endpoint)
         ctx.set_tags({"moeforge.serve_url": url, "moeforge.served_model": source.pinned_uri})
         if source.version:
             ctx.log_metrics({"version": int(source.version)})

@@ -1,5 +1,6 @@
-"""The typed stage results: conversion.json and summary.json as the stages have written them, read and written back
-unchanged, and flattened to the MLflow metric names that dashboards and benchmarks read."""
+"""The typed stage results: conversion.json, summary.json and register's and serve's files as the stages write
+them, read and written back unchanged, and flattened to the MLflow metric names that dashboards and benchmarks
+read."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from pipeline.stages.artifact_specs import (
     FLOOR_ANSWERS_TAG,
     ConversionReport,
     DecodeSpeed,
+    Endpoint,
     EvaluationSummary,
+    Exports,
     Fidelity,
     Recovery,
+    Registration,
     SummaryEconomics,
     read_conversion,
+    read_result,
     read_summary,
     write_conversion,
+    write_result,
     write_summary,
 )
 
@@ -208,3 +214,59 @@ def test_a_broken_conversion_report_is_an_error_naming_what_is_wrong():
         ConversionReport.from_json({**CONVERTED, "kept_layers": [0]})
     with pytest.raises(ValidationError, match="init"):
         ConversionReport.from_json({**CONVERTED, "init": "distilled"})
+
+
+REGISTRATION = {
+    "name": "moeforge-student",
+    "version": 3,
+    "alias": "challenger",
+    "reason": "student pass@1 0.490 < 1.00 x teacher 0.500",
+    "model_uri": "models:/moeforge-student@challenger",
+    "student_pass_at_1": 0.49,
+    "teacher_pass_at_1": 0.5,
+    "champion_pass_at_1": 0.52,
+    "exports": {"hf": "hf", "gguf": "gguf/student-f16.gguf"},
+}
+
+
+def test_register_and_serve_results_read_typed_and_write_back_the_same_files(tmp_path):
+    (tmp_path / "registration.json").write_text(json.dumps(REGISTRATION))
+    registration = read_result(tmp_path, Registration)
+    assert registration.version == 3 and registration.exports == Exports(hf="hf", gguf="gguf/student-f16.gguf")
+    write_result(tmp_path / "again", registration)
+    assert json.loads((tmp_path / "again" / "registration.json").read_text()) == REGISTRATION
+    # an exact-layout student: no formats, the reason instead; a first version: no champion to compare with
+    skipped = Exports(skipped="the exact layout: set convert.layout: standard")
+    write_result(tmp_path, skipped)
+    assert json.loads((tmp_path / "exports.json").read_text()) == {"skipped": skipped.skipped}
+    assert read_result(tmp_path, Exports) == skipped
+    first = registration.model_copy(update={"champion_pass_at_1": None, "exports": skipped})
+    write_result(tmp_path, first)
+    assert read_result(tmp_path, Registration) == first
+    endpoint = Endpoint(
+        url="http://127.0.0.1:8000",
+        openai_base_url="http://127.0.0.1:8000/v1",
+        model="moeforge-student",
+        model_uri="models:/moeforge-student@champion",
+        pinned_uri="models:/moeforge-student/3",
+        version="3",
+        alias="champion",
+    )
+    for served in (endpoint, endpoint.model_copy(update={"version": None, "alias": None})):  # a model by path
+        write_result(tmp_path, served)
+        assert read_result(tmp_path, Endpoint) == served
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"version": "three"}, "version"),
+        ({"alias": "best"}, "alias"),
+        ({"exports": {"onnx": "model.onnx"}}, "exports.onnx"),
+        ({"reason": None}, "reason"),
+    ],
+)
+def test_a_broken_registration_is_an_error_naming_what_is_wrong(tmp_path, change, named):
+    (tmp_path / "registration.json").write_text(json.dumps({**REGISTRATION, **change}))
+    with pytest.raises(ValidationError, match=named):
+        read_result(tmp_path, Registration)

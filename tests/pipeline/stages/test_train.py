@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from pipeline.stages.artifact_specs import EvaluationSummary, read_summary
+from pipeline.stages.artifact_specs import EvaluationSummary, Exports, Registration, read_result, read_summary
 from pipeline.student.registry import gate
 from tests.actors.test_trainer import registered_checkpoint
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
@@ -126,16 +126,17 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     assert summary.teacher.mean_completion_tokens > 0 and summary.floor is not None
     assert summary.economics.costs is None and not summary.economics.decode_tokens_per_s  # scratch, not measured
 
-    registration = json.loads(
-        (Path(result["register"].outputs["registration"].uri.removeprefix("file://")) / "registration.json").read_text()
+    registration = read_result(
+        Path(result["register"].outputs["registration"].uri.removeprefix("file://")), Registration
     )
-    alias = registration["alias"]
+    alias = registration.alias
     version = client.get_model_version_by_alias("test-student", alias)
     assert version.run_id == train and version.tags["moeforge.alias"] == alias
-    assert version.tags["moeforge.gate_reason"] == registration["reason"]
+    assert version.tags["moeforge.gate_reason"] == registration.reason
     # the registered student exported for the engines (a scratch student is in DeepSeek-V3's standard layout)
-    assert registration["exports"] == {"hf": "hf", "gguf": "gguf/student-f16.gguf"}
+    assert registration.exports == Exports(hf="hf", gguf="gguf/student-f16.gguf")
     exports = Path(result["register"].outputs["exports"].uri.removeprefix("file://"))
+    assert read_result(exports, Exports) == registration.exports
     assert (exports / "hf" / "model.safetensors").is_file() and (exports / "gguf" / "student-f16.gguf").is_file()
     assert version.tags["moeforge.exports"] == f"runs:/{result['register'].run_id}/outputs/exports"
     proc = subprocess.run(
@@ -150,7 +151,7 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
 
     student, teacher = summary.student.pass_at_1, summary.teacher.pass_at_1
     by_task, floor = summary.student.pass_at_1_by_task, summary.floor.pass_at_1_by_task
-    assert (alias, registration["reason"]) == gate(student, teacher, None, 1.0, True, by_task, floor)
+    assert (alias, registration.reason) == gate(student, teacher, None, 1.0, True, by_task, floor)
 
     # only the gate changed: register re-runs on the same registry version (no new one), nothing upstream does
     again = run_pipeline(load_config("tiny", [*overrides, "registry.gate_ratio=100"]))
