@@ -2,7 +2,7 @@
 llama.cpp's own server.
 
 A real local Ray Serve app (`actors/server.py`) serves the default student (`--student default`: converted from the
-real default teacher in the standard layout, as `make run --set convert.layout=standard` builds it; speed does not
+real default teacher in the standard layout, as `make run` builds it; speed does not
 depend on what the weights learned; `--student toy`: the 29M scratch student older figures were measured on) with
 the real tokenizer, once on each engine (`--engines`): `moeforge` (its own PyTorch engine) and `llama_cpp`
 (llama.cpp on the student's GGUF export at `--quant`, batched over the running sequences). The same 16 chat

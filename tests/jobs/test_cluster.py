@@ -37,6 +37,7 @@ SMALL = {
     "teacher.max_new_tokens": 40,
     "teacher.num_cpus_per_actor": 0.5,
     "train.max_steps": 4,
+    "train.warmup_steps": 2,
     "train.batch_size": 2,
     "train.checkpoint_every": 2,
     "evaluate.max_new_tokens": 16,

@@ -6,7 +6,6 @@ iterations, every iteration counted once, and ends with the weights of the unint
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pipeline.config import load_config
 from pipeline.data.prompts import chat_token_ids, teacher_messages
 from pipeline.data.sources import load_prompts
 from pipeline.runner import run_pipeline
-from pipeline.stages.artifact_specs import REFINE_FILE, RefineIteration, RefineReport
+from pipeline.stages.artifact_specs import RefineIteration, RefineReport, Registration, read_result
 from pipeline.stages.refine import iteration_prompts
 from tests.actors.sigkill import KillWhen
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
@@ -31,6 +30,7 @@ OVERRIDES = [
     *TEACHER_SAMPLES,  # generate and distill come from the `upstream` fixture (conftest.py)
     "model.n_layers=6",  # the real teacher converted, 6 of its 30 layers: small, and the same as test_convert's
     "model.kv_lora_rank=64",
+    "convert.layout=exact",  # moeforge's own layout, which refine and evaluate run as well (and register won't export)
     "train.max_steps=2",
     "train.warmup_steps=1",
     "train.batch_size=2",
@@ -88,7 +88,7 @@ def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge
         assert f.teacher_scored_tokens == contexts + f.rollout_tokens
     # the refined student is what came out, with what it cost
     out = path_of(result["refine"].outputs["student"])
-    report = RefineReport.model_validate_json((out / REFINE_FILE).read_text())
+    report = read_result(out, RefineReport)
     assert report.iterations == ITERATIONS and report.objective == "both" and report.router == "frozen"
     assert report.rollout_tokens == sum(f.rollout_tokens for f in figures) and report.minutes > 0
     trained = load_file(path_of(result["train"].outputs["trained_student"]) / "model.safetensors")
@@ -98,12 +98,13 @@ def test_two_iterations_refine_the_student_that_evaluate_and_register_then_judge
     assert gates and all(torch.equal(trained[k], after[k]) for k in gates)  # the router stayed frozen
     # evaluate judged it and register registered the version refine logged
     assert result["evaluate"].outputs and result["register"].outputs
-    registration = json.loads((path_of(result["register"].outputs["registration"]) / "registration.json").read_text())
-    version = client.get_model_version_by_alias("test-refined", registration["alias"])
+    registration = read_result(path_of(result["register"].outputs["registration"]), Registration)
+    version = client.get_model_version_by_alias("test-refined", registration.alias)
     assert version.run_id == run
     # a student converted in the exact layout is registered, not exported: the reason names the knob
-    skipped = registration["exports"]["skipped"]
-    assert "convert.layout: standard" in skipped and version.tags["moeforge.exports"] == skipped
+    skipped = registration.exports.skipped
+    assert skipped and "convert.layout: standard" in skipped and version.tags["moeforge.exports"] == skipped
+    assert registration.exports.hf is None and registration.exports.gguf is None
     exports = path_of(result["register"].outputs["exports"])
     assert (exports / "exports.json").is_file() and not (exports / "hf").exists() and not (exports / "gguf").exists()
 
