@@ -69,7 +69,7 @@ class ActorPool:
         max_in_flight_per_actor: int = 2,
         max_replacements: int = 8,
     ):
-        self._remote = ray.remote(cls)
+        self._remote: Any = ray.remote(cls)  # an ActorClass of `cls`
         self._args, self._kwargs = args, kwargs or {}
         self.name = name
         self._options = dict(

@@ -60,6 +60,13 @@ class ArtifactSpec:
     def accepts(self, schema: pa.Schema) -> bool:
         return any(schema.equals(s, check_metadata=False) for s in (self.schema, *self.variants) if s is not None)
 
+    @property
+    def dataset_schema(self) -> pa.Schema:
+        """The declared schema of a dataset artifact (every dataset has one: checked at construction)."""
+        if self.schema is None:
+            raise ArtifactError(f"artifact {self.name!r} is {self.kind}, not a dataset: it has no Parquet schema")
+        return self.schema
+
     def __post_init__(self) -> None:
         if self.kind == "dataset" and self.schema is None:
             raise ValueError(f"dataset artifact {self.name!r} needs a declared schema")
@@ -253,7 +260,7 @@ def verify(root: Path, name: str, expected_hash: str | None = None) -> dict[str,
 def _check_schema(spec: ArtifactSpec, path: Path) -> None:
     schema = pq.read_schema(path)
     if not spec.accepts(schema):
-        want = {f.name: str(f.type) for f in spec.schema}
+        want = {f.name: str(f.type) for f in spec.dataset_schema}
         got = {f.name: str(f.type) for f in schema}
         diffs = [
             f"{k}: expected {want.get(k, 'absent')}, found {got.get(k, 'absent')}"
@@ -287,7 +294,7 @@ def read_table(root: Path, spec: ArtifactSpec, expected_hash: str | None = None)
     for rel in parts:
         _check_schema(spec, Path(root) / rel)
         tables.append(pq.read_table(Path(root) / rel))
-    return pa.concat_tables(tables) if tables else spec.schema.empty_table()
+    return pa.concat_tables(tables) if tables else spec.dataset_schema.empty_table()
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -123,8 +123,8 @@ def plan(
         dag[name]  # raises DagError naming an unknown stage
     # a stage that is off but passes its input through stays in the plan: the loop hands its input on
     selected = [s for s in dag.order if s.enabled(cfg) or s.passthrough or s.name == only]
-    if until or only:
-        keep = dag.ancestors(until or only)
+    if last := until or only:
+        keep = dag.ancestors(last)
         selected = [s for s in selected if s.name in keep]
     rerun = set(force)
     cached_only: set[str] = set()

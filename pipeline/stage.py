@@ -23,7 +23,23 @@ from filelock import FileLock, Timeout
 
 from pipeline import artifacts
 from pipeline.artifacts import ArtifactError, ArtifactRef, ArtifactSpec
-from pipeline.config import MoeforgeConfig
+from pipeline.config import (
+    ConvertConfig,
+    DataConfig,
+    DistillConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    JobConfig,
+    ModelConfig,
+    MoeforgeConfig,
+    RayConfig,
+    RefineConfig,
+    RegistryConfig,
+    ServeConfig,
+    TeacherConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from pipeline.redaction import quiet_mlflow_links
 
 log = logging.getLogger(__name__)
@@ -69,20 +85,75 @@ class Stage:
 
 
 class ConfigView:
-    """The config as a stage sees it: only the sections it declared, so its cache key covers all it reads."""
+    """The config as a stage sees it: only the sections it declared, so its cache key covers all it reads. Each
+    section is a typed property, so the type checker checks every stage's config access too."""
 
     def __init__(self, config: MoeforgeConfig, sections: tuple[str, ...], stage: str):
         self._config, self._sections, self._stage = config, sections, stage
 
-    def __getattr__(self, section: str) -> Any:
-        if section.startswith("_"):
-            raise AttributeError(section)
+    def _section(self, section: str) -> Any:
         if section not in self._sections:
             raise AttributeError(
                 f"stage {self._stage!r} reads config section {section!r} but does not declare it in "
                 f"config_sections {self._sections}: it would not be part of its cache key"
             )
         return getattr(self._config, section)
+
+    @property
+    def teacher(self) -> TeacherConfig:
+        return self._section("teacher")
+
+    @property
+    def data(self) -> DataConfig:
+        return self._section("data")
+
+    @property
+    def generate(self) -> GenerateConfig:
+        return self._section("generate")
+
+    @property
+    def distill(self) -> DistillConfig:
+        return self._section("distill")
+
+    @property
+    def convert(self) -> ConvertConfig:
+        return self._section("convert")
+
+    @property
+    def model(self) -> ModelConfig:
+        return self._section("model")
+
+    @property
+    def train(self) -> TrainConfig:
+        return self._section("train")
+
+    @property
+    def refine(self) -> RefineConfig:
+        return self._section("refine")
+
+    @property
+    def evaluate(self) -> EvaluateConfig:
+        return self._section("evaluate")
+
+    @property
+    def registry(self) -> RegistryConfig:
+        return self._section("registry")
+
+    @property
+    def serve(self) -> ServeConfig:
+        return self._section("serve")
+
+    @property
+    def ray(self) -> RayConfig:
+        return self._section("ray")
+
+    @property
+    def job(self) -> JobConfig:
+        return self._section("job")
+
+    @property
+    def tracking(self) -> TrackingConfig:
+        return self._section("tracking")
 
 
 @dataclass

@@ -68,7 +68,7 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(None)  # clears the process-wide URI and the variable it set
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None clears the process-wide URI and its variable
         if before is not None:
             os.environ["MLFLOW_TRACKING_URI"] = before
 
@@ -87,7 +87,7 @@ def ray_job_submission_id() -> str | None:
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI page of a run, when the store is a tracking server (the UI it serves)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{redact_uri(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{(redact_uri(tracking_uri) or '').rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
 
 
