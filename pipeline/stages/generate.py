@@ -182,12 +182,13 @@ class Generate(Stage):
 
         df = samples.drop_columns(["messages"]).to_pandas()
         uri = ctx.client.get_run(ctx.run_id).info.artifact_uri.rstrip("/") + "/outputs/samples"
-        with warnings.catch_warnings():  # MLflow's hints about inferring a model signature do not apply here
+        # MLflow's hints about inferring a model signature do not apply here; the schema is inferred lazily, when
+        # the dataset becomes an entity
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dataset = from_pandas(df, source=dataset_source(uri, ctx.call.tracking_uri), name="samples")
-        ctx.client.log_inputs(
-            ctx.run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "output")])]
-        )
+            entity = dataset._to_mlflow_entity()
+        ctx.client.log_inputs(ctx.run_id, [DatasetInput(entity, [InputTag("mlflow.data.context", "output")])])
         preview = df[
             [
                 "sample_id",
