@@ -71,6 +71,11 @@ class LlamaCppRunner:
         params.n_batch = params.n_ubatch = max(512, max_batch_size)
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        # the KV cache in fp32, not llama.cpp's default fp16 (and so no flash attention, which converts it to fp16 on
+        # a CPU): in fp16 the converted student's logits drift from ours by several units within 70 positions, and
+        # its held-out pass@1 falls (docs/benchmarks.md, "Export fidelity")
+        params.type_k = params.type_v = lc.GGML_TYPE_F32
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = lc.llama_init_from_model(self._model, params)
         if not self._ctx:
             lc.llama_model_free(self._model)
