@@ -312,10 +312,11 @@ class RegistryConfig(Section):
     gate_ratio: float = Field(1.0, ge=0)
     must_beat_champion: bool = True
     # the registered student exported for other engines (`moeforge export`), logged beside the registration: only
-    # a student in DeepSeek-V3's standard layout (`convert.layout: standard`, or a scratch student) can be; f16 needs
-    # no llama.cpp (q8_0/q4_1 run its quantizer: the `moeforge[llamacpp]` extra)
+    # a student in DeepSeek-V3's standard layout (`convert.layout: standard`, or a scratch student) can be. The GGUF
+    # in f32: the one llama.cpp runs as moeforge does (f16 weights lost 0.094 held-out pass@1, q8_0 0.042, q4_1
+    # 0.156: docs/benchmarks.md); f32 and f16 need no llama.cpp, q8_0/q4_1 run its quantizer (`moeforge[llamacpp]`)
     exports: tuple[Literal["hf", "gguf"], ...] = ("hf", "gguf")
-    gguf_quant: Literal["f32", "f16", "q8_0", "q4_1"] = "f16"
+    gguf_quant: Literal["f32", "f16", "q8_0", "q4_1"] = "f32"
 
 
 class AutoscalingConfig(Section):

@@ -89,7 +89,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         # the default student is DeepSeek-V3's layout: register exported it, and the run says where
         exported = next(ln for ln in res.output.splitlines() if ln.startswith("exported for other engines: "))
         hf, gguf = (part.split(" (")[0] for part in exported.removeprefix("exported for other engines: ").split("; "))
-        assert (Path(hf) / "config.json").is_file() and Path(gguf).name == "student-f16.gguf" and Path(gguf).is_file()
+        assert (Path(hf) / "config.json").is_file() and Path(gguf).name == "student-f32.gguf" and Path(gguf).is_file()
         said = " ".join(res.output.split())  # the closing line says how to serve what was registered, same settings
         assert "next: `moeforge serve --model models:/moeforge-student/1 --set" in said, said[-600:]
         assert "`moeforge dashboard --set" in said

@@ -134,10 +134,10 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     assert version.run_id == train and version.tags["moeforge.alias"] == alias
     assert version.tags["moeforge.gate_reason"] == registration.reason
     # the registered student exported for the engines (a scratch student is in DeepSeek-V3's standard layout)
-    assert registration.exports == Exports(hf="hf", gguf="gguf/student-f16.gguf")
+    assert registration.exports == Exports(hf="hf", gguf="gguf/student-f32.gguf")
     exports = Path(result["register"].outputs["exports"].uri.removeprefix("file://"))
     assert read_result(exports, Exports) == registration.exports
-    assert (exports / "hf" / "model.safetensors").is_file() and (exports / "gguf" / "student-f16.gguf").is_file()
+    assert (exports / "hf" / "model.safetensors").is_file() and (exports / "gguf" / "student-f32.gguf").is_file()
     assert version.tags["moeforge.exports"] == f"runs:/{result['register'].run_id}/outputs/exports"
     proc = subprocess.run(
         [sys.executable, "-c", LOAD, result.tracking_uri, f"models:/test-student@{alias}"],
