@@ -130,8 +130,8 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
     from pipeline.artifacts import atomic_path, content_hash
 
     dest = Path(cache_dir) / "models" / _safe(source.name) / str(source.version)  # the logged model's root
-    student = dest / "artifacts" / STUDENT_ARTIFACT
-    if (student / "config.json").is_file() and content_hash(student) != source.content_hash:
+    student = student_in(dest)
+    if student is not None and content_hash(student) != source.content_hash:
         log.warning(
             "model %s version %s: the cached copy at %s does not match its content hash; downloading again",
             source.name,
@@ -139,7 +139,8 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
             dest,
         )
         shutil.rmtree(dest)
-    if not (student / "config.json").is_file():
+        student = None
+    if student is None:
         import tempfile
 
         from mlflow import MlflowClient
@@ -147,22 +148,44 @@ def materialize(source: ModelSource, tracking_uri: str | None, cache_dir: str | 
         # the version's own storage location: `models:/` URIs resolve against the process-global registry URI,
         # this one against the store we were given
         location = MlflowClient(tracking_uri).get_model_version_download_uri(source.name, source.version)
+        shutil.rmtree(dest, ignore_errors=True)  # a copy without its student (an older layout): fetched again
         dest.parent.mkdir(parents=True, exist_ok=True)
         log.info("model %s version %s: downloading into %s", source.name, source.version, dest)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as staging, atomic_path(dest) as tmp:
-            downloaded = mlflow.artifacts.download_artifacts(
-                artifact_uri=location, dst_path=staging, tracking_uri=tracking_uri
+            downloaded = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=staging, tracking_uri=tracking_uri)
             )
-            got = Path(downloaded) / "artifacts" / STUDENT_ARTIFACT
-            if got.is_dir() and (digest := content_hash(got)) != source.content_hash:
+            got = student_in(downloaded)
+            if got is None:
+                raise ModelSourceError(
+                    f"{source.pinned_uri} is not a moeforge student model (its MLmodel names no "
+                    f"`{STUDENT_ARTIFACT}` artifact with a config.json)"
+                )
+            if (digest := content_hash(got)) != source.content_hash:
                 raise ModelSourceError(
                     f"{source.pinned_uri}: the downloaded student's content hash {digest[:12]} is not the "
                     f"{str(source.content_hash)[:12]} recorded when it was registered: the stored model was changed "
                     "or damaged; refusing to serve it"
                 )
-            Path(downloaded).rename(tmp)
-    if not (student / "config.json").is_file():
-        raise ModelSourceError(f"{source.pinned_uri} is not a moeforge student model (no artifacts/{STUDENT_ARTIFACT})")
+            downloaded.rename(tmp)
+        student = dest / got.relative_to(downloaded)
+    return student
+
+
+def student_in(model_root: Path) -> Path | None:
+    """The saved student directory inside a downloaded pyfunc model (`log_student`), where its MLmodel says: MLflow
+    keeps an artifact under its source folder's name (`artifacts/trained_student` when train logged it,
+    `artifacts/student` from refine), not under the artifact's key. None when there is no such student."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((model_root / "MLmodel").read_text())
+        relative = mlmodel["flavors"]["python_function"]["artifacts"][STUDENT_ARTIFACT]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    student = model_root / relative
+    if not student.resolve().is_relative_to(model_root.resolve()) or not (student / "config.json").is_file():
+        return None  # a path out of the model's own folder is not followed
     return student
 
 

@@ -31,6 +31,28 @@ def test_a_registry_version_downloads_once_into_the_cache_and_loads(registered_s
     assert not [p for p in (tmp_path / "models" / s.name).iterdir() if p.name.startswith(".")]  # no temp left
 
 
+def test_a_student_logged_from_the_train_stages_folder_is_found_where_its_mlmodel_says(registered_student, tmp_path):
+    """`train` logs its output folder `trained_student`, which MLflow keeps under that name (`artifacts/
+    trained_student`), not under the artifact's key `student`: the default run (refine off) registers such a model,
+    and serving it must find the student there."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipeline.student.registry import log_student
+
+    s = registered_student
+    shutil.copytree(s.directory, tmp_path / "trained_student")
+    client = MlflowClient(s.tracking_uri)
+    run = client.create_run(client.get_experiment_by_name("serve").experiment_id)
+    version = log_student(tmp_path / "trained_student", run.info.run_id, s.tracking_uri, "test-trained-student")
+    src = resolve(f"models:/test-trained-student/{version.version}", s.tracking_uri)
+    path = materialize(src, s.tracking_uri, tmp_path / "cache")
+    assert path.name == "trained_student" and path.parent.name == "artifacts"
+    assert (path / "config.json").read_text() == (s.directory / "config.json").read_text()
+    assert materialize(src, s.tracking_uri, tmp_path / "cache") == path  # the cached copy is found again
+
+
 def test_a_local_directory_is_served_as_is(registered_student):
     src = resolve(str(registered_student.directory))
     assert src.path == str(registered_student.directory) and src.version is None and src.name == "student"
