@@ -15,7 +15,8 @@ Parts, each in its own process (a crash in one is reported, not inherited):
   generate  the `hf` teacher backend generating a batch on the device, tokens/s; then the `vllm` backend if vllm is
             importable (it is not installed by the set-up and this machine's device has no index to fetch it from)
   serve     the OpenAI-compatible Serve app with the student on the device: 16 concurrent streams vs one at a time
-            (`benchmarks/serve_load.py`; in the dry run on both CPU engines, moeforge and llama_cpp)
+            (`benchmarks/serve_load.py`; in the dry run on both CPU engines, moeforge and llama_cpp, with the toy
+            student: the default one's conversion has its own tests)
   vllm      the student in DeepSeek-V3's standard layout, exported to Hugging Face (`moeforge export --format hf`):
             vLLM loads it and its greedy tokens for 32 steps are compared with ours in bf16; then Ray Serve LLM
             (`LLMConfig` + `build_openai_app`) serves it and the teacher in turn, 64 concurrent chat conversations of
@@ -229,7 +230,8 @@ def part_generate(dry: bool) -> dict:
 
 def part_serve(dry: bool) -> dict:
     args = (
-        ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2", "--no-peer"]
+        ["--requests", "2", "--max-tokens", "8", "--rounds", "1", "--cpus", "1", "--batch", "2", "--no-peer",
+         "--student", "toy"]
         if dry
         else ["--requests", "16", "--max-tokens", "128", "--rounds", "2", "--cpus", "4", "--gpus", "1", "--batch", "16",
               "--engines", "moeforge", "--no-peer"]

@@ -52,7 +52,8 @@ def test_stages_lists_the_product_dag(cli):
     assert "samples (dataset), eval_prompts (dataset)" in line and "teacher, data, generate" in line
 
 
-# the README's command at a tenth of the work (the full-size run is benchmarks/pipeline_tiny.py)
+# the README's command at a tenth of the work (the full-size run is benchmarks/pipeline_tiny.py); refine stays off
+# as in the default (a pipeline through refine: tests/pipeline/stages/test_refine.py and tests/jobs/test_cluster.py)
 SMALLER = [
     "data.num_train_prompts=12",
     "data.num_eval_prompts=4",
@@ -60,13 +61,9 @@ SMALLER = [
     "train.max_steps=4",
     "train.warmup_steps=2",
     "train.batch_size=2",
-    "refine.iterations=1",
-    "refine.prompts_per_iteration=2",
-    "refine.group_size=2",
-    "refine.max_new_tokens=16",
-    "refine.updates_per_iteration=1",
     "evaluate.max_new_tokens=32",
     "evaluate.decode_tokens=8",
+    "evaluate.decode_batches=[1]",
 ]
 
 
@@ -80,7 +77,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
         res = cli("run", "--config", "tiny", *sets)
         assert res.exit_code == 0, res.output
         assert ("generate   cached" if i else "generate   done") in res.output
-        assert "refine     " + ("cached" if i else "done") in res.output
+        assert "refine     off (trained_student as student)" in res.output
         assert "register   " + ("cached" if i else "done") in res.output
         assert "held-out pass@1" in res.output and "overall" in res.output  # the evaluation table it prints
         assert "constant-answer floor" in res.output and "teacher, worked examples" in res.output
