@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/slow_guard.py: a test that starts Ray, a server, a compile or a Python subprocess unmarked fails;
+# pytester: tests of that check run pytest on a small test file of their own
+pytest_plugins = ["tests.slow_guard", "pytester"]
 
 # Ray workers inherit the driver's environment: make test-only stages (tests/...) importable there.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)

@@ -42,7 +42,7 @@ class Worker:
         return x * x, os.getpid()
 
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
 
 def test_every_item_once_with_bounded_in_flight():

@@ -40,6 +40,7 @@ def test_the_dry_run_passes_every_part_and_names_what_it_skipped(tmp_path):
     assert leftovers == [], leftovers
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_without_cuda_the_full_run_refuses_and_says_how_to_dry_run():
     import torch
 

@@ -16,6 +16,7 @@ def test_there_is_a_job_for_every_stage():
     assert set(STAGE_JOBS) | {"serve"} == {s.name for s in default_stages()}
 
 
+@pytest.mark.slow  # a driver process
 @pytest.mark.timeout(300)
 def test_a_stage_job_without_cached_inputs_fails_naming_what_to_run_first(tmp_path):
     proc = subprocess.run(
@@ -29,6 +30,7 @@ def test_a_stage_job_without_cached_inputs_fails_naming_what_to_run_first(tmp_pa
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr  # decided before any Ray work
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_bad_config_is_reported_with_the_key(tmp_path):
     bad = subprocess.run(

@@ -64,6 +64,7 @@ def printed_by_the_cli(summary) -> str:
     return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", captured.get()).split())  # wrapped lines joined back
 
 
+@pytest.mark.slow  # the browser
 @pytest.mark.timeout(120)
 def test_the_evaluation_panel_shows_what_the_cli_prints(dashboard, browser):
     from selenium.webdriver.common.by import By

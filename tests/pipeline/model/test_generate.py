@@ -80,6 +80,7 @@ def test_sampling_follows_the_tempered_distribution_and_its_filters():
     assert nucleus[0] == 0 and nucleus[4] == 0 and nucleus[1] > 0
 
 
+@pytest.mark.slow  # compiles
 @pytest.mark.timeout(600)
 def test_the_compiled_decode_step_gives_the_eager_logits_and_follows_changed_weights():
     """Compiled steps (batch 1; batch 3 stays eager past max_batch 2) against the eager path, also when every

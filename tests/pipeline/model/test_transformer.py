@@ -132,6 +132,7 @@ def test_whole_model_matches_transformers_deepseek_v3(q_lora_rank):
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_model_package_does_not_import_ray():
     import subprocess
     import sys

@@ -130,6 +130,7 @@ def test_requests_over_the_context_are_refused_before_queueing(model):
         engine.submit([1], SamplingParams(max_new_tokens=2), loop=asyncio.new_event_loop())
 
 
+@pytest.mark.slow  # compiles
 @pytest.mark.timeout(300)
 def test_an_engine_with_a_compiled_step_compiles_before_serving_and_answers_as_the_eager_one(model):
     """`compile_steps` compiles every covered batch size on the engine's own cache and leaves its slots free; the
