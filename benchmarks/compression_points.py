@@ -28,7 +28,7 @@ from _common import REPO, result
 from student_quality import stage_metrics as run_metrics
 
 from pipeline.config import load_config
-from pipeline.stages.artifact_specs import Economics, EvaluationSummary, Fidelity, PassAt1, Recovery
+from pipeline.stages.results import Economics, EvaluationSummary, Fidelity, PassAt1, Recovery
 from pipeline.tracking import Tracker, resolve_tracking_uri
 
 POINTS = {
@@ -76,8 +76,8 @@ def grade_initial_student(refs: dict, tracking_uri: str, workdir: Path) -> dict[
 
     from pipeline.artifacts import fetch
     from pipeline.data.generation import Generation
-    from pipeline.stages.artifact_specs import prompt_from_row
     from pipeline.stages.evaluate import grade_row
+    from pipeline.stages.parquet_schemas import prompt_from_row
     from pipeline.student.load import Student
 
     student = Student(fetch(refs["initial_student"], tracking_uri, workdir))

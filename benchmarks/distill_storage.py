@@ -26,7 +26,7 @@ from pipeline.config import load_config
 from pipeline.data.prompts import teacher_messages
 from pipeline.data.sources import load_prompts
 from pipeline.distill import targets as T
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.teacher.hf import HFTeacher, default_cache_dir, resolve_model_dir
 
 

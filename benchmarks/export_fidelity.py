@@ -29,8 +29,9 @@ from student_quality import stage_metrics
 from pipeline.artifacts import fetch, read_table
 from pipeline.config import load_config
 from pipeline.data.generation import Generation
-from pipeline.stages.artifact_specs import EVAL_PROMPTS, prompt_from_row
+from pipeline.stages.artifact_specs import EVAL_PROMPTS
 from pipeline.stages.evaluate import grade_row
+from pipeline.stages.parquet_schemas import prompt_from_row
 from pipeline.tracking import Tracker, resolve_tracking_uri
 
 

@@ -88,7 +88,7 @@ def part_train(dry: bool) -> dict:
     from actors.trainer import fit
     from pipeline.config import TrainConfig
     from pipeline.model.config import model_preset
-    from pipeline.stages.artifact_specs import soft_targets_schema
+    from pipeline.stages.parquet_schemas import soft_targets_schema
     from pipeline.train.replica import TrainJob
 
     gpu = not dry

@@ -23,8 +23,9 @@ from _common import describe, result
 from pipeline.artifacts import read_table
 from pipeline.config import EvaluateConfig, TeacherConfig
 from pipeline.data.generation import Generation
-from pipeline.stages.artifact_specs import EVAL_PROMPTS, prompt_from_row
+from pipeline.stages.artifact_specs import EVAL_PROMPTS
 from pipeline.stages.evaluate import grade_row
+from pipeline.stages.parquet_schemas import prompt_from_row
 from pipeline.student import Student
 
 

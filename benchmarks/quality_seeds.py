@@ -43,7 +43,8 @@ from refine_quality import paired, sign_test
 
 from pipeline.artifacts import fetch, read_table
 from pipeline.config import load_config
-from pipeline.stages.artifact_specs import EVAL_REPORT, EvaluationSummary
+from pipeline.stages.artifact_specs import EVAL_REPORT
+from pipeline.stages.results import EvaluationSummary
 from pipeline.tracking import Tracker
 
 # Each setting's overrides, applied after the point's and `--set`'s. refine is named in every one, so a cell says

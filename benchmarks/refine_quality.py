@@ -24,7 +24,8 @@ from _common import result
 from compression_points import POINTS, run_point
 
 from pipeline.artifacts import fetch, read_table
-from pipeline.stages.artifact_specs import EVAL_REPORT, EvaluationSummary
+from pipeline.stages.artifact_specs import EVAL_REPORT
+from pipeline.stages.results import EvaluationSummary
 
 OBJECTIVES = {
     "off": ["refine.iterations=0"],  # off-policy distillation alone: the trained student is evaluated

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from _common import result
 
 from pipeline.config import load_config
-from pipeline.stages.artifact_specs import Economics, EvaluationSummary, Fidelity, PassAt1
+from pipeline.stages.results import Economics, EvaluationSummary, Fidelity, PassAt1
 from pipeline.tracking import Tracker
 
 

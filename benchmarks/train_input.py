@@ -25,7 +25,7 @@ from train_workers import VOCAB, K, synthetic_rows
 
 from pipeline.config import load_config
 from pipeline.model.config import model_preset
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.train.packing import PackedBatch, pack
 from pipeline.train.replica import Replica, TrainJob
 

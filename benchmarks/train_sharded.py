@@ -40,7 +40,7 @@ from pipeline.config import TrainConfig
 from pipeline.distill import targets as T
 from pipeline.model import Transformer
 from pipeline.model.config import model_preset
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.train.replica import TrainJob
 from pipeline.train.split import is_held_out
 

@@ -26,7 +26,7 @@ from actors.trainer import fit
 from pipeline.config import TrainConfig
 from pipeline.distill import targets as T
 from pipeline.model.config import model_preset
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.train.replica import TrainJob
 
 VOCAB, K = 49152, 20

@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, MoeforgeConfig, load_config
 from pipeline.redaction import redact_uri
 
 if TYPE_CHECKING:
-    from pipeline.stages.artifact_specs import Exports, R, RefineReport
+    from pipeline.stages.results import Exports, R, RefineReport
 
 app = typer.Typer(
     add_completion=False,
@@ -136,7 +136,7 @@ def _run(cfg: MoeforgeConfig, run_log, force: list[str], from_stage: str | None,
         f"{len(result.stages)} stages, {hits} cached; tracking {redact_uri(result.tracking_uri)}"
     )
     if any(s.name == "serve" for s in result.stages):
-        from pipeline.stages.artifact_specs import Endpoint
+        from pipeline.stages.results import Endpoint
 
         endpoint = _read_output(result, cfg, "endpoint", Endpoint)
         console.print(f"serving {endpoint.pinned_uri} at {endpoint.openai_base_url}")
@@ -155,7 +155,7 @@ def _next_steps(result, cfg: MoeforgeConfig, config: str, sets: list[str]) -> No
     produced = {name for s in result.stages for name in s.outputs}
     if "registration" not in produced or "endpoint" in produced:
         return
-    from pipeline.stages.artifact_specs import Registration
+    from pipeline.stages.results import Registration
 
     reg = _read_output(result, cfg, "registration", Registration)
     model = f"models:/{reg.name}/{reg.version}"
@@ -181,14 +181,14 @@ def _output_path(result, cfg, artifact: str) -> Path:
 
 def _read_output(result, cfg, artifact: str, kind: type[R]) -> R:
     """The typed result stored in an artifact the run produced (or took from the cache)."""
-    from pipeline.stages.artifact_specs import read_result
+    from pipeline.stages.results import read_result
 
     return read_result(_output_path(result, cfg, artifact), kind)
 
 
 def _print_outcome(result, cfg) -> None:
     """The evaluation (teacher vs student pass@1 per task) and the registry decision, when the run reached them."""
-    from pipeline.stages.artifact_specs import RefineReport, Registration, read_summary
+    from pipeline.stages.results import RefineReport, Registration, read_summary
 
     produced = {name for s in result.stages for name in s.outputs}
     if any(s.name == "refine" for s in result.stages):
@@ -231,7 +231,7 @@ def _print_refine(report: RefineReport) -> None:
 def _print_evaluation(summary) -> None:
     """The evaluation table (pass@1 per task and overall of each model and the constant-answer floor), the
     student's costs beside the teacher's and the decode speeds: what `moeforge run` ends with and `status` shows."""
-    from pipeline.stages.artifact_specs import MODEL_LABELS
+    from pipeline.stages.results import MODEL_LABELS
 
     models = summary.models()
     by_task = summary.floor.pass_at_1_by_task if summary.floor else {}

@@ -14,7 +14,7 @@ import httpx
 from mlflow.entities import Run
 
 from pipeline.dag import Dag
-from pipeline.stages.artifact_specs import MODEL_LABELS, EvaluationSummary
+from pipeline.stages.results import MODEL_LABELS, EvaluationSummary
 from pipeline.tracking import P, Tracker, run_url
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,9 @@
 
 Each stage lives in its own module here (generate.py, distill.py, convert.py, train.py, refine.py, evaluate.py,
 register.py, serve.py) and is listed in STAGES; the DAG is whatever is listed. Their contract, every artifact that
-flows between them with its type, is artifact_specs.py; shards.py holds per-partition Parquet shards, the unit of
-retry and resume of the stages that fan out.
+flows between them with its type, is artifact_specs.py; parquet_schemas.py holds the datasets' Parquet schemas and
+row converters, results.py the typed results stored beside checkpoints and reports (and their MLflow metrics);
+shards.py holds per-partition Parquet shards, the unit of retry and resume of the stages that fan out.
 """
 
 from __future__ import annotations

@@ -19,16 +19,8 @@ import os
 import random
 
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import (
-    INITIAL_STUDENT,
-    SAMPLES,
-    ConversionReport,
-    Economics,
-    Fidelity,
-    Recovery,
-    ScratchSize,
-    write_conversion,
-)
+from pipeline.stages.artifact_specs import INITIAL_STUDENT, SAMPLES
+from pipeline.stages.results import ConversionReport, Economics, Fidelity, Recovery, ScratchSize, write_conversion
 
 
 class Convert(Stage):

@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from pipeline.artifacts import write_json
 from pipeline.distill import targets as T
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS, soft_targets_schema
+from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.stages.shards import Shards
 
 

@@ -28,17 +28,15 @@ from pipeline.data.prompts import student_messages, teacher_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import (
-    EVAL_PROMPTS,
-    EVAL_REPORT,
+from pipeline.stages.artifact_specs import EVAL_PROMPTS, EVAL_REPORT
+from pipeline.stages.parquet_schemas import REPORT_SCHEMA, prompt_from_row
+from pipeline.stages.results import (
     MODEL_LABELS,
-    REPORT_SCHEMA,
     DecodeSpeed,
     EvaluationSummary,
     Floor,
     ModelResult,
     SummaryEconomics,
-    prompt_from_row,
     read_conversion,
     write_summary,
 )

@@ -24,7 +24,8 @@ from pipeline.data.prompts import teacher_messages
 from pipeline.data.rejection import REJECT_REASONS, judge, select
 from pipeline.data.sources import Prompt, load_prompts
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLE_SCHEMA, SAMPLES, prompts_table
+from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLES
+from pipeline.stages.parquet_schemas import SAMPLE_SCHEMA, prompts_table
 from pipeline.stages.shards import Shards
 
 

@@ -37,7 +37,8 @@ import numpy as np
 
 from pipeline.data.sources import Prompt
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import STUDENT, RefineIteration, RefineReport, write_result
+from pipeline.stages.artifact_specs import STUDENT
+from pipeline.stages.results import RefineIteration, RefineReport, write_result
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import shutil
 
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import EXPORTS, REGISTRATION, Exports, Registration, read_summary, write_result
+from pipeline.stages.artifact_specs import EXPORTS, REGISTRATION
+from pipeline.stages.results import Exports, Registration, read_summary, write_result
 
 
 class Register(Stage):

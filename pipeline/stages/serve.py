@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pipeline.config import MoeforgeConfig
 from pipeline.stage import Stage, StageContext
-from pipeline.stages.artifact_specs import ENDPOINT, Endpoint, Registration, read_result, write_result
+from pipeline.stages.artifact_specs import ENDPOINT
+from pipeline.stages.results import Endpoint, Registration, read_result, write_result
 
 
 class Serve(Stage):

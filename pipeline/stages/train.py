@@ -33,7 +33,7 @@ class Train(Stage):
         from actors.trainer import fit
         from pipeline.distill.targets import check_tokenizer
         from pipeline.model import Transformer
-        from pipeline.stages.artifact_specs import read_meta
+        from pipeline.stages.parquet_schemas import read_meta
         from pipeline.student.registry import log_student
         from pipeline.train.checkpoint import final_weights
         from pipeline.train.replica import TrainJob

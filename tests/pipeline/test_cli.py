@@ -102,7 +102,7 @@ def test_run_tiny_twice_on_the_embedded_default(cli, tmp_path):
     assert "held-out pass@1" in res.output and "teacher, worked examples" in res.output
     assert "student cost vs teacher" in res.output and "decode tokens/s" in res.output
     # the student was converted from the teacher, and how far it was from it before training is on record
-    from pipeline.stages.artifact_specs import Economics, Fidelity
+    from pipeline.stages.results import Economics, Fidelity
 
     convert = next(r for r in tracker.stage_runs(runs[-1].info.run_id) if r.info.run_name == "convert")
     fidelity, costs = Fidelity.from_metrics(convert.data.metrics), Economics.from_metrics(convert.data.metrics)
@@ -175,6 +175,7 @@ def test_status_shows_each_stage_with_cache_hits(cli, tmp_path):
     assert tags[P + "cache_hit"] == "true"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
     assert (
@@ -195,6 +196,7 @@ def test_status_of_unknown_or_non_pipeline_run_is_a_clear_error(cli, tmp_path):
     assert res.exit_code == 1 and "no run '0123456789abcdef'" in res.output
 
 
+@pytest.mark.slow  # a server in a subprocess
 def test_ui_serves_the_mlflow_ui_on_loopback(tmp_path):
     """`moeforge ui` starts a real MLflow UI on 127.0.0.1 for the configured store."""
     import os

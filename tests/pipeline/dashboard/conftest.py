@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import MoeforgeConfig
 from pipeline.runner import default_stages
-from pipeline.stages.artifact_specs import (
+from pipeline.stages.results import (
     ConversionReport,
     DecodeSpeed,
     Economics,

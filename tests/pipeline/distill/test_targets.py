@@ -13,7 +13,7 @@ from pipeline import artifacts
 from pipeline.artifacts import ArtifactSpec
 from pipeline.data.prompts import student_messages
 from pipeline.distill import targets as T
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 
 pytestmark = pytest.mark.slow
 

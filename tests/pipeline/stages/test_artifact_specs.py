@@ -9,7 +9,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from pipeline.stages.artifact_specs import (
+from pipeline.stages.results import (
     FLOOR_ANSWERS_TAG,
     ConversionReport,
     DecodeSpeed,

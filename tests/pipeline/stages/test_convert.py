@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from pipeline.artifacts import fetch
 from pipeline.config import load_config
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stages.artifact_specs import Fidelity, Recovery, read_conversion
+from pipeline.stages.results import Fidelity, Recovery, read_conversion
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]

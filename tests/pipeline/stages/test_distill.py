@@ -12,9 +12,10 @@ from pipeline.artifacts import fetch
 from pipeline.config import load_config
 from pipeline.distill import targets as T
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS, read_meta
+from pipeline.stages.artifact_specs import SAMPLES, SOFT_TARGETS
 from pipeline.stages.distill import Distill
 from pipeline.stages.generate import Generate
+from pipeline.stages.parquet_schemas import read_meta
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

@@ -17,8 +17,9 @@ from pipeline.data.rejection import REJECT_REASONS
 from pipeline.data.sources import DataError, split_file_prompts
 from pipeline.data.verify import score
 from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLES, prompt_from_row
+from pipeline.stages.artifact_specs import EVAL_PROMPTS, SAMPLES
 from pipeline.stages.generate import Generate
+from pipeline.stages.parquet_schemas import prompt_from_row
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 

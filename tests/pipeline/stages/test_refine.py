@@ -20,8 +20,8 @@ from pipeline.config import load_config
 from pipeline.data.prompts import chat_token_ids, teacher_messages
 from pipeline.data.sources import load_prompts
 from pipeline.runner import run_pipeline
-from pipeline.stages.artifact_specs import RefineIteration, RefineReport, Registration, read_result
 from pipeline.stages.refine import iteration_prompts
+from pipeline.stages.results import RefineIteration, RefineReport, Registration, read_result
 from tests.actors.sigkill import KillWhen
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
 

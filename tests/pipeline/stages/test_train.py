@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
-from pipeline.stages.artifact_specs import EvaluationSummary, Exports, Registration, read_result, read_summary
+from pipeline.stages.results import EvaluationSummary, Exports, Registration, read_result, read_summary
 from pipeline.student.registry import gate
 from tests.actors.test_trainer import registered_checkpoint
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES

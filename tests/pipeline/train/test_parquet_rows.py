@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stages.artifact_specs import soft_targets_schema
+from pipeline.stages.parquet_schemas import soft_targets_schema
 from pipeline.train.parquet_rows import RankRows, first_rows, rank_pieces, row_groups
 from pipeline.train.stream import WindowStream
 from tests.pipeline.train.test_replica import rows
