@@ -20,14 +20,18 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from actors.object_store import get_tensors, put_tensors
+from actors.object_store import CarriedState, get_tensors, put_tensors
 from actors.trainer import return_large_frees_to_the_os
 from pipeline.config import RefineConfig
 from pipeline.model import ModelConfig
+from pipeline.train.policy_learner import LearnerMetrics
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,10 @@ class LearnerJob:
     iteration's list of `PolicySample`s."""
 
     iteration: int
-    weights: Any
-    optimizer: Any
-    reference: Any
-    samples: Any
+    weights: ObjectRef  # ObjectRef[dict[str, np.ndarray]]: the student's state dict
+    optimizer: ObjectRef | None  # AdamW's state dict
+    reference: ObjectRef | None  # the starting student's state dict
+    samples: ObjectRef  # ObjectRef[list[PolicySample]]
 
 
 @dataclass
@@ -68,7 +72,7 @@ class LearnerChannel:
         self.job: LearnerJob | None = None
         self.submitted = 0  # how many jobs the stage submitted: a job submitted again is new to every rank
         self.taken: set[int] = set()  # ranks working on the pending job
-        self.results: dict[int, tuple[dict[str, float], list]] = {}
+        self.results: dict[int, tuple[LearnerMetrics, list]] = {}
         self.stopped = False
 
     def submit(self, job: LearnerJob) -> None:
@@ -85,12 +89,12 @@ class LearnerChannel:
             await asyncio.sleep(self._POLL_S)
         return None
 
-    def put_result(self, iteration: int, metrics: dict[str, float], state: list) -> None:
+    def put_result(self, iteration: int, metrics: LearnerMetrics, state: list) -> None:
         self.results[iteration] = (metrics, state)
         if self.job is not None and self.job.iteration == iteration:
             self.job, self.taken = None, set()
 
-    async def result(self, iteration: int, timeout_s: float) -> tuple[dict[str, float], list] | None:
+    async def result(self, iteration: int, timeout_s: float) -> tuple[LearnerMetrics, list] | None:
         """The result of `iteration` (handed over once: the channel drops its ref), or None after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while iteration not in self.results and time.monotonic() < deadline:
@@ -195,11 +199,17 @@ class LearnerGroup:
         self._thread.start()
         return self
 
-    def update(self, job: LearnerJob) -> tuple[dict[str, float], dict[str, Any]]:
-        """The iteration's update: (metrics, the new state: weights and AdamW's, this process's own tensors)."""
+    def update(
+        self, iteration: int, carried: CarriedState, reference: ObjectRef | None, samples: list
+    ) -> LearnerMetrics:
+        """Iteration `iteration`'s update on `samples` (`PolicySample`s) from the `carried` state, which must be
+        published (in the object store); `carried` then holds the new state, this process's own tensors."""
         import ray
         from ray.exceptions import ObjectLostError, OwnerDiedError
 
+        if carried.weights is None:
+            raise RuntimeError("the carried state must be published before the update")
+        job = LearnerJob(iteration, carried.weights, carried.optimizer, reference, ray.put(samples))
         ray.get(self.channel.submit.remote(job))
         while True:
             got = ray.get(self.channel.result.remote(job.iteration, self._WAIT_S))
@@ -209,7 +219,8 @@ class LearnerGroup:
             metrics, (state_ref,) = got
             try:
                 # copied out of the object store: the worker that put it may die before the next iteration
-                return metrics, get_tensors(state_ref, writable=True)
+                carried.replace(get_tensors(state_ref, writable=True))
+                return metrics
             except (ObjectLostError, OwnerDiedError) as e:  # rank 0 died after handing it over: redo the update
                 log.warning("refine's learner lost iteration %d's result (%s); updating again", job.iteration, e)
                 ray.get(self.channel.submit.remote(job))

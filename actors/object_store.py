@@ -12,10 +12,13 @@ has no dtype for (bfloat16) travel pickled, as before.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
 
 
 def _to_numpy(tree: Any) -> Any:
@@ -55,3 +58,34 @@ def get_tensors(ref_or_tree: Any, writable: bool = False) -> Any:
 
     tree = ray.get(ref_or_tree) if isinstance(ref_or_tree, ray.ObjectRef) else ref_or_tree
     return _to_torch(tree, writable)
+
+
+class CarriedState:
+    """The state refine carries from one iteration to the next (weights and AdamW's), held in one place at a
+    time: this process's memory between iterations; the object store alone while the iteration runs.
+
+    `publish` moves it into the object store and keeps no tensor here, so while the rollout actors and the learner
+    read it (gigabytes at the default size) this process adds no second copy; `LearnerGroup.update` then replaces
+    it with the new state it copies out. Between iterations `state` is what is kept and, at the end, saved."""
+
+    def __init__(self, state: dict[str, Any]):
+        self._state: dict[str, Any] | None = state
+        self.weights: ObjectRef | None = None
+        self.optimizer: ObjectRef | None = None
+
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            raise RuntimeError("the state is in the object store while an iteration runs")
+        return self._state
+
+    def publish(self) -> ObjectRef:
+        """The state into the object store (a ref of the weights for the rollout actors and the learner)."""
+        state, self._state = self.state, None
+        self.weights = put_tensors(state["model"])
+        self.optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
+        return self.weights
+
+    def replace(self, state: dict[str, Any]) -> None:
+        """The new state, here again; the object store's copies are released."""
+        self._state, self.weights, self.optimizer = state, None, None

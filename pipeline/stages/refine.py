@@ -23,15 +23,12 @@ The refined student is saved with `refine.json` (what it did and cost) and logge
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,66 +36,36 @@ from pipeline.data.sources import Prompt
 from pipeline.stage import Stage, StageContext
 from pipeline.stages.artifact_specs import STUDENT
 from pipeline.stages.results import RefineIteration, RefineReport, write_result
+from pipeline.train.iteration_store import IterationStore, drop_run
+from pipeline.train.rollouts import Rollout, grade, iteration_prompts, policy_samples
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from transformers import PreTrainedTokenizerBase
+
+    from actors.learner import LearnerGroup
+    from actors.object_store import CarriedState
+    from actors.pool import ActorPool
 
 log = logging.getLogger(__name__)
 
 
-def iteration_prompts(n: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
-    """Indices of the training prompts of an iteration: consecutive slices of a seeded permutation per epoch, so
-    every prompt is used once before any is used twice, and an iteration redone draws the same prompts."""
-    out = []
-    for position in range(iteration * per_iteration, (iteration + 1) * per_iteration):
-        epoch, offset = divmod(position, n)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
-    return out
+@dataclass
+class IterationInputs:
+    """What every iteration reads and none changes."""
 
-
-class Iterations:
-    """The finished iterations in the stage's scratch space: `iter_NNNN/metrics.json` for each, and `state.pt`
-    (weights and AdamW state) for the newest only. An iteration is finished once its folder exists: it is
-    written under a temporary name and renamed."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def done(self) -> list[int]:
-        return sorted(int(p.name[5:]) for p in self.root.glob("iter_[0-9][0-9][0-9][0-9]") if p.is_dir())
-
-    def metrics(self, i: int) -> dict[str, Any]:
-        return json.loads((self.root / f"iter_{i:04d}" / "metrics.json").read_text())
-
-    def state(self, i: int) -> dict[str, Any]:
-        import torch
-
-        return torch.load(self.root / f"iter_{i:04d}" / "state.pt", weights_only=True)
-
-    def save(self, i: int, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        import torch
-
-        tmp = self.root / f".iter_{i:04d}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
-        (tmp / "metrics.json").write_text(json.dumps(metrics, sort_keys=True))
-        tmp.rename(self.root / f"iter_{i:04d}")
-        for older in self.done():
-            if older < i:
-                (self.root / f"iter_{older:04d}" / "state.pt").unlink(missing_ok=True)
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[Prompt]  # the training split
+    reference: ObjectRef | None  # the starting student's state in the object store (None: no KL term)
 
 
 @dataclass
-class Rollout:
-    """One sampled completion and what the iteration learned about it."""
+class RefineWorkers:
+    """The stage's three Ray roles, started once for all its iterations."""
 
-    prompt: Prompt
-    group: int  # index of its prompt in the iteration
-    prompt_ids: list[int]  # the student's conversation
-    tokens: list[int]  # the completion, its end-of-turn token included when it stopped
-    finish_reason: str
-    text: str = ""
-    reward: float = 0.0
-    targets: Any = None  # the teacher's SoftTargets of the completion tokens (None: not scored)
+    students: ActorPool  # rollout actors (`actors/student.py`)
+    teachers: ActorPool  # the teacher scoring the completions (`actors/teacher.py`)
+    learner: LearnerGroup  # the Ray Train worker group that updates the student (`actors/learner.py`)
 
 
 class Refine(Stage):
@@ -117,7 +84,7 @@ class Refine(Stage):
         from transformers import AutoTokenizer
 
         from actors.learner import LearnerGroup
-        from actors.object_store import put_tensors
+        from actors.object_store import CarriedState, put_tensors
         from actors.pool import ActorPool, torch_threads
         from actors.student import StudentWorker
         from actors.teacher import teacher_pool
@@ -133,17 +100,17 @@ class Refine(Stage):
         prompts = load_prompts(cfg.data)["train"]
         if not prompts:
             raise ValueError("refine has no training prompts: set data.num_train_prompts >= 1")
-        kept = Iterations(ctx.scratch_dir / "iterations")
+        kept = IterationStore(ctx.scratch_dir / "iterations")
         done = kept.done()
         for i in done:  # a resumed stage: the iterations already finished, once each on this run
             self.log_iteration(ctx, i, kept.metrics(i))
         if done:
-            state = kept.state(done[-1])
+            carried = CarriedState(kept.state(done[-1]))
             log.info("refine: resuming after iteration %d of %d", done[-1], r.iterations)
         else:
-            state = {"model": model.state_dict(), "optimizer": None}
+            carried = CarriedState({"model": model.state_dict(), "optimizer": None})
         needs_reference = r.objective != "opd" and r.kl_coef > 0
-        reference = put_tensors(model.state_dict()) if needs_reference else None
+        inputs = IterationInputs(tokenizer, prompts, put_tensors(model.state_dict()) if needs_reference else None)
         model_cfg = model.cfg
         del model  # the state alone is carried: no second copy of the weights in this process
         storage = r.storage_path or cfg.train.storage_path or str((ctx.workdir / "checkpoints").resolve())
@@ -178,19 +145,16 @@ class Refine(Stage):
                     model_cfg, r, r.top_k, run_name, storage, channel_name=f"refine-{ctx.run_id[:8]}.learner"
                 ) as learner,
             ):
+                workers = RefineWorkers(students, teachers, learner)
                 for i in range(first, r.iterations):
-                    box = {"state": state}
-                    del state  # the iteration drops it once in the object store (the box is its last holder)
-                    state, metrics = self.iteration(
-                        ctx, i, box, reference, tokenizer, prompts, students, teachers, learner
-                    )
-                    kept.save(i, state, metrics)
+                    metrics = self.iteration(ctx, i, carried, inputs, workers)
+                    kept.save(i, carried.state, metrics)
                     self.log_iteration(ctx, i, metrics)
                     bar.update(1)
             drop_run(storage, run_name)  # the learner group's run folder: the iterations are kept in the scratch space
         bar.close()
         model = Transformer.from_pretrained(student_dir)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(carried.state["model"])
         out = ctx.output_dir("student")
         model.save_pretrained(out, tokenizer)
         report = summarize(r, [kept.metrics(i) for i in kept.done()])
@@ -199,36 +163,28 @@ class Refine(Stage):
         info = log_student(out, ctx.run_id, ctx.call.tracking_uri)
         ctx.set_tags({"moeforge.model_uri": info.model_uri})
 
-    def iteration(self, ctx, i, box, reference, tokenizer, prompts, students, teachers, learner):
-        """One iteration: rollouts, grading, teacher scoring, the update. Returns (new state, figures).
-
-        `box["state"]` is the state it starts from (weights, AdamW's), taken out of the box so that once it is in
-        the object store this process holds no second copy while the learner runs."""
-        import ray
+    def iteration(
+        self, ctx: StageContext, i: int, carried: CarriedState, inputs: IterationInputs, workers: RefineWorkers
+    ) -> dict[str, float]:
+        """One iteration: rollouts, grading, teacher scoring, the update. Returns its figures; `carried` then holds
+        the updated state."""
         import torch
 
-        from actors.learner import LearnerJob
-        from actors.object_store import put_tensors
         from pipeline.train.policy_losses import group_advantages
 
         r = ctx.config.refine
         t0 = time.perf_counter()
-        chosen = [prompts[j] for j in iteration_prompts(len(prompts), r.prompts_per_iteration, i, r.seed)]
-        state = box.pop("state")
-        weights = put_tensors(state["model"])  # one copy in the object store, for the rollout actors and the learner
-        rollouts, rollout_s = self.rollouts(ctx, i, weights, chosen, tokenizer, students)
-        grade(rollouts, tokenizer, ctx.config.teacher.answer_extractors)
-        scored_tokens, scoring_s = self.scores(ctx, rollouts, tokenizer, teachers)
+        chosen = [inputs.prompts[j] for j in iteration_prompts(len(inputs.prompts), r.prompts_per_iteration, i, r.seed)]
+        weights = carried.publish()  # one copy, in the object store, for the rollout actors and the learner
+        rollouts, rollout_s = self.rollouts(ctx, i, weights, chosen, inputs.tokenizer, workers.students)
+        grade(rollouts, inputs.tokenizer, ctx.config.teacher.answer_extractors)
+        scored_tokens, scoring_s = self.scores(ctx, rollouts, inputs.tokenizer, workers.teachers)
         rewards_PG = torch.tensor([[x.reward for x in rollouts if x.group == g] for g in range(len(chosen))])
         advantages_PG = group_advantages(rewards_PG) if r.objective != "opd" else torch.zeros_like(rewards_PG)
         samples = policy_samples(rollouts, advantages_PG)
+        del weights
         t_learn = time.perf_counter()
-        # AdamW's state in the object store too: a restarted worker group rebuilds its learners from the job
-        optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
-        job = LearnerJob(i, weights, optimizer, reference, ray.put(samples))
-        del state  # the caller's reference goes too: only the object store's copy is held while the learner runs
-        learned, new_state = learner.update(job)
-        del job, weights, optimizer
+        learned = workers.learner.update(i, carried, inputs.reference, samples)
         learn_s = time.perf_counter() - t_learn
         rollout_tokens = sum(len(x.tokens) for x in rollouts)
         own = [float(v) for x in rollouts if x.targets is not None and x.targets.token_logprobs is not None
@@ -239,30 +195,31 @@ class Refine(Stage):
         figures = RefineIteration(
             reward=float(rewards_PG.mean()),
             reward_std_within_groups=float(rewards_PG.std(dim=1).nan_to_num(0.0).mean()),
-            reverse_kl=learned["reverse_kl"],
+            reverse_kl=learned.reverse_kl,
             teacher_token_logprob=float(np.mean(own)) if own else math.nan,
-            entropy=learned["entropy"],
+            entropy=learned.entropy,
             completion_tokens=rollout_tokens / len(rollouts),
             truncated_rate=sum(x.finish_reason == "length" for x in rollouts) / len(rollouts),
-            clip_fraction=learned["clip_fraction"],
-            kl_to_start=learned["kl_to_start"],
-            routing_agreement=learned["routing_agreement"],
-            update_loss=learned["update_loss"],
+            clip_fraction=learned.clip_fraction,
+            kl_to_start=learned.kl_to_start,
+            routing_agreement=learned.routing_agreement,
+            update_loss=learned.update_loss,
             rollout_tokens_per_s=rollout_tokens / rollout_s,
             scoring_tokens_per_s=scored_tokens / scoring_s,
-            update_tokens_per_s=learned["learner_tokens"] / learn_s,
+            update_tokens_per_s=learned.learner_tokens / learn_s,
             rollout_tokens=float(rollout_tokens),
             teacher_scored_tokens=float(scored_tokens),
             seconds=time.perf_counter() - t0,
         )
-        metrics = {
+        return {
             **figures.to_metrics(),
-            "learner_tokens": learned["learner_tokens"],
+            "learner_tokens": learned.learner_tokens,
             **{f"reward.{task}": float(np.mean(v)) for task, v in sorted(by_task.items())},
         }
-        return new_state, metrics
 
-    def rollouts(self, ctx, i, weights_ref, chosen, tokenizer, students) -> tuple[list[Rollout], float]:
+    def rollouts(
+        self, ctx: StageContext, i: int, weights_ref: ObjectRef, chosen: list[Prompt], tokenizer, students: ActorPool
+    ) -> tuple[list[Rollout], float]:
         """Every prompt's `group_size` completions from the rollout actors, with this iteration's weights."""
         from actors.student import RolloutRequest, Weights
         from pipeline.data.prompts import chat_token_ids, student_messages
@@ -297,7 +254,7 @@ class Refine(Stage):
                 out += [Rollout(chosen[g], g, ids[g], toks, reason) for toks, reason in completions]
         return out, seconds
 
-    def scores(self, ctx, rollouts: list[Rollout], tokenizer, teachers) -> tuple[int, float]:
+    def scores(self, ctx: StageContext, rollouts: list[Rollout], tokenizer, teachers: ActorPool) -> tuple[int, float]:
         """The teacher's scores of every completion's tokens, after its best prompt (or the student's)."""
         from actors.teacher import TokenScoreRequest
         from pipeline.data.prompts import teacher_context_ids
@@ -340,57 +297,6 @@ def check_batch(r) -> None:
             f"refine: {samples} samples per iteration (prompts_per_iteration x group_size) cannot feed "
             f"{r.num_workers} learner workers x {r.updates_per_iteration} updates_per_iteration"
         )
-
-
-def grade(rollouts: list[Rollout], tokenizer, extractors) -> None:
-    """Each completion's reward: 1 when `evaluate` would count it correct (it stopped on its own, its answer was
-    found and the task's verifier accepts it), else 0."""
-    from pipeline.data.generation import Generation
-    from pipeline.data.rejection import judge
-
-    eos = tokenizer.eos_token_id
-    for x in rollouts:
-        x.text = tokenizer.decode([t for t in x.tokens if t != eos], skip_special_tokens=True)
-        gen = Generation(x.text, len(x.prompt_ids), len(x.tokens), x.finish_reason, 0.0)
-        x.reward = 1.0 if judge(x.prompt, gen, extractors, threshold=1.0, canonical=False).accepted else 0.0
-
-
-def policy_samples(rollouts: list[Rollout], advantages_PG) -> list:
-    """The learner's view of the rollouts: tokens, completion start, advantage, the teacher's top-k."""
-    from pipeline.train.policy_learner import PolicySample
-
-    seen: dict[int, int] = defaultdict(int)
-    out = []
-    for x in rollouts:
-        j = seen[x.group]
-        seen[x.group] += 1
-        t = x.targets
-        out.append(
-            PolicySample(
-                x.prompt_ids + x.tokens,
-                len(x.prompt_ids),
-                float(advantages_PG[x.group, j]),
-                None if t is None else t.topk_ids,
-                None if t is None else t.topk_logprobs,
-                None if t is None else t.tail_logmass,
-            )
-        )
-    return out
-
-
-def drop_run(storage: str, run_name: str) -> None:
-    """Remove a learner run's folder under `storage` (a local folder or a pyarrow filesystem URI)."""
-    import pyarrow.fs as pafs
-
-    from pipeline.artifacts import local_path
-
-    local = local_path(storage)
-    if local is not None:
-        shutil.rmtree(local / run_name, ignore_errors=True)
-        return
-    fs, base = pafs.FileSystem.from_uri(storage.rstrip("/") + "/" + run_name)
-    if fs.get_file_info(base).type != pafs.FileType.NotFound:
-        fs.delete_dir(base)
 
 
 def summarize(r, figures: list[dict[str, Any]]) -> RefineReport:

@@ -38,6 +38,19 @@ class PolicySample:
     tail_logmass: np.ndarray | None  # float [C]
 
 
+@dataclass(frozen=True)
+class LearnerMetrics:
+    """One iteration's update, over every rank: tokens summed, the rest per token (or per rank for the loss)."""
+
+    learner_tokens: float  # completion tokens trained on
+    reverse_kl: float  # KL(student || teacher) per scored completion token
+    entropy: float  # the student's per-token entropy at temperature 1
+    clip_fraction: float  # tokens whose importance ratio was clipped
+    kl_to_start: float  # KL(student || starting student) per token; nan without a reference
+    routing_agreement: float  # (token, layer) expert choices the update left unchanged
+    update_loss: float
+
+
 def to_batch(samples: list[PolicySample], k: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Right-padded tensors of a list of samples: tokens [B, T], and at the completion positions (N of them, in
     row order) the sampled tokens, advantages, whether the teacher scored them, and its top-k."""
@@ -196,7 +209,7 @@ class PolicyLearner:
         }
         return {"old_logp_N": old_N, "ref_logp_N": ref_N, **sums}, routes.ids
 
-    def update(self, samples: list[PolicySample], k: int) -> dict[str, float]:
+    def update(self, samples: list[PolicySample], k: int) -> LearnerMetrics:
         """Train on this rank's samples; returns the iteration's metrics, summed over ranks where they add up."""
         parts = [to_batch(p, k, self.device) for p in self.parts(samples)]
         measured = [self._measure(b) for b in parts]
@@ -245,16 +258,16 @@ class PolicyLearner:
 
             dist.all_reduce(totals)
         tokens, scored, rkl, entropy, clipped_t, kl_t, same_t, total_t, loss_sum = totals.tolist()
-        return {
-            "learner_tokens": tokens,
-            "reverse_kl": rkl / max(scored, 1.0),
-            "entropy": entropy / max(tokens, 1.0),
-            "clip_fraction": clipped_t / max(tokens, 1.0),
+        return LearnerMetrics(
+            learner_tokens=tokens,
+            reverse_kl=rkl / max(scored, 1.0),
+            entropy=entropy / max(tokens, 1.0),
+            clip_fraction=clipped_t / max(tokens, 1.0),
             # measured against the starting student only when there is one (kl_coef > 0 with grpo or both)
-            "kl_to_start": kl_t / max(tokens, 1.0) if self.reference is not None else float("nan"),
-            "routing_agreement": same_t / max(total_t, 1.0),
-            "update_loss": loss_sum / self.world,
-        }
+            kl_to_start=kl_t / max(tokens, 1.0) if self.reference is not None else float("nan"),
+            routing_agreement=same_t / max(total_t, 1.0),
+            update_loss=loss_sum / self.world,
+        )
 
     def state(self) -> dict[str, Any]:
         """What the next iteration starts from: the weights (router biases included) and AdamW's state."""

@@ -12,8 +12,8 @@ import pytest
 import ray
 import torch
 
-from actors.learner import LearnerGroup, LearnerJob
-from actors.object_store import put_tensors
+from actors.learner import LearnerGroup
+from actors.object_store import CarriedState
 from pipeline.config import RefineConfig
 from pipeline.model import Transformer
 from tests.actors.test_trainer import worker_pids
@@ -23,9 +23,12 @@ from tests.pipeline.train.test_policy_losses import CFG
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(600)]
 
 
-def job(i: int, state: dict, samples) -> LearnerJob:
-    optimizer = put_tensors(state["optimizer"]) if state["optimizer"] is not None else None
-    return LearnerJob(i, put_tensors(state["model"]), optimizer, None, samples)
+def update(group: LearnerGroup, i: int, state: dict, samples: list) -> tuple:
+    """(metrics, the new state) of iteration `i` from `state`, as the refine stage runs it."""
+    carried = CarriedState(state)
+    carried.publish()
+    metrics = group.update(i, carried, None, samples)
+    return metrics, carried.state
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -40,25 +43,25 @@ def test_one_group_updates_every_iteration_in_memory_as_from_the_state_it_handed
     torch.manual_seed(0)
     student, teacher = Transformer(CFG), Transformer(CFG).eval()
     rng = np.random.default_rng(0)
-    batches = [ray.put([sample(rng, teacher, advantage=float(a)) for a in (1, -1, 1, -1, 0, 0)]) for _ in range(2)]
+    batches = [[sample(rng, teacher, advantage=float(a)) for a in (1, -1, 1, -1, 0, 0)] for _ in range(2)]
     cfg = RefineConfig(objective="both", num_workers=2, updates_per_iteration=1, lr=1e-3, max_failures=1)
     start = {"model": student.state_dict(), "optimizer": None}
     with LearnerGroup(CFG, cfg, 8, "learner-test", str(tmp_path), channel_name="learner-test.channel") as group:
-        metrics, first = group.update(job(0, start, batches[0]))
-        assert metrics["learner_tokens"] == sum(len(s.tokens) - s.start for s in ray.get(batches[0]))  # both ranks'
-        assert metrics["reverse_kl"] > 0 and 0 < metrics["routing_agreement"] <= 1
+        metrics, first = update(group, 0, start, batches[0])
+        assert metrics.learner_tokens == sum(len(s.tokens) - s.start for s in batches[0])  # both ranks'
+        assert metrics.reverse_kl > 0 and 0 < metrics.routing_agreement <= 1
         assert any(not torch.equal(student.state_dict()[k], v) for k, v in first["model"].items())
         assert first["optimizer"]["state"]  # AdamW's moments, for the next iteration
         pids = worker_pids()
         assert len(pids) == 2
-        _, in_memory = group.update(job(1, first, batches[1]))  # both ranks go on from their own model
+        _, in_memory = update(group, 1, first, batches[1])  # both ranks go on from their own model
         assert sorted(worker_pids()) == sorted(pids)  # the same workers: no group started per iteration
         # the same job again: the ranks have moved past it, so they rebuild from the job's state
-        _, rebuilt = group.update(job(1, first, batches[1]))
+        _, rebuilt = update(group, 1, first, batches[1])
         assert_same_state(in_memory, rebuilt)
         # a worker killed between iterations: Ray Train restarts the group, which rebuilds and updates the same
         os.kill(pids[-1], signal.SIGKILL)
-        _, restarted = group.update(job(1, first, batches[1]))
+        _, restarted = update(group, 1, first, batches[1])
         assert not set(worker_pids()) & set(pids)
         assert_same_state(in_memory, restarted)
         assert ray.get(group.channel.status.remote()) == {"iteration": None, "updating": []}
@@ -68,7 +71,7 @@ def test_a_group_that_cannot_recover_fails_the_update_with_its_cause(tmp_path):
     torch.manual_seed(0)
     student = Transformer(CFG)
     cfg = RefineConfig(objective="opd", num_workers=2, updates_per_iteration=1, max_failures=0)
-    bad = ray.put([])  # no samples: every rank refuses the update (PolicyLearner.parts)
+    bad: list = []  # no samples: every rank refuses the update (PolicyLearner.parts)
     failed = pytest.raises(RuntimeError, match=r"(?s)failed after 0 restart\(s\).*0 samples for 1 updates")
     with LearnerGroup(CFG, cfg, 8, "learner-fail", str(tmp_path)) as group, failed:
-        group.update(job(0, {"model": student.state_dict(), "optimizer": None}, bad))
+        update(group, 0, {"model": student.state_dict(), "optimizer": None}, bad)

@@ -32,3 +32,19 @@ def test_a_nested_state_comes_back_equal_as_views_or_as_copies():
     restored.step()  # the moments are its own: stepping writes them
     moment = restored.state_dict()["state"][0]["exp_avg"]
     assert not torch.equal(moment, state["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_the_carried_state_is_in_one_place_at_a_time():
+    from actors.object_store import CarriedState, get_tensors
+
+    state = {"model": {"w": torch.arange(4.0)}, "optimizer": None}
+    carried = CarriedState(state)
+    assert carried.state is state and carried.weights is None
+    ref = carried.publish()
+    with pytest.raises(RuntimeError, match="in the object store while an iteration runs"):
+        carried.state  # noqa: B018 - the property raises
+    assert carried.weights is ref and carried.optimizer is None
+    assert torch.equal(get_tensors(ref)["w"], torch.arange(4.0))
+    new = {"model": {"w": torch.zeros(4)}, "optimizer": {"state": {}}}
+    carried.replace(new)
+    assert carried.state is new and carried.weights is None and carried.optimizer is None

@@ -20,8 +20,8 @@ from pipeline.config import load_config
 from pipeline.data.prompts import chat_token_ids, teacher_messages
 from pipeline.data.sources import load_prompts
 from pipeline.runner import run_pipeline
-from pipeline.stages.refine import iteration_prompts
 from pipeline.stages.results import RefineIteration, RefineReport, Registration, read_result
+from pipeline.train.rollouts import iteration_prompts
 from tests.actors.sigkill import KillWhen
 from tests.pipeline.stages.conftest import TEACHER_SAMPLES
 
@@ -168,9 +168,9 @@ def test_iteration_prompts_use_every_prompt_once_per_epoch_and_repeat_on_a_redo(
 
 
 def test_a_kept_iteration_is_whole_or_absent_and_only_the_newest_keeps_its_state(tmp_path):
-    from pipeline.stages.refine import Iterations
+    from pipeline.train.iteration_store import IterationStore
 
-    kept = Iterations(tmp_path / "it")
+    kept = IterationStore(tmp_path / "it")
     kept.save(0, {"model": {"w": torch.ones(2)}, "optimizer": None}, {"reward": 0.25})
     kept.save(1, {"model": {"w": torch.zeros(2)}, "optimizer": None}, {"reward": 0.5})
     (tmp_path / "it" / ".iter_0002.partial").mkdir()  # a save cut short: not an iteration

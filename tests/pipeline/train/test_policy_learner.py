@@ -51,11 +51,11 @@ def test_an_opd_update_brings_the_student_closer_to_the_teacher_and_leaves_the_r
     first = learner.update(samples, V)
     for _ in range(5):
         again = learner.update(samples, V)
-    assert again["reverse_kl"] < 0.5 * first["reverse_kl"], (first, again)
-    assert first["learner_tokens"] == sum(len(s.tokens) - s.start for s in samples)
+    assert again.reverse_kl < 0.5 * first.reverse_kl, (first, again)
+    assert first.learner_tokens == sum(len(s.tokens) - s.start for s in samples)
     gates_after = [g.weight for g in learner.model.modules() if isinstance(g, Gate)]
     assert all(torch.equal(a, b) for a, b in zip(gates_before, gates_after, strict=True))  # router: frozen
-    assert 0.0 < again["routing_agreement"] <= 1.0
+    assert 0.0 < again.routing_agreement <= 1.0
     # the state carries AdamW's moments into the next iteration
     state = learner.state()
     resumed = PolicyLearner(CFG, cfg, state["model"], state["optimizer"])
