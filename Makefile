@@ -56,7 +56,7 @@ test-fast: $(STAMP) $(LLAMACPP_STAMP)
 
 # ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, simplifications, McCabe complexity <= 10) and
 # ruff's formatter (checked, not applied) over the whole tree, and mypy over the typed packages (the model, the
-# config, the stages, serving, training); settings in pyproject.toml. CI runs this before the tests, and
+# config, the stages, serving, training, the actors); settings in pyproject.toml. CI runs this before the tests, and
 # .pre-commit-config.yaml runs the same commands.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

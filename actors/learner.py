@@ -109,14 +109,16 @@ class LearnerChannel:
         self.stopped = True
 
 
-def learner_loop(setup: LearnerSetup) -> None:
-    """The body of every learner worker: one job after another until the stage stops the channel."""
+def learner_loop(config: dict[str, Any]) -> None:
+    """The body of every learner worker: one job after another until the stage stops the channel;
+    `config["setup"]` is the `LearnerSetup`."""
     import ray
     import ray.train
     import ray.train.torch
 
     from pipeline.train.policy_learner import PolicyLearner
 
+    setup: LearnerSetup = config["setup"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -166,8 +168,9 @@ class LearnerGroup:
 
     def __enter__(self) -> LearnerGroup:
         import ray
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.train.torch import TorchConfig
+        from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig  # V2, named: see actors/trainer.py
+        from ray.train.v2.torch.torch_trainer import TorchTrainer
 
         cfg = self.cfg
         options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
@@ -178,7 +181,7 @@ class LearnerGroup:
         resources = {"CPU": cfg.num_cpus_per_actor, **({"GPU": 1} if use_gpu else {})}
         trainer = TorchTrainer(
             learner_loop,
-            train_loop_config=LearnerSetup(self.model, cfg, self.top_k, self.channel),
+            train_loop_config={"setup": LearnerSetup(self.model, cfg, self.top_k, self.channel)},
             scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(

@@ -15,11 +15,11 @@ Ray). `build_app(args)` is the application builder: the same function is the `im
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, SecretStr
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from pipeline.config import MoeforgeConfig, RegistryConfig, ServeConfig, format_validation_error, load_config
 from pipeline.serving.app import create_app
@@ -118,7 +118,8 @@ def application(settings: ServeConfig, model: str, tracking_uri: str | None) -> 
     """
     key = deployer_key(settings)
     source = resolve(model, tracking_uri)
-    deployment = OpenAIServer.options(**deployment_options(settings))
+    # `@serve.deployment` made the class a Deployment; mypy does not apply class decorators' return types
+    deployment = cast(Deployment, OpenAIServer).options(**deployment_options(settings))
     return deployment.bind(
         source.to_dict(), settings.model_dump(mode="json"), tracking_uri, SecretStr(key) if key else None
     )
@@ -167,6 +168,9 @@ def url() -> str:
     """Base URL of the running Serve proxy (its HTTP options are fixed when Serve first starts on a cluster)."""
     from ray.serve.context import _get_global_client
 
-    http = _get_global_client().http_config
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not running on this cluster")
+    http = client.http_config
     host = "127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host
     return f"http://{host}:{http.port}"

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import ArtifactRef
@@ -88,7 +89,7 @@ class StudentWorker:
         if num_threads:
             torch.set_num_threads(num_threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.student = Student(fetch(ref, tracking_uri, workdir), device, dtype, compile_decode_max_batch)
+        self.student = Student(fetch(ref, tracking_uri, Path(workdir)), device, dtype, compile_decode_max_batch)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.weights_version = 0  # the artifact's own weights
 

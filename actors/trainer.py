@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,7 +37,10 @@ class StepLog:
     def __init__(self, job: TrainJob):
         from mlflow import MlflowClient
 
-        self.client, self.run_id, self.pending = MlflowClient(job.tracking_uri), job.run_id, []
+        if job.run_id is None:
+            raise ValueError("StepLog needs TrainJob.run_id: the MLflow run rank 0 logs to")
+        self.client, self.run_id = MlflowClient(job.tracking_uri), job.run_id
+        self.pending: list = []  # MLflow's RunOperations of the async logging, waited on by `wait`
         self.system = None
         try:  # CPU, memory, disk, network (and GPU when pynvml is present) of this worker's node
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -74,6 +78,8 @@ class StepLog:
 def train_rows(job: TrainJob, rank: int, world: int) -> RankRows:
     """This worker's training rows of `job.data`: its contiguous share, the held-out samples skipped."""
     t = job.train
+    if job.data is None:
+        raise ValueError("TrainJob.data is not set: the soft-target shards to train on")
 
     def keep(row: dict) -> bool:
         return not is_held_out(row["sample_id"], t.val_fraction, t.seed)
@@ -84,7 +90,7 @@ def train_rows(job: TrainJob, rank: int, world: int) -> RankRows:
 def held_out_rows(job: TrainJob) -> list[dict]:
     """The validation rows: the first `val_max_samples` held-out samples of `job.data`, in file order."""
     t = job.train
-    if t.val_fraction <= 0:
+    if t.val_fraction <= 0 or job.data is None:
         return []
     return first_rows(job.data, lambda r: is_held_out(r["sample_id"], t.val_fraction, t.seed), t.val_max_samples)
 
@@ -104,12 +110,13 @@ def worker_job(job: TrainJob, rank: int) -> TrainJob:
     return job
 
 
-def train_loop(job: TrainJob) -> None:
-    """The body of every Ray Train worker."""
+def train_loop(config: dict[str, Any]) -> None:
+    """The body of every Ray Train worker; `config["job"]` is the `TrainJob`."""
     import ray
     import ray.train
     import ray.train.torch
 
+    job: TrainJob = config["job"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -259,8 +266,12 @@ def fit(job: TrainJob, run_name: str, storage_path: str):
     The same `run_name` and `storage_path` continue the latest checkpoint stored there. Returns the Train
     `Result` (its `checkpoint` is the final one).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
+
+    # Ray Train V2 (Ray's default trainer), named explicitly: `ray.train`'s names switch on RAY_TRAIN_V2_ENABLED at
+    # import time, so a type checker reads V1's classes there (no `worker_runtime_env`, a dict-only loop config)
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.torch.torch_trainer import TorchTrainer
 
     from pipeline.train.parquet_rows import rank_pieces, row_groups
 
@@ -271,7 +282,7 @@ def fit(job: TrainJob, run_name: str, storage_path: str):
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=job,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         run_config=RunConfig(
