@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.object_store import CarriedState, get_tensors, put_tensors
-from actors.trainer import return_large_frees_to_the_os
 from pipeline.config import RefineConfig
 from pipeline.model import ModelConfig
+from pipeline.train.loop import return_large_frees_to_the_os
 from pipeline.train.policy_learner import LearnerMetrics
 
 if TYPE_CHECKING:

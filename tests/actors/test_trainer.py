@@ -87,7 +87,7 @@ def _recording_loop(config: dict) -> None:
 
     import ray.train
 
-    from actors.trainer import train_rows
+    from pipeline.train.loop import train_rows
     from pipeline.train.replica import Replica
 
     context = ray.train.get_context()
