@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ class ActorPool:
         scheduling_strategy: Ray scheduling strategy; "SPREAD" places actors over as many nodes as possible.
         max_in_flight_per_actor: calls queued on one actor at a time.
         max_replacements: actor deaths tolerated over the pool's life before giving up.
+        start_timeout_s: how long the actors may take to be placed and built; past it the pool fails naming the
+            resources it asked for and what the cluster has free (an actor that cannot be placed would otherwise
+            wait forever: Ray queues it until resources appear).
     """
 
     def __init__(
@@ -68,6 +72,7 @@ class ActorPool:
         scheduling_strategy: Any = "SPREAD",
         max_in_flight_per_actor: int = 2,
         max_replacements: int = 8,
+        start_timeout_s: float = 600.0,
     ):
         self._remote: Any = ray.remote(cls)  # an ActorClass of `cls`
         self._args, self._kwargs = args, kwargs or {}
@@ -77,6 +82,7 @@ class ActorPool:
         )
         self.max_in_flight_per_actor = max_in_flight_per_actor
         self.max_replacements = max_replacements
+        self.start_timeout_s = start_timeout_s
         self.replacements = 0
         self.peak_in_flight = 0  # most calls queued at once over the pool's life (backpressure is observable)
         self.slots = [_Slot(i, self._start(i, 0)) for i in range(size)]
@@ -98,9 +104,13 @@ class ActorPool:
         replaced like one that dies mid-work, within `max_replacements`.
         """
         waiting = {s.actor.__ray_ready__.remote(): s for s in slots}
+        deadline = time.monotonic() + self.start_timeout_s
         try:
             while waiting:
-                [ref], _ = ray.wait(list(waiting), num_returns=1)
+                ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise PoolError(self._not_started(len(waiting)))
+                [ref] = ready
                 slot = waiting.pop(ref)
                 try:
                     ray.get(ref)
@@ -112,6 +122,17 @@ class ActorPool:
         except PoolError:
             self.shutdown()
             raise
+
+    def _not_started(self, pending: int) -> str:
+        o = self._options
+        asked = f"{o['num_cpus']:g} CPU" + (f" + {o['num_gpus']:g} GPU" if o["num_gpus"] else "")
+        free, total = ray.available_resources(), ray.cluster_resources()
+        have = ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
+        return (
+            f"{self.name}: {pending} of {len(self.slots)} actors not started within {self.start_timeout_s:g} s; "
+            f"each asks for {asked}, the cluster has free: {have or 'nothing'} (lower the stage's num_actors or "
+            "num_cpus_per_actor, or add nodes; a constructor still loading its model takes this long too)"
+        )
 
     @property
     def actors(self) -> list:

@@ -103,3 +103,24 @@ def test_a_replacement_whose_constructor_raises_fails_fast_with_its_error(tmp_pa
         with pytest.raises(PoolError, match=r"replacement actor failed to start: .*model file not found"):
             done.extend(pool.map_unordered("work", [(i, i) for i in range(30)]))
         assert killer.join() and pool.replacements == 1, (killer.killed, pool.replacements, len(done))
+
+
+def test_actors_the_cluster_cannot_place_fail_within_the_start_timeout_naming_what_they_asked_for():
+    """Ray queues an actor it cannot place until resources appear, which on a fixed cluster is never: the pool
+    stops waiting after `start_timeout_s` and says what each actor asked for and what the cluster has free."""
+    t0 = time.monotonic()
+    with pytest.raises(PoolError, match=r"t-huge: 2 of 2 actors not started within 3 s; each asks for 64 CPU, the "
+                       r"cluster has free: CPU [\d.]+ of 2"):  # fmt: skip
+        ActorPool(Worker, size=2, name="t-huge", num_cpus=64, start_timeout_s=3)
+    assert time.monotonic() - t0 < 30
+    deadline = time.monotonic() + 20  # none left queued (a kill is asynchronous)
+    while [a for a in ray.util.list_named_actors() if a.startswith("t-huge")] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [a for a in ray.util.list_named_actors() if a.startswith("t-huge")]
+
+
+def test_a_slow_constructor_within_the_start_timeout_starts():
+    with ActorPool(
+        Worker, kwargs={"start_seconds": 2.0}, size=1, name="t-slow-start", num_cpus=0, start_timeout_s=30
+    ) as pool:
+        assert dict(pool.map_unordered("work", [(3, 3)]))[3][0] == 9
