@@ -1,15 +1,14 @@
 """The learner role of `refine`: one Ray Train worker group for the whole stage, every worker one `PolicyLearner`
 (`pipeline/train/policy_learner.py`) that stays in memory from one iteration to the next.
 
-Starting a worker group, building the model and loading the state took most of an iteration when the group was
-started again for each one. Here, as in verl's actor worker group, the group starts once (while the first
-rollouts run) and the stage hands it one job per iteration through a small channel actor: the graded,
-teacher-scored samples and the refs of the state the iteration starts from. Each rank trains on every `world`-th
-sample, DDP over gloo (CPU) or NCCL (GPU) keeps the ranks equal, and rank 0 hands back the new state (weights,
-AdamW's) through the object store. A rank reuses its in-memory learner when it finished the previous iteration
-itself, and otherwise builds one from the job's state, so a worker group that Ray Train restarted after a worker
-died (`refine.max_failures` restarts over the stage) redoes the pending iteration from its start: nothing is
-applied twice, since an update only exists once the stage has taken its result.
+Starting a group, building the model and loading the state took most of an iteration when done per iteration. As in
+verl's actor worker group, the group starts once (while the first rollouts run) and the stage hands it one job per
+iteration through a channel actor: the graded, teacher-scored samples and the refs of the starting state. Each rank
+trains on every `world`-th sample, DDP over gloo (CPU) or NCCL (GPU) keeps the ranks equal, and rank 0 hands back
+the new state (weights, AdamW's) through the object store. A rank reuses its in-memory learner when it finished the
+previous iteration itself, and otherwise builds one from the job's state, so a worker group that Ray Train restarted
+after a worker died (`refine.max_failures` restarts over the stage) redoes the pending iteration from its start:
+nothing is applied twice, since an update only exists once the stage has taken its result.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.object_store import CarriedState, get_tensors, put_tensors
+from actors.trainer import named_start_failure
 from pipeline.config import RefineConfig
 from pipeline.model import ModelConfig
 from pipeline.train.loop import return_large_frees_to_the_os
@@ -187,7 +187,8 @@ class LearnerGroup:
             run_config=RunConfig(
                 name=self.run_name,
                 storage_path=self.storage_path,
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                # a group that cannot start is bounded too (see actors/trainer.py's fit)
+                failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures),
                 worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}},
             ),
         )
@@ -196,7 +197,8 @@ class LearnerGroup:
             try:
                 trainer.fit()
             except Exception as e:  # noqa: BLE001 - any failure is handed to the waiting `update`, which raises it
-                self._error = e
+                knobs = "refine.num_workers or refine.num_cpus_per_actor"
+                self._error = named_start_failure(e, cfg.num_workers, resources, cfg.max_failures + 1, knobs)
 
         self._thread = threading.Thread(target=fit, name=f"{self.run_name}.fit", daemon=True)
         self._thread.start()

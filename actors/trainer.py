@@ -152,12 +152,50 @@ def fit(job: TrainJob, run_name: str, storage_path: str):
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # a worker group that cannot start (workers the cluster has no room for) is a controller failure, which
+            # Ray Train retries without limit by default: bounded like worker failures, the stage fails after
+            # (max_failures + 1) x RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) instead of waiting forever
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             worker_runtime_env={"env_vars": _worker_env()},
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except Exception as e:
+        named = named_start_failure(e, cfg.num_workers, resources, cfg.max_failures + 1)
+        if named is e:
+            raise
+        raise named from e
+
+
+class WorkerGroupNotStarted(RuntimeError):
+    """The training workers could not be placed on the cluster within Ray Train's start timeout, every try."""
+
+
+def named_start_failure(
+    e: Exception,
+    workers: int,
+    resources: dict[str, float],
+    tries: int,
+    knobs: str = "train.num_workers or train.cpus_per_worker",
+) -> Exception:
+    """`e`, or where it is Ray Train's worker group start timeout, a `WorkerGroupNotStarted` that says what the
+    workers asked for and what the cluster has free."""
+    import ray
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # what a controller failure was
+    from ray.train.v2.api.exceptions import ControllerError
+
+    if not (isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError)):
+        return e
+    asked = " + ".join(f"{v:g} {k}" for k, v in resources.items())
+    free, total = ray.available_resources(), ray.cluster_resources()
+    have = ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
+    return WorkerGroupNotStarted(
+        f"{workers} Ray Train workers of {asked} each could not start in {tries} tries of "
+        f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; the cluster has free: {have or 'nothing'} (lower {knobs}, or "
+        "add nodes)"
+    )
 
 
 def _worker_env() -> dict[str, str]:

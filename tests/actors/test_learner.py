@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -75,3 +76,18 @@ def test_a_group_that_cannot_recover_fails_the_update_with_its_cause(tmp_path):
     failed = pytest.raises(RuntimeError, match=r"(?s)failed after 0 restart\(s\).*0 samples for 1 updates")
     with LearnerGroup(CFG, cfg, 8, "learner-fail", str(tmp_path)) as group, failed:
         update(group, 0, {"model": student.state_dict(), "optimizer": None}, bad)
+
+
+def test_a_group_the_cluster_cannot_place_fails_the_update_in_bounded_time_naming_what_it_asked_for(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    student = Transformer(CFG)
+    cfg = RefineConfig(objective="opd", num_workers=2, num_cpus_per_actor=8, updates_per_iteration=1, max_failures=1)
+    t0 = time.monotonic()
+    failed = pytest.raises(
+        RuntimeError, match=r"2 Ray Train workers of 8 CPU each could not start in 2 tries .*lower refine.num_workers"
+    )
+    with LearnerGroup(CFG, cfg, 8, "learner-unplaceable", str(tmp_path)) as group, failed:
+        update(group, 0, {"model": student.state_dict(), "optimizer": None}, [])
+    assert time.monotonic() - t0 < 120

@@ -187,3 +187,23 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint_and_finishes_the_pl
     assert any(p > 0 for p in positions)  # the runs ended mid-epoch too: positions are windows, not epochs
     for name, w in never_killed.items():
         torch.testing.assert_close(resumed[name], w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_workers_the_cluster_cannot_place_fail_the_fit_in_bounded_time_naming_what_they_asked_for(
+    tmp_path, monkeypatch
+):
+    """Ray Train retries a worker group that cannot start without limit by default (a controller failure): here it
+    is bounded like worker failures, and the error says what the workers asked for and what the cluster has."""
+    from actors.trainer import WorkerGroupNotStarted
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # Ray Train hands it to its controller
+    j = with_data(job(num_workers=2, max_steps=2, cpus_per_worker=8, max_failures=1), shards(tmp_path / "st", 16))
+    t0 = time.monotonic()
+    with pytest.raises(
+        WorkerGroupNotStarted,
+        match=r"2 Ray Train workers of 8 CPU each could not start in 2 tries .* free: CPU [\d.]+ of 2",
+    ):
+        fit(j, "unplaceable", str(tmp_path / "ckpt"))
+    assert time.monotonic() - t0 < 120
