@@ -140,3 +140,22 @@ def test_a_version_without_a_recorded_hash_is_refused(registered_student):
         from pipeline.artifacts import content_hash
 
         client.set_model_version_tag(s.name, "1", CONTENT_HASH_TAG, content_hash(s.directory))
+
+
+def test_an_mlmodel_that_points_out_of_its_folder_names_no_student(tmp_path):
+    """What a downloaded model says about where its student is, is followed inside its own folder only."""
+    from pipeline.serving.source import student_in
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    model = tmp_path / "model"
+    (model / "artifacts" / "trained_student").mkdir(parents=True)
+    (model / "artifacts" / "trained_student" / "config.json").write_text("{}")
+    mlmodel = "flavors:\n  python_function:\n    artifacts:\n      student:\n        path: {}\n"
+    (model / "MLmodel").write_text(mlmodel.format("artifacts/trained_student"))
+    assert student_in(model) == model / "artifacts" / "trained_student"
+    (model / "MLmodel").write_text(mlmodel.format("../outside"))
+    assert student_in(model) is None
+    (model / "MLmodel").write_text("not: [yaml")
+    assert student_in(model) is None
