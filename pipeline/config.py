@@ -422,7 +422,7 @@ class TrackingConfig(Section):
 
     uri: str | None = None
     experiment: str = Field("moeforge", min_length=1)
-    workdir: str = ".moeforge"  # local state: default MLflow store, artifact cache, scratch space
+    workdir: str = ".moeforge"  # local state: default MLflow store, artifact cache, resume space
     artifact_location: str | None = None  # new experiments only; None: <workdir>/mlartifacts (local default)
 
 

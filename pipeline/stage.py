@@ -171,7 +171,7 @@ class StageCall:
 
 
 class StageContext:
-    """The API a stage's `run` uses: inputs, outputs, scratch space, metrics, progress."""
+    """The API a stage's `run` uses: inputs, outputs, resume space, metrics, progress."""
 
     def __init__(self, call: StageCall):
         from mlflow import MlflowClient
@@ -187,20 +187,20 @@ class StageContext:
         # Survives a failed attempt (same cache key), so a stage may continue from its own partial work. Two runs
         # of one stage with the same key (two drivers on one workdir) would share it, and the first to finish would
         # delete it under the other: an OS file lock (released by the kernel if this process dies) makes the
-        # second wait for the first to finish, then start from a clean scratch space.
-        self.scratch_dir = self.workdir / "scratch" / f"{call.stage.name}-{call.key[:16]}"
-        self.scratch_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._scratch_lock = FileLock(f"{self.scratch_dir}.lock", thread_local=False)
+        # second wait for the first to finish, then start from a clean resume space.
+        self.resume_dir = self.workdir / "resume" / f"{call.stage.name}-{call.key[:16]}"
+        self.resume_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._resume_lock = FileLock(f"{self.resume_dir}.lock", thread_local=False)
         try:
-            self._scratch_lock.acquire(timeout=0)
+            self._resume_lock.acquire(timeout=0)
         except Timeout:
             log.warning(
                 "stage %s: another run holds %s (same stage, same cache key); waiting for it to finish",
                 call.stage.name,
-                self.scratch_dir,
+                self.resume_dir,
             )
-            self._scratch_lock.acquire()
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+            self._resume_lock.acquire()
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def scheduling_strategy(self) -> str:
@@ -253,9 +253,9 @@ class StageContext:
         shutil.rmtree(self._staging, ignore_errors=True)
         try:
             if succeeded:
-                shutil.rmtree(self.scratch_dir, ignore_errors=True)
+                shutil.rmtree(self.resume_dir, ignore_errors=True)
         finally:
-            self._scratch_lock.release()
+            self._resume_lock.release()
 
     # ------------------------------------------------------------------------------------------------ tracking
 

@@ -1,9 +1,10 @@
-"""The MoE student in plain PyTorch, no Ray and nothing of the application's config: config.py (its own typed
-config and named sizes), mla.py (attention + latent KV cache), moe.py (DeepSeekMoE + balancing), transformer.py
-(the model, FLOPs, save/load), generate.py (batched decoding), loss.py (the fused output head + cross-entropy),
-scratch.py (per-thread buffers for large temporaries), precision.py (the dtype a student answers in),
-decode_timing.py (prefill and decode speed beside the teacher), hf_compat.py (transformers' DeepseekV3 config and
-weights), convert/ (a teacher's weights rebuilt as the student, and the recovery training after).
+"""The MoE student in plain PyTorch, no Ray and nothing of the application's config: config.py (its own typed config
+and named sizes), mla.py (attention + latent KV cache), moe.py (DeepSeekMoE + balancing), transformer.py (the model,
+FLOPs, save/load), generate.py (batched decoding), loss.py (the fused output head + cross-entropy),
+reused_tensors.py (per-thread buffers for large temporaries, weights kept in a second layout), precision.py (the
+dtype a student answers in), decode_timing.py (prefill and decode speed beside the teacher), hf_compat.py
+(transformers' DeepseekV3 config and weights), convert/ (a teacher's weights rebuilt as the student, and the
+recovery training after).
 
 The names below load lazily (PEP 562): `import pipeline.model.config` — what the config loader does — does not
 pull in torch. The decoding function is imported from its module (`pipeline.model.generate.generate`): a

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.model.scratch import scratch
+from pipeline.model.reused_tensors import temporary_buffers
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -25,7 +25,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         g_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         if n_valid:
-            buf_nV = scratch.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
+            buf_nV = temporary_buffers.get("ce_logits", (min(chunk, N), w_VD.shape[0]), h_ND, torch.float32)
             for s in range(0, N, chunk):  # n: the chunk's rows
                 h_nD, targets_n, valid_n = h_ND[s : s + chunk].float(), targets_N[s : s + chunk], valid_N[s : s + chunk]
                 n = h_nD.shape[0]

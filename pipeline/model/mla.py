@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.scratch import DerivedLayout
+from pipeline.model.reused_tensors import DerivedLayout
 
 
 class RMSNorm(nn.Module):

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import ModelConfig
-from pipeline.model.scratch import DerivedLayout
-from pipeline.model.scratch import scratch as _scratch
+from pipeline.model.reused_tensors import DerivedLayout
+from pipeline.model.reused_tensors import temporary_buffers as _buffers
 
 
 class MLP(nn.Module):
@@ -123,7 +123,7 @@ class _RoutedExperts(torch.autograd.Function):
         up_AF = _segment_mm(x_AD, w3_EFD, counts, x_AD.new_empty(A, F_))
         silu_AF = F.silu(gate_AF)
         act_w_AF = silu_AF * up_AF * w_A[:, None]
-        y_AD = _segment_mm(act_w_AF, w2_EDF, counts, _scratch.get("y", (A, x_ND.shape[1]), x_AD))
+        y_AD = _segment_mm(act_w_AF, w2_EDF, counts, _buffers.get("y", (A, x_ND.shape[1]), x_AD))
         ctx.save_for_backward(x_AD, gate_AF, up_AF, silu_AF, act_w_AF, w_A, tok_A, w13_E2FD, w2_EDF)
         ctx.counts, ctx.N = counts, x_ND.shape[0]
         return torch.zeros_like(x_ND).index_add_(0, tok_A, y_AD)
@@ -133,16 +133,16 @@ class _RoutedExperts(torch.autograd.Function):
         x_AD, gate_AF, up_AF, silu_AF, act_w_AF, w_A, tok_A, w13_E2FD, w2_EDF = ctx.saved_tensors
         counts, F_ = ctx.counts, silu_AF.shape[1]
         A = tok_A.shape[0]
-        g_y_AD = torch.index_select(g_out_ND, 0, tok_A, out=_scratch.get("g_y", (A, g_out_ND.shape[1]), x_AD))
-        g_act_w_AF = _segment_mm(g_y_AD, w2_EDF, counts, _scratch.get("g_act", (A, F_), x_AD), transpose=False)
+        g_y_AD = torch.index_select(g_out_ND, 0, tok_A, out=_buffers.get("g_y", (A, g_out_ND.shape[1]), x_AD))
+        g_act_w_AF = _segment_mm(g_y_AD, w2_EDF, counts, _buffers.get("g_act", (A, F_), x_AD), transpose=False)
         g_w2_EDF = _segment_wgrad(g_y_AD, act_w_AF, counts, torch.empty_like(w2_EDF))
         g_w_A = torch.linalg.vecdot(g_act_w_AF, silu_AF * up_AF)  # recomputed: cheaper than keeping it
         g_act_AF = g_act_w_AF.mul_(w_A[:, None])
-        g_gate_AF = torch.mul(g_act_AF, up_AF, out=_scratch.get("g_gate", (A, F_), x_AD))
+        g_gate_AF = torch.mul(g_act_AF, up_AF, out=_buffers.get("g_gate", (A, F_), x_AD))
         torch.ops.aten.silu_backward(g_gate_AF, gate_AF, grad_input=g_gate_AF)
         g_up_AF = g_act_AF.mul_(silu_AF)
         w1_EFD, w3_EFD = w13_E2FD[:, :F_], w13_E2FD[:, F_:]
-        g_x_AD = _segment_mm(g_gate_AF, w1_EFD, counts, _scratch.get("g_x", tuple(x_AD.shape), x_AD), transpose=False)
+        g_x_AD = _segment_mm(g_gate_AF, w1_EFD, counts, _buffers.get("g_x", tuple(x_AD.shape), x_AD), transpose=False)
         _segment_mm(g_up_AF, w3_EFD, counts, g_x_AD, transpose=False, accumulate=True)
         g_w13_E2FD = torch.empty_like(w13_E2FD)
         _segment_wgrad(g_gate_AF, x_AD, counts, g_w13_E2FD[:, :F_])

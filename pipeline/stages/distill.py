@@ -54,7 +54,7 @@ class Distill(Stage):
         rows = samples.select(["sample_id", "task", "question", "completion"]).to_pylist()
         size = cfg.distill.shard_size
         parts = {i: rows[start : start + size] for i, start in enumerate(range(0, len(rows), size))}
-        shards = Shards(ctx.scratch_dir, SOFT_TARGETS)
+        shards = Shards(ctx.resume_dir, SOFT_TARGETS)
         dtype = soft_targets_schema(cfg.distill.logprob_dtype)
         out = ctx.output_dir("soft_targets")
         tokenizer, teacher_id = self.score(ctx, parts, shards, dtype)

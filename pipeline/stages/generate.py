@@ -3,7 +3,7 @@
 Prompts come from the configured source (a reasoning-gym mixture or a user file) in two disjoint splits: the
 held-out split is written as `eval_prompts` for `evaluate`; the training split is cut into fixed partitions of
 `generate.shard_size` prompts. Each partition is one unit of work for the teacher actor pool and one Parquet shard
-named after it, written to the stage's scratch space as soon as it is graded. A partition retried after an actor
+named after it, written to the stage's resume space as soon as it is graded. A partition retried after an actor
 died regenerates the same samples (its seed is fixed) and overwrites its own shard; a stage re-run after a crash
 skips partitions whose shard is already there. Every sample is kept, accepted or flagged with its reason.
 """
@@ -116,7 +116,7 @@ class Generate(Stage):
         splits = load_prompts(cfg.data)
         ctx.write_table("eval_prompts", prompts_table(splits["eval"]))
         parts = partitions(splits["train"], cfg.generate.shard_size, cfg.generate.seed)
-        shards = Shards(ctx.scratch_dir, SAMPLES)
+        shards = Shards(ctx.resume_dir, SAMPLES)
         missing = set(shards.missing([p.index for p in parts]))
         todo = [p for p in parts if p.index in missing]
         resumed = len(parts) - len(todo)

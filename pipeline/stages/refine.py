@@ -13,7 +13,7 @@ Each of `refine.iterations` iterations:
    rollouts run, its models stay in memory between iterations);
 4. the new weights go back to the rollout actors through the object store.
 
-Each finished iteration is kept in the stage's scratch space (weights, AdamW state, its figures), so a stage
+Each finished iteration is kept in the stage's resume space (weights, AdamW state, its figures), so a stage
 rerun after a crash continues at the last finished iteration; its figures are logged to the run at step =
 iteration once that iteration is kept, and a resumed run logs the earlier ones again from what was kept, so every
 iteration appears once in each run. With `iterations: 0` the stage is off and `student` is the trained student.
@@ -100,7 +100,7 @@ class Refine(Stage):
         prompts = load_prompts(cfg.data)["train"]
         if not prompts:
             raise ValueError("refine has no training prompts: set data.num_train_prompts >= 1")
-        kept = IterationStore(ctx.scratch_dir / "iterations")
+        kept = IterationStore(ctx.resume_dir / "iterations")
         done = kept.done()
         for i in done:  # a resumed stage: the iterations already finished, once each on this run
             self.log_iteration(ctx, i, kept.metrics(i))
@@ -151,7 +151,7 @@ class Refine(Stage):
                     kept.save(i, carried.state, metrics)
                     self.log_iteration(ctx, i, metrics)
                     bar.update(1)
-            drop_run(storage, run_name)  # the learner group's run folder: the iterations are kept in the scratch space
+            drop_run(storage, run_name)  # the learner group's run folder: the iterations are kept in the resume space
         bar.close()
         model = Transformer.from_pretrained(student_dir)
         model.load_state_dict(carried.state["model"])

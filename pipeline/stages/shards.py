@@ -1,8 +1,8 @@
-"""Per-partition Parquet shards in a stage's scratch space: the unit of retry, resume and output.
+"""Per-partition Parquet shards in a stage's resume space: the unit of retry, resume and output.
 
 A stage that fans partitions out to actors writes each finished partition as `part-NNNNN.parquet` (atomically) in
-its scratch space. A partition retried after an actor died overwrites its own shard, so nothing is duplicated; a
-stage re-run after a crash (same cache key, same scratch space) skips the shards already written; at the end all
+its resume space. A partition retried after an actor died overwrites its own shard, so nothing is duplicated; a
+stage re-run after a crash (same cache key, same resume space) skips the shards already written; at the end all
 shards are published into the output artifact in partition order.
 """
 
@@ -26,8 +26,8 @@ def shard_name(index: int) -> str:
 
 
 class Shards:
-    def __init__(self, scratch_dir: Path, spec: ArtifactSpec):
-        self.dir = Path(scratch_dir) / "shards"
+    def __init__(self, resume_dir: Path, spec: ArtifactSpec):
+        self.dir = Path(resume_dir) / "shards"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.spec = spec
 

@@ -43,7 +43,7 @@ class Numbers(Stage):
 
 
 class Scale(Stage):
-    """Processes rows one by one, remembering progress in its scratch folder so a failed attempt resumes.
+    """Processes rows one by one, remembering progress in its resume folder so a failed attempt resumes.
 
     After `fail_after` rows it raises once, or with `hang` stalls (for a test to kill the driver); a marker
     file makes this happen on the first attempt only.
@@ -67,7 +67,7 @@ class Scale(Stage):
     def run(self, ctx: StageContext) -> None:
         _log_call(self.calls, self.name)
         table = ctx.read_table("numbers", NUMBERS)
-        progress = ctx.scratch_dir / "done.jsonl"
+        progress = ctx.resume_dir / "done.jsonl"
         done = [json.loads(line) for line in progress.read_text().splitlines()] if progress.exists() else []
         ctx.log_metrics({"resumed_at": len(done)})
         k = ctx.config.distill.top_k

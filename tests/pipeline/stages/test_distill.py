@@ -131,7 +131,7 @@ def test_a_remote_teacher_killed_mid_partition_is_redone_and_every_sample_has_lo
 
     cfg = remote(tmp_path / "w", llama_cpp_server)
     run_pipeline(cfg, [Generate()])  # the samples first, so the kill lands in distill
-    shards = tmp_path / "w" / "scratch"
+    shards = tmp_path / "w" / "resume"
     killed = threading.Event()
 
     def kill_after_the_first_shard():
@@ -178,4 +178,4 @@ def test_an_unreachable_teacher_fails_distill_saying_so_and_writes_nothing(tmp_p
     client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
     failed = client.get_run(err.value.run_id)
     assert failed.info.status == "FAILED" and not client.list_artifacts(failed.info.run_id)
-    assert not list((tmp_path / "w" / "scratch").glob("distill-*/shards/part-*.parquet"))
+    assert not list((tmp_path / "w" / "resume").glob("distill-*/shards/part-*.parquet"))

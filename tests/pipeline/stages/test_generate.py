@@ -88,10 +88,10 @@ def test_every_sample_is_graded_written_once_and_tracked(tmp_path):
 
 
 def _kill_one_teacher_once_a_shard_exists(workdir, done: list):
-    """Watch the stage's scratch space; when the first shard lands, kill a teacher actor that still has work."""
+    """Watch the stage's resume space; when the first shard lands, kill a teacher actor that still has work."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if list(workdir.glob("scratch/generate-*/shards/part-*.parquet")):
+        if list(workdir.glob("resume/generate-*/shards/part-*.parquet")):
             teachers = [a for a in ray.util.list_named_actors(all_namespaces=True) if ".teacher-" in a["name"]]
             if teachers:
                 ray.kill(ray.get_actor(teachers[0]["name"], namespace=teachers[0]["namespace"]), no_restart=True)

@@ -1,4 +1,4 @@
-"""Per-thread scratch buffers for large temporaries that die within one call.
+"""Tensors reused across calls: per-thread buffers for large temporaries that die within one call.
 
 On this kind of machine a fresh multi-megabyte tensor costs page faults on every call (glibc hands big blocks
 back to the OS on free); the hot paths (MoE backward, the fused cross-entropy) take theirs from here instead.
@@ -12,7 +12,7 @@ import threading
 import torch
 
 
-class Scratch(threading.local):
+class TemporaryBuffers(threading.local):
     def __init__(self):
         self.buffers: dict[tuple, torch.Tensor] = {}
 
@@ -34,7 +34,7 @@ class Scratch(threading.local):
         return buf[:n].view(shape)
 
 
-scratch = Scratch()
+temporary_buffers = TemporaryBuffers()
 
 
 class DerivedLayout:
