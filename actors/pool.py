@@ -54,9 +54,8 @@ class ActorPool:
         scheduling_strategy: Ray scheduling strategy; "SPREAD" places actors over as many nodes as possible.
         max_in_flight_per_actor: calls queued on one actor at a time.
         max_replacements: actor deaths tolerated over the pool's life before giving up.
-        start_timeout_s: how long the actors may take to be placed and built; past it the pool fails naming the
-            resources it asked for and what the cluster has free (an actor that cannot be placed would otherwise
-            wait forever: Ray queues it until resources appear).
+        start_timeout_s: how long the actors may take to be placed and built, then the pool fails naming what they
+            asked for and what is free (Ray queues an actor it cannot place until resources appear: forever).
     """
 
     def __init__(
@@ -124,14 +123,11 @@ class ActorPool:
             raise
 
     def _not_started(self, pending: int) -> str:
-        o = self._options
-        asked = f"{o['num_cpus']:g} CPU" + (f" + {o['num_gpus']:g} GPU" if o["num_gpus"] else "")
-        free, total = ray.available_resources(), ray.cluster_resources()
-        have = ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
+        asked = resources_text({"CPU": self._options["num_cpus"], "GPU": self._options["num_gpus"]})
         return (
             f"{self.name}: {pending} of {len(self.slots)} actors not started within {self.start_timeout_s:g} s; "
-            f"each asks for {asked}, the cluster has free: {have or 'nothing'} (lower the stage's num_actors or "
-            "num_cpus_per_actor, or add nodes; a constructor still loading its model takes this long too)"
+            f"each asks for {asked}, the cluster has free: {free_resources_text()} (lower the stage's num_actors "
+            "or num_cpus_per_actor, or add nodes; a constructor still loading its model takes this long too)"
         )
 
     @property
@@ -236,6 +232,16 @@ def _cause(e: BaseException) -> str:
         text = str(e)
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else type(e).__name__
+
+
+def resources_text(resources: dict[str, float]) -> str:  # what an actor or worker asks for, as `8 CPU + 1 GPU`
+    return " + ".join(f"{v:g} {k}" for k, v in resources.items() if v) or "nothing"
+
+
+def free_resources_text() -> str:
+    """What the cluster has free, as `CPU 2 of 2, GPU 0 of 1`: for errors about a wait for resources."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total) or "nothing"
 
 
 def torch_threads(num_cpus: float, num_gpus: float) -> int | None:

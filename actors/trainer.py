@@ -182,18 +182,16 @@ def named_start_failure(
 ) -> Exception:
     """`e`, or where it is Ray Train's worker group start timeout, a `WorkerGroupNotStarted` that says what the
     workers asked for and what the cluster has free."""
-    import ray
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError  # what a controller failure was
     from ray.train.v2.api.exceptions import ControllerError
 
+    from actors.pool import free_resources_text, resources_text
+
     if not (isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError)):
         return e
-    asked = " + ".join(f"{v:g} {k}" for k, v in resources.items())
-    free, total = ray.available_resources(), ray.cluster_resources()
-    have = ", ".join(f"{k} {free.get(k, 0):g} of {total[k]:g}" for k in ("CPU", "GPU") if k in total)
     return WorkerGroupNotStarted(
-        f"{workers} Ray Train workers of {asked} each could not start in {tries} tries of "
-        f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; the cluster has free: {have or 'nothing'} (lower {knobs}, or "
+        f"{workers} Ray Train workers of {resources_text(resources)} each could not start in {tries} tries of "
+        f"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S; the cluster has free: {free_resources_text()} (lower {knobs}, or "
         "add nodes)"
     )
 
