@@ -114,6 +114,7 @@ def part_train(dry: bool) -> dict:
                     max_steps=steps,
                     warmup_steps=1,
                     batch_size=2 if dry else 16,
+                    micro_batch_size=None,  # the whole batch per forward: the GPU's throughput is measured
                     seq_len=64 if dry else 512,
                     checkpoint_every=steps,
                 )

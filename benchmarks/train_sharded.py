@@ -82,6 +82,7 @@ def part_memory(tmp: str, steps: int, student: str) -> dict:
             max_steps=steps,
             warmup_steps=1,
             batch_size=2,
+            micro_batch_size=None,
             seq_len=128,
             checkpoint_every=steps,
             eval_every=steps,
@@ -197,7 +198,14 @@ def part_input(tmp: str, object_store_mb: int, ratio: float) -> dict:
     rows, nbytes = parent.recv()
     writer.join()
     train = TrainConfig(
-        num_workers=2, cpus_per_worker=1, batch_size=16, seq_len=256, warmup_steps=1, max_steps=1, eval_every=10**6
+        num_workers=2,
+        cpus_per_worker=1,
+        batch_size=16,
+        micro_batch_size=None,
+        seq_len=256,
+        warmup_steps=1,
+        max_steps=1,
+        eval_every=10**6,
     )
     trained = [i for i in range(rows) if not is_held_out(f"s{i:08d}", train.val_fraction, train.seed)]
     windows_per_rank = len(trained) * ROW_LEN / train.seq_len / 2

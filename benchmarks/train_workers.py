@@ -92,6 +92,7 @@ def main() -> None:
                 max_steps=args.steps,
                 warmup_steps=1,
                 batch_size=8,
+                micro_batch_size=None,
                 seq_len=256,
                 checkpoint_every=args.steps,
             )

@@ -182,14 +182,19 @@ class ConvertConfig(Section):
 class TrainConfig(Section):
     """Distillation training of the student on Ray Train."""
 
-    num_workers: int = Field(2, ge=1)  # Ray Train workers, one data-parallel rank each
+    # Ray Train workers, one data-parallel rank each. One by default: on a CPU machine a second replica adds a whole
+    # copy of the student, its gradients and AdamW state (2.4 GB for the default student) and buys little speed
+    num_workers: int = Field(1, ge=1)
     # ddp: every worker holds the whole student, its gradients and AdamW state (DistributedDataParallel);
     # fsdp: parameters, gradients and optimizer state sharded over the workers (FSDP2, `pipeline/train/fsdp.py`)
     parallelism: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(2.0, gt=0)
     max_steps: int = Field(24, ge=1)
-    batch_size: int = Field(4, ge=1)  # sequences per worker per step
+    batch_size: int = Field(8, ge=1)  # sequences per worker per step
+    # at most this many sequences per forward and backward: the step's gradient is summed over the batch's slices
+    # (gradient accumulation, `state.accumulate`), so a worker holds one slice's activations; None: the whole batch
+    micro_batch_size: int | None = Field(2, ge=1)
     seq_len: int = Field(256, ge=8)
     # memory cap of a worker's input: the windows its shuffle buffer holds (rows are streamed through it, never
     # held whole; at least one batch's windows whatever the cap)

@@ -27,6 +27,40 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def accumulate(run: Callable[[dict], StepLoss], batch: dict[str, torch.Tensor], micro_batch_size: int) -> StepLoss:
+    """Backward through `batch` in slices of `micro_batch_size` sequences; the batch's loss, detached.
+
+    Each slice's loss is scaled by its share of the batch's completion positions, so the summed gradients are the
+    gradient of the loss over the whole batch: exactly for its KD, CE and MTP terms (means over positions) when
+    every completion position has teacher targets, as `distill` writes them; the sequence-wise balance term, and
+    KD where only some positions have targets, are weighted the same way, close to the whole batch's."""
+    size = batch["tokens_BT"].shape[0]
+    if micro_batch_size >= size:
+        loss = run(batch)
+        loss.total.backward()
+        return _detached(loss)
+    positions = batch["mask_BT"].sum().clamp(min=1)
+    parts: list[tuple[float, StepLoss]] = []
+    for start in range(0, size, micro_batch_size):
+        micro = {k: v[start : start + micro_batch_size] for k, v in batch.items()}
+        share = float(micro["mask_BT"].sum() / positions)
+        loss = run(micro)
+        (loss.total * share).backward()
+        parts.append((share, _detached(loss)))
+
+    def weighted(field: str) -> torch.Tensor:
+        return sum((w * getattr(part, field) for w, part in parts), torch.zeros(()))
+
+    mtp = weighted("mtp") if all(part.mtp is not None for _, part in parts) else None
+    tokens = sum(part.tokens for _, part in parts)
+    return StepLoss(weighted("total"), weighted("kd"), weighted("ce"), weighted("balance"), mtp, tokens)
+
+
+def _detached(loss: StepLoss) -> StepLoss:
+    mtp = loss.mtp.detach() if loss.mtp is not None else None
+    return StepLoss(loss.total.detach(), loss.kd.detach(), loss.ce.detach(), loss.balance.detach(), mtp, loss.tokens)
+
+
 class TrainState:
     """Model, optimizer, schedule, step and data position of one replica."""
 
@@ -62,11 +96,16 @@ class TrainState:
         all_reduce: Callable[[torch.Tensor], object] | None = None,
         forward: Callable[[dict], StepLoss] | None = None,
     ) -> dict[str, float]:
-        """One optimizer step; `forward` lets a DDP wrapper run the objective (default: the plain model)."""
+        """One optimizer step; `forward` lets a DDP wrapper run the objective (default: the plain model).
+
+        With `train.micro_batch_size` below `batch_size` the batch is run in slices, their gradients summed before
+        the step (gradient accumulation): each slice's loss is weighted by its share of the batch's completion
+        positions, so the step's gradient is the whole batch's, while only one slice's activations are held."""
         self.model.train()
-        loss = (forward or (lambda b: objective(self.model, b, self.cfg)))(self.next_batch())
+        run = forward or (lambda b: objective(self.model, b, self.cfg))
+        batch = self.next_batch()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
+        loss = accumulate(run, batch, self.cfg.micro_batch_size or self.cfg.batch_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()

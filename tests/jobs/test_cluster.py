@@ -36,6 +36,8 @@ SMALL = {
     "generate.shard_size": 2,
     "teacher.max_new_tokens": 40,
     "teacher.num_cpus_per_actor": 0.5,
+    "train.num_workers": 2,  # DDP across the two nodes
+    "train.cpus_per_worker": 1,
     "train.max_steps": 4,
     "train.warmup_steps": 2,
     "train.batch_size": 2,

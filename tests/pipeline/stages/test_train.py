@@ -39,6 +39,7 @@ OVERRIDES = [
     "model.qk_rope_head_dim=8",
     "model.v_head_dim=16",
     "train.num_workers=2",
+    "train.cpus_per_worker=1",
     "train.max_steps=40",
     "train.warmup_steps=2",
     "train.checkpoint_every=5",

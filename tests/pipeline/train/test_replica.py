@@ -21,7 +21,7 @@ def rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def job(**train) -> TrainJob:
-    base = dict(max_steps=8, warmup_steps=1, batch_size=2, seq_len=16, lr=3e-3, checkpoint_every=4)
+    base = dict(max_steps=8, warmup_steps=1, batch_size=2, seq_len=16, lr=3e-3, checkpoint_every=4, cpus_per_worker=1)
     return TrainJob(CFG.model_copy(update={"bias_update_speed": 0.01}), TrainConfig(**{**base, **train}), top_k=3)
 
 

@@ -47,3 +47,31 @@ def test_resuming_from_a_checkpoint_continues_exactly():
     assert tail == pytest.approx(losses[5:], rel=1e-6)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # router biases included
+
+
+def test_micro_batches_give_the_whole_batchs_step():
+    """Gradient accumulation: a batch run in slices (even or not) gets the loss and gradient of the whole batch at
+    once, while each forward holds only its slice."""
+    model_cfg = CFG.model_copy(update={"seq_aux_alpha": 0.0})  # the balance term is a per-sequence mean
+
+    def one_step(micro):
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        rows = [teacher_row(rng) for _ in range(12)]
+        cfg = TrainConfig(max_steps=4, warmup_steps=1, batch_size=6, micro_batch_size=micro, lr=3e-3)
+        state = TrainState(Transformer(model_cfg), cfg, WindowStream(lambda e: rows, seq_len=16, k=3, buffer_windows=8))
+        forwards: list[int] = []  # sequences per forward, seen at the embedding
+        state.model.embed.register_forward_hook(lambda m, args, out: forwards.append(out.shape[0]))
+        metrics = state.train_step()
+        return metrics, {n: p.grad.clone() for n, p in state.model.named_parameters() if p.grad is not None}, forwards
+
+    whole, grads, forwards = one_step(None)
+    assert forwards == [6]
+    for micro, slices in ((2, [2, 2, 2]), (4, [4, 2])):
+        sliced, sliced_grads, forwards = one_step(micro)
+        assert forwards == slices
+        for key in ("loss", "kd", "ce", "tokens"):
+            assert sliced[key] == pytest.approx(whole[key], rel=1e-5), (micro, key)
+        assert sliced_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(sliced_grads[name], g, rtol=1e-4, atol=1e-6, msg=f"{name}, micro {micro}")
