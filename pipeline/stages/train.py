@@ -36,8 +36,10 @@ class Train(Stage):
         from pipeline.stages.parquet_schemas import read_meta
         from pipeline.student.registry import log_student
         from pipeline.train.checkpoint import final_weights
+        from pipeline.train.loop import return_large_frees_to_the_os
         from pipeline.train.replica import TrainJob
 
+        return_large_frees_to_the_os()  # the student's tensors go back to the OS when this process drops them
         cfg = ctx.config
         source = ctx.input_path("soft_targets")
         meta = read_meta(source)
@@ -72,11 +74,15 @@ class Train(Stage):
             initial_state=ray.put(model.state_dict()),
             data=data,
         )
+        # the workers build their student from the object store's copy; this process holds none while they train
+        # (the whole student, 0.6 GB at the default size, beside every worker's)
+        del model
         result = fit(job, run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")
         if result.checkpoint is None:
             raise RuntimeError(f"training run {run_name} under {storage} ended without a checkpoint")
+        model = Transformer.from_pretrained(ctx.input_path("initial_student"))
         with result.checkpoint.as_directory() as d:
             model.load_state_dict(final_weights(Path(d)))
         out = ctx.output_dir("trained_student")
