@@ -92,6 +92,19 @@ def ensure_ray(cfg: RayConfig, on_connect: Callable[[], object] | None = None) -
         on_connect()
 
 
+def own_cluster_env() -> dict:
+    """A stage task's runtime env: `RAY_ADDRESS` set to this run's cluster, inherited by every task and actor the
+    stage starts (Ray Train's controller and workers, actor pools).
+
+    Ray code that connects by itself inside a worker (Ray Train's placement-group cleaner, the state API) otherwise
+    looks for "the" local cluster, and with a second run's cluster on the same machine it fails ("Found multiple
+    active Ray instances") or finds the other one: a killed stage's retry then waited forever on resources that
+    were never released."""
+    import ray
+
+    return {"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+
+
 def execute_stage(call: StageCall) -> dict[str, ArtifactRef]:
     """Body of the Ray task that runs one stage: run, then commit outputs; clean staging either way."""
     ctx = StageContext(call)
@@ -209,7 +222,10 @@ def run_pipeline(
                 ensure_ray(cfg.ray, on_ray_connect)
                 call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
                 task = ray.remote(execute_stage).options(
-                    num_cpus=cfg.ray.stage_num_cpus, name=f"moeforge.{stage.name}", retry_exceptions=False
+                    num_cpus=cfg.ray.stage_num_cpus,
+                    name=f"moeforge.{stage.name}",
+                    retry_exceptions=False,
+                    runtime_env=own_cluster_env(),
                 )
                 ref = task.remote(call)
                 try:

@@ -143,3 +143,25 @@ class ReadsUndeclared(Stage):
 
 def chain(calls: str | None = None, **scale_kwargs) -> list[Stage]:
     return [Numbers(calls), Scale(calls, **scale_kwargs), Summarize(calls)]
+
+
+class ClusterProbe(Stage):
+    """Asks, from an actor the stage starts (as Ray Train's controller is), Ray's state API which nodes its cluster
+    has: Ray code inside workers that connects by itself must find the run's own cluster."""
+
+    name = "probe"
+    outputs = (ArtifactSpec("cluster", "files", None, "the node ids the state API saw"),)
+    config_sections = ("data",)
+
+    def run(self, ctx: StageContext) -> None:
+        import ray
+
+        @ray.remote(num_cpus=0)
+        class Child:
+            def nodes(self) -> list[str]:
+                from ray.util.state import list_nodes
+
+                return sorted(n.node_id for n in list_nodes())
+
+        child = Child.remote()
+        (ctx.output_dir("cluster") / "nodes.json").write_text(json.dumps(ray.get(child.nodes.remote())))

@@ -16,7 +16,16 @@ from pipeline.dag import DagError
 from pipeline.runner import StageFailed, run_pipeline
 from pipeline.tracking import PARENT, P, Tracker
 from pipeline.version import code_version
-from tests.pipeline.stages_for_tests import SCALED, Numbers, Polish, ReadsUndeclared, Scale, SummarizePolished, chain
+from tests.pipeline.stages_for_tests import (
+    SCALED,
+    ClusterProbe,
+    Numbers,
+    Polish,
+    ReadsUndeclared,
+    Scale,
+    SummarizePolished,
+    chain,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 
@@ -189,6 +198,46 @@ def test_from_until_and_force(setup):
     # --force re-runs one stage; deterministic output means the next stage stays cached
     result = run_pipeline(cfg, chain(str(calls)), force=["numbers"])
     assert executed(calls) == ["numbers"] and result["scale"].cache_hit
+
+
+def test_ray_code_inside_a_stage_finds_this_runs_cluster_beside_another_one(setup, mlflow_server):
+    """Two runs on one machine: with a second local Ray cluster up, Ray code that connects by itself inside a
+    stage's actors (here the state API; in a run, Ray Train's placement-group cleaner) still finds the run's own
+    cluster. Without the stage's `RAY_ADDRESS` it failed with "Found multiple active Ray instances"."""
+    import tempfile
+
+    import ray
+
+    from tests.conftest import free_port
+    from tests.jobs.cluster import TwoNodeCluster, cluster_env, node_ports, stop
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-other-", dir="/tmp"))  # short: Ray's socket paths are length-capped
+    port = free_port()
+    other = TwoNodeCluster(f"127.0.0.1:{port}", "", {}, cluster_env(temp), temp)
+    try:
+        other.ray(
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            *node_ports(),
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        )
+        cfg, _ = setup
+        result = run_pipeline(cfg, [ClusterProbe()])
+    finally:
+        stop(other)
+        shutil.rmtree(temp, ignore_errors=True)
+    seen = json.loads(
+        (
+            fetch(result["probe"].outputs["cluster"], mlflow_server.uri, Path(cfg.tracking.workdir)) / "nodes.json"
+        ).read_text()
+    )
+    assert seen == sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
 
 def test_stage_reading_an_undeclared_section_is_refused(setup):
