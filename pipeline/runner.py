@@ -226,6 +226,9 @@ def run_pipeline(
                     name=f"moeforge.{stage.name}",
                     retry_exceptions=False,
                     runtime_env=own_cluster_env(),
+                    # a fresh worker process per stage: one that ran a stage keeps its heap (1.1 GB after convert,
+                    # glibc does not give it back), and Ray would reuse it for the next stage
+                    max_calls=1,
                 )
                 ref = task.remote(call)
                 try:

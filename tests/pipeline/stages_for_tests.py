@@ -4,6 +4,7 @@ MLflow. Each reads one config section, so tests can change one section and see e
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -164,4 +165,14 @@ class ClusterProbe(Stage):
                 return sorted(n.node_id for n in list_nodes())
 
         child = Child.remote()
-        (ctx.output_dir("cluster") / "nodes.json").write_text(json.dumps(ray.get(child.nodes.remote())))
+        out = ctx.output_dir("cluster")
+        (out / "nodes.json").write_text(json.dumps(ray.get(child.nodes.remote())))
+        (out / "pid").write_text(str(os.getpid()))
+
+
+class SecondProbe(ClusterProbe):
+    name = "probe2"
+    outputs = (ArtifactSpec("cluster2", "files", None, "the node ids the state API saw"),)
+
+    def run(self, ctx: StageContext) -> None:
+        (ctx.output_dir("cluster2") / "pid").write_text(str(os.getpid()))

@@ -23,6 +23,7 @@ from tests.pipeline.stages_for_tests import (
     Polish,
     ReadsUndeclared,
     Scale,
+    SecondProbe,
     SummarizePolished,
     chain,
 )
@@ -238,6 +239,27 @@ def test_ray_code_inside_a_stage_finds_this_runs_cluster_beside_another_one(setu
         ).read_text()
     )
     assert seen == sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+
+
+def test_every_stage_runs_in_a_fresh_worker_process(setup, mlflow_server):
+    """A worker that ran a stage keeps its heap (glibc does not give it back), so the next stage must not inherit
+    it: each stage task gets a process of its own, which exits after it."""
+    import time
+
+    import psutil
+
+    cfg, _ = setup
+    result = run_pipeline(cfg, [ClusterProbe(), SecondProbe()])
+    workdir = Path(cfg.tracking.workdir)
+    pids = [
+        (fetch(result[stage].outputs[name], mlflow_server.uri, workdir) / "pid").read_text()
+        for stage, name in (("probe", "cluster"), ("probe2", "cluster2"))
+    ]
+    assert pids[0] != pids[1]
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(int(pids[0])) and time.monotonic() < deadline:  # it exits after its one stage
+        time.sleep(0.2)
+    assert not psutil.pid_exists(int(pids[0]))
 
 
 def test_stage_reading_an_undeclared_section_is_refused(setup):
