@@ -7,7 +7,7 @@ tests build them directly. With more than one replica, torch.distributed must be
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,9 @@ class TrainJob:
     run_id: str | None = None  # MLflow run rank 0 logs step metrics to
     tracking_uri: str | None = None
     parent_run_id: str = ""  # the pipeline run: a tag of rank 0's live Ray metrics
-    # the student's starting weights (a state dict; on Ray Train an ObjectRef to one, resolved by the worker);
-    # None: random initialisation from train.seed
+    # the student's starting weights: a state dict; on Ray Train an ObjectRef to one, or the folder of a saved
+    # student every worker can read (one-node clusters), resolved by the worker; None: random initialisation from
+    # train.seed. A replica drops it once its model holds the weights.
     initial_state: Any = None
     val_rows: list[dict] = field(default_factory=list)  # held-out soft-target rows rank 0 validates on
     # the soft-target shards every Ray Train worker reads its own rows of (`parquet_rows.py`): a local folder every
@@ -119,6 +120,8 @@ class Replica:
 
                 self.forward = data_parallel(self.objective, self.device)
                 self.all_reduce = dist.all_reduce
+        # the model holds the starting weights now: the job's copy (a whole student) is not kept for the run
+        self.job = replace(job, initial_state=None)
         self.state = TrainState(self.model, self.cfg, self.data)  # after sharding: AdamW holds the shards
         self.peak, self.peak_source = peak_flops(self.device, self.cfg.peak_flops_per_worker)
         self.flops_per_token = self.model.flops_per_token(self.cfg.seq_len)  # fixed by the architecture
@@ -203,8 +206,9 @@ class Replica:
         sums, tokens = torch.zeros(3, dtype=torch.float64), 0
         try:
             windows = pack(self.job.val_rows, self.cfg.seq_len, self.job.top_k)
-            for start in range(0, windows.tokens_BT.shape[0], self.cfg.batch_size):
-                part = PackedBatch(**{k: v[start : start + self.cfg.batch_size] for k, v in vars(windows).items()})
+            size = self.cfg.micro_batch_size or self.cfg.batch_size  # as in training: one slice's logits at a time
+            for start in range(0, windows.tokens_BT.shape[0], size):
+                part = PackedBatch(**{k: v[start : start + size] for k, v in vars(windows).items()})
                 batch = to_tensors(part, self.device)
                 loss = self._forward_eval(batch)
                 sums += (

@@ -135,6 +135,18 @@ def test_the_validation_loss_is_the_objective_on_held_out_rows_and_does_not_trai
     assert Replica(job(), rows(8)).validate() == {}
 
 
+def test_validation_runs_one_micro_batch_at_a_time():
+    """Held-out rows are scored in slices of `micro_batch_size`, as training runs: the logits of a whole batch at
+    once were the worker's peak memory."""
+    from dataclasses import replace
+
+    replica = Replica(replace(job(batch_size=4, micro_batch_size=1), val_rows=rows(5, seed=9)), rows(8))
+    forwards: list[int] = []
+    replica.model.embed.register_forward_hook(lambda m, args, out: forwards.append(out.shape[0]))
+    assert replica.validate()["val_tokens"] > 0
+    assert len(forwards) > 1 and max(forwards) == 1
+
+
 def test_held_out_samples_are_chosen_by_id_and_seed():
     from pipeline.train.split import is_held_out
 
