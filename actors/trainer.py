@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from pipeline.model.transformer import saved_weights
 from pipeline.train.expert_metrics import shares
 from pipeline.train.loop import (
     StepLog,
@@ -45,8 +46,11 @@ def worker_job(job: TrainJob, rank: int) -> TrainJob:
     sharded = job.train.parallelism == "fsdp"
     if job.data is None:
         raise ValueError("TrainJob.data is not set: the workers read their rows from the soft-target shards")
+    loads = rank == 0 or not sharded
     if isinstance(job.initial_state, ray.ObjectRef):
-        job = dataclasses.replace(job, initial_state=ray.get(job.initial_state) if rank == 0 or not sharded else None)
+        job = dataclasses.replace(job, initial_state=ray.get(job.initial_state) if loads else None)
+    elif isinstance(job.initial_state, str | Path):  # a saved student's folder on this node
+        job = dataclasses.replace(job, initial_state=saved_weights(Path(job.initial_state)) if loads else None)
     if not job.val_rows and (rank == 0 or sharded):  # under FSDP every rank validates (collectives)
         job = dataclasses.replace(job, val_rows=held_out_rows(job))
     return job
@@ -69,6 +73,7 @@ def train_loop(config: dict[str, Any]) -> None:
         return_large_frees_to_the_os()
     job = worker_job(job, rank)
     replica = Replica(job, train_rows(job, rank, world), rank, world, device)
+    job = replica.job  # without the starting weights, which the model holds now
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

@@ -228,7 +228,6 @@ class Transformer(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Transformer:
         from pydantic import ValidationError
-        from safetensors.torch import load_file
 
         from pipeline.validation import ConfigError, format_validation_error
 
@@ -242,5 +241,15 @@ class Transformer(nn.Module):
             msg = format_validation_error(e) if isinstance(e, ValidationError) else str(e)
             raise ConfigError(f"{directory / CONFIG}: {msg}") from None
         model = cls(cfg)
-        model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(map_location)))
+        model.load_state_dict(saved_weights(directory, map_location))
         return model.to(map_location)
+
+
+def saved_weights(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of a student saved with `save_pretrained` (its weights alone, no model built)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved student: {WEIGHTS} is missing")
+    return load_file(str(path), device=str(map_location))

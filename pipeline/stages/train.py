@@ -71,12 +71,11 @@ class Train(Stage):
             ctx.run_id,
             ctx.call.tracking_uri,
             parent_run_id=ctx.call.parent_run_id,
-            initial_state=ray.put(model.state_dict()),
+            # on one node the workers read the initial student's file; on several, a copy in the object store
+            initial_state=str(ctx.input_path("initial_student")) if nodes == 1 else ray.put(model.state_dict()),
             data=data,
         )
-        # the workers build their student from the object store's copy; this process holds none while they train
-        # (the whole student, 0.6 GB at the default size, beside every worker's)
-        del model
+        del model  # this process holds no student while the workers train (0.6 GB at the default size)
         result = fit(job, run_name, storage)
         if result.error is not None:
             raise RuntimeError(f"training failed after {cfg.train.max_failures} restart(s): {result.error}")

@@ -18,7 +18,7 @@ import torch
 
 from actors.trainer import fit
 from pipeline.train.checkpoint import final_weights, is_sharded
-from pipeline.train.replica import TrainJob
+from pipeline.train.replica import Replica, TrainJob
 from tests.pipeline.train.test_objective import CFG
 from tests.pipeline.train.test_parquet_rows import write_shards
 from tests.pipeline.train.test_replica import job, rows
@@ -207,3 +207,23 @@ def test_workers_the_cluster_cannot_place_fail_the_fit_in_bounded_time_naming_wh
     ):
         fit(j, "unplaceable", str(tmp_path / "ckpt"))
     assert time.monotonic() - t0 < 120
+
+
+def test_a_worker_reads_its_starting_weights_from_a_saved_student_and_the_replica_keeps_no_copy(tmp_path):
+    """On a one-node cluster the job names the initial student's folder, not a copy in the object store: a worker
+    loads the weights from it (the ranks that load, under DDP every one), and its replica, once the model holds
+    them, drops the job's copy instead of keeping a second student for the whole run."""
+    from actors.trainer import worker_job
+    from pipeline.model import Transformer
+
+    torch.manual_seed(3)
+    saved = Transformer(CFG)
+    saved.save_pretrained(tmp_path / "student")
+    j = with_data(dataclasses.replace(job(), initial_state=str(tmp_path / "student")), shards(tmp_path / "st", 8))
+    loaded = worker_job(j, rank=1)
+    assert loaded.initial_state.keys() == saved.state_dict().keys()
+    replica = Replica(loaded, rows(8))
+    assert replica.job.initial_state is None
+    assert all(torch.equal(v, replica.model.state_dict()[k]) for k, v in saved.state_dict().items())
+    fsdp = dataclasses.replace(j, train=j.train.model_copy(update={"parallelism": "fsdp"}))
+    assert worker_job(fsdp, rank=1).initial_state is None  # under FSDP rank 0 alone loads, then shards
