@@ -221,14 +221,13 @@ def run_pipeline(
                 log.info("stage %s: running as run %s (key %s, code %s)", stage.name, run_id, key[:16], version)
                 ensure_ray(cfg.ray, on_ray_connect)
                 call = StageCall(stage, cfg, run_id, tracker.uri, inputs, str(tracker.workdir), key, parent)
-                task = ray.remote(execute_stage).options(
+                # max_calls=1: a fresh worker process per stage. One that ran a stage keeps its heap (1.1 GB after
+                # convert; glibc does not give it back), and Ray would reuse it for the next stage
+                task = ray.remote(max_calls=1)(execute_stage).options(
                     num_cpus=cfg.ray.stage_num_cpus,
                     name=f"moeforge.{stage.name}",
                     retry_exceptions=False,
                     runtime_env=own_cluster_env(),
-                    # a fresh worker process per stage: one that ran a stage keeps its heap (1.1 GB after convert,
-                    # glibc does not give it back), and Ray would reuse it for the next stage
-                    max_calls=1,
                 )
                 ref = task.remote(call)
                 try:
