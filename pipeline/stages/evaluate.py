@@ -27,7 +27,7 @@ from pipeline.data.generation import Generation
 from pipeline.data.prompts import student_messages, teacher_messages
 from pipeline.data.rejection import judge
 from pipeline.data.verify import is_numeric
-from pipeline.stage import Stage, StageContext
+from pipeline.stage import Progress, Stage, StageContext
 from pipeline.stages.artifact_specs import EVAL_PROMPTS, EVAL_REPORT
 from pipeline.stages.parquet_schemas import REPORT_SCHEMA, prompt_from_row
 from pipeline.stages.results import (
@@ -63,11 +63,14 @@ class Evaluate(Stage):
             resolve_precision(e.inference_dtype, "cpu")
         size = e.partition_size
         parts = {i: prompts[s : s + size] for i, s in enumerate(range(0, len(prompts), size))}
+        # one bar for the stage: every model's answers to every prompt, its label naming the model answering
+        bar = ctx.progress(total=len(MODELS) * len(prompts), desc="evaluate teacher")
         generations = {
-            "teacher": self.teacher_answers(ctx, parts, best=False),
-            "teacher_best": self.teacher_answers(ctx, parts, best=True),
-            "student": self.student_answers(ctx, parts),
+            "teacher": self.teacher_answers(ctx, parts, bar, best=False),
+            "teacher_best": self.teacher_answers(ctx, parts, bar, best=True),
+            "student": self.student_answers(ctx, parts, bar),
         }
+        bar.close()
         rows = [
             grade_row(model, p, gen, ctx.config.teacher.answer_extractors)
             for model in MODELS
@@ -81,7 +84,7 @@ class Evaluate(Stage):
         ctx.set_tags(summary.to_tags())
         ctx.client.log_table(ctx.run_id, data=table.to_pandas(), artifact_file="eval/answers.json")
 
-    def teacher_answers(self, ctx: StageContext, parts: dict, best: bool) -> list[Generation]:
+    def teacher_answers(self, ctx: StageContext, parts: dict, bar: Progress, best: bool) -> list[Generation]:
         """Greedy teacher answers in prompt order: with the student's prompt, or (`best`) with worked examples."""
         from actors.teacher import GenerateRequest, teacher_pool
 
@@ -94,15 +97,10 @@ class Evaluate(Stage):
             f"evaluate-{ctx.run_id[:8]}.teacher{'-best' if best else ''}",
             scheduling_strategy=ctx.scheduling_strategy,
         ) as pool:
-            return in_prompt_order(
-                ctx,
-                pool.map_unordered("generate", requests),
-                parts,
-                "evaluate teacher, worked examples" if best else "evaluate teacher",
-                lambda result: result.generations,
-            )
+            bar.set_description("evaluate teacher, worked examples" if best else "evaluate teacher")
+            return in_prompt_order(pool.map_unordered("generate", requests), bar, lambda result: result.generations)
 
-    def student_answers(self, ctx: StageContext, parts: dict) -> list[Generation]:
+    def student_answers(self, ctx: StageContext, parts: dict, bar: Progress) -> list[Generation]:
         """Greedy student answers, as `Generation`s so both models are graded by the same code."""
         from actors.pool import ActorPool, torch_threads
         from actors.student import AnswerRequest, StudentWorker
@@ -127,11 +125,10 @@ class Evaluate(Stage):
             num_gpus=e.num_gpus_per_actor,
             scheduling_strategy=ctx.scheduling_strategy,
         ) as pool:
+            bar.set_description("evaluate student")
             return in_prompt_order(
-                ctx,
                 pool.map_unordered("answer", requests),
-                parts,
-                "evaluate student",
+                bar,
                 lambda result: [
                     Generation(a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason, result.seconds)
                     for a in result.answers
@@ -173,17 +170,13 @@ class Evaluate(Stage):
         return decode_throughput(student, teacher, ids, tuple(e.decode_batches), e.decode_tokens, compiled=compiled)
 
 
-def in_prompt_order(
-    ctx: StageContext, results, parts: dict[int, list], desc: str, generations: Callable[[Any], list[Generation]]
-) -> list[Generation]:
+def in_prompt_order(results, bar: Progress, generations: Callable[[Any], list[Generation]]) -> list[Generation]:
     """The generations of every partition's result (`(partition, result)` pairs as a pool yields them, in any
-    order), in prompt order, with a progress bar over the prompts."""
+    order), in prompt order, moving `bar` by the prompts answered."""
     out: dict[int, list[Generation]] = {}
-    bar = ctx.progress(total=sum(len(p) for p in parts.values()), desc=desc)
     for i, result in results:
         out[i] = generations(result)
         bar.update(len(out[i]))
-    bar.close()
     return [g for i in sorted(out) for g in out[i]]
 
 

@@ -122,6 +122,8 @@ def test_driver_killed_mid_training_resumes_from_the_checkpoint_then_evaluates_a
     summary = read_summary(Path(result["evaluate"].outputs["eval_report"].uri.removeprefix("file://")))
     evaluated = client.get_run(result["evaluate"].run_id).data
     assert EvaluationSummary.from_metrics(evaluated.metrics, evaluated.tags) == summary
+    # one progress bar for the stage, over the three models' answers to the 4 held-out prompts
+    assert evaluated.metrics["progress.done"] == evaluated.metrics["progress.total"] == 3 * 4
     for model in summary.models().values():
         assert 0 <= model.pass_at_1 <= 1 and "basic_arithmetic" in model.pass_at_1_by_task
     assert summary.teacher.mean_completion_tokens > 0 and summary.floor is not None
