@@ -100,6 +100,8 @@ class RayTrainHooks:
 
     def __init__(self, job: TrainJob):
         self.job = job
+        self._bar: Any = None  # rank 0's progress bar over the steps, on the driver's terminal
+        self._shown = 0
 
     def checkpoint(self, replica: Replica, metrics: dict[str, float]) -> None:
         """Save the replica's state and report it to Ray Train (a barrier across workers)."""
@@ -114,9 +116,23 @@ class RayTrainHooks:
                 checkpoint_dir_name=f"step_{step:06d}",
             )
 
+    def advance(self, step: int) -> None:
+        """Move the stage's progress bar (Ray's `tqdm_ray`, drawn by the driver) to `step`; closed at the last."""
+        from ray.experimental.tqdm_ray import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=self.job.train.max_steps, desc="train")
+        self._bar.update(step - self._shown)
+        self._shown = step
+        if step >= self.job.train.max_steps:
+            self._bar.close()
+
     def record(self, replica: Replica, metrics: dict[str, float]) -> None:
-        """Rank 0's live Ray metrics of a step: loss, throughput, and the layer x expert load of the router."""
+        """Rank 0's live Ray metrics of a step (loss, throughput, the layer x expert load of the router) and its
+        progress bar."""
         from pipeline.metrics import record
+
+        self.advance(replica.step)
 
         tags = {"run": self.job.parent_run_id, "stage": "train"}
         record("moeforge_train_step", replica.step, **tags)

@@ -227,3 +227,15 @@ def test_a_worker_reads_its_starting_weights_from_a_saved_student_and_the_replic
     assert all(torch.equal(v, replica.model.state_dict()[k]) for k, v in saved.state_dict().items())
     fsdp = dataclasses.replace(j, train=j.train.model_copy(update={"parallelism": "fsdp"}))
     assert worker_job(fsdp, rank=1).initial_state is None  # under FSDP rank 0 alone loads, then shards
+
+
+def test_the_train_stage_shows_one_progress_bar_over_its_steps_from_where_it_resumed(capsys):
+    """Rank 0 moves a `tqdm_ray` bar per step (in a Ray worker it is relayed to the driver's terminal; here it
+    draws in this process, throttled as there): counting the steps done before a resume, closed at the last."""
+    from actors.trainer import RayTrainHooks
+
+    hooks = RayTrainHooks(dataclasses.replace(job(), train=job().train.model_copy(update={"max_steps": 6})))
+    for step in (4, 5, 6):  # resumed at step 3
+        hooks.advance(step)
+    assert hooks._bar.n == 6 and hooks._bar._closed
+    assert "train: 100%" in capsys.readouterr().err
