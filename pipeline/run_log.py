@@ -13,6 +13,7 @@ that internal moves, the driver keeps Ray's default (everything printed) and say
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -47,6 +48,7 @@ class RunLog:
         self._restore_printing: Callable[[], None] | None = None
         self._warnings = warnings.catch_warnings()
         self._last_line = time.monotonic()
+        self._bars = ClosedBars()
 
     def install(self) -> None:
         """Send the driver's log records and warnings to the file (and, with `verbose`, to stderr as before)."""
@@ -123,7 +125,7 @@ class RunLog:
                 print_to_stdstream(data, ignore_prefix=False)
                 return
             for line in lines:
-                if RAY_TQDM_MAGIC in line:
+                if RAY_TQDM_MAGIC in line and self._bars.keep(line):
                     process_tqdm(line)
 
         previous = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
@@ -136,4 +138,26 @@ class RunLog:
                 dispatcher.add_handler("ray_print_logs", h)
 
         self._restore_printing = restore
+        return True
+
+
+class ClosedBars:
+    """Drops the updates of progress bars that were already closed.
+
+    A worker's bar states can reach the driver a second time (seen with Ray Train workers: the whole stream of a
+    closed bar again, as it ended); `tqdm_ray` on the driver then draws it as a new bar, a second line."""
+
+    def __init__(self) -> None:
+        self._closed: set[str] = set()
+
+    def keep(self, line: str) -> bool:
+        try:
+            state = json.loads(line)
+        except ValueError:
+            return True  # not a state: tqdm_ray reports it
+        uuid = state.get("uuid")
+        if uuid in self._closed:
+            return False
+        if state.get("closed"):
+            self._closed.add(uuid)
         return True

@@ -109,3 +109,22 @@ def test_a_line_printed_just_before_the_end_still_reaches_the_file(tmp_path, cap
     shown = capfd.readouterr()
     assert token in run_log.path.read_text()
     assert token not in shown.out + shown.err
+
+
+def test_a_closed_progress_bar_is_not_drawn_again():
+    """The states of a bar that reach the driver again after it closed (Ray Train's workers sent a whole closed
+    bar twice, drawn as a second line) are dropped; other bars, and a bar's own closing state, pass."""
+    import json
+
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    from pipeline.run_log import ClosedBars
+
+    def state(bar: str, x: int, closed: bool = False) -> str:
+        return json.dumps({"__magic_token__": RAY_TQDM_MAGIC, "uuid": bar, "x": x, "closed": closed})
+
+    bars = ClosedBars()
+    stream = [state("a", 0), state("a", 5), state("b", 0), state("a", 24, closed=True)]
+    assert [bars.keep(s) for s in stream] == [True, True, True, True]
+    assert [bars.keep(s) for s in stream] == [False, False, True, False]  # "a" again: dropped; "b" still open
+    assert bars.keep(f"garbled {RAY_TQDM_MAGIC}")
